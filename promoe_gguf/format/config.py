@@ -1,0 +1,186 @@
+"""ModelConfig: the typed view of a MoE GGUF's metadata, per architecture.
+
+Keys follow llama.cpp (`{arch}.expert_count`, ...). Where llama.cpp hard-codes behaviour per
+architecture (Qwen3-MoE always normalizes top-k weights, Mixtral's rope is NORM, ...) the table
+ARCH_DEFAULTS says so in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import ModelError
+
+SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe")
+
+# Per-architecture behaviour that llama.cpp fixes in code rather than reading from the file.
+ARCH_DEFAULTS = {
+    #             rope    norm top-k weights
+    "llama":      ("norm", True),
+    "qwen2moe":   ("neox", False),
+    "qwen3moe":   ("neox", True),
+    "olmoe":      ("neox", False),
+    "deepseek":   ("norm", False),
+    "deepseek2":  ("norm", None),   # None: read {arch}.expert_weights_norm (default false)
+    "granitemoe": ("norm", True),
+}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    n_dims: int                     # rotated dims per head (rope.dimension_count)
+    base: float = 10000.0
+    kind: str = "norm"              # "norm": adjacent pairs; "neox": halves
+    scaling: str = "none"           # none | linear | yarn
+    factor: float = 1.0
+    orig_ctx: int = 0
+    yarn_log_mul: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int                 # attention.key_length (qwen3moe: != n_embd / n_head)
+    head_dim_v: int
+    rms_eps: float
+    rope: RopeConfig
+    # experts
+    n_experts: int
+    n_experts_used: int
+    n_ff_exp: int                   # routed expert hidden size
+    n_ff: int                       # dense FFN hidden size (leading dense layers)
+    n_ff_shexp: int = 0             # shared expert hidden size (0: none)
+    n_expert_shared: int = 0
+    n_leading_dense: int = 0        # deepseek: first layers are dense
+    norm_topk: bool = False
+    weights_scale: float = 0.0      # 0 or 1: none
+    gating: str = "softmax"         # softmax | sigmoid
+    n_expert_groups: int = 1
+    n_group_used: int = 1
+    # granite
+    embedding_scale: float = 0.0
+    residual_scale: float = 0.0
+    attention_scale: float = 0.0
+    logit_scale: float = 0.0
+    # deepseek2 (MLA)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Layers that have routed experts."""
+        return list(range(self.n_leading_dense, self.n_layers))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _require(meta, key: str, path: str):
+    v = meta(key)
+    if v is None:
+        raise ModelError(f"{path}: metadata key {key!r} is missing")
+    return v
+
+
+def _int(v, key: str, path: str, lo: int = 0) -> int:
+    if isinstance(v, list):  # per-layer arrays: llama.cpp allows them for a few keys
+        if not v:
+            raise ModelError(f"{path}: metadata key {key!r} is an empty array")
+        v = max(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < lo:
+        raise ModelError(f"{path}: metadata key {key!r} = {v!r} is not an integer >= {lo}")
+    return int(v)
+
+
+def config_from_metadata(meta, path: str) -> ModelConfig:
+    """`meta(key)` returns a metadata value or None. Raises ModelError for missing/inconsistent keys."""
+    arch = meta("general.architecture")
+    if arch is None:
+        raise ModelError(f"{path}: metadata key 'general.architecture' is missing")
+    if arch not in SUPPORTED_ARCHS:
+        raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+    def a(k):
+        return meta(f"{arch}.{k}")
+
+    def req(k, lo=1):
+        return _int(_require(meta, f"{arch}.{k}", path), f"{arch}.{k}", path, lo)
+
+    def opt(k, default, lo=0):
+        return default if a(k) is None else _int(a(k), f"{arch}.{k}", path, lo)
+
+    def optf(k, default):
+        v = a(k)
+        if v is None:
+            return default
+        if isinstance(v, (list, str)):
+            raise ModelError(f"{path}: metadata key {arch}.{k} = {v!r} is not a number")
+        return float(v)
+
+    n_experts = opt("expert_count", 0)
+    if n_experts == 0:
+        raise ModelError(f"{path}: not a Mixture-of-Experts model ({arch}.expert_count is missing or 0)")
+    n_used = req("expert_used_count")
+    if n_used > n_experts:
+        raise ModelError(f"{path}: {arch}.expert_used_count ({n_used}) exceeds expert_count ({n_experts})")
+    n_embd, n_head = req("embedding_length"), req("attention.head_count")
+    n_head_kv = opt("attention.head_count_kv", n_head, 1)
+    if n_head % n_head_kv:
+        raise ModelError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    head_k = opt("attention.key_length", n_embd // n_head, 1)
+    head_v = opt("attention.value_length", n_embd // n_head, 1)
+    n_layers = req("block_count")
+    n_ff = opt("feed_forward_length", 0)
+    n_ff_exp = opt("expert_feed_forward_length", 0) or (n_ff if arch in ("llama", "olmoe", "granitemoe") else 0)
+    if arch == "qwen2moe" and not n_ff_exp:
+        n_ff_exp = n_ff // n_used
+    n_dense = opt("leading_dense_block_count", 0) if arch.startswith("deepseek") else 0
+    if n_dense >= n_layers:
+        raise ModelError(f"{path}: leading_dense_block_count {n_dense} leaves no MoE layer of {n_layers}")
+    n_shared = opt("expert_shared_count", 0)
+    n_ff_shexp = opt("expert_shared_feed_forward_length", 0)
+    if arch == "qwen2moe" and not n_ff_shexp:
+        n_ff_shexp = n_ff
+    if arch.startswith("deepseek") and n_shared:
+        n_ff_shexp = n_ff_exp * n_shared
+    rope_kind, norm = ARCH_DEFAULTS[arch]
+    if norm is None:
+        norm = bool(a("expert_weights_norm") or False)
+    gating_raw = opt("expert_gating_func", 1)
+    if gating_raw not in (0, 1, 2):
+        raise ModelError(f"{path}: {arch}.expert_gating_func = {gating_raw} is not 1 (softmax) or 2 (sigmoid)")
+    rope = RopeConfig(
+        n_dims=opt("rope.dimension_count", head_k, 1),
+        base=optf("rope.freq_base", 10000.0),
+        kind=rope_kind,
+        scaling=str(a("rope.scaling.type") or "none"),
+        factor=optf("rope.scaling.factor", 1.0) or 1.0,
+        orig_ctx=opt("rope.scaling.original_context_length", 0),
+        yarn_log_mul=optf("rope.scaling.yarn_log_multiplier", 0.0),
+    )
+    vocab = a("vocab_size")
+    if vocab is None:
+        tokens = meta("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens else 0
+    return ModelConfig(
+        arch=arch, n_layers=n_layers, n_embd=n_embd, n_vocab=_int(vocab, "vocab_size", path),
+        n_ctx_train=opt("context_length", 0), n_head=n_head, n_head_kv=n_head_kv,
+        head_dim_k=head_k, head_dim_v=head_v,
+        rms_eps=optf("attention.layer_norm_rms_epsilon", 1e-5), rope=rope,
+        n_experts=n_experts, n_experts_used=n_used, n_ff_exp=n_ff_exp, n_ff=n_ff,
+        n_ff_shexp=n_ff_shexp, n_expert_shared=n_shared, n_leading_dense=n_dense,
+        norm_topk=norm, weights_scale=optf("expert_weights_scale", 0.0),
+        gating="sigmoid" if gating_raw == 2 else "softmax",
+        n_expert_groups=opt("expert_group_count", 1, 1), n_group_used=opt("expert_group_used_count", 1, 1),
+        embedding_scale=optf("embedding_scale", 0.0), residual_scale=optf("residual_scale", 0.0),
+        attention_scale=optf("attention.scale", 0.0), logit_scale=optf("logit_scale", 0.0),
+        q_lora_rank=opt("attention.q_lora_rank", 0), kv_lora_rank=opt("attention.kv_lora_rank", 0),
+        extra={"rope_finetuned": a("rope.scaling.finetuned"),
+               "key_length_mla": a("attention.key_length_mla"),
+               "value_length_mla": a("attention.value_length_mla")},
+    )
