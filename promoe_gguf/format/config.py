@@ -93,7 +93,8 @@ def _int(v, key: str, path: str, lo: int = 0) -> int:
         if not v:
             raise ModelError(f"{path}: metadata key {key!r} is an empty array")
         v = max(v)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < lo:
+    ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+    if not ok or v < lo:
         raise ModelError(f"{path}: metadata key {key!r} = {v!r} is not an integer >= {lo}")
     return int(v)
 

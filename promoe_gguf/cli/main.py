@@ -1,0 +1,58 @@
+"""`promoe` entry point: one subcommand per module in this package."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from ..errors import ModelError
+
+
+def _convert(args) -> int:
+    from ..format.converter import convert
+    out = convert(args.model, args.out_dir, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _info(args) -> int:
+    from . import info
+    return info.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promoe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="architecture, experts, quant types, sizes, GPU memory per cache rate")
+    s.add_argument("model", help="GGUF file or converted cache directory")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_info)
+
+    s = sub.add_parser("convert", help="write the expert-major cache layout of a GGUF")
+    s.add_argument("model", help="GGUF file")
+    s.add_argument("out_dir", help="output directory (must not exist)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_convert)
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # so `finally`/cleanup paths run (e.g. convert removes its temp dir)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return args.func(args)
+    except ModelError as e:
+        print(f"promoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("promoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

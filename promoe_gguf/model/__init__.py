@@ -1,0 +1,16 @@
+"""Forward passes in torch, one file per model family; `build_decoder` picks the family by arch."""
+from ..errors import ModelError
+from .deepseek import DeepSeek
+from .mixtral import Mixtral
+from .olmoe import OLMoE
+from .qwen_moe import QwenMoE
+
+FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek) for arch in cls.archs}
+
+
+def build_decoder(model, experts, device="cpu"):
+    cls = FAMILIES.get(model.config.arch)
+    if cls is None:
+        raise ModelError(f"{model.path}: no forward pass for architecture {model.config.arch!r} "
+                         f"(supported: {', '.join(FAMILIES)})")
+    return cls(model, experts, device)

@@ -1,0 +1,75 @@
+"""The expert seam: every routed expert is computed here, from quantized bytes obtained from a source.
+
+Model code calls `MoEExperts(layer, x, ids, weights)`. The source decides where the bytes come
+from (all in host memory here; the runtime's GPU cache later) and in which order experts run
+(the runtime reorders: resident first). Each expert's output lands in its (token, slot) place and
+the slots are summed in slot order at the end, so the result does not depend on that order, on the
+cache or on timing: outputs are bitwise identical whatever the source does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..format.expert_index import MATRICES
+from ..format.quants import dequantize_torch
+
+
+def expert_linear(raw, m, x):
+    """x [n, cols] @ W^T for one quantized matrix `m` (MatrixSlice) held in uint8 tensor `raw`."""
+    return x @ dequantize_torch(raw, m.qtype, m.shape).T
+
+
+class ExpertSource:
+    """Where expert bytes come from. The default keeps every expert in (host) memory."""
+
+    def __init__(self, model, device="cpu"):
+        self.model, self.device = model, torch.device(device)
+        self._store = {}
+
+    def order(self, layer: int, experts: list[int]) -> list[int]:
+        """Order in which to compute this layer's needed experts; also a chance to start fetching."""
+        return experts
+
+    def matrix(self, layer: int, expert: int, index: int):
+        """(uint8 tensor, MatrixSlice) of matrix `index` (0 gate, 1 up, 2 down), ready to read."""
+        key = (layer, expert)
+        if key not in self._store:
+            self._store[key] = [torch.from_numpy(self.model.matrix_bytes(layer, expert, name).copy()).to(self.device)
+                                for name in MATRICES]
+        return self._store[key][index], self.model.expert_matrices(layer, expert)[index]
+
+    def done(self, layer: int, expert: int) -> None:
+        """The expert's bytes are no longer read (a cache may now evict it)."""
+
+    def end_layer(self, layer: int) -> None:
+        pass
+
+
+class MoEExperts:
+    """Computes routed experts through a source; `hooks` see each layer's router input (predictors)."""
+
+    def __init__(self, source: ExpertSource):
+        self.source = source
+        self.hooks = []
+
+    def __call__(self, layer: int, x, ids, weights):
+        """x [T, d]; ids [T, k] long; weights [T, k] -> [T, d] = sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
+        for hook in self.hooks:
+            hook(layer, x, ids)
+        T, k = ids.shape
+        slots = torch.empty((T, k, x.shape[1]), dtype=x.dtype, device=x.device)
+        needed = torch.unique(ids).tolist()
+        for e in self.source.order(layer, needed):
+            rows, cols = (ids == e).nonzero(as_tuple=True)
+            xe = x[rows]                                                   # [n_e, d]
+            (g, gm), (u, um) = self.source.matrix(layer, e, 0), self.source.matrix(layer, e, 1)
+            h = F.silu(expert_linear(g, gm, xe)) * expert_linear(u, um, xe)  # [n_e, n_ff]
+            d, dm = self.source.matrix(layer, e, 2)
+            slots[rows, cols] = expert_linear(d, dm, h)
+            self.source.done(layer, e)
+        self.source.end_layer(layer)
+        out = slots[:, 0] * weights[:, :1]
+        for j in range(1, k):
+            out = out + slots[:, j] * weights[:, j:j + 1]
+        return out

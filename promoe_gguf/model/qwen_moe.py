@@ -1,0 +1,27 @@
+"""Qwen-MoE: `qwen2moe` (q/k/v biases; a shared expert gated by sigmoid(ffn_gate_inp_shexp . h))
+and `qwen3moe` (no biases; RMS norm of each q and k head before RoPE; head dim = key_length).
+Both rotate with NEOX RoPE (halves). Qwen3-MoE renormalizes top-k weights (config.norm_topk)."""
+from __future__ import annotations
+
+from .common import rms_norm
+from .decoder import Decoder
+
+
+class QwenMoE(Decoder):
+    archs = ("qwen2moe", "qwen3moe")
+
+    def attention(self, layer, h, pos, cache):
+        c, p, T = self.cfg, f"blk.{layer}.", h.shape[0]
+        q = self.W.linear(h, p + "attn_q", bias=True).view(T, c.n_head, c.head_dim_k)
+        k = self.W.linear(h, p + "attn_k", bias=True).view(T, c.n_head_kv, c.head_dim_k)
+        v = self.W.linear(h, p + "attn_v", bias=True).view(T, c.n_head_kv, c.head_dim_v)
+        q_norm = self.W(p + "attn_q_norm.weight", optional=True)            # [Dk], per head
+        if q_norm is not None:
+            q = rms_norm(q, q_norm, c.rms_eps)
+            k = rms_norm(k, self.W(p + "attn_k_norm.weight"), c.rms_eps)
+        return self.standard_attention(layer, q, k, v, pos, cache)
+
+    def ffn(self, layer, h):
+        out = self.routed_experts(layer, h)
+        shared = self.shared_expert(layer, h)
+        return out if shared is None else out + shared
