@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir", help="output directory (must not exist)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_convert)
+
+    from . import run
+    run.add_parsers(sub)
     return p
 
 

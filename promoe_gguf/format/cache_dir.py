@@ -28,6 +28,7 @@ class CachedModel(MoEModel):
         self.path = os.fspath(path)
         manifest = self._load_manifest()
         resident = os.path.join(self.path, manifest["resident"]["file"])
+        self.gguf_path = resident  # metadata + tokenizer + resident tensors
         reader = read_gguf(resident)
         self._init_resident(reader)
         cfg = config_from_metadata(lambda k: field_value(reader, k), resident)

@@ -145,7 +145,7 @@ class GGUFModel(MoEModel):
     """A MoE model read in place from a GGUF file (memory-mapped)."""
 
     def __init__(self, path: str):
-        self.path = os.fspath(path)
+        self.path = self.gguf_path = os.fspath(path)
         reader = read_gguf(self.path)
         self._init_resident(reader)
         self._data = reader.data

@@ -9,7 +9,7 @@ DeepSeek2's multi-head latent attention, computed in its "decompressed" (MHA) fo
     c        = rms(c) * attn_kv_a_norm
     k_nope,v = per head from attn_kv_b c  (or attn_k_b / attn_v_b, the absorbed-MLA tensors)
     q_pe, k_pe rotated (NORM), k_pe shared by all heads
-    scale    = mscale^2 / sqrt(nope+rope), mscale from YaRN's log multiplier (1 without YaRN)
+    scale    = mscale^2 / sqrt(nope+rope), mscale = 1 + yarn_log_multiplier * ln(factor) (1 without YaRN)
 """
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ class DeepSeek(Decoder):
         self.nope = self.dk - self.n_rot
         mscale = 1.0
         if c.rope.scaling == "yarn" and c.rope.factor != 1.0:
-            mscale = 1.0 + 0.1 * c.rope.yarn_log_mul * math.log(c.rope.factor)
+            # llama.cpp as vendored by llama-cpp-python 0.3.35 (checked against it: 9e-7); later
+            # llama.cpp versions moved a factor 0.1 between this formula and the converter
+            mscale = 1.0 + c.rope.yarn_log_mul * math.log(c.rope.factor)
         self.kq_scale = mscale * mscale / math.sqrt(self.dk)
 
     def attention(self, layer, h, pos, cache):

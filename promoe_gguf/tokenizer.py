@@ -1,0 +1,45 @@
+"""The model's own tokenizer and chat template, through llama.cpp (llama-cpp-python, vocab only)."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .errors import ModelError
+
+
+class Tokenizer:
+    def __init__(self, model):
+        self.model = model
+        self.bos_id = model.metadata("tokenizer.ggml.bos_token_id")
+        self.eos_id = model.metadata("tokenizer.ggml.eos_token_id")
+        self.chat_template = model.metadata("tokenizer.chat_template")
+        self._llama = None
+
+    @property
+    def llama(self):
+        if self._llama is None:
+            if self.model.metadata("tokenizer.ggml.model") in (None, "none", "no_vocab"):
+                raise ModelError(f"{self.model.path}: the model has no tokenizer (pass token ids instead)")
+            import llama_cpp
+            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+                self._llama = llama_cpp.Llama(self.model.gguf_path, vocab_only=True, verbose=False)
+        return self._llama
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if not text:
+            raise ModelError("empty prompt")
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+
+    def decode(self, ids) -> bytes:
+        return self.llama.detokenize(list(ids))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render chat `messages` with the GGUF's own Jinja template (tokenizer.chat_template)."""
+        if not self.chat_template:
+            raise ModelError(f"{self.model.path}: the model has no chat template")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        tok = self.llama
+        fmt = Jinja2ChatFormatter(self.chat_template, eos_token=tok.detokenize([self.eos_id]).decode(errors="replace"),
+                                  bos_token=tok.detokenize([self.bos_id]).decode(errors="replace"),
+                                  add_generation_prompt=add_generation_prompt)
+        return fmt(messages=messages).prompt
