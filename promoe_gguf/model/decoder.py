@@ -56,7 +56,7 @@ class Decoder:
         p = f"blk.{layer}."
         logits = self.W.linear(h, p + "ffn_gate_inp")                     # [T, E]
         ids, w = route(logits, self.cfg, self.W(p + "exp_probs_b.bias", optional=True))
-        return self.experts(layer, h, ids, w)
+        return self.experts(layer, h, ids, w, logits)
 
     def shared_expert(self, layer: int, h):
         """Shared expert (no gate unless the file has ffn_gate_inp_shexp, as Qwen2-MoE)."""
@@ -79,6 +79,7 @@ class Decoder:
         if cache.n_past + T > cache.n_ctx:
             raise ModelError(f"sequence of {cache.n_past + T} tokens is longer than the context ({cache.n_ctx})")
         pos = torch.arange(cache.n_past, cache.n_past + T, device=self.device)
+        self.experts.begin_step(list(range(cache.n_past, cache.n_past + T)))
         x = self.W("token_embd.weight")[tokens]                                # [T, d]
         if c.embedding_scale:
             x = x * c.embedding_scale

@@ -27,9 +27,13 @@ class ExpertSource:
         self.model, self.device = model, torch.device(device)
         self._store = {}
 
-    def order(self, layer: int, experts: list[int]) -> list[int]:
-        """Order in which to compute this layer's needed experts; also a chance to start fetching."""
-        return experts
+    def begin_step(self, positions: list[int]) -> None:
+        """A forward step (prefill chunk or decoded token) at these absolute positions starts."""
+
+    def order(self, layer: int, x, ids):
+        """Yield this layer's needed experts in the order to compute them (a runtime reorders: the
+        experts already on the device first) ; also the moment to request the missing ones."""
+        yield from torch.unique(ids).tolist()
 
     def matrix(self, layer: int, expert: int, index: int):
         """(uint8 tensor, MatrixSlice) of matrix `index` (0 gate, 1 up, 2 down), ready to read."""
@@ -52,20 +56,29 @@ class ExpertSource:
 
 
 class MoEExperts:
-    """Computes routed experts through a source; `hooks` see each layer's router input (predictors)."""
+    """Computes routed experts through a source.
+
+    `observers` (tracers, routing recorders) get `begin_step(positions)` at each forward step and
+    `observe(layer, x, ids, logits)` at each MoE layer, on the compute thread; they must not
+    modify their arguments.
+    """
 
     def __init__(self, source: ExpertSource):
         self.source = source
-        self.hooks = []
+        self.observers = []
 
-    def __call__(self, layer: int, x, ids, weights):
+    def begin_step(self, positions: list[int]) -> None:
+        self.source.begin_step(positions)
+        for ob in self.observers:
+            ob.begin_step(positions)
+
+    def __call__(self, layer: int, x, ids, weights, logits=None):
         """x [T, d]; ids [T, k] long; weights [T, k] -> [T, d] = sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
-        for hook in self.hooks:
-            hook(layer, x, ids)
+        for ob in self.observers:
+            ob.observe(layer, x, ids, logits)
         T, k = ids.shape
         slots = torch.empty((T, k, x.shape[1]), dtype=x.dtype, device=x.device)
-        needed = torch.unique(ids).tolist()
-        for e in self.source.order(layer, needed):
+        for e in self.source.order(layer, x, ids):
             rows, cols = (ids == e).nonzero(as_tuple=True)
             xe = x[rows]                                                   # [n_e, d]
             (g, gm), (u, um) = self.source.matrix(layer, e, 0), self.source.matrix(layer, e, 1)

@@ -1,0 +1,26 @@
+"""Expert predictors. `make_predictor(spec, model)` turns a --predictor value into one."""
+from __future__ import annotations
+
+from ..errors import ModelError
+from .base import Predictor
+
+
+def make_predictor(spec, model, lookahead: int = 1, routes=None) -> Predictor | None:
+    """spec: none | gate | oracle | mlp:PATH (an already-built Predictor passes through)."""
+    if spec is None or isinstance(spec, Predictor):
+        return spec
+    kind, _, arg = str(spec).partition(":")
+    if kind == "none":
+        return None
+    if kind == "gate":
+        from .gate import GatePredictor
+        return GatePredictor(model, lookahead)
+    if kind == "oracle":
+        from .oracle import OraclePredictor
+        if routes is None:
+            raise ModelError("the oracle predictor needs a recorded routing trace (routes=...)")
+        return OraclePredictor(model, routes, max(lookahead, 2))
+    if kind == "mlp":
+        from .mlp import load_mlp_predictor
+        return load_mlp_predictor(arg, model)
+    raise ModelError(f"unknown predictor {spec!r} (none, gate, oracle, mlp:PATH)")
