@@ -52,8 +52,8 @@ class Engine:
                                   policy=policy, predictor=predictor, link=link, **runtime_options)
         self.experts = MoEExperts(self.source)
         self.decoder = build_decoder(self.model, self.experts, self.device)
-        if hasattr(self.source, "attach"):
-            self.source.attach(self.decoder, self.experts)
+        from .runtime import attach
+        attach(self.source, self.decoder, self.experts)
         train_ctx = self.config.n_ctx_train or 4096
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
         if self.n_ctx > train_ctx:

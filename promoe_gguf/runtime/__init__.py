@@ -1,12 +1,106 @@
-"""Expert cache, host store, transfer engine, prefetcher, policies and stats."""
+"""Expert cache, host store, transfer engine, prefetcher, policies and stats.
+
+`make_source` wires them into the expert source an Engine computes through.
+"""
 from __future__ import annotations
 
+import logging
+import time
+
+import torch
+
+from ..errors import ModelError
 from ..model.experts import ExpertSource
+from ..predict import make_predictor
+from .cache import READY, ExpertCache, StaticPolicy, make_policy, slots_for_budget
+from .host_store import HostStore
+from .link import Link, parse_link
+from .prefetcher import Prefetcher
+from .source import CachedExpertSource
+from .stats import Stats
+from .transfer import HIGH, TransferEngine
+
+log = logging.getLogger("promoe.runtime")
 
 
 def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", predictor="none", link=None,
-                **options) -> ExpertSource:
-    """The expert source for an Engine: every expert resident when no cache budget is given."""
+                lookahead: int = 1, profile=None, routes=None, progress: bool = False,
+                wait_timeout: float = 60.0, fault=None) -> ExpertSource:
+    """Every expert resident when no budget is given; else the cache runtime.
+
+    profile: {(layer, expert): uses} for the static policy; routes: a recorded routing for the
+    oracle predictor; fault: tests only, called in the copy thread before each chunk.
+    """
     if cache_rate is None and cache_mem is None:
+        if predictor not in (None, "none") or policy != "lru" or link:
+            raise ModelError("policy, predictor and link apply to the expert cache: give --cache-rate or --cache-mem")
         return ExpertSource(model, device)
-    raise NotImplementedError("the expert cache runtime is not built yet")
+    device = torch.device(device)
+    cfg = model.config
+    store = HostStore(model, pin=device.type == "cuda", progress=progress)
+    n_slots = slots_for_budget(store, cfg.n_experts_used, cache_rate, cache_mem)
+    cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, profile))
+    spec = parse_link(link)
+    stats = Stats()
+    transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0)),
+                              stats, fault=fault)
+    pred = make_predictor(predictor, model, lookahead, routes)
+    prefetcher = Prefetcher(pred, transfer, cache, stats, cfg.n_layers, cfg.n_experts_used) if pred else None
+    source = CachedExpertSource(model, device, store, cache, transfer, stats, prefetcher, wait_timeout)
+    source.link_ratio = spec.get("ratio")
+    if isinstance(cache.policy, StaticPolicy):
+        _preload_hot(source, cache.policy.hot_set(store.keys, n_slots), wait_timeout)
+    return source
+
+
+def _preload_hot(source: CachedExpertSource, hot: list, timeout: float) -> None:
+    for key in hot:
+        source.transfer.request(key, HIGH)
+    deadline = time.monotonic() + timeout
+    cache = source.cache
+    with cache.cv:
+        while not all(k in cache.where and cache.where[k].state == READY for k in hot):
+            if time.monotonic() > deadline:
+                raise RuntimeError("static policy: hot experts were not loaded in time")
+            cache.cv.wait(0.05)
+        for k in hot:
+            cache.where[k].permanent = True
+
+
+def calibrate_link_ratio(source: CachedExpertSource, decoder, experts, ratio: float, steps: int = 3) -> float:
+    """Set the emulated bandwidth so one expert's copy takes `ratio` x one layer's decode compute.
+
+    Decode compute is measured here, all experts resident, on this machine. Returns bytes/s.
+    """
+    resident = ExpertSource(source.model, source.device)
+    experts.source = resident
+    try:
+        cache = decoder.new_cache(steps + 2)
+        decoder.forward(torch.tensor([1]), cache)                # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            decoder.forward(torch.tensor([1]), cache)
+        per_layer = (time.perf_counter() - t0) / steps / source.model.config.n_layers
+    finally:
+        experts.source = source
+    mean_expert = sum(source.store.expert_bytes.values()) / len(source.store.expert_bytes)
+    bandwidth = mean_expert / (ratio * per_layer)
+    source.transfer.link.bandwidth = bandwidth
+    source.calibration = {"layer_decode_s": per_layer, "expert_bytes": mean_expert, "ratio": ratio,
+                          "bandwidth": bandwidth}
+    log.info("emulated link: one layer's decode compute %.3f ms, expert %.0f bytes, ratio %.1f -> %.3g MB/s",
+             per_layer * 1e3, mean_expert, ratio, bandwidth / 1e6)
+    return bandwidth
+
+
+def attach(source, decoder, experts) -> None:
+    """Called by the Engine once the decoder exists (link calibration needs the forward pass)."""
+    ratio = getattr(source, "link_ratio", None)
+    if ratio:
+        if source.device.type != "cpu":
+            raise ModelError("link=ratio=R is a CPU emulation; on a GPU the real link is used")
+        calibrate_link_ratio(source, decoder, experts, ratio)
+
+
+__all__ = ["make_source", "attach", "HostStore", "ExpertCache", "TransferEngine", "Prefetcher", "Link",
+           "CachedExpertSource", "Stats"]

@@ -1,0 +1,135 @@
+"""The device expert cache: a fixed arena of slots, a residency map and eviction policies.
+
+All slot state is guarded by `ExpertCache.cv` (one condition variable shared with the transfer
+engine). A slot is EMPTY, LOADING (its copy task has landed `ready_chunks` of 3 chunks) or READY;
+`pins` > 0 while the compute thread reads it; `needed` marks experts the current layer still has
+to compute: those are never evicted, whatever the policy (the compute thread takes ready experts
+first, so the slots they hold come free).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModelError
+
+EMPTY, LOADING, READY = "empty", "loading", "ready"
+
+
+@dataclass
+class Slot:
+    index: int
+    key: tuple | None = None
+    state: str = EMPTY
+    ready_chunks: int = 0
+    pins: int = 0
+    last_use: int = 0
+    speculative: bool = False        # loaded by a prediction and not used yet
+    permanent: bool = False          # the static policy's hot experts
+    free_event: object = None        # CUDA: recorded after the last kernel that read the slot
+
+
+class Policy:
+    """Chooses a victim among evictable slots: EMPTY first, then least recently used."""
+    name = "lru"
+    prefetch_touches = False         # does loading a prediction count as a use?
+
+    def victim(self, cache: "ExpertCache", protected: set):
+        best = None
+        for s in cache.slots:
+            if s.state == LOADING or s.pins or s.permanent or (s.key is not None and s.key in protected):
+                continue
+            if s.state == EMPTY:
+                return s
+            if best is None or s.last_use < best.last_use:
+                best = s
+        return best
+
+
+class PromoePolicy(Policy):
+    """Prefetch-aware LRU: prefetches count as uses; the next layer's predicted experts are kept."""
+    name = "promoe"
+    prefetch_touches = True
+
+
+class StaticPolicy(Policy):
+    """The most-used experts of a profile stay for good; the remaining slots serve misses (LRU)."""
+    name = "static"
+
+    def __init__(self, profile: dict | None, n_buffer: int):
+        self.profile, self.n_buffer = profile or {}, n_buffer
+
+    def hot_set(self, keys: list, n_slots: int) -> list:
+        ranked = sorted(keys, key=lambda k: (-self.profile.get(k, 0), k))
+        return ranked[:max(0, n_slots - self.n_buffer)]
+
+
+def make_policy(name: str, n_used: int, profile=None) -> Policy:
+    if name == "lru":
+        return Policy()
+    if name == "promoe":
+        return PromoePolicy()
+    if name == "static":
+        return StaticPolicy(profile, n_buffer=max(2, n_used))
+    raise ModelError(f"unknown cache policy {name!r} (lru, static, promoe)")
+
+
+def slots_for_budget(store, n_used: int, cache_rate=None, cache_mem=None) -> int:
+    """Number of slots a budget buys; refuses budgets below one layer's top-k working set."""
+    total = len(store.keys)
+    if cache_mem is not None:
+        n = int(cache_mem) // store.slot_bytes
+        what = f"cache budget of {int(cache_mem):,} bytes"
+    else:
+        if not 0 < float(cache_rate) <= 1:
+            raise ModelError(f"cache rate {cache_rate} must be in (0, 1]")
+        n = math.ceil(float(cache_rate) * total)
+        what = f"cache rate {cache_rate}"
+    if n < n_used:
+        raise ModelError(f"{what} holds {n} expert(s) of {store.slot_bytes:,} bytes, fewer than one layer's "
+                         f"top-{n_used} working set ({n_used * store.slot_bytes:,} bytes)")
+    return min(n, total)
+
+
+class ExpertCache:
+    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy):
+        self.device = torch.device(device)
+        try:
+            self.arena = torch.empty((n_slots, slot_bytes), dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError as e:
+            raise ModelError(f"out of device memory allocating the expert cache "
+                             f"({n_slots} slots x {slot_bytes:,} bytes): {e}") from e
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self.where: dict[tuple, Slot] = {}
+        self.policy = policy
+        self.cv = threading.Condition()
+        self.tick = 0
+        self.needed: set = set()        # experts the current layer still has to compute
+        self.protected: set = set()     # promoe: experts the next layer is predicted to need
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.arena.numel()
+
+    def touch(self, slot: Slot) -> None:
+        self.tick += 1
+        slot.last_use = self.tick
+
+    def allocate(self, key, on_evict) -> Slot | None:
+        """(cv held) A slot for `key`, evicting a victim; None when nothing can be evicted now."""
+        guard = self.needed | (self.protected if isinstance(self.policy, PromoePolicy) else set())
+        slot = self.policy.victim(self, guard)
+        if slot is None:
+            return None
+        if slot.key is not None:
+            on_evict(slot)
+            del self.where[slot.key]
+        slot.key, slot.state, slot.ready_chunks, slot.speculative = key, LOADING, 0, False
+        self.where[key] = slot
+        return slot
+
+    def view(self, slot: Slot, offset: int, nbytes: int) -> torch.Tensor:
+        return self.arena[slot.index, offset:offset + nbytes]

@@ -1,0 +1,103 @@
+"""The predictor thread: turns predictions into speculative (LOW) copy requests, off the critical path.
+
+The compute thread only enqueues (step starts, each MoE layer's router input and choice); this
+thread runs the predictor and asks the transfer engine for the predicted experts of later layers.
+A predictor that raises is switched off with a warning (reactive loading goes on); a slow one only
+makes its guesses late, and guesses for a layer already computed are discarded.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from .transfer import LOW
+
+log = logging.getLogger("promoe.runtime")
+MAX_BACKLOG = 64
+
+
+class Prefetcher:
+    def __init__(self, predictor, transfer, cache, stats, n_layers: int, n_used: int):
+        self.predictor, self.transfer, self.cache, self.stats = predictor, transfer, cache, stats
+        self.n_layers, self.n_used = n_layers, n_used
+        self.q: queue.Queue = queue.Queue()
+        self.step = 0                     # compute thread's step counter
+        self.progress = (0, -1)           # (step, layer) the compute thread has reached
+        self.enabled = True
+        self.thread = threading.Thread(target=self._run, name="promoe-predict", daemon=True)
+        self.thread.start()
+
+    # ---- compute thread side ------------------------------------------------------------------
+    def begin_step(self, positions) -> None:
+        self.step += 1
+        self.progress = (self.step, -1)
+        self._put(("step", self.step, positions))
+
+    def layer(self, layer: int, x, ids) -> None:
+        self.progress = (self.step, layer)
+        if self.enabled:
+            self._put(("layer", self.step, layer, x.detach().to("cpu", copy=True), ids.detach().cpu()))
+
+    def _put(self, item) -> None:
+        if self.q.qsize() > MAX_BACKLOG:    # the predictor is far behind: its guesses would be stale
+            try:
+                self.q.get_nowait()
+                self.stats.dropped_predictions += 1
+            except queue.Empty:
+                pass
+        self.q.put(item)
+
+    # ---- predictor thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if not self.enabled:
+                continue
+            try:
+                if item[0] == "step":
+                    self.predictor.begin_step(item[2])
+                else:
+                    self._layer(*item[1:])
+            except Exception as e:  # noqa: BLE001 - a broken predictor must not break inference
+                self.enabled = False
+                self.stats.predictor_errors += 1
+                log.warning("predictor %s failed (%s: %s); prefetching is off, experts load on demand",
+                            getattr(self.predictor, "name", "?"), type(e).__name__, e)
+
+    def _layer(self, step: int, layer: int, x, ids) -> None:
+        t0 = time.perf_counter()
+        scores = self.predictor.predict(layer, x)
+        self.predictor.observe(layer, x, ids)
+        self.stats.predictor_calls += 1
+        self.stats.predictor_s += time.perf_counter() - t0
+        cur_step, cur_layer = self.progress
+        protect = set()
+        for target, s in sorted(scores.items()):
+            t_step, t_layer = step + target // self.n_layers, target % self.n_layers
+            if (t_step, t_layer) <= (cur_step, cur_layer):
+                continue                       # that layer has already run: too late
+            experts = self._pick(s)
+            if target == layer + 1:
+                protect.update((t_layer, e) for e in experts)
+            for e in experts:
+                self.transfer.request((t_layer, e), LOW)
+        with self.cache.cv:
+            self.cache.protected = protect
+
+    def _pick(self, scores: torch.Tensor) -> list[int]:
+        """Experts to fetch from scores [T, E]: each token's top-k, most-voted first."""
+        k = min(self.n_used, scores.shape[-1])
+        top = scores.float().topk(k, dim=-1).indices.reshape(-1)
+        votes = torch.bincount(top, minlength=scores.shape[-1])
+        order = torch.argsort(votes, descending=True, stable=True)
+        return [int(e) for e in order if votes[e] > 0]
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=10)

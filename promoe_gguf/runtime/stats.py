@@ -1,0 +1,34 @@
+"""Cache statistics, totals and per layer (updated under the cache's lock)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+FIELDS = ("hits", "misses", "bytes_h2d", "stall_s", "prefetch_useful", "prefetch_wasted")
+
+
+class Stats:
+    def __init__(self):
+        self.layers = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
+        self.predictor_calls = 0
+        self.predictor_s = 0.0
+        self.predictor_errors = 0
+        self.dropped_predictions = 0
+
+    def add(self, layer: int, field: str, value=1) -> None:
+        self.layers[layer][field] += value
+
+    def copied(self, key, nbytes: int, speculative: bool) -> None:
+        self.add(key[0], "bytes_h2d", nbytes)
+
+    def on_evict(self, slot) -> None:
+        if slot.speculative:
+            self.add(slot.key[0], "prefetch_wasted")
+
+    def snapshot(self, slots=()) -> dict:
+        per_layer = {layer: dict(v) for layer, v in sorted(self.layers.items())}
+        totals = {f: sum(v[f] for v in per_layer.values()) for f in FIELDS}
+        totals["stall_s"] = float(totals["stall_s"])
+        unused = sum(1 for s in slots if s.speculative and s.key is not None)
+        return {**totals, "prefetch_unused_resident": unused,
+                "predictor_calls": self.predictor_calls, "predictor_s": self.predictor_s,
+                "predictor_errors": self.predictor_errors, "per_layer": per_layer}

@@ -1,0 +1,166 @@
+"""The transfer engine: one copy thread, two priorities, copies chunked per matrix.
+
+HIGH tasks (the router's real choice) always go before LOW ones (predictions); the choice is
+remade after every chunk, so a precise request waits behind at most one chunk of a speculative
+copy (ProMoE's chunked prefetch). A task takes its slot when its first chunk starts (evicting a
+victim then, not earlier). If the thread dies, `alive` turns false and the compute thread copies
+for itself (reactive loading), with a logged warning.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .cache import LOADING, READY
+
+log = logging.getLogger("promoe.runtime")
+HIGH, LOW = 0, 1
+
+
+@dataclass
+class Task:
+    key: tuple
+    priority: int
+    slot: object = None
+    next_chunk: int = 0
+    dropped: bool = False
+
+
+class TransferEngine:
+    def __init__(self, store, cache, link, stats, fault=None):
+        self.store, self.cache, self.link, self.stats = store, cache, link, stats
+        self.queues = (deque(), deque())             # HIGH, LOW
+        self.tasks: dict[tuple, Task] = {}           # pending or running, by expert
+        self.stopping = False
+        self.alive = True
+        self.fault = fault                           # tests: callable raising inside the thread
+        self.thread = threading.Thread(target=self._run, name="promoe-copy", daemon=True)
+        self.thread.start()
+
+    # ---- requests (any thread; they take cache.cv) ------------------------------------------
+    def request(self, key, priority: int) -> None:
+        cv = self.cache.cv
+        with cv:
+            slot = self.cache.where.get(key)
+            if slot is not None and slot.state == READY:
+                return
+            task = self.tasks.get(key)
+            if task is None:
+                task = Task(key, priority)
+                self.tasks[key] = task
+                self.queues[priority].append(task)
+            elif priority == HIGH and task.priority == LOW:   # a prediction became a certainty
+                task.priority = HIGH
+                self.queues[LOW].remove(task)
+                self.queues[HIGH].append(task)
+            cv.notify_all()
+
+    def drop_speculative(self, layer: int) -> int:
+        """Early preemption: forget LOW tasks for `layer` that have not started."""
+        with self.cache.cv:
+            q = self.queues[LOW]
+            keep = deque(t for t in q if t.key[0] != layer or t.slot is not None)
+            for t in q:
+                if t.key[0] == layer and t.slot is None:
+                    t.dropped = True
+                    del self.tasks[t.key]
+            n = len(q) - len(keep)
+            self.queues = (self.queues[HIGH], keep)
+            return n
+
+    def pending_low(self) -> int:
+        with self.cache.cv:
+            return len(self.queues[LOW])
+
+    # ---- the copy thread ----------------------------------------------------------------------
+    def _next(self):
+        """(cv held) The task to advance next and its slot, or None."""
+        for priority in (HIGH, LOW):
+            q = self.queues[priority]
+            while q:
+                task = q[0]
+                if task.slot is None:
+                    task.slot = self.cache.allocate(task.key, self.stats.on_evict)
+                    if task.slot is None:
+                        if priority == LOW:               # nothing evictable: drop the guess
+                            q.popleft()
+                            task.dropped = True
+                            del self.tasks[task.key]
+                            continue
+                        break                             # precise: wait for a slot to come free
+                    task.slot.speculative = priority == LOW
+                return task
+        return None
+
+    def _run(self) -> None:
+        cv = self.cache.cv
+        try:
+            while True:
+                with cv:
+                    task = None
+                    while not self.stopping and (task := self._next()) is None:
+                        cv.wait(0.05)
+                    if self.stopping:
+                        return
+                    slot, i = task.slot, task.next_chunk
+                    offset, nbytes = self.store.chunks(task.key)[i]
+                    after = slot.free_event
+                if self.fault is not None:
+                    self.fault()
+                self.link.copy(self.cache.view(slot, offset, nbytes),
+                               self.store.region(task.key)[offset:offset + nbytes], after)
+                with cv:
+                    slot.ready_chunks = i + 1
+                    task.next_chunk = i + 1
+                    self.stats.copied(task.key, nbytes, task.priority == LOW)
+                    if task.next_chunk == len(self.store.chunks(task.key)):
+                        slot.state = READY
+                        if task.priority == LOW and self.cache.policy.prefetch_touches:
+                            self.cache.touch(slot)
+                        self.queues[task.priority].remove(task)
+                        del self.tasks[task.key]
+                    cv.notify_all()
+        except BaseException as e:  # noqa: BLE001 - any failure degrades to reactive loading
+            log.warning("expert copy thread died (%s: %s); loading experts reactively from now on",
+                        type(e).__name__, e)
+            with cv:
+                self.alive = False
+                cv.notify_all()
+
+    def load_now(self, key) -> None:
+        """Reactive fallback on the caller's thread (copy thread dead): copy `key` synchronously."""
+        cv = self.cache.cv
+        with cv:
+            slot = self.cache.where.get(key)
+            if slot is not None and slot.state == READY:
+                return
+            task = self.tasks.pop(key, None)
+            for q in self.queues:
+                if task in q:
+                    q.remove(task)
+            if slot is None:
+                deadline = time.monotonic() + 30
+                while (slot := self.cache.allocate(key, self.stats.on_evict)) is None:
+                    if not cv.wait(0.05) and time.monotonic() > deadline:
+                        raise RuntimeError(f"no cache slot came free for expert {key[1]} of layer {key[0]}")
+            slot.state, slot.ready_chunks, slot.speculative = LOADING, 0, False
+        for i, (offset, nbytes) in enumerate(self.store.chunks(key)):
+            self.link.copy(self.cache.view(slot, offset, nbytes), self.store.region(key)[offset:offset + nbytes],
+                           slot.free_event)
+            with cv:
+                slot.ready_chunks = i + 1
+                self.stats.copied(key, nbytes, False)
+        with cv:
+            slot.state = READY
+            cv.notify_all()
+
+    def close(self) -> None:
+        with self.cache.cv:
+            self.stopping = True
+            self.cache.cv.notify_all()
+        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            log.warning("expert copy thread did not stop within 10 s")
