@@ -48,16 +48,20 @@ class Engine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("device 'cuda' requested but torch sees no CUDA device")
-        self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
-                                  policy=policy, predictor=predictor, link=link, **runtime_options)
-        self.experts = MoEExperts(self.source)
-        self.decoder = build_decoder(self.model, self.experts, self.device)
-        from .runtime import attach
-        attach(self.source, self.decoder, self.experts)
         train_ctx = self.config.n_ctx_train or 4096
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
         if self.n_ctx > train_ctx:
             raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
+        self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
+                                  policy=policy, predictor=predictor, link=link, **runtime_options)
+        try:
+            self.experts = MoEExperts(self.source)
+            self.decoder = build_decoder(self.model, self.experts, self.device)
+            from .runtime import attach
+            attach(self.source, self.decoder, self.experts)
+        except BaseException:
+            self.close()  # no threads left behind
+            raise
         self.n_batch = int(n_batch)
         self._tokenizer = None
         self.timing = Timing()
@@ -100,7 +104,7 @@ class Engine:
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed=None,
-                 stop=None, repeat_last_n: int = 64):
+                 stop=None, repeat_last_n: int = 64, ignore_eos: bool = False):
         """Stream generated token ids after `prompt` (text or ids). Stops at EOS, a stop string or max_tokens."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids or (isinstance(prompt, str) and not prompt):
@@ -109,7 +113,7 @@ class Engine:
         self._check_length(len(tokens) + max_tokens)
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        eos = self.tokenizer.eos_id
+        eos = None if ignore_eos else self.tokenizer.eos_id
         cache = self.decoder.new_cache(self.n_ctx)
         history = tokens.tolist()
         t0 = time.perf_counter()

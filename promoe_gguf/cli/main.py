@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import run
     run.add_parsers(sub)
+    from . import predict_cmds
+    predict_cmds.add_parsers(sub)
     return p
 
 

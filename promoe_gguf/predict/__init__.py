@@ -6,7 +6,8 @@ from .base import Predictor
 
 
 def make_predictor(spec, model, lookahead: int = 1, routes=None) -> Predictor | None:
-    """spec: none | gate | oracle | mlp:PATH (an already-built Predictor passes through)."""
+    """spec: none | gate | oracle | mlp:PATH | history[:TRACE] | freq[:TRACE] (an already-built
+    Predictor passes through). history/freq learn online, or start from a trace's training prompts."""
     if spec is None or isinstance(spec, Predictor):
         return spec
     kind, _, arg = str(spec).partition(":")
@@ -22,5 +23,18 @@ def make_predictor(spec, model, lookahead: int = 1, routes=None) -> Predictor | 
         return OraclePredictor(model, routes, max(lookahead, 2))
     if kind == "mlp":
         from .mlp import load_mlp_predictor
-        return load_mlp_predictor(arg, model)
-    raise ModelError(f"unknown predictor {spec!r} (none, gate, oracle, mlp:PATH)")
+        if not arg:
+            raise ModelError("the mlp predictor needs a file: mlp:PATH (made by `promoe train-predictor`)")
+        return load_mlp_predictor(arg, model, lookahead)
+    if kind in ("history", "freq"):
+        from .history import FreqPredictor, HistoryPredictor, trace_counts
+        counts = eams = None
+        if arg:
+            from .trace import Trace
+            tr = Trace(arg)
+            tr.check_model(model)
+            counts, eams = trace_counts(tr, "train")
+        if kind == "freq":
+            return FreqPredictor(model, lookahead, counts)
+        return HistoryPredictor(model, lookahead, eams)
+    raise ModelError(f"unknown predictor {spec!r} (none, gate, oracle, mlp:PATH, history[:TRACE], freq[:TRACE])")

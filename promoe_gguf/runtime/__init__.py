@@ -42,7 +42,7 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, profile))
     spec = parse_link(link)
     stats = Stats()
-    transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0)),
+    transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0), spec.get("jitter", 0.0)),
                               stats, fault=fault)
     pred = make_predictor(predictor, model, lookahead, routes)
     prefetcher = Prefetcher(pred, transfer, cache, stats, cfg.n_layers, cfg.n_experts_used) if pred else None

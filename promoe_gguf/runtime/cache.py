@@ -118,9 +118,14 @@ class ExpertCache:
         self.tick += 1
         slot.last_use = self.tick
 
-    def allocate(self, key, on_evict) -> Slot | None:
-        """(cv held) A slot for `key`, evicting a victim; None when nothing can be evicted now."""
-        guard = self.needed | (self.protected if isinstance(self.policy, PromoePolicy) else set())
+    def allocate(self, key, on_evict, speculative: bool = False) -> Slot | None:
+        """(cv held) A slot for `key`, evicting a victim; None when nothing can be evicted now.
+
+        The promoe policy's protection of the next layer's predicted experts holds against other
+        predictions only: a precise request must always be able to make room."""
+        guard = self.needed
+        if speculative and isinstance(self.policy, PromoePolicy):
+            guard = guard | self.protected
         slot = self.policy.victim(self, guard)
         if slot is None:
             return None

@@ -6,6 +6,7 @@ Everything it reports is labelled as emulation.
 """
 from __future__ import annotations
 
+import random
 import re
 import time
 
@@ -24,22 +25,25 @@ def parse_link(spec) -> dict:
     m = re.fullmatch(r"ratio=([0-9.]+)", text)
     if m:
         return {"ratio": float(m.group(1))}
-    m = re.fullmatch(r"([0-9.]+)([KMG]?)B/s(?:,([0-9.]+)(us|ms))?", text, re.IGNORECASE)
+    m = re.fullmatch(r"([0-9.]+)([KMG]?)B/s(?:,([0-9.]+)(us|ms))?(?:,jitter=([0-9.]+)(us|ms))?", text, re.I)
     if not m:
-        raise ModelError(f"link {spec!r} is not 'NGB/s[,Lus]' or 'ratio=R'")
+        raise ModelError(f"link {spec!r} is not 'NGB/s[,Lus][,jitter=Jus]' or 'ratio=R'")
     scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2).upper()]
     out = {"bandwidth": float(m.group(1)) * scale}
-    if m.group(3):
-        out["latency"] = float(m.group(3)) * (1e-6 if m.group(4) == "us" else 1e-3)
+    for key, value, unit in (("latency", m.group(3), m.group(4)), ("jitter", m.group(5), m.group(6))):
+        if value:
+            out[key] = float(value) * (1e-6 if unit.lower() == "us" else 1e-3)
     return out
 
 
 class Link:
     """Copies one chunk at a time, blocking the calling (copy) thread until it has landed."""
 
-    def __init__(self, device, bandwidth: float | None = None, latency: float = 0.0):
+    def __init__(self, device, bandwidth: float | None = None, latency: float = 0.0, jitter: float = 0.0,
+                 seed: int = 0):
         self.device = torch.device(device)
-        self.bandwidth, self.latency = bandwidth, latency
+        self.bandwidth, self.latency, self.jitter = bandwidth, latency, jitter
+        self.rng = random.Random(seed)   # jitter: a uniform random extra delay per chunk (stress tests)
         self.emulated = self.device.type == "cpu"
         if not self.emulated:
             self.stream = torch.cuda.Stream(device=self.device)
@@ -56,8 +60,10 @@ class Link:
         if self.emulated:
             t0 = time.perf_counter()
             dst.copy_(src)
-            if self.bandwidth:
-                left = self.latency + src.numel() / self.bandwidth - (time.perf_counter() - t0)
+            if self.bandwidth or self.jitter:
+                wire = src.numel() / self.bandwidth if self.bandwidth else 0.0
+                extra = self.rng.uniform(0, self.jitter) if self.jitter else 0.0
+                left = self.latency + wire + extra - (time.perf_counter() - t0)
                 if left > 0:
                     time.sleep(left)
             return

@@ -83,7 +83,7 @@ class TransferEngine:
             while q:
                 task = q[0]
                 if task.slot is None:
-                    task.slot = self.cache.allocate(task.key, self.stats.on_evict)
+                    task.slot = self.cache.allocate(task.key, self.stats.on_evict, speculative=priority == LOW)
                     if task.slot is None:
                         if priority == LOW:               # nothing evictable: drop the guess
                             q.popleft()

@@ -1,0 +1,474 @@
+"""ProMoE's learned predictor: a small MLP per (source MoE layer, target MoE layer), trained on traces.
+
+Targets. From MoE layer a (counting MoE layers only, M of them) the predictor scores the experts of
+the `window` next MoE layers b = a+1 .. a+window; b >= M is layer b-M of the NEXT token (cross-token
+prediction: the next token's first layers from this token's last ones, which gate reuse cannot do).
+
+Features of one (token p, source a, target b), all known when layer a's router input is:
+  window   the router inputs of the last `ctx` MoE layers: x[p,a], x[p,a-1], ..; before layer 0 they
+           continue with the previous token's last layers (x[p-1,M-1], ..), zeros at a sequence start
+  current  softmax of layer a's router logits (the router is cheap; the predictor recomputes it)
+  gate     softmax of target layer b's router applied to x[p,a] (the gate-reuse guess)
+  latest   the latest routing already seen at the target layer: the previous token's for a target in
+           this token, this token's for a target in the next token: router softmax + chosen multi-hot
+           (+ its router input when `target_x`)
+  history  an exponential moving average (decay `ema`) of the chosen multi-hot at the target layer
+           over the sequence's tokens up to that latest one
+Model per pair: standardize -> Linear(F, hidden) -> ReLU -> Linear(hidden, E); trained with a listwise
+cross-entropy (softmax over experts against the k chosen ones, 1/k each), Adam, early stopping on a
+validation tenth of the training prompts. All pairs train in one loop as batched matmuls.
+
+Runtime: `MLPPredictor` keeps the previous token's routing per layer and the history average; in a
+prefill chunk of T > 1 tokens every row uses the state before the chunk (the rows' own previous
+tokens are computed in the same step), which only matters for prefill prefetching.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from .base import Predictor
+from .identity import check_identity, model_identity
+
+FORMAT, VERSION = "promoe-predictor", 1
+
+
+@dataclass
+class FeatureSpec:
+    M: int                    # MoE layers
+    E: int                    # experts per layer
+    k: int                    # experts used per token
+    d: int                    # hidden size (router input)
+    window: int = 3           # targets a+1 .. a+window
+    ctx: int = 3              # router inputs of this many layers (sliding back across the token edge)
+    target_x: bool = True     # the latest router input at the target layer as a feature
+    ema: float = 0.8          # decay of the per-layer routing history average
+
+    @property
+    def n_features(self) -> int:
+        return self.ctx * self.d + 5 * self.E + (self.d if self.target_x else 0)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(a, j) for a in range(self.M) for j in range(1, self.window + 1)]
+
+
+def assemble(spec: FeatureSpec, xwin, probs_a, gate_b, t_probs, t_hot, t_ema, t_x) -> torch.Tensor:
+    """The feature vector, in the one order training and runtime share. All [n, .] float32."""
+    parts = list(xwin) + [probs_a, gate_b, t_probs, t_hot, t_ema]
+    if spec.target_x:
+        parts.append(t_x)
+    return torch.cat(parts, dim=1)
+
+
+class PairMLPs(torch.nn.Module):
+    """P independent 2-layer MLPs stacked: W1 [P, F, H], W2 [P, H, E]; input standardization per pair."""
+
+    def __init__(self, P: int, F: int, H: int, E: int):
+        super().__init__()
+        self.W1 = torch.nn.Parameter(torch.empty(P, F, H))
+        self.b1 = torch.nn.Parameter(torch.zeros(P, 1, H))
+        self.W2 = torch.nn.Parameter(torch.empty(P, H, E))
+        self.b2 = torch.nn.Parameter(torch.zeros(P, 1, E))
+        self.register_buffer("mu", torch.zeros(P, 1, F))
+        self.register_buffer("sd", torch.ones(P, 1, F))
+        for p in range(P):
+            torch.nn.init.kaiming_uniform_(self.W1.data[p].T, a=math.sqrt(5))
+            torch.nn.init.kaiming_uniform_(self.W2.data[p].T, a=math.sqrt(5))
+
+    def forward(self, X, dropout: float = 0.0):
+        """X [P, n, F] -> scores [P, n, E]."""
+        h = torch.relu(torch.baddbmm(self.b1, (X - self.mu) / self.sd, self.W1))
+        if dropout and self.training:
+            h = torch.nn.functional.dropout(h, dropout)
+        return torch.baddbmm(self.b2, h, self.W2)
+
+
+def _softmax(x):
+    return torch.softmax(x, dim=-1)
+
+
+def _multi_hot(ids: torch.Tensor, E: int) -> torch.Tensor:
+    out = torch.zeros(ids.shape[0], E)
+    return out.scatter_(1, ids.long(), 1.0)
+
+
+# ---- training data from a trace -----------------------------------------------------------------
+class TraceTensors:
+    """The trace rows of some sequences, in RAM, with the derived arrays features are gathered from."""
+
+    def __init__(self, trace, seqs: list[dict], spec: FeatureSpec, progress: bool = False):
+        rows = [np.arange(s["start"], s["start"] + s["n_prompt"] + s["n_decode"]) for s in seqs]
+        lengths = [len(r) for r in rows]
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        n = len(rows)
+        self.n = n
+        self.X = torch.from_numpy(np.asarray(trace.x[rows]))                          # [n, M, d] f16
+        logits = torch.from_numpy(np.asarray(trace.logits[rows], dtype=np.float32))
+        self.P = _softmax(logits)                                                     # [n, M, E]
+        ids = torch.from_numpy(np.asarray(trace.ids[rows]).astype(np.int64))          # [n, M, k]
+        self.ids = ids
+        self.H = torch.zeros(n, spec.M, spec.E).scatter_(2, ids, 1.0)
+        self.routers = torch.from_numpy(np.asarray(trace.routers))                    # [M, E, d]
+        # previous / next row within the same sequence (-1 at the edges)
+        prev = np.arange(n) - 1
+        nxt = np.arange(n) + 1
+        starts = np.cumsum([0] + lengths[:-1]) if lengths else np.zeros(0, np.int64)
+        ends = starts + np.asarray(lengths, np.int64) - 1 if lengths else starts
+        prev[starts] = -1
+        nxt[ends] = -1
+        self.prev, self.next = torch.from_numpy(prev), torch.from_numpy(nxt)
+        # EMA of the chosen multi-hot per layer, through each row (inclusive), reset per sequence
+        ema = torch.zeros(n, spec.M, spec.E)
+        Hn = self.H.numpy()
+        en = ema.numpy()
+        c = spec.ema
+        for s0, L in zip(starts, lengths):
+            acc = np.zeros((spec.M, spec.E), np.float32)
+            for r in range(s0, s0 + L):
+                acc = c * acc + (1 - c) * Hn[r]
+                en[r] = acc
+        self.EMA = ema
+        self.valid = torch.from_numpy(np.nonzero(nxt >= 0)[0])   # rows with a next token: every target exists
+
+    def _take(self, arr, rows, mask):
+        out = arr[rows.clamp_min(0)].float()
+        return out * mask.unsqueeze(-1) if mask is not None else out
+
+    def features(self, spec: FeatureSpec, rows: torch.Tensor, a: int, j: int):
+        """(features [n, F], target expert ids [n, k]) of pair (a, j) at trace rows `rows`."""
+        M = spec.M
+        prev = self.prev[rows]
+        pmask = (prev >= 0).float()
+        xwin = []
+        for i in range(spec.ctx):
+            la = a - i
+            if la >= 0:
+                xwin.append(self.X[rows, la].float())
+            else:
+                xwin.append(self.X[prev.clamp_min(0), M + la].float() * pmask[:, None])
+        xa = self.X[rows, a].float()
+        b = a + j
+        bb = b % M
+        gate = _softmax(xa @ self.routers[bb].T)
+        if b < M:
+            r2, m2, y = prev.clamp_min(0), pmask[:, None], self.ids[rows, b]
+        else:
+            r2, m2, y = rows, None, self.ids[self.next[rows], bb]
+        def t(arr):
+            v = arr[r2, bb].float()
+            return v * m2 if m2 is not None else v
+        f = assemble(spec, xwin, self.P[rows, a], gate, t(self.P), t(self.H), t(self.EMA), t(self.X))
+        return f, y
+
+
+def _loss(scores, y, k):
+    """Listwise cross-entropy: -mean over the k chosen experts of log softmax(scores)."""
+    logp = torch.log_softmax(scores, dim=-1)
+    return -(logp.gather(-1, y).mean(-1)).mean()
+
+
+def _precision(scores, y, k):
+    pred = torch.topk(scores, k, dim=-1).indices
+    hit = (pred.unsqueeze(-1) == y.unsqueeze(-2)).any(-1).float()
+    return hit.mean().item()
+
+
+def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden: int = 128,
+                    target_x: bool = True, ema: float = 0.8, epochs: int = 40, patience: int = 4,
+                    batch: int = 512, lr: float = 2e-3, weight_decay: float = 1e-4, dropout: float = 0.1,
+                    seed: int = 0, max_rows: int | None = None, progress: bool = True, log=print) -> dict:
+    """Train the per-pair MLPs on a trace's training prompts (their last tenth validates for early
+    stopping; the eval prompts are never read). Returns the predictor record (saved to out_path)."""
+    from tqdm import tqdm
+    from .trace import Trace
+    if not isinstance(trace, Trace):
+        trace = Trace(trace)
+    M, E, k, d = trace.M, trace.E, trace.k, trace.d
+    if not 1 <= window <= 3:
+        raise ModelError(f"window {window} must be 1..3")
+    if window > M:
+        raise ModelError(f"window {window} exceeds the model's {M} MoE layers")
+    if ctx < 1:
+        raise ModelError(f"ctx {ctx} must be >= 1")
+    spec = FeatureSpec(M=M, E=E, k=k, d=d, window=window, ctx=ctx, target_x=target_x, ema=ema)
+    train_seqs = trace.seqs("train")
+    if len(train_seqs) < 2:
+        raise ModelError(f"trace {trace.path} has {len(train_seqs)} training prompt(s); training needs at least 2")
+    val_seqs = [s for i, s in enumerate(train_seqs) if i % 10 == 9] or train_seqs[-1:]
+    fit_seqs = [s for s in train_seqs if s not in val_seqs]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    fit = TraceTensors(trace, fit_seqs, spec)
+    val = TraceTensors(trace, val_seqs, spec)
+    fit_rows = fit.valid
+    if max_rows is not None and len(fit_rows) > max_rows:
+        fit_rows = fit_rows[torch.randperm(len(fit_rows), generator=gen)[:max_rows]].sort().values
+    val_rows = val.valid
+    if len(fit_rows) == 0 or len(val_rows) == 0:
+        raise ModelError(f"trace {trace.path} is too small to train on ({len(fit_rows)} + {len(val_rows)} rows)")
+    pairs = spec.pairs()
+    P, F = len(pairs), spec.n_features
+    net = PairMLPs(P, F, hidden, E)
+    # input standardization from (a sample of) the training rows
+    sample = fit_rows[torch.randperm(len(fit_rows), generator=gen)[:20000]]
+    for p, (a, j) in enumerate(pairs):
+        f, _ = fit.features(spec, sample, a, j)
+        net.mu[p, 0] = f.mean(0)
+        net.sd[p, 0] = f.std(0).clamp_min(1e-3)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+
+    def batch_xy(tt, rows):
+        fs, ys = zip(*(tt.features(spec, rows, a, j) for a, j in pairs))
+        return torch.stack(fs), torch.stack(ys)
+
+    @torch.no_grad()
+    def validate():
+        net.eval()
+        loss = torch.zeros(P)
+        hits = torch.zeros(P)
+        n = 0
+        for i in range(0, len(val_rows), 4096):
+            X, Y = batch_xy(val, val_rows[i:i + 4096])
+            S = net(X)
+            logp = torch.log_softmax(S, -1)
+            loss += -(logp.gather(-1, Y).mean(-1)).sum(-1)
+            pred = torch.topk(S, k, -1).indices
+            hits += (pred.unsqueeze(-1) == Y.unsqueeze(-2)).any(-1).float().mean(-1).sum(-1)
+            n += X.shape[1]
+        return loss / n, hits / n
+
+    best_loss, best_acc = validate()
+    best_state = {n_: t.detach().clone() for n_, t in net.state_dict().items()}
+    best_epoch = torch.zeros(P, dtype=torch.long)
+    history, stale, t0 = [], 0, time.perf_counter()
+    n_batches = (len(fit_rows) + batch - 1) // batch
+    bar = tqdm(total=epochs * n_batches, desc="train-predictor", unit="batch", disable=not progress,
+               mininterval=1.0)
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        net.train()
+        perm = fit_rows[torch.randperm(len(fit_rows), generator=gen)]
+        tot = 0.0
+        for i in range(0, len(perm), batch):
+            X, Y = batch_xy(fit, perm[i:i + batch])
+            S = net(X, dropout)
+            logp = torch.log_softmax(S, -1)
+            loss = -(logp.gather(-1, Y).mean(-1)).mean(-1).sum()      # sum over pairs of mean losses
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += loss.item()
+            bar.update(1)
+        vloss, vacc = validate()
+        improved = vloss < best_loss - 1e-4
+        if improved.any():
+            state = net.state_dict()
+            for name in best_state:                       # keep each pair's best epoch
+                best_state[name][improved] = state[name][improved].detach().clone()
+            best_loss = torch.where(improved, vloss, best_loss)
+            best_acc = torch.where(improved, vacc, best_acc)
+            best_epoch[improved] = epoch
+            stale = 0
+        else:
+            stale += 1
+        history.append({"epoch": epoch, "train_loss": round(tot / n_batches / P, 5),
+                        "val_loss": round(vloss.mean().item(), 5), "val_acc": round(vacc.mean().item(), 5)})
+        bar.set_postfix(val_acc=f"{vacc.mean().item():.4f}", best=f"{best_acc.mean().item():.4f}")
+        if stale >= patience:
+            break
+    bar.close()
+    net.load_state_dict(best_state)
+    record = {
+        "format": FORMAT, "version": VERSION, "kind": "mlp", "model": trace.identity,
+        "window": window, "spec": asdict(spec), "hidden": hidden,
+        "state": {n_: t.detach().clone() for n_, t in net.state_dict().items()},
+        "train": {"seed": seed, "epochs_run": epoch, "best_epoch": best_epoch.tolist(), "history": history,
+                  "val_acc": {f"{a}->{a + j}": round(float(x), 5) for (a, j), x in zip(pairs, best_acc)},
+                  "fit_rows": int(len(fit_rows)), "val_rows": int(len(val_rows)),
+                  "fit_prompts": len(fit_seqs), "val_prompts": len(val_seqs),
+                  "trace_rows": trace.N, "seconds": round(time.perf_counter() - t0, 1),
+                  "hyper": {"lr": lr, "batch": batch, "weight_decay": weight_decay, "dropout": dropout,
+                            "patience": patience, "max_epochs": epochs}},
+    }
+    if out_path is not None:
+        save_predictor(record, out_path)
+    return record
+
+
+def save_predictor(record: dict, path) -> Path:
+    """torch.save with float16 weights (float32 standardization), atomically."""
+    import os
+    import tempfile
+    rec = dict(record)
+    rec["state"] = {n: (t.half() if n.startswith(("W", "b")) else t.float()) for n, t in record["state"].items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(rec, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_predictor_file(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"predictor file {path} does not exist")
+    try:
+        rec = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise ModelError(f"predictor file {path} is not a promoe predictor ({type(e).__name__}: {e})") from None
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise ModelError(f"predictor file {path} is not a promoe predictor")
+    if rec.get("version") != VERSION:
+        raise ModelError(f"predictor file {path}: format version {rec.get('version')!r} is not supported "
+                         f"(this promoe reads version {VERSION})")
+    if rec.get("kind") != "mlp":
+        raise ModelError(f"predictor file {path}: kind {rec.get('kind')!r} is not 'mlp'")
+    return rec
+
+
+# ---- runtime ------------------------------------------------------------------------------------
+class MLPPredictor(Predictor):
+    name = "mlp"
+
+    def __init__(self, model, record: dict, lookahead: int | None = None, routers=None):
+        spec = FeatureSpec(**record["spec"])
+        window = spec.window
+        super().__init__(model, min(lookahead or window, window))
+        self.spec, self.record = spec, record
+        ident = record["model"]
+        self.moe = list(ident["moe_layers"])
+        self.n_layers = ident["n_layers"]
+        self.slot = {layer: i for i, layer in enumerate(self.moe)}
+        if routers is None:
+            routers = np.stack([model.tensor_f32(f"blk.{layer}.ffn_gate_inp.weight") for layer in self.moe])
+        self.R = torch.as_tensor(np.asarray(routers), dtype=torch.float32)            # [M, E, d]
+        self.R_all_T = self.R.reshape(-1, spec.d).T.contiguous()                        # [d, M*E]
+        st = record["state"]
+        P = len(spec.pairs())
+        # fold the standardization into the first layer: (x - mu)/sd @ W1 + b1 = x @ W1' + b1'
+        W1, b1 = st["W1"].float(), st["b1"].float()
+        mu, sd = st["mu"].float(), st["sd"].float()
+        self.W1 = (W1 / sd.transpose(1, 2)).contiguous()                                # [P, F, H]
+        self.b1 = (b1 - torch.bmm(mu / sd, W1)).contiguous()                            # [P, 1, H]
+        self.W2, self.b2 = st["W2"].float().contiguous(), st["b2"].float().contiguous()
+        assert self.W1.shape[0] == P
+        self.pair_index = {pair: i for i, pair in enumerate(spec.pairs())}
+        self.calls, self.seconds = 0, 0.0
+        self.reset()
+
+    def reset(self):
+        super().reset()
+        s = self.spec
+        self.prev = {}          # layer slot -> (x [1,d], probs [1,E], hot [1,E]) of the last token seen
+        self.cur = {}           # layer slot -> (x [T,d], probs [T,E], hot [T,E]) of this step
+        self.ema = torch.zeros(s.M, s.E)        # through the previous step's last token
+        self.ema_cur = {}
+
+    def begin_step(self, positions):
+        # what the last step saw becomes "previous"
+        for a, (x, p, h) in self.cur.items():
+            self.prev[a] = (x[-1:], p[-1:], h[-1:])
+            self.ema[a] = self.ema_cur[a][-1]
+        self.cur, self.ema_cur = {}, {}
+        super().begin_step(positions)
+
+    def _set_current(self, a, x, probs, hot):
+        """This step's routing at layer slot a, and the history average through each of its rows."""
+        self.cur[a] = (x, probs, hot)
+        c, acc, rows = self.spec.ema, self.ema[a], []
+        for t in range(hot.shape[0]):
+            acc = c * acc + (1 - c) * hot[t]
+            rows.append(acc)
+        self.ema_cur[a] = torch.stack(rows)
+
+    @torch.inference_mode()
+    def predict(self, layer, x):
+        a = self.slot.get(layer)
+        if a is None:
+            return {}
+        t0 = time.perf_counter()
+        s = self.spec
+        M, E, d = s.M, s.E, s.d
+        x = x.detach().to("cpu", torch.float32)
+        T = x.shape[0]
+        gl = x @ self.R_all_T                                                     # [T, M*E]
+        probs_a = torch.softmax(gl[:, a * E:(a + 1) * E], -1)
+        hot_a = torch.zeros(T, E).scatter_(1, torch.topk(gl[:, a * E:(a + 1) * E], s.k, -1).indices, 1.0)
+        self._set_current(a, x, probs_a, hot_a)
+        zeros_d, zeros_e = torch.zeros(T, d), torch.zeros(T, E)
+        xwin = []
+        for i in range(s.ctx):
+            la = a - i
+            if la >= 0:
+                xwin.append(self.cur[la][0] if la in self.cur else zeros_d)
+            else:
+                pv = self.prev.get(M + la)
+                xwin.append(pv[0].expand(T, d) if pv is not None else zeros_d)
+        feats, targets = [], []
+        for j in range(1, self.lookahead + 1):
+            b = a + j
+            bb = b % M
+            gate = torch.softmax(gl[:, bb * E:(bb + 1) * E], -1)
+            if b < M:
+                pv = self.prev.get(bb)
+                if pv is None:
+                    tp, th, tx, te = zeros_e, zeros_e, zeros_d, zeros_e
+                else:
+                    tp, th, tx = (v.expand(T, -1) for v in (pv[1], pv[2], pv[0]))
+                    te = self.ema[bb].expand(T, E)
+                target = self.moe[b]
+            else:
+                cu = self.cur.get(bb)
+                if cu is None:
+                    tp, th, tx, te = zeros_e, zeros_e, zeros_d, zeros_e
+                else:
+                    tx, tp, th = cu
+                    te = self.ema_cur[bb]
+                target = self.moe[bb] + self.n_layers
+            feats.append(assemble(s, xwin, probs_a, gate, tp, th, te, tx))
+            targets.append(target)
+        X = torch.stack(feats)                                                    # [w, T, F]
+        p0 = self.pair_index[(a, 1)]
+        sl = slice(p0, p0 + len(feats))
+        h = torch.relu(torch.baddbmm(self.b1[sl], X, self.W1[sl]))
+        S = torch.baddbmm(self.b2[sl], h, self.W2[sl])
+        out = {t: S[i] for i, t in enumerate(targets)}
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    @torch.inference_mode()
+    def observe(self, layer, x, chosen, logits=None):
+        a = self.slot.get(layer)
+        if a is None:
+            return
+        if a in self.cur:
+            xs, probs, _ = self.cur[a]
+        else:                                   # predict() was not called for this layer
+            xs = x.detach().to("cpu", torch.float32)
+            probs = torch.softmax(xs @ self.R[a].T, -1)
+        hot = torch.zeros(chosen.shape[0], self.spec.E).scatter_(1, chosen.detach().to("cpu").long(), 1.0)
+        self._set_current(a, xs, probs, hot)
+
+
+def load_mlp_predictor(path, model, lookahead: int | None = None) -> MLPPredictor:
+    rec = read_predictor_file(path)
+    check_identity(rec["model"], model, f"predictor {path}")
+    return MLPPredictor(model, rec, lookahead)
+
+
+def record_digest(record: dict) -> str:
+    h = hashlib.sha256()
+    for n in sorted(record["state"]):
+        h.update(n.encode())
+        h.update(record["state"][n].detach().float().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,176 @@
+"""The expert cache runtime on CPU (emulated link): results, budgets, failures, stress.
+
+The oracle for every result here is the all-resident run of the same engine: the cache must not
+change a single bit of the logits, whatever the policy, budget, predictor, link speed or failure.
+"""
+import gc
+import logging
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from promoe_gguf import Engine, ModelError
+from promoe_gguf.predict.base import Predictor
+from promoe_gguf.predict.oracle import RoutingRecorder
+from promoe_gguf.runtime.cache import ExpertCache, Policy, Slot
+
+TOKENS = np.random.default_rng(7).integers(0, 256, 40).tolist()
+
+
+@pytest.fixture(scope="module")
+def model_path(test_models):
+    return test_models[("qwen2moe", "Q4_K_M", "default")]
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """All-resident logits (prefill) and greedy continuation (decode through the KV cache)."""
+    eng = Engine(model_path, n_ctx=128, n_batch=16)
+    rec = RoutingRecorder()
+    eng.experts.observers.append(rec)
+    logits = eng.logits(TOKENS)
+    gen = list(eng.generate(TOKENS[:12], max_tokens=12, temperature=0))
+    return logits, gen, rec.routes
+
+
+def _run(model_path, **kw):
+    eng = Engine(model_path, n_ctx=128, n_batch=16, **kw)
+    try:
+        logits = eng.logits(TOKENS)
+        gen = list(eng.generate(TOKENS[:12], max_tokens=12, temperature=0))
+        return logits, gen, eng.stats, eng
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "static", "promoe"])
+@pytest.mark.parametrize("predictor", ["none", "gate", "oracle"])
+def test_bitwise_identical_whatever_the_cache(model_path, reference, policy, predictor):
+    ref_logits, ref_gen, routes = reference
+    for rate, link in ((0.25, "200MB/s"), (0.5, None), (1.0, "1GB/s,50us")):
+        logits, gen, stats, _ = _run(model_path, cache_rate=rate, policy=policy, predictor=predictor, link=link,
+                                     routes=routes if predictor == "oracle" else None)
+        assert np.array_equal(logits, ref_logits), (policy, predictor, rate)
+        assert gen == ref_gen, (policy, predictor, rate)
+        assert stats["hits"] + stats["misses"] > 0 and stats["bytes_h2d"] > 0
+
+
+def test_oracle_prefetch_is_useful_and_cuts_misses(model_path, reference):
+    *_, routes = reference
+    base = _run(model_path, cache_rate=0.5, policy="promoe", predictor="none", link="500MB/s")[2]
+    orac = _run(model_path, cache_rate=0.5, policy="promoe", predictor="oracle", link="500MB/s", routes=routes)[2]
+    assert orac["prefetch_useful"] > 0
+    assert orac["misses"] < base["misses"]
+
+
+def test_budget_never_exceeded_and_too_small_refused(model_path):
+    from promoe_gguf.runtime.host_store import HostStore
+    from promoe_gguf import open_model
+    store = HostStore(open_model(model_path))
+    budget = 5 * store.slot_bytes + store.slot_bytes // 2
+    eng = Engine(model_path, n_ctx=128, cache_mem=budget)
+    try:
+        assert eng.source.cache.capacity_bytes <= budget
+        eng.logits(TOKENS[:20])
+        assert len(eng.source.cache.where) <= 5
+    finally:
+        eng.close()
+    k = eng.config.n_experts_used
+    with pytest.raises(ModelError, match=f"top-{k} working set"):
+        Engine(model_path, cache_mem=(k - 1) * store.slot_bytes + 1)
+    with pytest.raises(ModelError, match="cache rate"):
+        Engine(model_path, cache_rate=1.5)
+
+
+def test_pinned_and_needed_slots_are_never_victims():
+    cache = ExpertCache(3, 16, "cpu", Policy())
+    for i, key in enumerate([(0, 0), (0, 1), (0, 2)]):
+        s = cache.allocate(key, lambda s: None)
+        s.state, s.last_use = "ready", i
+    cache.where[(0, 0)].pins = 1                  # being read by a kernel
+    cache.needed = {(0, 1)}                       # the current layer still needs it
+    victim = cache.allocate((1, 0), lambda s: None)
+    assert victim.index == 2                      # the only evictable one, though not the oldest
+    victim.state = "ready"
+    cache.needed = {(0, 1), (1, 0)}
+    assert cache.allocate((1, 1), lambda s: None) is None
+
+
+class WrongPredictor(Predictor):
+    """Always predicts the experts that will NOT be used... as far as it can tell: random."""
+    name = "wrong"
+
+    def predict(self, layer, x):
+        E = self.model.config.n_experts
+        return {layer + 1: torch.rand(x.shape[0], E)}
+
+
+class SlowPredictor(WrongPredictor):
+    name = "slow"
+
+    def predict(self, layer, x):
+        time.sleep(0.02)
+        return super().predict(layer, x)
+
+
+class BrokenPredictor(Predictor):
+    name = "broken"
+
+    def predict(self, layer, x):
+        raise ValueError("predictor exploded")
+
+
+@pytest.mark.parametrize("cls", [WrongPredictor, SlowPredictor, BrokenPredictor])
+def test_bad_predictors_degrade_to_reactive(model_path, reference, cls, caplog):
+    from promoe_gguf import open_model
+    pred = cls(open_model(model_path))
+    with caplog.at_level(logging.WARNING, logger="promoe.runtime"):
+        logits, gen, stats, _ = _run(model_path, cache_rate=0.25, policy="promoe", predictor=pred, link="300MB/s")
+    assert np.array_equal(logits, reference[0]) and gen == reference[1]
+    if cls is BrokenPredictor:
+        assert stats["predictor_errors"] == 1
+        assert "predictor broken failed" in caplog.text
+
+
+def test_dead_copy_thread_degrades_to_reactive(model_path, reference, caplog):
+    calls = {"n": 0}
+
+    def fault():
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise OSError("DMA engine on fire")
+    with caplog.at_level(logging.WARNING, logger="promoe.runtime"):
+        logits, gen, stats, eng = _run(model_path, cache_rate=0.25, policy="lru", fault=fault)
+    assert np.array_equal(logits, reference[0]) and gen == reference[1]
+    assert not eng.source.transfer.alive
+    assert "copy thread died" in caplog.text and "reactively" in caplog.text
+
+
+def test_stress_many_decode_steps_random_delays(model_path):
+    """Thousands of decode steps, tiny cache, jittery link: no deadlock, no leak, same tokens."""
+    n_seq, n_steps = 4, 450                       # 1800 decode steps (the test models' context is 512)
+    threads_before = threading.active_count()
+    ref = Engine(model_path, n_ctx=n_steps + 8)
+    eng = Engine(model_path, n_ctx=n_steps + 8, cache_rate=0.25, policy="promoe", predictor="gate",
+                 link="2GB/s,5us,jitter=200us")
+    try:
+        for seq in range(n_seq):
+            prompt = [1 + seq, 2, 3]
+            want = list(ref.generate(prompt, max_tokens=n_steps, temperature=0.9, seed=seq, ignore_eos=True))
+            got = list(eng.generate(prompt, max_tokens=n_steps, temperature=0.9, seed=seq, ignore_eos=True))
+            assert got == want, seq
+            cache = eng.source.cache
+            assert len(cache.where) <= len(cache.slots)
+            assert all(s.pins == 0 for s in cache.slots)
+            assert eng.source.prefetcher.q.qsize() <= 70
+            if seq == 0:
+                threads_mid = threading.active_count()
+        assert threading.active_count() == threads_mid
+    finally:
+        eng.close()
+    gc.collect()
+    assert threading.active_count() <= threads_before
