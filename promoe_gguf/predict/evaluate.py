@@ -2,7 +2,7 @@
 
 Replay. Every held-out sequence is fed token by token through the Predictor interface exactly as the
 runtime drives it in decode: reset(); per token begin_step([pos]); per MoE layer a: predict(a, x)
-then observe(a, x, chosen, logits). x is the traced router input. A prediction made at MoE layer a for
+then observe(a, x, chosen). x is the traced router input. A prediction made at MoE layer a for
 target b = a + j (b >= M: MoE layer b - M of the next token) is at lookahead distance j.
 
 Metrics, per predictor and distance j, micro-averaged over (token, source layer) instances whose
@@ -126,7 +126,6 @@ def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | No
         if hasattr(predictor, "set_sequence"):
             predictor.set_sequence(trace, seq_rows)
         X = torch.from_numpy(np.asarray(trace.x[seq_rows[0]:seq_rows[-1] + 1]).astype(np.float32))
-        LG = torch.from_numpy(np.asarray(trace.logits[seq_rows[0]:seq_rows[-1] + 1]))
         IDS = torch.from_numpy(np.asarray(trace.ids[seq_rows[0]:seq_rows[-1] + 1]).astype(np.int64))
         POS = np.asarray(trace.pos[seq_rows[0]:seq_rows[-1] + 1])
         for r in range(len(seq_rows)):
@@ -136,7 +135,7 @@ def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | No
             for a, layer in enumerate(moe):
                 x = X[r, a][None]
                 outs.append(predictor.predict(layer, x))
-                predictor.observe(layer, x, IDS[r, a][None], logits=LG[r, a][None])
+                predictor.observe(layer, x, IDS[r, a][None])
             rp.seconds += time.perf_counter() - t0
             rp.steps += 1
             for a, out in enumerate(outs):
@@ -251,7 +250,10 @@ def build_predictor(spec: str, model, trace, lookahead: int):
 
 def evaluate(model_path, trace_path, predictors: list[str], lookahead: int = 3, link="25GB/s",
              layer_time: float | None = None, topk: int | None = None, max_rows: int | None = None,
-             split: str = "eval", progress: bool = True) -> dict:
+             split: str = "eval", progress: bool = True, pred_latency: float | None = None) -> dict:
+    """Replay `predictors` over the trace's `split` prompts; returns {"rows", "pairs", "setup", "cost"}.
+    `pred_latency` (seconds per predict call, the delay before a prediction can be queued): default
+    the measured mean of each predictor's calls during the replay."""
     from tqdm import tqdm
     from ..format import open_model
     from .trace import Trace
@@ -288,7 +290,7 @@ def evaluate(model_path, trace_path, predictors: list[str], lookahead: int = 3, 
                 T_ids, V = truth(trace, rows, lookahead)
             name = spec
             cost[name] = {"ms_per_step": 1e3 * rp.seconds / max(1, rp.steps), "steps": rp.steps}
-            lat = (rp.seconds / max(1, rp.steps)) / trace.M
+            lat = (rp.seconds / max(1, rp.steps)) / trace.M if pred_latency is None else pred_latency
             for j in range(1, lookahead + 1):
                 sel = V[:, :, j - 1]
                 P = rp.pred[:, :, j - 1][sel]

@@ -168,6 +168,11 @@ class TraceTensors:
         return f, y
 
 
+def pair_label(moe_layers, a, j) -> str:
+    b, M = a + j, len(moe_layers)
+    return f"L{moe_layers[a]}->" + (f"L{moe_layers[b]}" if b < M else f"next L{moe_layers[b - M]}")
+
+
 def _loss(scores, y, k):
     """Listwise cross-entropy: -mean over the k chosen experts of log softmax(scores)."""
     logp = torch.log_softmax(scores, dim=-1)
@@ -290,7 +295,7 @@ def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden:
         "window": window, "spec": asdict(spec), "hidden": hidden,
         "state": {n_: t.detach().clone() for n_, t in net.state_dict().items()},
         "train": {"seed": seed, "epochs_run": epoch, "best_epoch": best_epoch.tolist(), "history": history,
-                  "val_acc": {f"{a}->{a + j}": round(float(x), 5) for (a, j), x in zip(pairs, best_acc)},
+                  "val_acc": {pair_label(trace.moe_layers, a, j): round(float(x), 5) for (a, j), x in zip(pairs, best_acc)},
                   "fit_rows": int(len(fit_rows)), "val_rows": int(len(val_rows)),
                   "fit_prompts": len(fit_seqs), "val_prompts": len(val_seqs),
                   "trace_rows": trace.N, "seconds": round(time.perf_counter() - t0, 1),
@@ -313,6 +318,7 @@ def save_predictor(record: dict, path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save(rec, tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
@@ -337,127 +343,147 @@ def read_predictor_file(path) -> dict:
 
 # ---- runtime ------------------------------------------------------------------------------------
 class MLPPredictor(Predictor):
+    """The runtime side, in numpy (a decode step's calls are tiny: framework overhead dominates).
+
+    The first layer is split by feature block: the block every target of a source shares (the
+    router-input window and the current routing) is multiplied once for all its targets."""
     name = "mlp"
 
     def __init__(self, model, record: dict, lookahead: int | None = None, routers=None):
         spec = FeatureSpec(**record["spec"])
-        window = spec.window
-        super().__init__(model, min(lookahead or window, window))
+        super().__init__(model, min(lookahead or spec.window, spec.window))
         self.spec, self.record = spec, record
         ident = record["model"]
         self.moe = list(ident["moe_layers"])
         self.n_layers = ident["n_layers"]
         self.slot = {layer: i for i, layer in enumerate(self.moe)}
+        M, E, d, H = spec.M, spec.E, spec.d, record["hidden"]
         if routers is None:
             routers = np.stack([model.tensor_f32(f"blk.{layer}.ffn_gate_inp.weight") for layer in self.moe])
-        self.R = torch.as_tensor(np.asarray(routers), dtype=torch.float32)            # [M, E, d]
-        self.R_all_T = self.R.reshape(-1, spec.d).T.contiguous()                        # [d, M*E]
-        st = record["state"]
-        P = len(spec.pairs())
-        # fold the standardization into the first layer: (x - mu)/sd @ W1 + b1 = x @ W1' + b1'
-        W1, b1 = st["W1"].float(), st["b1"].float()
-        mu, sd = st["mu"].float(), st["sd"].float()
-        self.W1 = (W1 / sd.transpose(1, 2)).contiguous()                                # [P, F, H]
-        self.b1 = (b1 - torch.bmm(mu / sd, W1)).contiguous()                            # [P, 1, H]
-        self.W2, self.b2 = st["W2"].float().contiguous(), st["b2"].float().contiguous()
-        assert self.W1.shape[0] == P
+        R = np.asarray(routers, np.float32)                                            # [M, E, d]
+        self.R_all_T = np.ascontiguousarray(R.reshape(-1, d).T)                         # [d, M*E]
+        st = {n: t.float().numpy() for n, t in record["state"].items()}
+        # fold the standardization into the first layer: (f - mu)/sd @ W1 + b1 = f @ W1' + b1'
+        W1 = st["W1"] / np.swapaxes(st["sd"], 1, 2)                                     # [P, F, H]
+        b1 = st["b1"] - np.matmul(st["mu"] / st["sd"], st["W1"])                        # [P, 1, H]
+        S = spec.ctx * d + E                                                            # shared block
         self.pair_index = {pair: i for i, pair in enumerate(spec.pairs())}
+        w = self.lookahead
+        self.Ws = [np.ascontiguousarray(np.concatenate(
+            [W1[self.pair_index[(a, j)], :S] for j in range(1, w + 1)], axis=1)) for a in range(M)]   # [S, w*H]
+        self.Wt = [np.ascontiguousarray(W1[p, S:]) for p in range(len(W1))]                # [F-S, H]
+        self.b1 = [b1[p, 0] for p in range(len(W1))]
+        self.W2 = [np.ascontiguousarray(st["W2"][p]) for p in range(len(W1))]
+        self.b2 = [st["b2"][p, 0] for p in range(len(W1))]
+        self.S, self.H, self.eye = S, H, np.eye(E, dtype=np.float32)
         self.calls, self.seconds = 0, 0.0
         self.reset()
 
     def reset(self):
         super().reset()
         s = self.spec
-        self.prev = {}          # layer slot -> (x [1,d], probs [1,E], hot [1,E]) of the last token seen
-        self.cur = {}           # layer slot -> (x [T,d], probs [T,E], hot [T,E]) of this step
-        self.ema = torch.zeros(s.M, s.E)        # through the previous step's last token
-        self.ema_cur = {}
+        self.prev = {}           # slot -> (x [d], probs [E], hot [E]) of the last token seen
+        self.cur = {}            # slot -> (x [T,d], probs [T,E], hot [T,E]) of this step
+        self.ema = np.zeros((s.M, s.E), np.float32)      # through the previous step's last token
+        self.ema_cur = {}        # slot -> [T, E] through each row of this step
 
     def begin_step(self, positions):
-        # what the last step saw becomes "previous"
         for a, (x, p, h) in self.cur.items():
-            self.prev[a] = (x[-1:], p[-1:], h[-1:])
+            self.prev[a] = (x[-1], p[-1], h[-1])
             self.ema[a] = self.ema_cur[a][-1]
         self.cur, self.ema_cur = {}, {}
         super().begin_step(positions)
 
     def _set_current(self, a, x, probs, hot):
-        """This step's routing at layer slot a, and the history average through each of its rows."""
         self.cur[a] = (x, probs, hot)
-        c, acc, rows = self.spec.ema, self.ema[a], []
+        c = self.spec.ema
+        if hot.shape[0] == 1:
+            self.ema_cur[a] = c * self.ema[a] + (1 - c) * hot
+            return
+        out, acc = np.empty_like(hot), self.ema[a]
         for t in range(hot.shape[0]):
             acc = c * acc + (1 - c) * hot[t]
-            rows.append(acc)
-        self.ema_cur[a] = torch.stack(rows)
+            out[t] = acc
+        self.ema_cur[a] = out
 
-    @torch.inference_mode()
+    @staticmethod
+    def _softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(-1, keepdims=True)
+        return z
+
     def predict(self, layer, x):
         a = self.slot.get(layer)
         if a is None:
             return {}
         t0 = time.perf_counter()
         s = self.spec
-        M, E, d = s.M, s.E, s.d
-        x = x.detach().to("cpu", torch.float32)
-        T = x.shape[0]
-        gl = x @ self.R_all_T                                                     # [T, M*E]
-        probs_a = torch.softmax(gl[:, a * E:(a + 1) * E], -1)
-        hot_a = torch.zeros(T, E).scatter_(1, torch.topk(gl[:, a * E:(a + 1) * E], s.k, -1).indices, 1.0)
-        self._set_current(a, x, probs_a, hot_a)
-        zeros_d, zeros_e = torch.zeros(T, d), torch.zeros(T, E)
-        xwin = []
+        M, E, d, H = s.M, s.E, s.d, self.H
+        xn = x.detach().to("cpu", torch.float32).numpy()
+        T = xn.shape[0]
+        gl = xn @ self.R_all_T                                                    # [T, M*E]
+        la = gl[:, a * E:(a + 1) * E]
+        probs_a = self._softmax(la.copy())
+        top = np.argpartition(-la, s.k - 1, axis=1)[:, :s.k]
+        hot_a = np.zeros((T, E), np.float32)
+        np.put_along_axis(hot_a, top, 1.0, axis=1)
+        self._set_current(a, xn, probs_a, hot_a)
+        shared = np.empty((T, self.S), np.float32)
         for i in range(s.ctx):
-            la = a - i
-            if la >= 0:
-                xwin.append(self.cur[la][0] if la in self.cur else zeros_d)
+            lay = a - i
+            seg = shared[:, i * d:(i + 1) * d]
+            if lay >= 0:
+                seg[:] = self.cur[lay][0] if lay in self.cur else 0.0
             else:
-                pv = self.prev.get(M + la)
-                xwin.append(pv[0].expand(T, d) if pv is not None else zeros_d)
-        feats, targets = [], []
-        for j in range(1, self.lookahead + 1):
+                pv = self.prev.get(M + lay)
+                seg[:] = pv[0] if pv is not None else 0.0
+        shared[:, s.ctx * d:] = probs_a
+        w = self.lookahead
+        hs = shared @ self.Ws[a]                                                  # [T, w*H]
+        tf = np.empty((T, self.Wt[0].shape[0]), np.float32)
+        out = {}
+        for j in range(1, w + 1):
             b = a + j
             bb = b % M
-            gate = torch.softmax(gl[:, bb * E:(bb + 1) * E], -1)
+            tf[:, :E] = self._softmax(gl[:, bb * E:(bb + 1) * E].copy())
             if b < M:
                 pv = self.prev.get(bb)
                 if pv is None:
-                    tp, th, tx, te = zeros_e, zeros_e, zeros_d, zeros_e
+                    tf[:, E:] = 0.0
                 else:
-                    tp, th, tx = (v.expand(T, -1) for v in (pv[1], pv[2], pv[0]))
-                    te = self.ema[bb].expand(T, E)
+                    tf[:, E:2 * E], tf[:, 2 * E:3 * E], tf[:, 3 * E:4 * E] = pv[1], pv[2], self.ema[bb]
+                    if s.target_x:
+                        tf[:, 4 * E:] = pv[0]
                 target = self.moe[b]
             else:
                 cu = self.cur.get(bb)
                 if cu is None:
-                    tp, th, tx, te = zeros_e, zeros_e, zeros_d, zeros_e
+                    tf[:, E:] = 0.0
                 else:
-                    tx, tp, th = cu
-                    te = self.ema_cur[bb]
+                    tf[:, E:2 * E], tf[:, 2 * E:3 * E], tf[:, 3 * E:4 * E] = cu[1], cu[2], self.ema_cur[bb]
+                    if s.target_x:
+                        tf[:, 4 * E:] = cu[0]
                 target = self.moe[bb] + self.n_layers
-            feats.append(assemble(s, xwin, probs_a, gate, tp, th, te, tx))
-            targets.append(target)
-        X = torch.stack(feats)                                                    # [w, T, F]
-        p0 = self.pair_index[(a, 1)]
-        sl = slice(p0, p0 + len(feats))
-        h = torch.relu(torch.baddbmm(self.b1[sl], X, self.W1[sl]))
-        S = torch.baddbmm(self.b2[sl], h, self.W2[sl])
-        out = {t: S[i] for i, t in enumerate(targets)}
+            p = self.pair_index[(a, j)]
+            h = hs[:, (j - 1) * H:j * H] + tf @ self.Wt[p] + self.b1[p]
+            np.maximum(h, 0.0, out=h)
+            out[target] = torch.from_numpy(h @ self.W2[p] + self.b2[p])
         self.calls += 1
         self.seconds += time.perf_counter() - t0
         return out
 
-    @torch.inference_mode()
     def observe(self, layer, x, chosen, logits=None):
         a = self.slot.get(layer)
         if a is None:
             return
         if a in self.cur:
-            xs, probs, _ = self.cur[a]
+            xn, probs, _ = self.cur[a]
         else:                                   # predict() was not called for this layer
-            xs = x.detach().to("cpu", torch.float32)
-            probs = torch.softmax(xs @ self.R[a].T, -1)
-        hot = torch.zeros(chosen.shape[0], self.spec.E).scatter_(1, chosen.detach().to("cpu").long(), 1.0)
-        self._set_current(a, xs, probs, hot)
+            xn = x.detach().to("cpu", torch.float32).numpy()
+            probs = self._softmax(xn @ self.R_all_T[:, a * self.spec.E:(a + 1) * self.spec.E])
+        hot = self.eye[chosen.detach().to("cpu").numpy()].sum(1)
+        self._set_current(a, xn, probs, hot)
 
 
 def load_mlp_predictor(path, model, lookahead: int | None = None) -> MLPPredictor:
