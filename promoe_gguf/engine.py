@@ -35,12 +35,16 @@ class Engine:
 
     `n_ctx`: KV cache length (default: the model's training context, at most 4096).
     `n_batch`: prefill chunk size in tokens. `link`: emulated host-to-device link on CPU
-    (see runtime.link). Expert caching options are passed to the runtime's source.
+    (see runtime.link). `n_threads`: torch's CPU threads (process-wide; small models decode
+    fastest with 1, since per-op threading overhead dominates). Expert caching options are passed
+    to the runtime's source.
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
-                 predictor="none", n_ctx=None, n_batch=64, link=None, **runtime_options):
+                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, **runtime_options):
         from . import DEFAULT_MODEL
+        if n_threads:
+            torch.set_num_threads(int(n_threads))
         from .runtime import make_source
         self.model_path = str(model_path or DEFAULT_MODEL)
         self.model = open_model(self.model_path)

@@ -4,11 +4,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 import make_test_model  # noqa: E402
+
+# Test models are tiny: per-op threading overhead dwarfs the work, and 2 threads on a loaded 2-core
+# machine slow small ops down by 10-100x.
+torch.set_num_threads(1)
 
 
 def test_models_dir() -> str:

@@ -23,6 +23,8 @@ def add_cache_flags(p) -> None:
                         "takes 10x one layer's decode compute)")
     p.add_argument("--n-ctx", type=int, default=None, help="context length (KV cache size)")
     p.add_argument("--n-batch", type=int, default=64, help="prefill chunk size")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the tiny default model decodes fastest on one)")
 
 
 def parse_mem(text):
@@ -40,7 +42,8 @@ def engine_from_args(args, model=None):
     from ..engine import Engine
     return Engine(model if model is not None else args.model, device=args.device, cache_rate=args.cache_rate,
                   cache_mem=parse_mem(args.cache_mem), policy=args.policy, predictor=args.predictor,
-                  link=args.link, n_ctx=args.n_ctx, n_batch=args.n_batch)
+                  link=args.link, n_ctx=args.n_ctx, n_batch=args.n_batch,
+                  n_threads=args.threads)
 
 
 def run(args) -> int:
