@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the CUDA kernels: scripts/gpu_check.sh OUT_DIR
+#
+# For a machine with an NVIDIA GPU, CUDA 13, PyTorch (cu130), cupy-cuda13x and Python 3.12, without
+# network access; takes <= 8 minutes. Python packages missing there (gguf, ...) come as wheel files
+# in .whl/ next to this checkout. The repo's .venv is not used: set PYTHON to choose an interpreter.
+#   1. records the GPU name, driver and date (nvidia-smi)            -> OUT_DIR/env.txt
+#   2. checks that PyTorch sees a CUDA device and CuPy imports        -> OUT_DIR/preflight.txt
+#   3. python3 -m pytest -m gpu -q                                    -> OUT_DIR/pytest.txt
+#   4. scripts/gpu_bench.py: bandwidths, matvec GB/s, uploads         -> OUT_DIR/bench.{json,md}
+# Exit status: 0 all passed; 2 usage or setup error; 3 no CUDA device / CuPy; 1 tests or bench failed.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1" || exit 2
+OUT="$(cd "$1" && pwd)"
+cd "$(dirname "$0")/.." || exit 2
+REPO="$(pwd)"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+        || { echo "ERROR: installing the wheels in .whl/ failed" >&2; exit 2; }
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# 1. environment
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "python: $("$PY" --version 2>&1)"
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+        nvidia-smi
+    else
+        echo "nvidia-smi: not found"
+    fi
+} > "$OUT/env.txt" 2>&1
+head -n 5 "$OUT/env.txt"
+
+# 2. the first GPU call: stop here, clearly, without a usable device
+"$PY" - > "$OUT/preflight.txt" 2>&1 <<'PYEOF'
+import sys
+try:
+    import torch
+except ImportError:
+    sys.exit("ERROR: PyTorch is not installed, so no CUDA device can be used")
+if not torch.cuda.is_available():
+    sys.exit(f"ERROR: no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {torch.version.cuda})")
+try:
+    import cupy
+except ImportError:
+    sys.exit("ERROR: CuPy is not installed (cupy-cuda13x for CUDA 13, cupy-cuda12x for CUDA 12)")
+import gguf  # noqa: F401  (the kernels' Python side needs it)
+print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+      f"cupy {cupy.__version__}; CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}")
+PYEOF
+rc=$?
+cat "$OUT/preflight.txt"
+if [ $rc -ne 0 ]; then
+    echo "gpu_check: stopped before the tests: no usable CUDA device (see $OUT/preflight.txt)" >&2
+    exit 3
+fi
+
+# 3. GPU tests (kernels compile on first use; CuPy caches them for the benchmark)
+timeout 330 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors 2>&1 | tee "$OUT/pytest.txt"
+test_rc=${PIPESTATUS[0]}
+[ "$test_rc" -eq 5 ] && test_rc=0        # no gpu tests collected is not a failure of this check
+
+# 4. benchmark
+timeout 150 "$PY" scripts/gpu_bench.py "$OUT" 2>&1 | tee "$OUT/bench.txt"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: pytest exit $test_rc, bench exit $bench_rc; results in $OUT"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && exit 0
+exit 1
