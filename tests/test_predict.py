@@ -10,7 +10,7 @@ from promoe_gguf import ModelError, open_model
 from promoe_gguf.predict import make_predictor
 from promoe_gguf.predict.evaluate import (REQUIRED_KEYS, evaluate, fetch_timeline, parse_link, set_metrics,
                                           truth)
-from promoe_gguf.predict.mlp import (FeatureSpec, MLPPredictor, PairMLPs, TraceTensors, load_mlp_predictor,
+from promoe_gguf.predict.mlp import (FeatureSpec, MLPPredictor, PredictorNet, TraceTensors, load_mlp_predictor,
                                      read_predictor_file, record_digest, train_predictor)
 from promoe_gguf.tokenizer import Tokenizer
 from promoe_gguf.predict.trace import Trace, TraceWriter, default_split, load_prompts, trace_prompts
@@ -201,25 +201,27 @@ def test_predictor_file_and_identity(traced, models, tmp_path):
     assert rec["train"]["fit_rows"] > 0
 
 
-def test_runtime_features_match_training(traced, models):
+@pytest.mark.parametrize("rank", [8, 0])
+def test_runtime_features_match_training(traced, models, rank):
     """The runtime predictor, driven through the interface token by token, computes the same scores as
     the training-time feature gather + network on the same trace rows."""
     tr, _ = traced
-    rec = _train(tr, window=2, ctx=3)
+    rec = _train(tr, window=2, ctx=3, rank=rank, epochs=1)
     model = open_model(models["a"])
     spec = FeatureSpec(**rec["spec"])
-    net = PairMLPs(len(spec.pairs()), spec.n_features, rec["hidden"], spec.E)
-    # the runtime loads float16-rounded weights from a file; use the same rounding here
-    net.load_state_dict({n: (t.half().float() if n.startswith(("W", "b")) else t) for n, t in rec["state"].items()})
+    net = PredictorNet(spec, rec["hidden"])
+    # the runtime reads float16-rounded weights from the file: round the same way here
+    stored = {n: (t.half() if n in ("U", "W1", "b1", "W2", "b2") else t) for n, t in rec["state"].items()}
+    net.load_state_dict({n: t.float() for n, t in stored.items()})
     net.eval()
-    rec_file = {**rec, "state": {n: (t.half() if n.startswith(("W", "b")) else t) for n, t in rec["state"].items()}}
-    p = MLPPredictor(model, rec_file, lookahead=2)
+    p = MLPPredictor(model, {**rec, "state": stored}, lookahead=2)
     seqs = tr.seqs("train")[:2]
     tt = TraceTensors(tr, seqs, spec)
-    rows = torch.arange(tt.n)
-    moe = tr.moe_layers
-    checked = 0
-    base = 0
+    with torch.no_grad():
+        feats, _ = tt.batch(net, torch.arange(tt.n))
+        want_all = net(feats)                                           # [P, n, E]
+    moe, M = tr.moe_layers, len(tr.moe_layers)
+    checked, base = 0, 0
     for s in seqs:
         n = s["n_prompt"] + s["n_decode"]
         p.reset()
@@ -232,14 +234,9 @@ def test_runtime_features_match_training(traced, models):
                 p.observe(layer, x, torch.from_numpy(np.asarray(tr.ids[g, a]).astype(np.int64))[None])
                 for j in (1, 2):
                     b = a + j
-                    target = moe[b] if b < len(moe) else moe[b - len(moe)] + tr.n_layers
-                    if b >= len(moe) and r == n - 1:
-                        continue
-                    f, _ = tt.features(spec, rows[base + r:base + r + 1], a, j)
-                    pi = spec.pairs().index((a, j))
-                    with torch.no_grad():
-                        want = net(f[None].expand(len(spec.pairs()), -1, -1))[pi]
-                    torch.testing.assert_close(out[target].float(), want, rtol=1e-3, atol=1e-3)
+                    target = moe[b] if b < M else moe[b - M] + tr.n_layers
+                    want = want_all[spec.pairs().index((a, j)), base + r]
+                    torch.testing.assert_close(out[target][0].float(), want, rtol=1e-3, atol=1e-3)
                     checked += 1
         base += n
     assert checked > 100

@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     if args.model:
         from ..format import open_model
         trace.check_model(open_model(_model(args.model)))
-    rec = train_predictor(trace, args.out, window=args.window, ctx=args.ctx, hidden=args.hidden,
+    rec = train_predictor(trace, args.out, window=args.window, ctx=args.ctx, hidden=args.hidden, rank=args.rank,
                           target_x=not args.no_target_x, ema=args.ema, epochs=args.epochs, patience=args.patience,
                           batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
                           seed=args.seed, max_rows=args.max_rows, progress=not args.quiet)
@@ -112,14 +112,15 @@ def add_parsers(sub) -> None:
     s.add_argument("--window", type=int, default=3, help="predict the next 1..3 MoE layers (default 3)")
     s.add_argument("--ctx", type=int, default=3, help="router inputs of this many layers as features (default 3)")
     s.add_argument("--hidden", type=int, default=128, help="MLP hidden width")
+    s.add_argument("--rank", type=int, default=64, help="router-input encoder width (0: no encoder)")
     s.add_argument("--no-target-x", action="store_true", help="without the latest router input at the target layer")
     s.add_argument("--ema", type=float, default=0.8, help="decay of the routing-history average")
-    s.add_argument("--epochs", type=int, default=40, help="at most this many epochs")
-    s.add_argument("--patience", type=int, default=4, help="early stopping: epochs without improvement")
+    s.add_argument("--epochs", type=int, default=30, help="at most this many epochs")
+    s.add_argument("--patience", type=int, default=3, help="early stopping: epochs without improvement")
     s.add_argument("--batch", type=int, default=512)
     s.add_argument("--lr", type=float, default=2e-3)
-    s.add_argument("--weight-decay", type=float, default=1e-4)
-    s.add_argument("--dropout", type=float, default=0.1)
+    s.add_argument("--weight-decay", type=float, default=1e-5)
+    s.add_argument("--dropout", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-rows", type=int, default=None, help="train on a random subset of this many tokens")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -14,18 +14,24 @@ Features of one (token p, source a, target b), all known when layer a's router i
            (+ its router input when `target_x`)
   history  an exponential moving average (decay `ema`) of the chosen multi-hot at the target layer
            over the sequence's tokens up to that latest one
-Model per pair: standardize -> Linear(F, hidden) -> ReLU -> Linear(hidden, E); trained with a listwise
-cross-entropy (softmax over experts against the k chosen ones, 1/k each), Adam, early stopping on a
-validation tenth of the training prompts. All pairs train in one loop as batched matmuls.
+Router inputs enter through a linear encoder per layer, z = standardize(x) @ U_l (d -> `rank`; rank 0:
+the standardized x itself), shared by every pair that reads that layer: it is computed once per token
+and layer, which keeps the predictor small and cheap. Model per pair: Linear(F, hidden) -> ReLU ->
+Linear(hidden, E). Training: a listwise cross-entropy (softmax over experts against the k chosen, 1/k
+each), Adam, all pairs in one loop as batched matmuls, early stopping on a validation tenth of the
+training prompts (the eval prompts are never read).
 
-Runtime: `MLPPredictor` keeps the previous token's routing per layer and the history average; in a
-prefill chunk of T > 1 tokens every row uses the state before the chunk (the rows' own previous
-tokens are computed in the same step), which only matters for prefill prefetching.
+Runtime: `MLPPredictor` (numpy: a decode step's calls are tiny) keeps the previous token's encoded
+router inputs and routing per layer and the history average; in a prefill chunk of T > 1 tokens every
+row uses the state before the chunk (the rows' own previous tokens are computed in the same step),
+which only matters for prefill prefetching.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +41,7 @@ import torch
 
 from ..errors import ModelError
 from .base import Predictor
-from .identity import check_identity, model_identity
+from .identity import check_identity
 
 FORMAT, VERSION = "promoe-predictor", 1
 
@@ -50,122 +56,23 @@ class FeatureSpec:
     ctx: int = 3              # router inputs of this many layers (sliding back across the token edge)
     target_x: bool = True     # the latest router input at the target layer as a feature
     ema: float = 0.8          # decay of the per-layer routing history average
+    rank: int = 64            # encoder width (0: no encoder, the standardized router input itself)
+
+    @property
+    def r(self) -> int:
+        return self.rank or self.d
+
+    @property
+    def n_shared(self) -> int:
+        """Features every target of a source shares: the window of encoded inputs, the current routing."""
+        return self.ctx * self.r + self.E
 
     @property
     def n_features(self) -> int:
-        return self.ctx * self.d + 5 * self.E + (self.d if self.target_x else 0)
+        return self.n_shared + 4 * self.E + (self.r if self.target_x else 0)
 
     def pairs(self) -> list[tuple[int, int]]:
         return [(a, j) for a in range(self.M) for j in range(1, self.window + 1)]
-
-
-def assemble(spec: FeatureSpec, xwin, probs_a, gate_b, t_probs, t_hot, t_ema, t_x) -> torch.Tensor:
-    """The feature vector, in the one order training and runtime share. All [n, .] float32."""
-    parts = list(xwin) + [probs_a, gate_b, t_probs, t_hot, t_ema]
-    if spec.target_x:
-        parts.append(t_x)
-    return torch.cat(parts, dim=1)
-
-
-class PairMLPs(torch.nn.Module):
-    """P independent 2-layer MLPs stacked: W1 [P, F, H], W2 [P, H, E]; input standardization per pair."""
-
-    def __init__(self, P: int, F: int, H: int, E: int):
-        super().__init__()
-        self.W1 = torch.nn.Parameter(torch.empty(P, F, H))
-        self.b1 = torch.nn.Parameter(torch.zeros(P, 1, H))
-        self.W2 = torch.nn.Parameter(torch.empty(P, H, E))
-        self.b2 = torch.nn.Parameter(torch.zeros(P, 1, E))
-        self.register_buffer("mu", torch.zeros(P, 1, F))
-        self.register_buffer("sd", torch.ones(P, 1, F))
-        for p in range(P):
-            torch.nn.init.kaiming_uniform_(self.W1.data[p].T, a=math.sqrt(5))
-            torch.nn.init.kaiming_uniform_(self.W2.data[p].T, a=math.sqrt(5))
-
-    def forward(self, X, dropout: float = 0.0):
-        """X [P, n, F] -> scores [P, n, E]."""
-        h = torch.relu(torch.baddbmm(self.b1, (X - self.mu) / self.sd, self.W1))
-        if dropout and self.training:
-            h = torch.nn.functional.dropout(h, dropout)
-        return torch.baddbmm(self.b2, h, self.W2)
-
-
-def _softmax(x):
-    return torch.softmax(x, dim=-1)
-
-
-def _multi_hot(ids: torch.Tensor, E: int) -> torch.Tensor:
-    out = torch.zeros(ids.shape[0], E)
-    return out.scatter_(1, ids.long(), 1.0)
-
-
-# ---- training data from a trace -----------------------------------------------------------------
-class TraceTensors:
-    """The trace rows of some sequences, in RAM, with the derived arrays features are gathered from."""
-
-    def __init__(self, trace, seqs: list[dict], spec: FeatureSpec, progress: bool = False):
-        rows = [np.arange(s["start"], s["start"] + s["n_prompt"] + s["n_decode"]) for s in seqs]
-        lengths = [len(r) for r in rows]
-        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        n = len(rows)
-        self.n = n
-        self.X = torch.from_numpy(np.asarray(trace.x[rows]))                          # [n, M, d] f16
-        logits = torch.from_numpy(np.asarray(trace.logits[rows], dtype=np.float32))
-        self.P = _softmax(logits)                                                     # [n, M, E]
-        ids = torch.from_numpy(np.asarray(trace.ids[rows]).astype(np.int64))          # [n, M, k]
-        self.ids = ids
-        self.H = torch.zeros(n, spec.M, spec.E).scatter_(2, ids, 1.0)
-        self.routers = torch.from_numpy(np.asarray(trace.routers))                    # [M, E, d]
-        # previous / next row within the same sequence (-1 at the edges)
-        prev = np.arange(n) - 1
-        nxt = np.arange(n) + 1
-        starts = np.cumsum([0] + lengths[:-1]) if lengths else np.zeros(0, np.int64)
-        ends = starts + np.asarray(lengths, np.int64) - 1 if lengths else starts
-        prev[starts] = -1
-        nxt[ends] = -1
-        self.prev, self.next = torch.from_numpy(prev), torch.from_numpy(nxt)
-        # EMA of the chosen multi-hot per layer, through each row (inclusive), reset per sequence
-        ema = torch.zeros(n, spec.M, spec.E)
-        Hn = self.H.numpy()
-        en = ema.numpy()
-        c = spec.ema
-        for s0, L in zip(starts, lengths):
-            acc = np.zeros((spec.M, spec.E), np.float32)
-            for r in range(s0, s0 + L):
-                acc = c * acc + (1 - c) * Hn[r]
-                en[r] = acc
-        self.EMA = ema
-        self.valid = torch.from_numpy(np.nonzero(nxt >= 0)[0])   # rows with a next token: every target exists
-
-    def _take(self, arr, rows, mask):
-        out = arr[rows.clamp_min(0)].float()
-        return out * mask.unsqueeze(-1) if mask is not None else out
-
-    def features(self, spec: FeatureSpec, rows: torch.Tensor, a: int, j: int):
-        """(features [n, F], target expert ids [n, k]) of pair (a, j) at trace rows `rows`."""
-        M = spec.M
-        prev = self.prev[rows]
-        pmask = (prev >= 0).float()
-        xwin = []
-        for i in range(spec.ctx):
-            la = a - i
-            if la >= 0:
-                xwin.append(self.X[rows, la].float())
-            else:
-                xwin.append(self.X[prev.clamp_min(0), M + la].float() * pmask[:, None])
-        xa = self.X[rows, a].float()
-        b = a + j
-        bb = b % M
-        gate = _softmax(xa @ self.routers[bb].T)
-        if b < M:
-            r2, m2, y = prev.clamp_min(0), pmask[:, None], self.ids[rows, b]
-        else:
-            r2, m2, y = rows, None, self.ids[self.next[rows], bb]
-        def t(arr):
-            v = arr[r2, bb].float()
-            return v * m2 if m2 is not None else v
-        f = assemble(spec, xwin, self.P[rows, a], gate, t(self.P), t(self.H), t(self.EMA), t(self.X))
-        return f, y
 
 
 def pair_label(moe_layers, a, j) -> str:
@@ -173,23 +80,110 @@ def pair_label(moe_layers, a, j) -> str:
     return f"L{moe_layers[a]}->" + (f"L{moe_layers[b]}" if b < M else f"next L{moe_layers[b - M]}")
 
 
-def _loss(scores, y, k):
-    """Listwise cross-entropy: -mean over the k chosen experts of log softmax(scores)."""
-    logp = torch.log_softmax(scores, dim=-1)
-    return -(logp.gather(-1, y).mean(-1)).mean()
+class PredictorNet(torch.nn.Module):
+    """Encoders U [M, d, r] (+ per-layer standardization of x), and P two-layer MLPs stacked:
+    W1 [P, F, H], W2 [P, H, E]."""
+
+    def __init__(self, spec: FeatureSpec, H: int):
+        super().__init__()
+        s = spec
+        P, F = len(s.pairs()), s.n_features
+        self.spec = s
+        self.register_buffer("xmu", torch.zeros(s.M, s.d))
+        self.register_buffer("xsd", torch.ones(s.M, s.d))
+        if s.rank:
+            self.U = torch.nn.Parameter(torch.randn(s.M, s.d, s.rank) / math.sqrt(s.d))
+        self.W1 = torch.nn.Parameter(torch.empty(P, F, H))
+        self.b1 = torch.nn.Parameter(torch.zeros(P, 1, H))
+        self.W2 = torch.nn.Parameter(torch.empty(P, H, s.E))
+        self.b2 = torch.nn.Parameter(torch.zeros(P, 1, s.E))
+        for p in range(P):
+            torch.nn.init.kaiming_uniform_(self.W1.data[p].T, a=math.sqrt(5))
+            torch.nn.init.kaiming_uniform_(self.W2.data[p].T, a=math.sqrt(5))
+
+    def encode(self, X, mask=None):
+        """X [B, M, d] -> Z [B, M, r]; rows where mask == 0 (no such token) encode to zeros."""
+        Z = (X - self.xmu) / self.xsd
+        if self.spec.rank:
+            Z = torch.einsum("bmd,mdr->bmr", Z, self.U)
+        return Z * mask[:, None, None] if mask is not None else Z
+
+    def forward(self, feats, dropout: float = 0.0):
+        """feats [P, B, F] -> scores [P, B, E]."""
+        h = torch.relu(torch.baddbmm(self.b1, feats, self.W1))
+        if dropout and self.training:
+            h = torch.nn.functional.dropout(h, dropout)
+        return torch.baddbmm(self.b2, h, self.W2)
 
 
-def _precision(scores, y, k):
-    pred = torch.topk(scores, k, dim=-1).indices
-    hit = (pred.unsqueeze(-1) == y.unsqueeze(-2)).any(-1).float()
-    return hit.mean().item()
+# ---- training data from a trace -----------------------------------------------------------------
+class TraceTensors:
+    """The trace rows of some sequences, in RAM, with the derived arrays features are gathered from."""
+
+    def __init__(self, trace, seqs: list[dict], spec: FeatureSpec):
+        rows = [np.arange(s["start"], s["start"] + s["n_prompt"] + s["n_decode"]) for s in seqs]
+        lengths = [len(r) for r in rows]
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        n = self.n = len(rows)
+        self.X = torch.from_numpy(np.asarray(trace.x[rows]))                          # [n, M, d] f16
+        logits = torch.from_numpy(np.asarray(trace.logits[rows], dtype=np.float32))
+        self.P = torch.softmax(logits, -1)                                            # [n, M, E]
+        self.ids = torch.from_numpy(np.asarray(trace.ids[rows]).astype(np.int64))     # [n, M, k]
+        self.H = torch.zeros(n, spec.M, spec.E).scatter_(2, self.ids, 1.0)
+        self.routers = torch.from_numpy(np.asarray(trace.routers))                    # [M, E, d]
+        # previous / next row within the same sequence (-1 at the edges)
+        prev, nxt = np.arange(n) - 1, np.arange(n) + 1
+        starts = np.cumsum([0] + lengths[:-1]).astype(np.int64) if lengths else np.zeros(0, np.int64)
+        ends = starts + np.asarray(lengths, np.int64) - 1
+        prev[starts] = -1
+        nxt[ends] = -1
+        self.prev, self.next = torch.from_numpy(prev), torch.from_numpy(nxt)
+        # EMA of the chosen multi-hot per layer, through each row (inclusive), reset per sequence
+        ema = np.zeros((n, spec.M, spec.E), np.float32)
+        Hn, c = self.H.numpy(), spec.ema
+        for s0, L in zip(starts, lengths):
+            acc = np.zeros((spec.M, spec.E), np.float32)
+            for r in range(s0, s0 + L):
+                acc = c * acc + (1 - c) * Hn[r]
+                ema[r] = acc
+        self.EMA = torch.from_numpy(ema)
+        self.valid = torch.from_numpy(np.nonzero(nxt >= 0)[0])   # rows with a next token: every target exists
+
+    def batch(self, net: PredictorNet, rows: torch.Tensor):
+        """(features [P, n, F], target expert ids [P, n, k]) of every pair at trace rows `rows`."""
+        s = net.spec
+        M, E = s.M, s.E
+        prev = self.prev[rows]
+        pm = (prev >= 0).float()
+        pr = prev.clamp_min(0)
+        Xc = self.X[rows].float()
+        Zc = net.encode(Xc)                                                       # [n, M, r]
+        Zp = net.encode(self.X[pr].float(), pm)
+        GL = torch.einsum("nad,bed->nabe", Xc, self.routers)                      # [n, a, b, E] gate reuse
+        feats, ys = [], []
+        pm1 = pm[:, None]
+        for a, j in s.pairs():
+            win = [Zc[:, a - i] if a - i >= 0 else Zp[:, M + a - i] for i in range(s.ctx)]
+            b = a + j
+            bb = b % M
+            gate = torch.softmax(GL[:, a, bb], -1)
+            if b < M:
+                tp, th, te = self.P[pr, bb] * pm1, self.H[pr, bb] * pm1, self.EMA[pr, bb] * pm1
+                tz, y = Zp[:, bb], self.ids[rows, b]
+            else:
+                tp, th, te, tz = self.P[rows, bb], self.H[rows, bb], self.EMA[rows, bb], Zc[:, bb]
+                y = self.ids[self.next[rows], bb]
+            parts = win + [self.P[rows, a], gate, tp, th, te] + ([tz] if s.target_x else [])
+            feats.append(torch.cat(parts, 1))
+            ys.append(y)
+        return torch.stack(feats), torch.stack(ys)
 
 
-def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden: int = 128,
-                    target_x: bool = True, ema: float = 0.8, epochs: int = 40, patience: int = 4,
-                    batch: int = 512, lr: float = 2e-3, weight_decay: float = 1e-4, dropout: float = 0.1,
-                    seed: int = 0, max_rows: int | None = None, progress: bool = True, log=print) -> dict:
-    """Train the per-pair MLPs on a trace's training prompts (their last tenth validates for early
+def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden: int = 128, rank: int = 64,
+                    target_x: bool = True, ema: float = 0.8, epochs: int = 30, patience: int = 3,
+                    batch: int = 512, lr: float = 2e-3, weight_decay: float = 1e-5, dropout: float = 0.0,
+                    seed: int = 0, max_rows: int | None = None, progress: bool = True) -> dict:
+    """Train the predictor on a trace's training prompts (every tenth of them validates for early
     stopping; the eval prompts are never read). Returns the predictor record (saved to out_path)."""
     from tqdm import tqdm
     from .trace import Trace
@@ -200,9 +194,9 @@ def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden:
         raise ModelError(f"window {window} must be 1..3")
     if window > M:
         raise ModelError(f"window {window} exceeds the model's {M} MoE layers")
-    if ctx < 1:
-        raise ModelError(f"ctx {ctx} must be >= 1")
-    spec = FeatureSpec(M=M, E=E, k=k, d=d, window=window, ctx=ctx, target_x=target_x, ema=ema)
+    if ctx < 1 or rank < 0 or hidden < 1:
+        raise ModelError(f"ctx {ctx} must be >= 1, rank {rank} >= 0, hidden {hidden} >= 1")
+    spec = FeatureSpec(M=M, E=E, k=k, d=d, window=window, ctx=ctx, target_x=target_x, ema=ema, rank=rank)
     train_seqs = trace.seqs("train")
     if len(train_seqs) < 2:
         raise ModelError(f"trace {trace.path} has {len(train_seqs)} training prompt(s); training needs at least 2")
@@ -210,77 +204,59 @@ def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden:
     fit_seqs = [s for s in train_seqs if s not in val_seqs]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    fit = TraceTensors(trace, fit_seqs, spec)
-    val = TraceTensors(trace, val_seqs, spec)
-    fit_rows = fit.valid
+    fit, val = TraceTensors(trace, fit_seqs, spec), TraceTensors(trace, val_seqs, spec)
+    fit_rows, val_rows = fit.valid, val.valid
     if max_rows is not None and len(fit_rows) > max_rows:
         fit_rows = fit_rows[torch.randperm(len(fit_rows), generator=gen)[:max_rows]].sort().values
-    val_rows = val.valid
     if len(fit_rows) == 0 or len(val_rows) == 0:
         raise ModelError(f"trace {trace.path} is too small to train on ({len(fit_rows)} + {len(val_rows)} rows)")
     pairs = spec.pairs()
-    P, F = len(pairs), spec.n_features
-    net = PairMLPs(P, F, hidden, E)
-    # input standardization from (a sample of) the training rows
-    sample = fit_rows[torch.randperm(len(fit_rows), generator=gen)[:20000]]
-    for p, (a, j) in enumerate(pairs):
-        f, _ = fit.features(spec, sample, a, j)
-        net.mu[p, 0] = f.mean(0)
-        net.sd[p, 0] = f.std(0).clamp_min(1e-3)
+    P = len(pairs)
+    net = PredictorNet(spec, hidden)
+    X = fit.X[fit_rows[torch.randperm(len(fit_rows), generator=gen)[:50000]]].float()   # standardization
+    net.xmu.copy_(X.mean(0))
+    net.xsd.copy_(X.std(0).clamp_min(1e-3))
+    del X
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def batch_xy(tt, rows):
-        fs, ys = zip(*(tt.features(spec, rows, a, j) for a, j in pairs))
-        return torch.stack(fs), torch.stack(ys)
 
     @torch.no_grad()
     def validate():
         net.eval()
-        loss = torch.zeros(P)
-        hits = torch.zeros(P)
-        n = 0
-        for i in range(0, len(val_rows), 4096):
-            X, Y = batch_xy(val, val_rows[i:i + 4096])
-            S = net(X)
-            logp = torch.log_softmax(S, -1)
-            loss += -(logp.gather(-1, Y).mean(-1)).sum(-1)
+        loss, hits, n = torch.zeros(P), torch.zeros(P), 0
+        for i in range(0, len(val_rows), 2048):
+            F_, Y = val.batch(net, val_rows[i:i + 2048])
+            S = net(F_)
+            loss += -(torch.log_softmax(S, -1).gather(-1, Y).mean(-1)).sum(-1)
             pred = torch.topk(S, k, -1).indices
             hits += (pred.unsqueeze(-1) == Y.unsqueeze(-2)).any(-1).float().mean(-1).sum(-1)
-            n += X.shape[1]
+            n += F_.shape[1]
         return loss / n, hits / n
 
     best_loss, best_acc = validate()
     best_state = {n_: t.detach().clone() for n_, t in net.state_dict().items()}
-    best_epoch = torch.zeros(P, dtype=torch.long)
-    history, stale, t0 = [], 0, time.perf_counter()
+    best_epoch, history, stale, t0 = 0, [], 0, time.perf_counter()
     n_batches = (len(fit_rows) + batch - 1) // batch
-    bar = tqdm(total=epochs * n_batches, desc="train-predictor", unit="batch", disable=not progress,
-               mininterval=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches, eta_min=lr * 0.05)
+    bar = tqdm(total=epochs * n_batches, desc="train-predictor", unit="batch", disable=not progress, mininterval=1.0)
     epoch = 0
     for epoch in range(1, epochs + 1):
         net.train()
         perm = fit_rows[torch.randperm(len(fit_rows), generator=gen)]
         tot = 0.0
         for i in range(0, len(perm), batch):
-            X, Y = batch_xy(fit, perm[i:i + batch])
-            S = net(X, dropout)
-            logp = torch.log_softmax(S, -1)
-            loss = -(logp.gather(-1, Y).mean(-1)).mean(-1).sum()      # sum over pairs of mean losses
+            F_, Y = fit.batch(net, perm[i:i + batch])
+            S = net(F_, dropout)
+            loss = -(torch.log_softmax(S, -1).gather(-1, Y).mean(-1)).mean(-1).sum()   # sum over pairs
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             tot += loss.item()
             bar.update(1)
         vloss, vacc = validate()
-        improved = vloss < best_loss - 1e-4
-        if improved.any():
-            state = net.state_dict()
-            for name in best_state:                       # keep each pair's best epoch
-                best_state[name][improved] = state[name][improved].detach().clone()
-            best_loss = torch.where(improved, vloss, best_loss)
-            best_acc = torch.where(improved, vacc, best_acc)
-            best_epoch[improved] = epoch
-            stale = 0
+        if vloss.mean() < best_loss.mean() - 1e-4:
+            best_loss, best_acc, best_epoch, stale = vloss, vacc, epoch, 0
+            best_state = {n_: t.detach().clone() for n_, t in net.state_dict().items()}
         else:
             stale += 1
         history.append({"epoch": epoch, "train_loss": round(tot / n_batches / P, 5),
@@ -294,7 +270,7 @@ def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden:
         "format": FORMAT, "version": VERSION, "kind": "mlp", "model": trace.identity,
         "window": window, "spec": asdict(spec), "hidden": hidden,
         "state": {n_: t.detach().clone() for n_, t in net.state_dict().items()},
-        "train": {"seed": seed, "epochs_run": epoch, "best_epoch": best_epoch.tolist(), "history": history,
+        "train": {"seed": seed, "epochs_run": epoch, "best_epoch": best_epoch, "history": history,
                   "val_acc": {pair_label(trace.moe_layers, a, j): round(float(x), 5) for (a, j), x in zip(pairs, best_acc)},
                   "fit_rows": int(len(fit_rows)), "val_rows": int(len(val_rows)),
                   "fit_prompts": len(fit_seqs), "val_prompts": len(val_seqs),
@@ -307,19 +283,26 @@ def train_predictor(trace, out_path=None, window: int = 3, ctx: int = 3, hidden:
     return record
 
 
+def _stored(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Weights are stored as float16, standardization as float32."""
+    return t.half() if name in ("U", "W1", "b1", "W2", "b2") else t.float()
+
+
 def save_predictor(record: dict, path) -> Path:
-    """torch.save with float16 weights (float32 standardization), atomically."""
-    import os
-    import tempfile
+    """torch.save of the record, float16 weights, written atomically."""
     rec = dict(record)
-    rec["state"] = {n: (t.half() if n.startswith(("W", "b")) else t.float()) for n, t in record["state"].items()}
+    rec["state"] = {n: _stored(n, t) for n, t in record["state"].items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
-    torch.save(rec, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        torch.save(rec, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path
 
 
@@ -341,12 +324,19 @@ def read_predictor_file(path) -> dict:
     return rec
 
 
+def record_digest(record: dict) -> str:
+    h = hashlib.sha256()
+    for n in sorted(record["state"]):
+        h.update(n.encode())
+        h.update(record["state"][n].detach().float().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ---- runtime ------------------------------------------------------------------------------------
 class MLPPredictor(Predictor):
-    """The runtime side, in numpy (a decode step's calls are tiny: framework overhead dominates).
-
-    The first layer is split by feature block: the block every target of a source shares (the
-    router-input window and the current routing) is multiplied once for all its targets."""
+    """The runtime side, in numpy. Per layer a: z_a = x_a @ U'_a + c_a (standardization folded in),
+    one matmul of the shared block (window of z, current routing) for all targets of a, then per
+    target a small matmul of its own block and the second layer."""
     name = "mlp"
 
     def __init__(self, model, record: dict, lookahead: int | None = None, routers=None):
@@ -357,45 +347,56 @@ class MLPPredictor(Predictor):
         self.moe = list(ident["moe_layers"])
         self.n_layers = ident["n_layers"]
         self.slot = {layer: i for i, layer in enumerate(self.moe)}
-        M, E, d, H = spec.M, spec.E, spec.d, record["hidden"]
+        M, E, d = spec.M, spec.E, spec.d
         if routers is None:
             routers = np.stack([model.tensor_f32(f"blk.{layer}.ffn_gate_inp.weight") for layer in self.moe])
         R = np.asarray(routers, np.float32)                                            # [M, E, d]
         self.R_all_T = np.ascontiguousarray(R.reshape(-1, d).T)                         # [d, M*E]
         st = {n: t.float().numpy() for n, t in record["state"].items()}
-        # fold the standardization into the first layer: (f - mu)/sd @ W1 + b1 = f @ W1' + b1'
-        W1 = st["W1"] / np.swapaxes(st["sd"], 1, 2)                                     # [P, F, H]
-        b1 = st["b1"] - np.matmul(st["mu"] / st["sd"], st["W1"])                        # [P, 1, H]
-        S = spec.ctx * d + E                                                            # shared block
+        inv = 1.0 / st["xsd"]                                                           # [M, d]
+        if spec.rank:
+            self.U = [np.ascontiguousarray(st["U"][a] * inv[a][:, None]) for a in range(M)]   # [d, r]
+            self.c = [-(st["xmu"][a] * inv[a]) @ st["U"][a] for a in range(M)]               # [r]
+        else:
+            self.U = None
+            self.mu, self.inv = st["xmu"], inv
+        self.H = record["hidden"]
+        S = spec.n_shared
         self.pair_index = {pair: i for i, pair in enumerate(spec.pairs())}
         w = self.lookahead
+        W1 = st["W1"]
         self.Ws = [np.ascontiguousarray(np.concatenate(
             [W1[self.pair_index[(a, j)], :S] for j in range(1, w + 1)], axis=1)) for a in range(M)]   # [S, w*H]
-        self.Wt = [np.ascontiguousarray(W1[p, S:]) for p in range(len(W1))]                # [F-S, H]
-        self.b1 = [b1[p, 0] for p in range(len(W1))]
+        self.Wt = [np.ascontiguousarray(W1[p, S:]) for p in range(len(W1))]            # [F-S, H]
+        self.b1 = [st["b1"][p, 0] for p in range(len(W1))]
         self.W2 = [np.ascontiguousarray(st["W2"][p]) for p in range(len(W1))]
         self.b2 = [st["b2"][p, 0] for p in range(len(W1))]
-        self.S, self.H, self.eye = S, H, np.eye(E, dtype=np.float32)
+        self.eye = np.eye(E, dtype=np.float32)
         self.calls, self.seconds = 0, 0.0
         self.reset()
 
     def reset(self):
         super().reset()
         s = self.spec
-        self.prev = {}           # slot -> (x [d], probs [E], hot [E]) of the last token seen
-        self.cur = {}            # slot -> (x [T,d], probs [T,E], hot [T,E]) of this step
+        self.prev = {}           # slot -> (z [r], probs [E], hot [E]) of the last token seen
+        self.cur = {}            # slot -> (z [T,r], probs [T,E], hot [T,E]) of this step
         self.ema = np.zeros((s.M, s.E), np.float32)      # through the previous step's last token
         self.ema_cur = {}        # slot -> [T, E] through each row of this step
 
     def begin_step(self, positions):
-        for a, (x, p, h) in self.cur.items():
-            self.prev[a] = (x[-1], p[-1], h[-1])
+        for a, (z, p, h) in self.cur.items():
+            self.prev[a] = (z[-1], p[-1], h[-1])
             self.ema[a] = self.ema_cur[a][-1]
         self.cur, self.ema_cur = {}, {}
         super().begin_step(positions)
 
-    def _set_current(self, a, x, probs, hot):
-        self.cur[a] = (x, probs, hot)
+    def _encode(self, a, xn):
+        if self.U is not None:
+            return xn @ self.U[a] + self.c[a]
+        return (xn - self.mu[a]) * self.inv[a]
+
+    def _set_current(self, a, z, probs, hot):
+        self.cur[a] = (z, probs, hot)
         c = self.spec.ema
         if hot.shape[0] == 1:
             self.ema_cur[a] = c * self.ema[a] + (1 - c) * hot
@@ -419,7 +420,7 @@ class MLPPredictor(Predictor):
             return {}
         t0 = time.perf_counter()
         s = self.spec
-        M, E, d, H = s.M, s.E, s.d, self.H
+        M, E, r, H = s.M, s.E, s.r, self.H
         xn = x.detach().to("cpu", torch.float32).numpy()
         T = xn.shape[0]
         gl = xn @ self.R_all_T                                                    # [T, M*E]
@@ -428,43 +429,34 @@ class MLPPredictor(Predictor):
         top = np.argpartition(-la, s.k - 1, axis=1)[:, :s.k]
         hot_a = np.zeros((T, E), np.float32)
         np.put_along_axis(hot_a, top, 1.0, axis=1)
-        self._set_current(a, xn, probs_a, hot_a)
-        shared = np.empty((T, self.S), np.float32)
+        self._set_current(a, self._encode(a, xn), probs_a, hot_a)
+        shared = np.empty((T, s.n_shared), np.float32)
         for i in range(s.ctx):
             lay = a - i
-            seg = shared[:, i * d:(i + 1) * d]
+            seg = shared[:, i * r:(i + 1) * r]
             if lay >= 0:
                 seg[:] = self.cur[lay][0] if lay in self.cur else 0.0
             else:
                 pv = self.prev.get(M + lay)
                 seg[:] = pv[0] if pv is not None else 0.0
-        shared[:, s.ctx * d:] = probs_a
-        w = self.lookahead
+        shared[:, s.ctx * r:] = probs_a
         hs = shared @ self.Ws[a]                                                  # [T, w*H]
-        tf = np.empty((T, self.Wt[0].shape[0]), np.float32)
+        tf = np.empty((T, s.n_features - s.n_shared), np.float32)
         out = {}
-        for j in range(1, w + 1):
+        for j in range(1, self.lookahead + 1):
             b = a + j
             bb = b % M
             tf[:, :E] = self._softmax(gl[:, bb * E:(bb + 1) * E].copy())
             if b < M:
-                pv = self.prev.get(bb)
-                if pv is None:
-                    tf[:, E:] = 0.0
-                else:
-                    tf[:, E:2 * E], tf[:, 2 * E:3 * E], tf[:, 3 * E:4 * E] = pv[1], pv[2], self.ema[bb]
-                    if s.target_x:
-                        tf[:, 4 * E:] = pv[0]
-                target = self.moe[b]
+                st, ema, target = self.prev.get(bb), self.ema[bb], self.moe[b]
             else:
-                cu = self.cur.get(bb)
-                if cu is None:
-                    tf[:, E:] = 0.0
-                else:
-                    tf[:, E:2 * E], tf[:, 2 * E:3 * E], tf[:, 3 * E:4 * E] = cu[1], cu[2], self.ema_cur[bb]
-                    if s.target_x:
-                        tf[:, 4 * E:] = cu[0]
-                target = self.moe[bb] + self.n_layers
+                st, ema, target = self.cur.get(bb), self.ema_cur.get(bb), self.moe[bb] + self.n_layers
+            if st is None:
+                tf[:, E:] = 0.0
+            else:
+                tf[:, E:2 * E], tf[:, 2 * E:3 * E], tf[:, 3 * E:4 * E] = st[1], st[2], ema
+                if s.target_x:
+                    tf[:, 4 * E:] = st[0]
             p = self.pair_index[(a, j)]
             h = hs[:, (j - 1) * H:j * H] + tf @ self.Wt[p] + self.b1[p]
             np.maximum(h, 0.0, out=h)
@@ -478,23 +470,16 @@ class MLPPredictor(Predictor):
         if a is None:
             return
         if a in self.cur:
-            xn, probs, _ = self.cur[a]
+            z, probs, _ = self.cur[a]
         else:                                   # predict() was not called for this layer
             xn = x.detach().to("cpu", torch.float32).numpy()
+            z = self._encode(a, xn)
             probs = self._softmax(xn @ self.R_all_T[:, a * self.spec.E:(a + 1) * self.spec.E])
         hot = self.eye[chosen.detach().to("cpu").numpy()].sum(1)
-        self._set_current(a, xn, probs, hot)
+        self._set_current(a, z, probs, hot)
 
 
 def load_mlp_predictor(path, model, lookahead: int | None = None) -> MLPPredictor:
     rec = read_predictor_file(path)
     check_identity(rec["model"], model, f"predictor {path}")
     return MLPPredictor(model, rec, lookahead)
-
-
-def record_digest(record: dict) -> str:
-    h = hashlib.sha256()
-    for n in sorted(record["state"]):
-        h.update(n.encode())
-        h.update(record["state"][n].detach().float().numpy().tobytes())
-    return h.hexdigest()
