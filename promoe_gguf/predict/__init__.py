@@ -20,7 +20,7 @@ def make_predictor(spec, model, lookahead: int = 1, routes=None) -> Predictor | 
         from .oracle import OraclePredictor
         if routes is None:
             raise ModelError("the oracle predictor needs a recorded routing trace (routes=...)")
-        return OraclePredictor(model, routes, max(lookahead, 2))
+        return OraclePredictor(model, routes, lookahead)
     if kind == "mlp":
         from .mlp import load_mlp_predictor
         if not arg:

@@ -423,12 +423,12 @@ class MLPPredictor(Predictor):
         M, E, r, H = s.M, s.E, s.r, self.H
         xn = x.detach().to("cpu", torch.float32).numpy()
         T = xn.shape[0]
-        gl = xn @ self.R_all_T                                                    # [T, M*E]
-        la = gl[:, a * E:(a + 1) * E]
-        probs_a = self._softmax(la.copy())
-        top = np.argpartition(-la, s.k - 1, axis=1)[:, :s.k]
+        gl = (xn @ self.R_all_T).reshape(T, M, E)                                 # every router on x
+        sm = self._softmax(gl)                                                    # [T, M, E]
+        probs_a = sm[:, a]
+        top = np.argpartition(-gl[:, a], s.k - 1, axis=1)[:, :s.k]
         hot_a = np.zeros((T, E), np.float32)
-        np.put_along_axis(hot_a, top, 1.0, axis=1)
+        hot_a[np.arange(T)[:, None], top] = 1.0
         self._set_current(a, self._encode(a, xn), probs_a, hot_a)
         shared = np.empty((T, s.n_shared), np.float32)
         for i in range(s.ctx):
@@ -446,7 +446,7 @@ class MLPPredictor(Predictor):
         for j in range(1, self.lookahead + 1):
             b = a + j
             bb = b % M
-            tf[:, :E] = self._softmax(gl[:, bb * E:(bb + 1) * E].copy())
+            tf[:, :E] = sm[:, bb]
             if b < M:
                 st, ema, target = self.prev.get(bb), self.ema[bb], self.moe[b]
             else:

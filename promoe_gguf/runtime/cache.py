@@ -33,20 +33,34 @@ class Slot:
 
 
 class Policy:
-    """Chooses a victim among evictable slots: EMPTY first, then least recently used."""
+    """Per-layer LRU (as ProMoE and mixtral-offloading): each MoE layer owns an equal share of the
+    slots, and a layer at its share evicts its own least recently used expert, so filling one layer
+    (a miss, or a prefetch) never pushes out another layer's experts. A precise request may borrow
+    beyond the share (prefill can need more experts in a layer than its share); a speculative one may not.
+    """
     name = "lru"
     prefetch_touches = False         # does loading a prediction count as a use?
+    partitioned = True
 
-    def victim(self, cache: "ExpertCache", protected: set):
-        best = None
-        for s in cache.slots:
-            if s.state == LOADING or s.pins or s.permanent or (s.key is not None and s.key in protected):
-                continue
-            if s.state == EMPTY:
-                return s
-            if best is None or s.last_use < best.last_use:
-                best = s
-        return best
+    def victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
+        free = [s for s in cache.slots if not (s.state == LOADING or s.pins or s.permanent
+                                                or (s.key is not None and s.key in protected))]
+        empty = next((s for s in free if s.state == EMPTY), None)
+        if not self.partitioned:
+            return empty or min(free, key=lambda s: s.last_use, default=None)
+        count = cache.layer_count
+        if count.get(layer, 0) < cache.layer_quota:
+            if empty is not None:
+                return empty
+            over = [s for s in free if count.get(s.key[0], 0) > cache.layer_quota]
+            if over:
+                return min(over, key=lambda s: s.last_use)
+        own = [s for s in free if s.key is not None and s.key[0] == layer]
+        if own:
+            return min(own, key=lambda s: s.last_use)
+        if speculative:
+            return None
+        return empty or min(free, key=lambda s: s.last_use, default=None)
 
 
 class PromoePolicy(Policy):
@@ -58,6 +72,7 @@ class PromoePolicy(Policy):
 class StaticPolicy(Policy):
     """The most-used experts of a profile stay for good; the remaining slots serve misses (LRU)."""
     name = "static"
+    partitioned = False
 
     def __init__(self, profile: dict | None, n_buffer: int):
         self.profile, self.n_buffer = profile or {}, n_buffer
@@ -95,7 +110,7 @@ def slots_for_budget(store, n_used: int, cache_rate=None, cache_mem=None) -> int
 
 
 class ExpertCache:
-    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy):
+    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, n_moe_layers: int = 1):
         self.device = torch.device(device)
         try:
             self.arena = torch.empty((n_slots, slot_bytes), dtype=torch.uint8, device=self.device)
@@ -104,6 +119,8 @@ class ExpertCache:
                              f"({n_slots} slots x {slot_bytes:,} bytes): {e}") from e
         self.slots = [Slot(i) for i in range(n_slots)]
         self.where: dict[tuple, Slot] = {}
+        self.layer_count: dict[int, int] = {}             # slots held per layer
+        self.layer_quota = max(1, n_slots // max(1, n_moe_layers))
         self.policy = policy
         self.cv = threading.Condition()
         self.tick = 0
@@ -126,12 +143,14 @@ class ExpertCache:
         guard = self.needed
         if speculative and isinstance(self.policy, PromoePolicy):
             guard = guard | self.protected
-        slot = self.policy.victim(self, guard)
+        slot = self.policy.victim(self, guard, key[0], speculative)
         if slot is None:
             return None
         if slot.key is not None:
             on_evict(slot)
             del self.where[slot.key]
+            self.layer_count[slot.key[0]] -= 1
+        self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
         slot.key, slot.state, slot.ready_chunks, slot.speculative = key, LOADING, 0, False
         self.where[key] = slot
         return slot
