@@ -15,8 +15,28 @@ from ..format.expert_index import MATRICES
 from ..format.quants import dequantize_torch
 
 
+_cuda_kernels = None   # None: not tried yet; False: unavailable (CuPy missing), fall back to torch
+
+
 def expert_linear(raw, m, x):
-    """x [n, cols] @ W^T for one quantized matrix `m` (MatrixSlice) held in uint8 tensor `raw`."""
+    """x [n, cols] @ W^T for one quantized matrix `m` (MatrixSlice) held in uint8 tensor `raw`.
+
+    On CUDA: the dequant-matmul kernels read the GGUF blocks in place (kernels/*.cu); without CuPy,
+    dequantize + torch matmul (with a warning, once)."""
+    global _cuda_kernels
+    if raw.is_cuda and _cuda_kernels is not False:
+        if _cuda_kernels is None:
+            try:
+                from .. import kernels
+                kernels.launch._cupy()
+                _cuda_kernels = kernels
+            except Exception as e:  # noqa: BLE001 - any import problem means: no kernels
+                import logging
+                logging.getLogger("promoe.runtime").warning("CUDA kernels unavailable (%s); experts run as "
+                                                            "dequantize + torch matmul", e)
+                _cuda_kernels = False
+        if _cuda_kernels and m.qtype in _cuda_kernels.SUPPORTED:  # F16/F32/BF16 experts: torch below
+            return _cuda_kernels.linear(raw, m.qtype, m.shape, x.float().contiguous())
     return x @ dequantize_torch(raw, m.qtype, m.shape).T
 
 
