@@ -14,7 +14,7 @@ import torch
 import oracle
 from promoe_gguf import Engine
 
-N_PREFILL, CHUNK, N_DECODE = 48, 16, 24
+N_PREFILL, CHUNK, N_DECODE = 48, 16, 16   # 64 tokens: three prefill chunks, then 16 decode steps
 FLOAT = ("F32", "F16")          # llama.cpp's arithmetic on these is exact float (BF16 rounds activations)
 NATIVE_UNCHECKED = {"v3"}       # sigmoid + group-limited routing: 8-bit activations flip expert choices
 

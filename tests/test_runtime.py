@@ -152,7 +152,7 @@ def test_dead_copy_thread_degrades_to_reactive(model_path, reference, caplog):
 
 def test_stress_many_decode_steps_random_delays(model_path):
     """Thousands of decode steps, tiny cache, jittery link: no deadlock, no leak, same tokens."""
-    n_seq, n_steps = 4, 450                       # 1800 decode steps (the test models' context is 512)
+    n_seq, n_steps = 4, 260                       # 1040 decode steps (the test models' context is 512)
     threads_before = threading.active_count()
     ref = Engine(model_path, n_ctx=n_steps + 8)
     eng = Engine(model_path, n_ctx=n_steps + 8, cache_rate=0.25, policy="promoe", predictor="gate",
