@@ -242,6 +242,34 @@ def test_runtime_features_match_training(traced, models, rank):
     assert checked > 100
 
 
+def test_stride_and_lookahead(traced, models, tmp_path):
+    tr, _ = traced
+    path = tmp_path / "p.pt"
+    _train(tr, path, window=2)
+    model = open_model(models["a"])
+    n = model.config.n_layers
+    full = load_mlp_predictor(path, model)                 # lookahead: the whole trained window
+    one = load_mlp_predictor(path, model, lookahead=1)
+    strided = load_mlp_predictor(path, model, stride=2)
+    x = torch.from_numpy(np.asarray(tr.x[:3]).astype(np.float32))       # 3 tokens [3, M, d]
+    ids = torch.from_numpy(np.asarray(tr.ids[:3]).astype(np.int64))
+    outs = {id(p): [] for p in (full, one, strided)}
+    for r in range(3):
+        for p in (full, one, strided):
+            p.begin_step([r])
+            for a in range(2):
+                outs[id(p)].append(p.predict(a, x[r, a][None]))
+                p.observe(a, x[r, a][None], ids[r, a][None])
+    assert [sorted(o) for o in outs[id(full)][:2]] == [[1, n], [n, n + 1]]
+    assert [sorted(o) for o in outs[id(one)][:2]] == [[1], [n]]
+    assert [sorted(o) for o in outs[id(strided)][:2]] == [[1, n], []]     # slot 1 does not predict
+    for o_full, o_str in zip(outs[id(full)][::2], outs[id(strided)][::2]):   # same state, same scores
+        for t in o_full:
+            torch.testing.assert_close(o_full[t], o_str[t])
+    with pytest.raises(ModelError, match="needs a file"):
+        make_predictor("mlp", model)
+
+
 # ---- metrics on hand-built cases ----------------------------------------------------------------
 def test_set_metrics_by_hand():
     pred = np.array([[0, 1], [2, 3], [4, 5], [-1, -1]])     # last instance: no prediction

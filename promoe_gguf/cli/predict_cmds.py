@@ -68,7 +68,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..predict.evaluate import REQUIRED_KEYS, evaluate, format_table, plot, write_json
+    from pathlib import Path
+    from ..predict.evaluate import REQUIRED_KEYS, evaluate, format_table, markdown_table, plot, write_json
     _threads(args.threads)
     specs = [s.strip() for s in args.predictors.split(",") if s.strip()]
     report = evaluate(_model(args.model), args.trace, specs, lookahead=args.lookahead, link=args.link,
@@ -76,6 +77,8 @@ def cmd_eval(args) -> int:
                       progress=not args.quiet)
     if args.out:
         write_json(report, args.out)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(report))
     png = plot(report, args.png)
     if args.json:
         rows = [{k: r[k] for k in r} for r in report["rows"]]
@@ -142,6 +145,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many held-out tokens")
     s.add_argument("--json", action="store_true", help="print the rows as JSON")
     s.add_argument("--out", default=None, help="write the full report (rows, per-layer pairs, cost) as JSON")
+    s.add_argument("--markdown", default=None, help="write the table as Markdown")
     s.add_argument("--png", default="eval-predictor.png", help="accuracy vs lookahead plot (default ./eval-predictor.png)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -21,6 +21,12 @@ c for the next token). Its experts join one FIFO copy queue in score order; an e
 tau = bytes / bandwidth (or, in ratio mode, tau = R x c). A queued copy whose deadline has passed
 before it starts is dropped (ProMoE's early preemption); one that starts in time finishes at
 start + tau and is fetchable iff it finishes by its deadline. fetch_rate = fetchable / predicted.
+The per-layer time c is the median time between decoded tokens of an all-resident Engine divided by
+the number of layers (`--layer-time` overrides it); the predictor's latency is its own measured
+time per call.
+
+Cost: the predictor's time per decode step is the median over replayed tokens of the wall time of
+begin_step + predict + observe over all MoE layers (one thread), reported beside the decode step.
 """
 from __future__ import annotations
 
@@ -94,8 +100,7 @@ class Replay:
 
     def __init__(self, n_rows, M, J, topk):
         self.pred = np.full((n_rows, M, J, topk), -1, np.int16)
-        self.seconds = 0.0
-        self.steps = 0
+        self.step_s: list[float] = []      # predictor time of each replayed token (all its layers)
 
 
 def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | None = None,
@@ -136,8 +141,7 @@ def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | No
                 x = X[r, a][None]
                 outs.append(predictor.predict(layer, x))
                 predictor.observe(layer, x, IDS[r, a][None])
-            rp.seconds += time.perf_counter() - t0
-            rp.steps += 1
+            rp.step_s.append(time.perf_counter() - t0)
             for a, out in enumerate(outs):
                 for target, scores in out.items():
                     b = slot[target] if target < n_layers else M + slot.get(target - n_layers, -10**6)
@@ -209,21 +213,25 @@ def fetch_rate(trace, model, rows, pred: np.ndarray, j: int, layer_time: float, 
 
 def measure_layer_time(model_path, trace, n_tokens: int = 32, repeats: int = 2) -> float:
     """Per-layer decode compute time: an all-resident Engine decodes `n_tokens` after a held-out
-    prompt's first 64 tokens; the best of `repeats` runs, divided by tokens x layers."""
+    prompt's first 64 tokens, `repeats` times; the median time between decoded tokens (one forward
+    step and one sampling), divided by the number of layers. Medians resist other load on the host."""
     from ..engine import Engine
     eng = Engine(model_path, n_ctx=min(512, trace.meta.get("options", {}).get("n_ctx", 512)))
     seqs = trace.seqs("eval") or trace.seqs()
     s = seqs[0]
     prompt = [int(t) for t in np.asarray(trace.tokens[s["start"]:s["start"] + min(64, s["n_prompt"])])]
-    best = math.inf
+    gaps = []
     for _ in range(repeats):
-        eng.timing.decode_tokens, eng.timing.decode_s = 0, 0.0
+        last = None
         for _tok in eng.generate(prompt, max_tokens=n_tokens, temperature=0.0):
-            pass
-        if eng.timing.decode_tokens:
-            best = min(best, eng.timing.decode_s / eng.timing.decode_tokens)
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
     eng.close()
-    return best / trace.n_layers
+    if not gaps:
+        raise ModelError("could not measure a decode step (the model stopped at once); pass --layer-time")
+    return float(np.median(gaps)) / trace.n_layers
 
 
 def build_predictor(spec: str, model, trace, lookahead: int):
@@ -289,8 +297,10 @@ def evaluate(model_path, trace_path, predictors: list[str], lookahead: int = 3, 
             if T_ids is None:
                 T_ids, V = truth(trace, rows, lookahead)
             name = spec
-            cost[name] = {"ms_per_step": 1e3 * rp.seconds / max(1, rp.steps), "steps": rp.steps}
-            lat = (rp.seconds / max(1, rp.steps)) / trace.M if pred_latency is None else pred_latency
+            med = float(np.median(rp.step_s)) if rp.step_s else 0.0
+            cost[name] = {"ms_per_step": 1e3 * med, "mean_ms_per_step": round(1e3 * float(np.mean(rp.step_s)), 4)
+                          if rp.step_s else 0.0, "steps": len(rp.step_s)}
+            lat = med / trace.M if pred_latency is None else pred_latency
             for j in range(1, lookahead + 1):
                 sel = V[:, :, j - 1]
                 P = rp.pred[:, :, j - 1][sel]
@@ -382,6 +392,29 @@ def format_table(report: dict) -> str:
         lines.append(f"predictor {name}: {c['ms_per_step']} ms per decode step "
                      f"({100 * (c['share_of_step'] or 0):.2f}% of a step)")
     return "\n".join(lines)
+
+
+def markdown_table(report: dict) -> str:
+    """The rows as a Markdown table, then the setup and the predictor cost."""
+    f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
+    out = ["| predictor | lookahead | accuracy | recall | fetch rate | GOODPRED | accuracy (same token) "
+           "| accuracy (next token) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        name = r["predictor"].split("/")[-1] if r["predictor"].startswith("mlp:") else r["predictor"]
+        out.append(f"| {name} | {r['lookahead']} | {f(r['accuracy'])} | {f(r['recall'])} | {f(r['fetch_rate'])} "
+                   f"| {f(r['goodpred'])} | {f(r['accuracy_intra'])} | {f(r['accuracy_cross'])} |")
+    s = report["setup"]
+    out.append("")
+    out.append(f"{s['tokens']} held-out tokens from {s['sequences']} prompts; top-{s['topk']} of {s['n_experts']} "
+               f"predicted per target; link {s['link']}; mean expert {s['expert_bytes_mean'] / 1e3:.1f} kB; "
+               f"decode step {s['decode_step_ms']} ms ({s['layer_time_source']}).")
+    out.append("")
+    out.append("| predictor | ms per decode step (median) | share of a decode step |")
+    out.append("|---|---:|---:|")
+    for name, c in report["cost"].items():
+        n = name.split("/")[-1] if name.startswith("mlp:") else name
+        out.append(f"| {n} | {c['ms_per_step']:.3f} | {100 * (c['share_of_step'] or 0):.2f}% |")
+    return "\n".join(out) + "\n"
 
 
 def write_json(report: dict, path) -> Path:

@@ -339,9 +339,15 @@ class MLPPredictor(Predictor):
     target a small matmul of its own block and the second layer."""
     name = "mlp"
 
-    def __init__(self, model, record: dict, lookahead: int | None = None, routers=None):
+    def __init__(self, model, record: dict, lookahead: int | None = None, routers=None, stride: int = 1):
+        """lookahead: targets a+1 .. a+lookahead (at most the trained window; default all of it).
+        stride: predict from every stride-th MoE layer only (slots 0, stride, ..), each time for the
+        next `lookahead` layers: with stride = lookahead the windows tile without overlap."""
         spec = FeatureSpec(**record["spec"])
         super().__init__(model, min(lookahead or spec.window, spec.window))
+        if stride < 1:
+            raise ModelError(f"stride {stride} must be >= 1")
+        self.stride = int(stride)
         self.spec, self.record = spec, record
         ident = record["model"]
         self.moe = list(ident["moe_layers"])
@@ -430,6 +436,9 @@ class MLPPredictor(Predictor):
         hot_a = np.zeros((T, E), np.float32)
         hot_a[np.arange(T)[:, None], top] = 1.0
         self._set_current(a, self._encode(a, xn), probs_a, hot_a)
+        if a % self.stride:
+            self.seconds += time.perf_counter() - t0
+            return {}
         shared = np.empty((T, s.n_shared), np.float32)
         for i in range(s.ctx):
             lay = a - i
@@ -479,7 +488,8 @@ class MLPPredictor(Predictor):
         self._set_current(a, z, probs, hot)
 
 
-def load_mlp_predictor(path, model, lookahead: int | None = None) -> MLPPredictor:
+def load_mlp_predictor(path, model, lookahead: int | None = None, stride: int = 1) -> MLPPredictor:
+    """The predictor in file `path` for `model` (ModelError if it was trained for another model)."""
     rec = read_predictor_file(path)
     check_identity(rec["model"], model, f"predictor {path}")
-    return MLPPredictor(model, rec, lookahead)
+    return MLPPredictor(model, rec, lookahead, stride=stride)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Trace the default model, train its predictor, evaluate every predictor on held-out prompts.
+#
+#   scripts/predictor_results.sh            # everything (single-threaded: ~15 min trace, ~30 min training)
+#   STEPS="eval" scripts/predictor_results.sh
+#
+# Outputs: build/predictor/{prompts.jsonl,trace/}, promoe_gguf/data/default-moe.predictor.pt,
+#          bench/results/predictor/{eval,eval-ratio2}.{json,png,md}
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+PROMOE=${PROMOE:-.venv/bin/promoe}
+WORK=${WORK:-build/predictor}
+PRED=${PRED:-promoe_gguf/data/default-moe.predictor.pt}
+OUT=${OUT:-bench/results/predictor}
+STEPS=${STEPS:-"prompts trace train eval"}
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$WORK" "$OUT"
+
+for step in $STEPS; do
+  case $step in
+    prompts)
+      $PY scripts/make_prompts.py --train "${N_TRAIN:-720}" --eval "${N_EVAL:-80}" --out "$WORK/prompts.jsonl" ;;
+    trace)
+      rm -rf "$WORK/trace"
+      $PROMOE trace default --prompts "$WORK/prompts.jsonl" --out "$WORK/trace" --decode "${DECODE:-32}" --threads 1 ;;
+    train)
+      $PROMOE train-predictor "$WORK/trace" --out "$PRED" --model default --threads 1 ${TRAIN_ARGS:-} ;;
+    eval)
+      $PROMOE eval-predictor default --trace "$WORK/trace" --predictors "gate,mlp:$PRED,history,freq,oracle" \
+        --threads 1 --out "$OUT/eval.json" --png "$OUT/eval.png" --markdown "$OUT/eval.md"
+      # a slow link: one expert's copy takes two layers' decode compute
+      $PROMOE eval-predictor default --trace "$WORK/trace" --predictors "gate,mlp:$PRED,history,freq,oracle" \
+        --threads 1 --link ratio=2 --out "$OUT/eval-ratio2.json" --png "$OUT/eval-ratio2.png" \
+        --markdown "$OUT/eval-ratio2.md" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
