@@ -16,7 +16,7 @@ import torch
 from promoe_gguf import Engine, ModelError
 from promoe_gguf.predict.base import Predictor
 from promoe_gguf.predict.oracle import RoutingRecorder
-from promoe_gguf.runtime.cache import ExpertCache, Policy, Slot
+from promoe_gguf.runtime.cache import ExpertCache, Policy, PromoePolicy
 
 TOKENS = np.random.default_rng(7).integers(0, 256, 40).tolist()
 
@@ -86,17 +86,30 @@ def test_budget_never_exceeded_and_too_small_refused(model_path):
         Engine(model_path, cache_rate=1.5)
 
 
-def test_pinned_and_needed_slots_are_never_victims():
-    cache = ExpertCache(3, 16, "cpu", Policy())
+def _three_ready(policy):
+    cache = ExpertCache(3, 16, "cpu", policy)
     for i, key in enumerate([(0, 0), (0, 1), (0, 2)]):
         s = cache.allocate(key, lambda s: None)
         s.state, s.last_use = "ready", i
     cache.where[(0, 0)].pins = 1                  # being read by a kernel
     cache.needed = {(0, 1)}                       # the current layer still needs it
+    return cache
+
+
+def test_pinned_and_needed_slots_are_never_victims():
+    cache = _three_ready(PromoePolicy())
     victim = cache.allocate((1, 0), lambda s: None)
     assert victim.index == 2                      # the only evictable one, though not the oldest
     victim.state = "ready"
     cache.needed = {(0, 1), (1, 0)}
+    assert cache.allocate((1, 1), lambda s: None) is None
+
+
+def test_reactive_lru_may_evict_needed_but_never_pinned():
+    cache = _three_ready(Policy())
+    assert cache.allocate((1, 0), lambda s: None).index == 1   # LRU among unpinned, needed or not
+    cache.where[(1, 0)].pins = 1
+    cache.where[(0, 2)].pins = 1
     assert cache.allocate((1, 1), lambda s: None) is None
 
 

@@ -41,6 +41,7 @@ class Policy:
     name = "lru"
     prefetch_touches = False         # does loading a prediction count as a use?
     partitioned = True
+    reactive = True                  # load on miss, in plain order (mixtral-offloading's baseline)
 
     def victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
         free = [s for s in cache.slots if not (s.state == LOADING or s.pins or s.permanent
@@ -67,6 +68,7 @@ class PromoePolicy(Policy):
     """Prefetch-aware LRU: prefetches count as uses; the next layer's predicted experts are kept."""
     name = "promoe"
     prefetch_touches = True
+    reactive = False                 # early preemption + reordered execution
 
 
 class StaticPolicy(Policy):
@@ -140,7 +142,9 @@ class ExpertCache:
 
         The promoe policy's protection of the next layer's predicted experts holds against other
         predictions only: a precise request must always be able to make room."""
-        guard = self.needed
+        # a reactive baseline computes in plain order, so it may evict an expert its layer still
+        # needs (LRU thrashing in prefill, as in the systems it stands for); promoe never does
+        guard = set() if self.policy.reactive and not speculative else self.needed
         if speculative and isinstance(self.policy, PromoePolicy):
             guard = guard | self.protected
         slot = self.policy.victim(self, guard, key[0], speculative)

@@ -1,9 +1,11 @@
 """CachedExpertSource: the runtime behind the expert seam.
 
 Per MoE layer (compute thread):
-  order()  counts hits/misses, drops this layer's pending guesses (early preemption), queues the
-           missing experts as precise copies, hands the router input to the prefetcher, then yields
-           the experts ready-first: resident, then partly copied (most chunks first), then the rest.
+  order()  counts hits/misses, drops this layer's pending guesses, hands the router input to the
+           prefetcher, then yields the experts to compute. promoe: early preemption (every miss of
+           the layer queued as a precise copy at once) and reordered execution (resident first, then
+           partly copied, most chunks first). lru/static (the reactive baselines): plain order, each
+           miss requested only when compute reaches it.
   matrix() waits (bounded) only until the chunk it needs has landed; that wait is stall time.
   done()   unpins the slot (on CUDA after recording an event the next copy into it waits for).
 """
@@ -41,12 +43,17 @@ class CachedExpertSource(ExpertSource):
                 slot = self.cache.where.get(key)
                 self.counters.add(layer, "hits" if slot is not None and slot.state == READY else "misses")
         self.transfer.drop_speculative(layer)
-        for key in needed:
-            self.transfer.request(key, HIGH)
+        reactive = self.cache.policy.reactive
+        if not reactive:                      # early preemption: all of the layer's misses queued now
+            for key in needed:
+                self.transfer.request(key, HIGH)
         if self.prefetcher is not None:
             self.prefetcher.layer(layer, x, ids)
+        if reactive:                          # baseline: plain order, each miss loaded when reached
+            yield from (e for _, e in needed)
+            return
         remaining = set(needed)
-        while remaining:
+        while remaining:                      # reordered: resident first, then most chunks landed
             with cv:
                 def readiness(key):
                     slot = self.cache.where.get(key)
@@ -61,6 +68,8 @@ class CachedExpertSource(ExpertSource):
         """Block until chunk `chunk` of `key` is on the device; returns its slot, pinned."""
         cv = self.cache.cv
         t0 = time.perf_counter()
+        if chunk == 0:
+            self.transfer.request(key, HIGH)      # a miss (no-op when resident or already queued)
         deadline = t0 + self.wait_timeout
         with cv:
             while True:
