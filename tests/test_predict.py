@@ -286,14 +286,15 @@ def test_set_metrics_by_hand():
 
 def test_fetch_timeline_by_hand():
     # three copies of 1 s each, all issued at 0 with deadline 2: the first two make it, the third
-    # starts at 2 = its deadline and is dropped
+    # would end at 3 > 2 and is skipped
     ok = fetch_timeline(np.zeros(3), np.full(3, 2.0), np.ones(3))
     assert ok.tolist() == [True, True, False]
-    # a copy that starts in time but finishes late is not fetchable and still occupies the link
+    # a copy that cannot finish in time is skipped and does not hold the link: the second would end
+    # at 2 > 1.5, so the third starts at 1 (its issue time) and ends at 2 <= 2.5
     ok = fetch_timeline(np.array([0.0, 0.0, 1.0]), np.array([1.0, 1.5, 2.5]), np.array([1.0, 1.0, 1.0]))
-    assert ok.tolist() == [True, False, False]     # second ends at 2 > 1.5; third starts at 2, ends 3 > 2.5
-    ok = fetch_timeline(np.array([0.0, 0.0, 1.0]), np.array([1.0, 1.5, 2.5]), np.array([1.0, 1.0, 0.4]))
-    assert ok.tolist() == [True, False, True]      # third ends at 2.4
+    assert ok.tolist() == [True, False, True]
+    ok = fetch_timeline(np.array([0.0, 0.0, 0.5]), np.array([1.0, 2.0, 2.2]), np.array([1.0, 1.0, 1.0]))
+    assert ok.tolist() == [True, True, False]      # third waits for the link until 2, would end at 3
     assert parse_link("25GB/s") == ("bw", 25e9)
     assert parse_link("1GiB/s") == ("bw", 2.0**30)
     assert parse_link("ratio=2.5") == ("ratio", 2.5)
@@ -307,7 +308,7 @@ def test_evaluate_definitions(traced, models, tmp_path):
     tr, _ = traced
     # ratio=1: one expert's copy takes one layer's compute; k = 2 copies are queued per source layer,
     # issued at the source (latency 0) and due one layer later: the first finishes exactly in time, the
-    # second would start at its deadline and is dropped -> fetch rate 1/2 at distance 1
+    # second cannot and is skipped -> fetch rate 1/2 at distance 1
     rep = evaluate(models["a"], tr.path, ["oracle", "none", "gate", "freq", "history"], lookahead=2,
                    link="ratio=1", layer_time=1e-3, progress=False, pred_latency=0.0)
     rows = {(r["predictor"], r["lookahead"]): r for r in rep["rows"]}

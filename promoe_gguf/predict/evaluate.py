@@ -81,16 +81,15 @@ def parse_link(text) -> tuple[str, float]:
 
 def fetch_timeline(issue: np.ndarray, deadline: np.ndarray, tau: np.ndarray) -> np.ndarray:
     """FIFO copy link. Copies in queue order: issue time, deadline, duration (seconds). A copy starts
-    at max(link free, issue); dropped if that is at or after its deadline; else fetchable iff
-    start + tau <= deadline. Returns a bool array."""
+    at max(link free, issue) if it can finish by its deadline (then it is fetchable); one that cannot
+    is skipped and leaves the link free (a prefetch that lands after its layer ran is useless; the
+    runtime's precise request takes over). Returns a bool array: fetchable."""
     ok = np.zeros(len(issue), bool)
     free = -math.inf
     for i in range(len(issue)):
-        start = max(free, issue[i])
-        if start >= deadline[i]:
-            continue
-        free = start + tau[i]
-        ok[i] = free <= deadline[i] + 1e-15
+        end = max(free, issue[i]) + tau[i]
+        if end <= deadline[i] + 1e-15:
+            ok[i], free = True, end
     return ok
 
 

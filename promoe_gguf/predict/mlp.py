@@ -334,9 +334,11 @@ def record_digest(record: dict) -> str:
 
 # ---- runtime ------------------------------------------------------------------------------------
 class MLPPredictor(Predictor):
-    """The runtime side, in numpy. Per layer a: z_a = x_a @ U'_a + c_a (standardization folded in),
-    one matmul of the shared block (window of z, current routing) for all targets of a, then per
-    target a small matmul of its own block and the second layer."""
+    """The runtime side, in numpy (a decode step's calls are tiny: per-op overhead dominates).
+
+    Per source layer a: z_a = x_a @ U'_a + c_a (standardization folded in); one matmul of the block
+    every target shares (window of z, current routing) for all targets at once; one batched matmul of
+    the targets' own blocks; one batched second layer."""
     name = "mlp"
 
     def __init__(self, model, record: dict, lookahead: int | None = None, routers=None, stride: int = 1):
@@ -366,17 +368,23 @@ class MLPPredictor(Predictor):
         else:
             self.U = None
             self.mu, self.inv = st["xmu"], inv
-        self.H = record["hidden"]
-        S = spec.n_shared
-        self.pair_index = {pair: i for i, pair in enumerate(spec.pairs())}
-        w = self.lookahead
-        W1 = st["W1"]
-        self.Ws = [np.ascontiguousarray(np.concatenate(
-            [W1[self.pair_index[(a, j)], :S] for j in range(1, w + 1)], axis=1)) for a in range(M)]   # [S, w*H]
-        self.Wt = [np.ascontiguousarray(W1[p, S:]) for p in range(len(W1))]            # [F-S, H]
-        self.b1 = [st["b1"][p, 0] for p in range(len(W1))]
-        self.W2 = [np.ascontiguousarray(st["W2"][p]) for p in range(len(W1))]
-        self.b2 = [st["b2"][p, 0] for p in range(len(W1))]
+        H, S, w = record["hidden"], spec.n_shared, self.lookahead
+        self.H = H
+        pidx = {pair: i for i, pair in enumerate(spec.pairs())}
+        W1, b1, W2, b2 = st["W1"], st["b1"], st["W2"], st["b2"]
+        self.Ws, self.b1, self.Wt, self.W2, self.b2, self.targets = [], [], [], [], [], []
+        for a in range(M):
+            ps = [pidx[(a, j)] for j in range(1, w + 1)]
+            self.Ws.append(np.ascontiguousarray(np.concatenate([W1[p, :S] for p in ps], axis=1)))   # [S, w*H]
+            self.b1.append(np.concatenate([b1[p, 0] for p in ps]))                                # [w*H]
+            self.Wt.append(np.ascontiguousarray(np.stack([W1[p, S:] for p in ps])))                # [w, Ft, H]
+            self.W2.append(np.ascontiguousarray(np.stack([W2[p] for p in ps])))                    # [w, H, E]
+            self.b2.append(np.stack([b2[p] for p in ps]))                                         # [w, 1, E]
+            self.targets.append([(a + j, (a + j) % M, self.moe[a + j] if a + j < M
+                                  else self.moe[(a + j) % M] + self.n_layers) for j in range(1, w + 1)])
+        self.zero_state = (np.zeros((1, spec.r), np.float32), np.zeros((1, E), np.float32),
+                           np.zeros((1, E), np.float32))
+        self.zero_ema = np.zeros((1, E), np.float32)
         self.eye = np.eye(E, dtype=np.float32)
         self.calls, self.seconds = 0, 0.0
         self.reset()
@@ -384,15 +392,39 @@ class MLPPredictor(Predictor):
     def reset(self):
         super().reset()
         s = self.spec
-        self.prev = {}           # slot -> (z [r], probs [E], hot [E]) of the last token seen
-        self.cur = {}            # slot -> (z [T,r], probs [T,E], hot [T,E]) of this step
-        self.ema = np.zeros((s.M, s.E), np.float32)      # through the previous step's last token
-        self.ema_cur = {}        # slot -> [T, E] through each row of this step
+        self.prev = {}           # slot -> (z [1,r], probs [1,E], hot [1,E]) of the last token seen
+        self.cur = {}            # slot -> [z [T,r], probs [T,E], hot [T,E] | None] of this step
+        self.ema = np.zeros((s.M, 1, s.E), np.float32)   # through the previous step's last token
+        self.ema_cur = {}        # slot -> [T, E] through each row of this step (once hot is known)
+
+    def _hot(self, a):
+        """This step's choice at slot a: observed, else the router's top-k (also updates the history)."""
+        cur = self.cur[a]
+        if cur[2] is None:
+            probs = cur[1]
+            top = np.argpartition(-probs, self.spec.k - 1, axis=1)[:, :self.spec.k]
+            hot = np.zeros_like(probs)
+            hot[np.arange(len(hot))[:, None], top] = 1.0
+            self._set_hot(a, hot)
+        return cur[2]
+
+    def _set_hot(self, a, hot):
+        self.cur[a][2] = hot
+        c = self.spec.ema
+        if hot.shape[0] == 1:
+            self.ema_cur[a] = c * self.ema[a] + (1 - c) * hot
+            return
+        out, acc = np.empty_like(hot), self.ema[a][0]
+        for t in range(hot.shape[0]):
+            acc = c * acc + (1 - c) * hot[t]
+            out[t] = acc
+        self.ema_cur[a] = out
 
     def begin_step(self, positions):
-        for a, (z, p, h) in self.cur.items():
-            self.prev[a] = (z[-1], p[-1], h[-1])
-            self.ema[a] = self.ema_cur[a][-1]
+        for a, cur in self.cur.items():
+            hot = self._hot(a)
+            self.prev[a] = (cur[0][-1:], cur[1][-1:], hot[-1:])
+            self.ema[a] = self.ema_cur[a][-1:]
         self.cur, self.ema_cur = {}, {}
         super().begin_step(positions)
 
@@ -400,18 +432,6 @@ class MLPPredictor(Predictor):
         if self.U is not None:
             return xn @ self.U[a] + self.c[a]
         return (xn - self.mu[a]) * self.inv[a]
-
-    def _set_current(self, a, z, probs, hot):
-        self.cur[a] = (z, probs, hot)
-        c = self.spec.ema
-        if hot.shape[0] == 1:
-            self.ema_cur[a] = c * self.ema[a] + (1 - c) * hot
-            return
-        out, acc = np.empty_like(hot), self.ema[a]
-        for t in range(hot.shape[0]):
-            acc = c * acc + (1 - c) * hot[t]
-            out[t] = acc
-        self.ema_cur[a] = out
 
     @staticmethod
     def _softmax(z):
@@ -426,50 +446,46 @@ class MLPPredictor(Predictor):
             return {}
         t0 = time.perf_counter()
         s = self.spec
-        M, E, r, H = s.M, s.E, s.r, self.H
+        M, E = s.M, s.E
         xn = x.detach().to("cpu", torch.float32).numpy()
         T = xn.shape[0]
-        gl = (xn @ self.R_all_T).reshape(T, M, E)                                 # every router on x
-        sm = self._softmax(gl)                                                    # [T, M, E]
-        probs_a = sm[:, a]
-        top = np.argpartition(-gl[:, a], s.k - 1, axis=1)[:, :s.k]
-        hot_a = np.zeros((T, E), np.float32)
-        hot_a[np.arange(T)[:, None], top] = 1.0
-        self._set_current(a, self._encode(a, xn), probs_a, hot_a)
+        sm = self._softmax((xn @ self.R_all_T).reshape(T, M, E))                 # every router on x
+        z = self._encode(a, xn)
+        self.cur[a] = [z, sm[:, a], None]
         if a % self.stride:
             self.seconds += time.perf_counter() - t0
             return {}
-        shared = np.empty((T, s.n_shared), np.float32)
+        win = []
         for i in range(s.ctx):
             lay = a - i
-            seg = shared[:, i * r:(i + 1) * r]
             if lay >= 0:
-                seg[:] = self.cur[lay][0] if lay in self.cur else 0.0
+                win.append(self.cur[lay][0] if lay in self.cur else np.zeros_like(z))
             else:
                 pv = self.prev.get(M + lay)
-                seg[:] = pv[0] if pv is not None else 0.0
-        shared[:, s.ctx * r:] = probs_a
-        hs = shared @ self.Ws[a]                                                  # [T, w*H]
-        tf = np.empty((T, s.n_features - s.n_shared), np.float32)
-        out = {}
-        for j in range(1, self.lookahead + 1):
-            b = a + j
-            bb = b % M
-            tf[:, :E] = sm[:, bb]
+                win.append(np.broadcast_to(pv[0], z.shape) if pv is not None else np.zeros_like(z))
+        win.append(sm[:, a])
+        hs = np.concatenate(win, axis=1) @ self.Ws[a] + self.b1[a]                # [T, w*H]
+        tfs = []
+        for b, bb, _ in self.targets[a]:
             if b < M:
-                st, ema, target = self.prev.get(bb), self.ema[bb], self.moe[b]
+                st, ema = self.prev.get(bb), self.ema[bb]
+            elif bb in self.cur:
+                st, ema = self.cur[bb], None
+                st = (st[0], st[1], self._hot(bb))
+                ema = self.ema_cur[bb]
             else:
-                st, ema, target = self.cur.get(bb), self.ema_cur.get(bb), self.moe[bb] + self.n_layers
+                st = None
             if st is None:
-                tf[:, E:] = 0.0
-            else:
-                tf[:, E:2 * E], tf[:, 2 * E:3 * E], tf[:, 3 * E:4 * E] = st[1], st[2], ema
-                if s.target_x:
-                    tf[:, 4 * E:] = st[0]
-            p = self.pair_index[(a, j)]
-            h = hs[:, (j - 1) * H:j * H] + tf @ self.Wt[p] + self.b1[p]
-            np.maximum(h, 0.0, out=h)
-            out[target] = torch.from_numpy(h @ self.W2[p] + self.b2[p])
+                st, ema = self.zero_state, self.zero_ema
+            parts = [sm[:, bb], st[1], st[2], ema] + ([st[0]] if s.target_x else [])
+            if T > 1:
+                parts = [np.broadcast_to(p, (T, p.shape[-1])) for p in parts]
+            tfs.append(np.concatenate(parts, axis=1))
+        w = len(tfs)
+        h = np.matmul(np.stack(tfs), self.Wt[a]) + hs.reshape(T, w, self.H).transpose(1, 0, 2)   # [w, T, H]
+        np.maximum(h, 0.0, out=h)
+        S = np.matmul(h, self.W2[a]) + self.b2[a]                                 # [w, T, E]
+        out = {t: torch.from_numpy(S[i]) for i, (_, _, t) in enumerate(self.targets[a])}
         self.calls += 1
         self.seconds += time.perf_counter() - t0
         return out
@@ -478,14 +494,11 @@ class MLPPredictor(Predictor):
         a = self.slot.get(layer)
         if a is None:
             return
-        if a in self.cur:
-            z, probs, _ = self.cur[a]
-        else:                                   # predict() was not called for this layer
+        if a not in self.cur:                   # predict() was not called for this layer
             xn = x.detach().to("cpu", torch.float32).numpy()
-            z = self._encode(a, xn)
             probs = self._softmax(xn @ self.R_all_T[:, a * self.spec.E:(a + 1) * self.spec.E])
-        hot = self.eye[chosen.detach().to("cpu").numpy()].sum(1)
-        self._set_current(a, z, probs, hot)
+            self.cur[a] = [self._encode(a, xn), probs, None]
+        self._set_hot(a, self.eye[chosen.detach().to("cpu").numpy()].sum(1))
 
 
 def load_mlp_predictor(path, model, lookahead: int | None = None, stride: int = 1) -> MLPPredictor:
