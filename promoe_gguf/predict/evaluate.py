@@ -100,6 +100,7 @@ class Replay:
     def __init__(self, n_rows, M, J, topk):
         self.pred = np.full((n_rows, M, J, topk), -1, np.int16)
         self.step_s: list[float] = []      # predictor time of each replayed token (all its layers)
+        self.step_cpu: list[float] = []    # the same, thread CPU time
 
 
 def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | None = None,
@@ -133,7 +134,7 @@ def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | No
         IDS = torch.from_numpy(np.asarray(trace.ids[seq_rows[0]:seq_rows[-1] + 1]).astype(np.int64))
         POS = np.asarray(trace.pos[seq_rows[0]:seq_rows[-1] + 1])
         for r in range(len(seq_rows)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             predictor.begin_step([int(POS[r])])
             outs = []
             for a, layer in enumerate(moe):
@@ -141,6 +142,7 @@ def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | No
                 outs.append(predictor.predict(layer, x))
                 predictor.observe(layer, x, IDS[r, a][None])
             rp.step_s.append(time.perf_counter() - t0)
+            rp.step_cpu.append(time.thread_time() - c0)
             for a, out in enumerate(outs):
                 for target, scores in out.items():
                     b = slot[target] if target < n_layers else M + slot.get(target - n_layers, -10**6)
@@ -298,7 +300,8 @@ def evaluate(model_path, trace_path, predictors: list[str], lookahead: int = 3, 
             name = spec
             med = float(np.median(rp.step_s)) if rp.step_s else 0.0
             cost[name] = {"ms_per_step": 1e3 * med, "mean_ms_per_step": round(1e3 * float(np.mean(rp.step_s)), 4)
-                          if rp.step_s else 0.0, "steps": len(rp.step_s)}
+                          if rp.step_s else 0.0, "cpu_ms_per_step": round(1e3 * float(np.median(rp.step_cpu)), 4)
+                          if rp.step_cpu else 0.0, "steps": len(rp.step_s)}
             lat = med / trace.M if pred_latency is None else pred_latency
             for j in range(1, lookahead + 1):
                 sel = V[:, :, j - 1]

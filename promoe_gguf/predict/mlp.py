@@ -386,7 +386,7 @@ class MLPPredictor(Predictor):
                            np.zeros((1, E), np.float32))
         self.zero_ema = np.zeros((1, E), np.float32)
         self.eye = np.eye(E, dtype=np.float32)
-        self.calls, self.seconds = 0, 0.0
+        self.calls, self.seconds, self.cpu_seconds = 0, 0.0, 0.0   # predict(): wall and thread CPU time
         self.reset()
 
     def reset(self):
@@ -444,7 +444,7 @@ class MLPPredictor(Predictor):
         a = self.slot.get(layer)
         if a is None:
             return {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         s = self.spec
         M, E = s.M, s.E
         xn = x.detach().to("cpu", torch.float32).numpy()
@@ -454,6 +454,7 @@ class MLPPredictor(Predictor):
         self.cur[a] = [z, sm[:, a], None]
         if a % self.stride:
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.thread_time() - c0
             return {}
         win = []
         for i in range(s.ctx):
@@ -488,6 +489,7 @@ class MLPPredictor(Predictor):
         out = {t: torch.from_numpy(S[i]) for i, (_, _, t) in enumerate(self.targets[a])}
         self.calls += 1
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.thread_time() - c0
         return out
 
     def observe(self, layer, x, chosen, logits=None):
