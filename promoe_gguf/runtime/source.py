@@ -31,6 +31,8 @@ class CachedExpertSource(ExpertSource):
         self._degraded = False
 
     def begin_step(self, positions):
+        with self.cache.cv:
+            self.cache.begin_step()
         if self.prefetcher is not None:
             self.prefetcher.begin_step(positions)
 
