@@ -46,8 +46,8 @@ class Policy:
     def victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
         free = [s for s in cache.slots if not (s.state == LOADING or s.pins or s.permanent
                                                 or (s.key is not None and s.key in protected))]
-        if speculative:   # a guess never displaces an expert used in this token or the one before
-            free = [s for s in free if s.state == EMPTY or s.last_use <= cache.prev_step_tick]
+        if speculative:   # a guess never displaces an expert already used in this step
+            free = [s for s in free if s.state == EMPTY or s.last_use <= cache.step_tick]
         empty = next((s for s in free if s.state == EMPTY), None)
         if not self.partitioned:
             return empty or min(free, key=lambda s: s.last_use, default=None)
@@ -128,7 +128,7 @@ class ExpertCache:
         self.policy = policy
         self.cv = threading.Condition()
         self.tick = 0
-        self.step_tick = self.prev_step_tick = 0   # cache.tick when this / the previous step began
+        self.step_tick = 0              # cache.tick when the current forward step began
         self.needed: set = set()        # experts the current layer still has to compute
         self.protected: set = set()     # promoe: experts the next layer is predicted to need
 
@@ -138,7 +138,7 @@ class ExpertCache:
 
     def begin_step(self) -> None:
         """(cv held) A forward step starts: remember the use clock, for speculative eviction."""
-        self.prev_step_tick, self.step_tick = self.step_tick, self.tick
+        self.step_tick = self.tick
 
     def touch(self, slot: Slot) -> None:
         self.tick += 1
