@@ -1,10 +1,8 @@
 """The model's own tokenizer and chat template, through llama.cpp (llama-cpp-python, vocab only)."""
 from __future__ import annotations
 
-import contextlib
-import os
-
 from .errors import ModelError
+from .util import quiet_stderr
 
 
 class Tokenizer:
@@ -21,7 +19,7 @@ class Tokenizer:
             if self.model.metadata("tokenizer.ggml.model") in (None, "none", "no_vocab"):
                 raise ModelError(f"{self.model.path}: the model has no tokenizer (pass token ids instead)")
             import llama_cpp
-            with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            with quiet_stderr():
                 self._llama = llama_cpp.Llama(self.model.gguf_path, vocab_only=True, verbose=False)
         return self._llama
 

@@ -9,7 +9,6 @@ this measures the forward pass, not the runtime.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -17,18 +16,7 @@ import numpy as np
 import torch
 
 from promoe_gguf import DEFAULT_MODEL, Engine
-
-
-@contextlib.contextmanager
-def quiet():
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+from promoe_gguf.util import quiet_stderr as quiet
 
 
 def ours(model, prompt, n, threads):

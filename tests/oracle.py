@@ -1,24 +1,12 @@
 """Stock llama.cpp (llama-cpp-python, CPU) as the oracle for logits."""
 from __future__ import annotations
 
-import contextlib
-import os
-
 import numpy as np
 
+from promoe_gguf.util import quiet_stderr
 
-@contextlib.contextmanager
-def _quiet():
-    """llama.cpp logs to fd 2 from C; silence it for the duration."""
-    saved = os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+
+_quiet = quiet_stderr
 
 
 def load(path: str, n_ctx: int = 256):

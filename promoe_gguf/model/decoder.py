@@ -41,9 +41,20 @@ class Decoder:
         raise NotImplementedError
 
     def ffn(self, layer: int, h):
-        raise NotImplementedError
+        """Routed experts plus the shared expert where the file has one (override for dense layers)."""
+        out = self.routed_experts(layer, h)
+        shared = self.shared_expert(layer, h)
+        return out if shared is None else out + shared
 
     # ---- shared pieces -------------------------------------------------------------------
+    def qkv(self, layer: int, h):
+        """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] from attn_q/k/v (with biases if present)."""
+        c, p, T = self.cfg, f"blk.{layer}.", h.shape[0]
+        q = self.W.linear(h, p + "attn_q", bias=True).view(T, c.n_head, c.head_dim_k)
+        k = self.W.linear(h, p + "attn_k", bias=True).view(T, c.n_head_kv, c.head_dim_k)
+        v = self.W.linear(h, p + "attn_v", bias=True).view(T, c.n_head_kv, c.head_dim_v)
+        return q, k, v
+
     def standard_attention(self, layer: int, q, k, v, pos, cache: KVCache):
         """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] before RoPE -> attn_output projection [T, d]."""
         q, k = self.rope(q, pos), self.rope(k, pos)

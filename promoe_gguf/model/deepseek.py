@@ -47,11 +47,7 @@ class DeepSeek(Decoder):
     def attention(self, layer, h, pos, cache):
         if self.cfg.arch == "deepseek2":
             return self.mla_attention(layer, h, pos, cache)
-        c, p, T = self.cfg, f"blk.{layer}.", h.shape[0]
-        q = self.W.linear(h, p + "attn_q").view(T, c.n_head, c.head_dim_k)
-        k = self.W.linear(h, p + "attn_k").view(T, c.n_head_kv, c.head_dim_k)
-        v = self.W.linear(h, p + "attn_v").view(T, c.n_head_kv, c.head_dim_v)
-        return self.standard_attention(layer, q, k, v, pos, cache)
+        return self.standard_attention(layer, *self.qkv(layer, h), pos, cache)
 
     def _kv_heads(self, layer, c_kv):
         """Compressed kv [T, kv_lora] -> k_nope [T, H, nope], v [T, H, dv]."""
@@ -83,9 +79,6 @@ class DeepSeek(Decoder):
         return self.W.linear(a, p + "attn_output")
 
     def ffn(self, layer, h):
-        p = f"blk.{layer}.ffn"
         if layer < self.cfg.n_leading_dense:
-            return swiglu_ffn(self.W, h, p)
-        out = self.routed_experts(layer, h)
-        shared = self.shared_expert(layer, h)
-        return out if shared is None else out + shared
+            return swiglu_ffn(self.W, h, f"blk.{layer}.ffn")
+        return super().ffn(layer, h)

@@ -13,13 +13,4 @@ class Mixtral(Decoder):
     archs = ("llama", "granitemoe")
 
     def attention(self, layer, h, pos, cache):
-        c, p, T = self.cfg, f"blk.{layer}.", h.shape[0]
-        q = self.W.linear(h, p + "attn_q", bias=True).view(T, c.n_head, c.head_dim_k)
-        k = self.W.linear(h, p + "attn_k", bias=True).view(T, c.n_head_kv, c.head_dim_k)
-        v = self.W.linear(h, p + "attn_v", bias=True).view(T, c.n_head_kv, c.head_dim_v)
-        return self.standard_attention(layer, q, k, v, pos, cache)
-
-    def ffn(self, layer, h):
-        out = self.routed_experts(layer, h)
-        shared = self.shared_expert(layer, h)
-        return out if shared is None else out + shared
+        return self.standard_attention(layer, *self.qkv(layer, h), pos, cache)

@@ -18,6 +18,3 @@ class OLMoE(Decoder):
         k = k.view(T, c.n_head_kv, c.head_dim_k)
         v = v.view(T, c.n_head_kv, c.head_dim_v)
         return self.standard_attention(layer, q, k, v, pos, cache)
-
-    def ffn(self, layer, h):
-        return self.routed_experts(layer, h)

@@ -11,17 +11,10 @@ class QwenMoE(Decoder):
     archs = ("qwen2moe", "qwen3moe")
 
     def attention(self, layer, h, pos, cache):
-        c, p, T = self.cfg, f"blk.{layer}.", h.shape[0]
-        q = self.W.linear(h, p + "attn_q", bias=True).view(T, c.n_head, c.head_dim_k)
-        k = self.W.linear(h, p + "attn_k", bias=True).view(T, c.n_head_kv, c.head_dim_k)
-        v = self.W.linear(h, p + "attn_v", bias=True).view(T, c.n_head_kv, c.head_dim_v)
-        q_norm = self.W(p + "attn_q_norm.weight", optional=True)            # [Dk], per head
+        c, p = self.cfg, f"blk.{layer}."
+        q, k, v = self.qkv(layer, h)
+        q_norm = self.W(p + "attn_q_norm.weight", optional=True)            # [Dk], per head (qwen3moe)
         if q_norm is not None:
             q = rms_norm(q, q_norm, c.rms_eps)
             k = rms_norm(k, self.W(p + "attn_k_norm.weight"), c.rms_eps)
         return self.standard_attention(layer, q, k, v, pos, cache)
-
-    def ffn(self, layer, h):
-        out = self.routed_experts(layer, h)
-        shared = self.shared_expert(layer, h)
-        return out if shared is None else out + shared
