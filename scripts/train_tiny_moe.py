@@ -714,6 +714,8 @@ def main(argv=None):
     ap.add_argument("--no-ship", action="store_true",
                     help="write the Q4_K_M file under --out instead of promoe_gguf/data")
     ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--eval-windows", type=int, default=0,
+                    help="held-out windows llama.cpp scores at the end (default 0: all)")
     ap.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--resume", action="store_true",
                     help="continue from OUT/ckpt.pt (same args; bitwise the same run)")
@@ -745,7 +747,8 @@ def main(argv=None):
     run_eval(q4_path=exp["q4_path"], f32_path=exp["f32_path"],
              ckpt_info_path=Path(args.out) / "train_info.json",
              card_path=MODEL_CARD if not args.no_ship else Path(args.out) / "default-moe.json",
-             ckpt_path=Path(args.export_only) if args.export_only else Path(args.out) / "ckpt.pt")
+             ckpt_path=Path(args.export_only) if args.export_only else Path(args.out) / "ckpt.pt",
+             windows=args.eval_windows or None)
     return 0
 
 
