@@ -5,7 +5,7 @@
 #   STEPS="eval" scripts/predictor_results.sh
 #
 # Outputs: build/predictor/{prompts.jsonl,trace/}, promoe_gguf/data/default-moe.predictor.pt,
-#          bench/results/predictor/{eval,eval-ratio2}.{json,png,md}
+#          bench/results/predictor/{eval,eval-ratio0.5,eval-ratio1}.{json,png,md}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,10 +29,12 @@ for step in $STEPS; do
     eval)
       $PROMOE eval-predictor default --trace "$WORK/trace" --predictors "gate,mlp:$PRED,history,freq,oracle" \
         --threads 1 --out "$OUT/eval.json" --png "$OUT/eval.png" --markdown "$OUT/eval.md"
-      # a slow link: one expert's copy takes two layers' decode compute
-      $PROMOE eval-predictor default --trace "$WORK/trace" --predictors "gate,mlp:$PRED,history,freq,oracle" \
-        --threads 1 --link ratio=2 --out "$OUT/eval-ratio2.json" --png "$OUT/eval-ratio2.png" \
-        --markdown "$OUT/eval-ratio2.md" ;;
+      # slower links: one expert's copy takes R x one layer's decode compute
+      for R in 0.5 1; do
+        $PROMOE eval-predictor default --trace "$WORK/trace" --predictors "gate,mlp:$PRED,history,freq,oracle" \
+          --threads 1 --link ratio=$R --layer-time "$(python3 -c "import json;print(json.load(open('$OUT/eval.json'))['setup']['layer_time_s'])")" \
+          --out "$OUT/eval-ratio$R.json" --png "$OUT/eval-ratio$R.png" --markdown "$OUT/eval-ratio$R.md"
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -317,6 +317,10 @@ def test_evaluate_definitions(traced, models, tmp_path):
         if r["accuracy"] is not None and r["fetch_rate"] is not None:
             assert r["goodpred"] == pytest.approx(r["accuracy"] * r["fetch_rate"], abs=2e-4)
     assert rows[("freq", 1)]["fetch_rate"] == 0.5 and rows[("history", 1)]["fetch_rate"] == 0.5
+    # the oracle's first copy per source layer is right and in time, the second skipped: it covers
+    # half of what is used; a fast link covers everything
+    assert rows[("oracle", 1)]["coverage"] == pytest.approx(0.5, abs=0.02)
+    assert rows[("none", 1)]["coverage"] == 0.0
     # at distance 2 the first source layer gets both copies in (the link starts idle), then 1/2
     n = 2 * len(truth(tr, tr.rows("eval"), 1)[0])
     assert rows[("freq", 2)]["fetch_rate"] == pytest.approx((n + 1) / (2 * n), abs=1e-4)
@@ -335,8 +339,10 @@ def test_evaluate_definitions(traced, models, tmp_path):
     last = np.cumsum([s["n_prompt"] + s["n_decode"] for s in tr.seqs("eval")]) - 1
     assert not V[last, 1, 0].any() and V[last, 0, 0].all()
     # fast link: everything is fetchable
-    rep = evaluate(models["a"], tr.path, ["freq"], lookahead=1, link="25GB/s", layer_time=1e-3, progress=False)
+    rep = evaluate(models["a"], tr.path, ["freq", "oracle"], lookahead=1, link="25GB/s", layer_time=1e-3,
+                   progress=False)
     assert rep["rows"][0]["fetch_rate"] == 1.0
+    assert rep["rows"][0]["coverage"] == rep["rows"][0]["recall"] and rep["rows"][1]["coverage"] == 1.0
 
 
 def test_history_and_freq_predictors(traced, models):

@@ -20,7 +20,9 @@ predictor's own latency, and is due at target b's router, (layer_b - layer_a) x 
 c for the next token). Its experts join one FIFO copy queue in score order; an expert takes
 tau = bytes / bandwidth (or, in ratio mode, tau = R x c). A queued copy whose deadline has passed
 before it starts is dropped (ProMoE's early preemption); one that starts in time finishes at
-start + tau and is fetchable iff it finishes by its deadline. fetch_rate = fetchable / predicted.
+start + tau and is fetchable iff it finishes by its deadline. fetch_rate = fetchable / predicted. coverage = (predicted, right and fetchable) / really used: the
+share of the experts the forward pass needs that this predictor has in place in time (GOODPRED, as
+defined, does not count what a predictor does not predict: gate reuse makes no next-token guesses).
 The per-layer time c is the median time between decoded tokens of an all-resident Engine divided by
 the number of layers (`--layer-time` overrides it); the predictor's latency is its own measured
 time per call.
@@ -134,13 +136,15 @@ def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | No
         IDS = torch.from_numpy(np.asarray(trace.ids[seq_rows[0]:seq_rows[-1] + 1]).astype(np.int64))
         POS = np.asarray(trace.pos[seq_rows[0]:seq_rows[-1] + 1])
         for r in range(len(seq_rows)):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            predictor.begin_step([int(POS[r])])
+            xs = [X[r, a][None] for a in range(M)]                       # inputs ready before timing
+            chosen = [IDS[r, a][None] for a in range(M)]
+            pos = [int(POS[r])]
             outs = []
+            t0, c0 = time.perf_counter(), time.thread_time()
+            predictor.begin_step(pos)
             for a, layer in enumerate(moe):
-                x = X[r, a][None]
-                outs.append(predictor.predict(layer, x))
-                predictor.observe(layer, x, IDS[r, a][None])
+                outs.append(predictor.predict(layer, xs[a]))
+                predictor.observe(layer, xs[a], chosen[a])
             rp.step_s.append(time.perf_counter() - t0)
             rp.step_cpu.append(time.thread_time() - c0)
             for a, out in enumerate(outs):
@@ -176,16 +180,17 @@ def truth(trace, rows: np.ndarray, lookahead: int) -> tuple[np.ndarray, np.ndarr
     return T, V
 
 
-def fetch_rate(trace, model, rows, pred: np.ndarray, j: int, layer_time: float, link, pred_latency: float):
-    """Fetch rate of the distance-j predictions `pred` [n, M, topk] (see the module doc)."""
+def fetch_rate(trace, model, rows, pred: np.ndarray, j: int, layer_time: float, link, pred_latency: float,
+               true: np.ndarray | None = None, valid: np.ndarray | None = None):
+    """Fetch rate of the distance-j predictions `pred` [n, M, topk] (see the module doc); with the
+    true ids [n, M, k] and validity [n, M] also the coverage: the share of the experts really used
+    (at targets that exist) that were predicted and fetched in time. Returns (fetch_rate, coverage)."""
     M, n_layers, moe = trace.M, trace.n_layers, trace.moe_layers
     mode, val = link
     nbytes = np.array([[model.expert_nbytes(layer, e) for e in range(trace.E)] for layer in moe], np.float64)
     tau_tab = nbytes / val if mode == "bw" else np.full_like(nbytes, val * layer_time)
-    issue, deadline, tau = [], [], []
-    seq = np.asarray(trace.seq[rows])
-    # one continuous decode stream through the replayed rows; a new sequence starts a new time base
-    # offset so that nothing carries over (its first tokens are treated like any other)
+    issue, deadline, tau, good = [], [], [], []
+    # one continuous decode stream through the replayed rows
     t_row = np.arange(len(rows), dtype=np.float64) * n_layers * layer_time
     for a in range(M):
         b = a + j
@@ -200,16 +205,22 @@ def fetch_rate(trace, model, rows, pred: np.ndarray, j: int, layer_time: float, 
             issue.append(np.where(has, t_row + moe[a] * layer_time + pred_latency, np.nan))
             deadline.append(t_row + dl * layer_time)
             tau.append(np.where(has, tau_tab[tb][np.maximum(e, 0)], np.nan))
+            if true is not None:
+                good.append(has & valid[:, a] & (e[:, None] == true[:, a]).any(1))
     if not issue:
-        return None
+        return None, (0.0 if true is not None else None)
     issue, deadline, tau = (np.stack(v, 1).reshape(-1) for v in (issue, deadline, tau))
     order = np.lexsort((np.arange(len(issue)), issue))       # FIFO by issue time, then queue order
     keep = order[~np.isnan(issue[order])]
     if len(keep) == 0:
-        return None
+        return None, (0.0 if true is not None else None)
     ok = fetch_timeline(issue[keep], deadline[keep], tau[keep])
-    del seq
-    return float(ok.mean())
+    coverage = None
+    if true is not None:
+        good = np.stack(good, 1).reshape(-1)[keep]
+        n_true = int(valid.sum()) * true.shape[-1]
+        coverage = float((ok & good).sum() / n_true) if n_true else None
+    return float(ok.mean()), coverage
 
 
 def measure_layer_time(model_path, trace, n_tokens: int = 32, repeats: int = 2) -> float:
@@ -311,12 +322,13 @@ def evaluate(model_path, trace_path, predictors: list[str], lookahead: int = 3, 
                 M = trace.M
                 intra = np.broadcast_to((np.arange(M) + j < M)[None, :], sel.shape)[sel]
                 mi, mc = set_metrics(P[intra], R[intra]), set_metrics(P[~intra], R[~intra])
-                fr = fetch_rate(trace, model, rows, rp.pred[:, :, j - 1], j, layer_time, link_t, lat)
+                fr, cov = fetch_rate(trace, model, rows, rp.pred[:, :, j - 1], j, layer_time, link_t, lat,
+                                     T_ids[:, :, j - 1], V[:, :, j - 1])
                 acc = m["accuracy"]
                 rows_out.append({"predictor": name, "lookahead": j, "accuracy": _r(acc), "recall": _r(m["recall"]),
                                  "fetch_rate": _r(fr), "goodpred": _r(acc * fr if acc is not None and fr is not None else None),
                                  "accuracy_intra": _r(mi["accuracy"]), "accuracy_cross": _r(mc["accuracy"]),
-                                 "recall_cross": _r(mc["recall"]), "instances": int(sel.sum())})
+                                 "recall_cross": _r(mc["recall"]), "coverage": _r(cov), "instances": int(sel.sum())})
                 for a in range(M):
                     sa = V[:, a, j - 1]
                     ma = set_metrics(rp.pred[sa, a, j - 1], T_ids[sa, a, j - 1])
@@ -368,9 +380,9 @@ def plot(report: dict, path) -> Path:
     for ax in axes:
         ax.set_xticks(sorted({r["lookahead"] for r in rows}))
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(names), fontsize=9)
     fig.suptitle(f"{Path(s['model']).name}: {s['tokens']} held-out tokens, {s['sequences']} prompts", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -399,12 +411,12 @@ def format_table(report: dict) -> str:
 def markdown_table(report: dict) -> str:
     """The rows as a Markdown table, then the setup and the predictor cost."""
     f = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
-    out = ["| predictor | lookahead | accuracy | recall | fetch rate | GOODPRED | accuracy (same token) "
-           "| accuracy (next token) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| predictor | lookahead | accuracy | recall | fetch rate | GOODPRED | coverage | accuracy (same token) "
+           "| accuracy (next token) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         name = r["predictor"].split("/")[-1] if r["predictor"].startswith("mlp:") else r["predictor"]
         out.append(f"| {name} | {r['lookahead']} | {f(r['accuracy'])} | {f(r['recall'])} | {f(r['fetch_rate'])} "
-                   f"| {f(r['goodpred'])} | {f(r['accuracy_intra'])} | {f(r['accuracy_cross'])} |")
+                   f"| {f(r['goodpred'])} | {f(r.get('coverage'))} | {f(r['accuracy_intra'])} | {f(r['accuracy_cross'])} |")
     s = report["setup"]
     out.append("")
     out.append(f"{s['tokens']} held-out tokens from {s['sequences']} prompts; top-{s['topk']} of {s['n_experts']} "

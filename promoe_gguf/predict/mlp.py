@@ -447,7 +447,8 @@ class MLPPredictor(Predictor):
         t0, c0 = time.perf_counter(), time.thread_time()
         s = self.spec
         M, E = s.M, s.E
-        xn = x.detach().to("cpu", torch.float32).numpy()
+        xn = (x.detach() if x.device.type == "cpu" and x.dtype == torch.float32
+              else x.detach().to("cpu", torch.float32)).numpy()
         T = xn.shape[0]
         sm = self._softmax((xn @ self.R_all_T).reshape(T, M, E))                 # every router on x
         z = self._encode(a, xn)
