@@ -365,6 +365,23 @@ def test_history_and_freq_predictors(traced, models):
     assert len(hist.library) == n + 1           # the finished request joins the library
 
 
+def test_leading_dense_layer(factory, prompts_file, tmp_path):
+    """DeepSeek layout: layer 0 is dense, MoE layers 1..; lookahead counts MoE layers, across tokens too."""
+    from promoe_gguf import Engine
+    path = factory.make_float_model("deepseek", tmp_path / "ds.gguf")
+    eng = Engine(str(path), n_ctx=128, n_batch=16)
+    tr = Trace(trace_prompts(eng, load_prompts(prompts_file), tmp_path / "tr", n_decode=3, progress=False))
+    assert tr.moe_layers == [1, 2] and tr.n_layers == 3
+    _train(tr, tmp_path / "p.pt", window=2)
+    rep = evaluate(str(path), tr.path, ["oracle", f"mlp:{tmp_path / 'p.pt'}", "gate"], lookahead=2,
+                   layer_time=1e-3, progress=False)
+    rows = {(r["predictor"].split(":")[0], r["lookahead"]): r for r in rep["rows"]}
+    assert rows[("oracle", 1)]["accuracy"] == 1.0 and rows[("oracle", 2)]["accuracy"] == 1.0
+    assert rows[("mlp", 2)]["recall"] > 0 and rows[("gate", 2)]["recall"] == 0.0
+    targets = {p["target"] for p in rep["pairs"] if p["predictor"] == "oracle"}
+    assert targets == {2, "next:1", "next:2"}
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 def test_cli_smoke(models, prompts_file, tmp_path, capsys):
     from promoe_gguf.cli.main import main

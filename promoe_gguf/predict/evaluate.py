@@ -259,9 +259,26 @@ def build_predictor(spec: str, model, trace, lookahead: int):
         from .oracle import OraclePredictor
 
         class _TraceOracle(OraclePredictor):
+            """Replays each sequence's own routes; lookahead counts MoE layers (as everywhere here)."""
+
             def set_sequence(self, tr, rows):
                 s = next(q for q in tr.sequences if q["start"] <= rows[0] < q["start"] + q["n_prompt"] + q["n_decode"])
                 self.routes = tr.routes(s)
+
+            def predict(self, layer, x):
+                moe = trace.moe_layers
+                if layer not in moe:
+                    return {}
+                a, M, T, out = moe.index(layer), len(moe), len(self.positions), {}
+                for j in range(1, self.lookahead + 1):
+                    shift, bb = divmod(a + j, M)
+                    scores = torch.zeros((T, self.n_experts))
+                    for i, pos in enumerate(self.positions):
+                        for e in self.routes.get((pos + shift * T, moe[bb]), ()):
+                            scores[i, e] = 1.0
+                    if scores.any():
+                        out[moe[bb] + shift * self.n_layers] = scores
+                return out
         return _TraceOracle(model, {}, lookahead)
     if kind == "none":
         return None
