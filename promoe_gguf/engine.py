@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -30,22 +31,31 @@ class Timing:
                 self.decode_tokens / self.decode_s if self.decode_s else 0.0)
 
 
+def default_threads() -> int:
+    """ggml's CPU threads when none are given: one per physical core (about half the logical CPUs)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 class Engine:
     """Contract: Engine(model_path, device, cache_rate, cache_mem, policy, predictor, ...).
 
     `n_ctx`: KV cache length (default: the model's training context, at most 4096).
     `n_batch`: prefill chunk size in tokens. `link`: emulated host-to-device link on CPU
-    (see runtime.link). `n_threads`: torch's CPU threads (process-wide; small models decode
-    fastest with 1, since per-op threading overhead dominates). Expert caching options are passed
-    to the runtime's source.
+    (see runtime.link). `n_threads`: CPU threads of ggml's kernels, and of torch (process-wide; small
+    models decode fastest with 1, since per-op threading overhead dominates); default one per
+    physical core for ggml, torch's own default for torch. `launcher`: tests only, runs the CUDA
+    backend's kernel launches on another executor (the CPU build of the kernels). Expert caching
+    options are passed to the runtime's source.
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
-                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, **runtime_options):
+                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, launcher=None,
+                 **runtime_options):
         from . import DEFAULT_MODEL
+        from .backends import make_backend
+        from .runtime import make_source
         if n_threads:
             torch.set_num_threads(int(n_threads))
-        from .runtime import make_source
         self.model_path = str(model_path or DEFAULT_MODEL)
         self.model = open_model(self.model_path)
         self.config = self.model.config
@@ -56,19 +66,34 @@ class Engine:
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
         if self.n_ctx > train_ctx:
             raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
+        self.backend = make_backend(self.device, n_threads=n_threads or default_threads(), launcher=launcher)
         self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
                                   policy=policy, predictor=predictor, link=link, **runtime_options)
         try:
-            self.experts = MoEExperts(self.source)
-            self.decoder = build_decoder(self.model, self.experts, self.device)
+            self.experts = MoEExperts(self.source, self.backend)
+            self.decoder = build_decoder(self.model, self.experts, self.backend)
+            self.cache = self.decoder.new_cache(self.n_ctx)
             from .runtime import attach
             attach(self.source, self.decoder, self.experts)
         except BaseException:
             self.close()  # no threads left behind
             raise
         self.n_batch = int(n_batch)
+        from .memory import workspace_bytes
+        self.backend.reserve(workspace_bytes(self.model, self.backend.kind, self.n_batch))
         self._tokenizer = None
         self.timing = Timing()
+        self._sequence = 0                # which call owns the KV cache now
+
+    @property
+    def memory(self) -> dict:
+        """Contract: bytes this Engine holds on its device. resident: non-expert weights (on the CPU,
+        the mapped file bytes they are read from); kv_cache; expert_arena: the expert cache's slots,
+        or every routed expert when there is no cache; workspace: the backend's scratch buffers."""
+        out = {"resident": self.decoder.W.nbytes, "kv_cache": self.cache.nbytes,
+               "expert_arena": self.source.nbytes, "workspace": self.backend.workspace_bytes}
+        out["total"] = sum(out.values())
+        return out
 
     # ---- tokens ------------------------------------------------------------------------------
     @property
@@ -91,6 +116,12 @@ class Engine:
             out.append(self.decoder.forward(tokens[i:i + self.n_batch], cache))
         return torch.cat(out)
 
+    def _new_sequence(self) -> int:
+        """Claim the Engine's one KV cache for a new sequence (an earlier generator loses it)."""
+        self._sequence += 1
+        self.cache.reset()
+        return self._sequence
+
     def _check_length(self, n: int) -> None:
         if n > self.n_ctx:
             raise ModelError(f"sequence of {n} tokens exceeds the context of {self.n_ctx} tokens")
@@ -99,7 +130,8 @@ class Engine:
         """Contract: fresh sequence, full prefill -> float32 [n_tokens, n_vocab]."""
         tokens = check_tokens(token_ids, self.config.n_vocab)
         self._check_length(len(tokens))
-        cache = self.decoder.new_cache(self.n_ctx)
+        self._new_sequence()
+        cache = self.cache
         t0 = time.perf_counter()
         out = self._prefill(cache, tokens)
         self.timing.prefill_tokens += len(tokens)
@@ -118,7 +150,7 @@ class Engine:
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         eos = None if ignore_eos else self.tokenizer.eos_id
-        cache = self.decoder.new_cache(self.n_ctx)
+        seq, cache = self._new_sequence(), self.cache
         history = tokens.tolist()
         t0 = time.perf_counter()
         logits = self._prefill(cache, tokens)[-1]
@@ -136,6 +168,9 @@ class Engine:
                 text += decoder.decode(self.tokenizer.decode([tok]))
                 if any(s in text for s in stops):
                     break
+            if self._sequence != seq:
+                raise ModelError("another generate() or logits() call took this Engine's KV cache while this "
+                                 "generator was paused; finish one sequence before starting the next")
             logits = self.decoder.forward(torch.tensor([tok]), cache)[-1]
             self.timing.decode_tokens += 1
             self.timing.decode_s += time.perf_counter() - t1
@@ -147,8 +182,9 @@ class Engine:
         return self.source.stats()
 
     def close(self) -> None:
-        if hasattr(self.source, "close"):
-            self.source.close()
+        source = getattr(self, "source", None)
+        if hasattr(source, "close"):
+            source.close()
 
     def __enter__(self):
         return self

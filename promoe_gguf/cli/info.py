@@ -2,15 +2,32 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 
+from ..errors import ModelError
 from ..format import open_model
+from ..memory import plan
+from ..runtime.cache import slots_for_budget
+from ..runtime.host_store import StoreLayout
 
 CACHE_RATES = (0.25, 0.5, 0.75, 1.0)
 
 
-def model_info(model) -> dict:
+def memory_plans(model, device: str = "cuda", n_ctx=None, n_batch: int = 64) -> dict:
+    """{budget name: memory breakdown} for every cache rate the Engine accepts, and all resident."""
+    layout = StoreLayout.of(model)
+    out = {}
+    for r in CACHE_RATES:
+        try:
+            n = slots_for_budget(layout, model.config.n_experts_used, cache_rate=r)
+        except ModelError:
+            continue                      # a budget below one layer's working set: the Engine refuses it
+        out[f"cache_rate={r}"] = {"slots": n, **plan(model, device, n_ctx, n_batch, n)}
+    out["all_resident"] = plan(model, device, n_ctx, n_batch, None)
+    return out
+
+
+def model_info(model, device: str = "cuda", n_ctx=None) -> dict:
     cfg = model.config
     per_matrix: dict[str, Counter] = {m: Counter() for m in ("gate", "up", "down")}
     expert_bytes = Counter()
@@ -39,9 +56,8 @@ def model_info(model) -> dict:
         "routed_experts": n_routed,
         "expert_bytes_total": model.expert_bytes_total(),
         "resident_bytes_total": resident,
-        # resident weights + cache slots (one slot = the largest expert); KV cache not included
-        "gpu_bytes_for_cache_rate": {
-            str(r): resident + max(math.ceil(r * n_routed), cfg.n_experts_used) * slot for r in CACHE_RATES},
+        "device": device,
+        "memory": memory_plans(model, device, n_ctx),
     }
 
 
@@ -65,15 +81,17 @@ def format_info(info: dict) -> str:
         f"expert size  {size}",
         f"experts      {info['routed_experts']} routed, {_mib(info['expert_bytes_total'])} in all",
         f"resident     {_mib(info['resident_bytes_total'])} (attention, embeddings, norms, routers, shared/dense FFN)",
-        "GPU memory for cache rate (resident + expert slots, KV cache extra):",
+        f"{info['device']} memory per expert budget (what Engine.memory reports for the same settings):",
+        f"  {'budget':<18} {'slots':>5} {'resident':>12} {'kv_cache':>12} {'experts':>12} {'workspace':>12} {'total':>12}",
     ]
-    for r, n in info["gpu_bytes_for_cache_rate"].items():
-        lines.append(f"  {float(r):>4.2f}      {_mib(n)}")
+    for name, m in info["memory"].items():
+        lines.append(f"  {name:<18} {m.get('slots', '-'):>5} " + " ".join(
+            f"{_mib(m[k]):>12}" for k in ("resident", "kv_cache", "expert_arena", "workspace", "total")))
     return "\n".join(lines)
 
 
 def run(args) -> int:
     model = open_model(args.model)
-    info = model_info(model)
+    info = model_info(model, args.device, args.n_ctx)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="architecture, experts, quant types, sizes, GPU memory per cache rate")
     s.add_argument("model", help="GGUF file or converted cache directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device the memory plan is for")
+    s.add_argument("--n-ctx", type=int, default=None, help="KV cache length (default: the Engine's)")
     s.set_defaults(func=_info)
 
     s = sub.add_parser("convert", help="write the expert-major cache layout of a GGUF")

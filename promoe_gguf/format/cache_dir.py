@@ -34,7 +34,7 @@ class CachedModel(MoEModel):
         cfg = config_from_metadata(lambda k: field_value(reader, k), resident)
         self.config = dataclasses.replace(cfg, n_ff_exp=int(manifest["n_ff_exp"]))
         experts_path = os.path.join(self.path, manifest["experts_file"])
-        self._data = np.memmap(experts_path, dtype=np.uint8, mode="r") if os.path.getsize(experts_path) else \
+        self._data = np.memmap(experts_path, dtype=np.uint8, mode="c") if os.path.getsize(experts_path) else \
             np.zeros(0, np.uint8)
         self._experts, self._sha, self._verified = {}, {}, set()
         self._index(manifest, len(self._data))

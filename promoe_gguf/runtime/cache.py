@@ -130,6 +130,7 @@ class ExpertCache:
         self.tick = 0
         self.step_tick = 0              # cache.tick when the current forward step began
         self.needed: set = set()        # experts the current layer still has to compute
+        self.hold_needed = False        # a fused step waits for all of `needed` at once: none may go
         self.protected: set = set()     # promoe: experts the next layer is predicted to need
 
     @property
@@ -151,7 +152,7 @@ class ExpertCache:
         predictions only: a precise request must always be able to make room."""
         # a reactive baseline computes in plain order, so it may evict an expert its layer still
         # needs (LRU thrashing in prefill, as in the systems it stands for); promoe never does
-        guard = set() if self.policy.reactive and not speculative else self.needed
+        guard = set() if self.policy.reactive and not speculative and not self.hold_needed else self.needed
         if speculative and isinstance(self.policy, PromoePolicy):
             guard = guard | self.protected
         slot = self.policy.victim(self, guard, key[0], speculative)

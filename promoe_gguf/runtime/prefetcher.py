@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 
+import numpy as np
 import torch
 
 from .transfer import LOW
@@ -38,9 +39,20 @@ class Prefetcher:
         self._put(("step", self.step, positions))
 
     def layer(self, layer: int, x, ids) -> None:
+        """x [T, d] the router input (on the device), ids [T, k] the routing (numpy, on the host).
+        On CUDA the copy of x is enqueued without waiting; the predictor thread waits for it."""
         self.progress = (self.step, layer)
-        if self.enabled:
-            self._put(("layer", self.step, layer, x.detach().to("cpu", copy=True), ids.detach().cpu()))
+        if not self.enabled:
+            return
+        ids_t = torch.from_numpy(np.array(ids, copy=True))
+        if x.device.type == "cuda":
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            self._put(("layer", self.step, layer, host, ids_t, ready))
+        else:
+            self._put(("layer", self.step, layer, x.detach().clone(), ids_t, None))
 
     def _put(self, item) -> None:
         if self.q.qsize() > MAX_BACKLOG:    # the predictor is far behind: its guesses would be stale
@@ -70,7 +82,9 @@ class Prefetcher:
                 log.warning("predictor %s failed (%s: %s); prefetching is off, experts load on demand",
                             getattr(self.predictor, "name", "?"), type(e).__name__, e)
 
-    def _layer(self, step: int, layer: int, x, ids) -> None:
+    def _layer(self, step: int, layer: int, x, ids, ready) -> None:
+        if ready is not None:
+            ready.synchronize()               # this thread waits for the copy of x, not the compute thread
         t0 = time.perf_counter()
         scores = self.predictor.predict(layer, x)
         self.predictor.observe(layer, x, ids)
