@@ -31,7 +31,7 @@ CHATML_TEMPLATE = ("{%- for message in messages -%}\n"
 NEUTRAL = {"suffix": None, "logprobs": (None, False), "top_logprobs": None, "echo": False, "frequency_penalty": 0.0,
            "presence_penalty": 0.0, "typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0, "grammar": None,
            "logit_bias": None, "functions": None, "function_call": None, "tools": None, "tool_choice": None,
-           "response_format": None, "logits_processor": None, "stopping_criteria": None, "n": 1}
+           "response_format": None, "logits_processor": None, "stopping_criteria": None, "n": 1, "best_of": (None, 1)}
 
 
 class InvalidRequest(ModelError):
@@ -245,6 +245,10 @@ def _engine_model_name(engine) -> str:
 def _tokenize_prompt(engine, text: str, param: str) -> list[int]:
     if not text:
         raise InvalidRequest(param, f"{param} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can carry lone surrogates ("\ud800")
+        raise InvalidRequest(param, f"{param} is not valid Unicode text: {e.reason} at {e.start}") from None
     # as llama.cpp's server and llama-cpp-python: BOS as the vocab says, special tokens parsed
     return engine.tokenizer.encode(text, add_bos=True, special=True)
 

@@ -12,7 +12,7 @@ import sys
 
 from .. import api
 from ..errors import ModelError
-from .run import add_cache_flags, engine_from_args
+from .run import add_cache_flags, add_sampling_flags, engine_from_args
 
 HELP = "commands: /reset (forget the conversation), /stats (engine statistics), /quit"
 
@@ -130,11 +130,6 @@ def add_parsers(sub) -> None:
     s.add_argument("model", nargs="?", default=None, help="GGUF file or cache directory (default: embedded model)")
     s.add_argument("--system", default=None, help="system prompt")
     s.add_argument("-n", type=int, default=256, help="most tokens per reply")
-    s.add_argument("--temp", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--min-p", type=float, default=0.05)
-    s.add_argument("--repeat-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    add_sampling_flags(s)
     add_cache_flags(s)
     s.set_defaults(func=chat)

@@ -57,7 +57,7 @@ async def read_json(request: Request) -> dict:
             raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", "body")
     try:
         body = json.loads(raw)
-    except ValueError as e:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
         raise ApiError(400, f"the request body is not valid JSON: {e}", "body") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", "body")
@@ -156,22 +156,21 @@ def build_app(engine, model_id: str | None = None, api_key: str | None = None, m
     @router.post("/v1/completions")
     @router.post("/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        stream, include_usage = check_common(body)
-        if "prompt" not in body:
-            raise ApiError(400, "prompt is required", "prompt")
-        gen = api.prepare_completion(engine, body["prompt"], model=model_id, **generation_args(body))
-        return await run(request, gen, stream, include_usage, api.completion_chunks, api.completion_response)
+        return await generate(request, "prompt", api.prepare_completion, api.completion_chunks,
+                              api.completion_response)
 
     @router.post("/v1/chat/completions")
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
+        return await generate(request, "messages", api.prepare_chat, api.chat_chunks, api.chat_response)
+
+    async def generate(request: Request, input_field: str, prepare, chunks, response):
         body = await read_json(request)
         stream, include_usage = check_common(body)
-        if "messages" not in body:
-            raise ApiError(400, "messages is required", "messages")
-        gen = api.prepare_chat(engine, body["messages"], model=model_id, **generation_args(body))
-        return await run(request, gen, stream, include_usage, api.chat_chunks, api.chat_response)
+        if input_field not in body:
+            raise ApiError(400, f"{input_field} is required", input_field)
+        gen = prepare(engine, body[input_field], model=model_id, **generation_args(body))
+        return await run(request, gen, stream, include_usage, chunks, response)
 
     async def run(request: Request, gen: api.Generation, stream: bool, include_usage: bool, chunks, response):
         def work():
