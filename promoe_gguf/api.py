@@ -21,6 +21,7 @@ from .errors import ModelError
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
             "repeat_last_n": 64, "seed": None}
 ROLES = ("system", "user", "assistant")
+MAX_STOPS = 16
 CHATML_TEMPLATE = ("{%- for message in messages -%}\n"
                    "  {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}\n"
                    "{%- endfor -%}\n"
@@ -74,6 +75,8 @@ def check_stop(stop) -> list[str]:
         return []
     if not isinstance(stops, (list, tuple)):
         raise InvalidRequest("stop", f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    if len(stops) > MAX_STOPS:  # each is matched against the text after every token
+        raise InvalidRequest("stop", f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed")
     for i, s in enumerate(stops):
         if not isinstance(s, str) or not s:
             raise InvalidRequest("stop", f"stop[{i}] must be a non-empty string, got {s!r}")

@@ -41,11 +41,12 @@ class Sampler:
             probs = torch.zeros(n)
             probs[int(torch.argmax(x))] = 1.0
             return probs
-        # Candidates sorted by logit, descending, as llama.cpp's samplers leave them.
-        order = torch.argsort(x, descending=True, stable=True)
-        kept = x[order]
+        # Candidates sorted by logit, descending, as llama.cpp's samplers leave them (top-k sorts only k).
         if 0 < self.top_k < n:
-            kept, order = kept[:self.top_k], order[:self.top_k]
+            kept, order = torch.topk(x, self.top_k)
+        else:
+            order = torch.argsort(x, descending=True, stable=True)
+            kept = x[order]
         if self.top_p < 1.0:
             cum = torch.cumsum(torch.softmax(kept, -1), 0)
             reached = torch.nonzero(cum >= self.top_p)

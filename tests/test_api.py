@@ -175,6 +175,7 @@ def test_chat_prompt_tokens(engine):
     (dict(seed=True), "seed"),
     (dict(stop=[""]), "stop"),
     (dict(stop=3), "stop"),
+    (dict(stop=[str(i) for i in range(17)]), "stop"),
     (dict(echo=True), "echo"),
     (dict(frequency_penalty=0.5), "frequency_penalty"),
 ])

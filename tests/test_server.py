@@ -348,13 +348,33 @@ def test_queue_overflow_gets_503_with_retry_after(url, model_id):
     assert results == [200] * MAX_QUEUE
 
 
+def test_client_leaving_the_queue_is_never_run(url, model_id):
+    """A non-streamed request whose client gives up while it waits is dropped: it never reaches the engine."""
+    before = metrics(url)
+    with long_stream(url, model_id) as holder:
+        lines = read_events(holder, 2)
+        with pytest.raises(httpx.ReadTimeout):      # the client gives up after 1 s in the queue
+            httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=httpx.Timeout(10, read=1.0),
+                       json={"model": model_id, "prompt": "z = ", "max_tokens": 50})
+        del lines
+    cancelled = lambda m: metric(m, "promoe_requests_total", outcome="cancelled")  # noqa: E731
+    wait_for(lambda: cancelled(metrics(url)) == cancelled(before) + 2, what="holder and waiter cancelled")
+    after = metrics(url)
+    assert metric(after, "promoe_requests_total", outcome="completed") == \
+        metric(before, "promoe_requests_total", outcome="completed")
+    # only the holder's prompt reached the engine: the dropped request's prompt was never prefilled
+    holder_prompt = metric(after, "promoe_prompt_tokens_total") - metric(before, "promoe_prompt_tokens_total")
+    assert metric(after, "promoe_prefill_tokens_total") - metric(before, "promoe_prefill_tokens_total") == holder_prompt
+
+
 def test_failed_request_leaves_engine_usable():
     """A request that raises on the engine thread fails alone: the next one is served. Run in-process, where a
     job that fails can be submitted (no client input makes the engine raise)."""
     import uvicorn
     from promoe_gguf.server import Job, build_app
 
-    eng = Engine(DEFAULT_MODEL, n_ctx=N_CTX, n_threads=1)
+    threads_before = set(threading.enumerate())
+    eng = Engine(DEFAULT_MODEL, n_ctx=N_CTX, n_threads=1, cache_rate=0.5)   # the cache runtime has threads
     app = build_app(eng, max_queue=2)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="on"))
@@ -385,7 +405,11 @@ def test_failed_request_leaves_engine_usable():
         server.should_exit = True
         thread.join(20)
     assert not thread.is_alive()
-    assert not app.state.scheduler._thread.is_alive()      # shutdown stopped the engine thread
+    # shutdown stopped the engine thread and closed the engine (its copy thread): no thread left behind
+    # (tqdm's monitor thread is tqdm's own, kept for the process's lifetime)
+    wait_for(lambda: not [t for t in threading.enumerate() if t not in threads_before and t.name != "tqdm_monitor"],
+             timeout=10,
+             what="the server's and the engine's threads to end")
 
 
 # ---- load ------------------------------------------------------------------------------------

@@ -121,12 +121,12 @@ class Scheduler:
         elapsed = time.perf_counter() - t0
         self.busy_s += elapsed
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
-        self.outcomes[outcome] += 1
         if job.on_done is not None:
             try:
                 job.on_done()
             except Exception:
                 log.exception("on_done hook failed")
+        self.outcomes[outcome] += 1  # last: whoever sees the count sees the job's usage too
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking jobs, cancel the running one, and join the engine thread (bounded wait)."""
