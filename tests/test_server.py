@@ -465,7 +465,8 @@ def test_load_every_request_answered_or_refused(server, url, model_id):
     assert growth < 32 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
 
 
-def test_metrics_report_the_engine(url):
+def test_metrics_report_the_engine(url, client, model_id):
+    client.completions.create(model=model_id, prompt="import ", max_tokens=4)
     m = metrics(url)
     for name in ("promoe_queue_depth", "promoe_decode_tokens_per_second", "promoe_prefill_tokens_per_second",
                  "promoe_expert_cache_hit_rate", "promoe_expert_stall_seconds_total",

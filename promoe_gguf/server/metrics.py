@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (the app's /metrics uses it)
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Engine.stats counters with a name and a help text of their own.
 KNOWN_STATS = {
     "hits": ("promoe_expert_cache_hits", "routed-expert lookups served by the device cache"),
@@ -70,9 +70,8 @@ class EngineCollector:
             tokens, seconds = getattr(timing, f"{phase}_tokens"), getattr(timing, f"{phase}_s")
             yield CounterMetricFamily(f"promoe_{phase}_tokens", f"tokens through {phase}", value=tokens)
             yield CounterMetricFamily(f"promoe_{phase}_seconds", f"time spent in {phase}", value=seconds)
-            if seconds > 0:
-                yield GaugeMetricFamily(f"promoe_{phase}_tokens_per_second", f"{phase} speed since start",
-                                        value=tokens / seconds)
+            yield GaugeMetricFamily(f"promoe_{phase}_tokens_per_second", f"{phase} speed since start (0: none yet)",
+                                    value=tokens / seconds if seconds > 0 else 0.0)
 
     @staticmethod
     def _experts(stats: dict):
