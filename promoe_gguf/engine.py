@@ -157,23 +157,39 @@ class Engine:
         self.timing.prefill_tokens += len(tokens)
         self.timing.prefill_s += time.perf_counter() - t0
         text, decoder = "", codecs.getincrementaldecoder("utf-8")("replace")
-        for _ in range(max_tokens):
+        for i in range(max_tokens):
             t1 = time.perf_counter()
             tok = sampler.sample(logits, history)
             if eos is not None and tok == eos:
                 break
-            history.append(tok)
-            yield tok
-            if stops:
+            if stops:  # the token that completes a stop string is not emitted
                 text += decoder.decode(self.tokenizer.decode([tok]))
                 if any(s in text for s in stops):
                     break
+            history.append(tok)
+            yield tok
+            if i + 1 == max_tokens:
+                break                     # no forward pass for a token nobody will sample
             if self._sequence != seq:
                 raise ModelError("another generate() or logits() call took this Engine's KV cache while this "
                                  "generator was paused; finish one sequence before starting the next")
             logits = self.decoder.forward(torch.tensor([tok]), cache)[-1]
             self.timing.decode_tokens += 1
             self.timing.decode_s += time.perf_counter() - t1
+
+    # ---- llama-cpp-python-shaped API (promoe_gguf/api.py) -------------------------------------
+    def create_completion(self, prompt, **kwargs):
+        """As llama_cpp.Llama.create_completion: a completion dict, or an iterator of chunks (stream=True)."""
+        from .api import create_completion
+        return create_completion(self, prompt, **kwargs)
+
+    def create_chat_completion(self, messages, **kwargs):
+        """As llama_cpp.Llama.create_chat_completion, with the GGUF's chat template."""
+        from .api import create_chat_completion
+        return create_chat_completion(self, messages, **kwargs)
+
+    def __call__(self, prompt, **kwargs):
+        return self.create_completion(prompt, **kwargs)
 
     # ---- runtime -----------------------------------------------------------------------------
     @property

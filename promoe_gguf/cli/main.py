@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parsers(sub)
     from . import predict_cmds
     predict_cmds.add_parsers(sub)
+    from . import serve, chat
+    serve.add_parsers(sub)
+    chat.add_parsers(sub)
     return p
 
 

@@ -27,6 +27,16 @@ def add_cache_flags(p) -> None:
                    help="torch CPU threads (default 1: the tiny default model decodes fastest on one)")
 
 
+def add_sampling_flags(p, repeat_penalty: float = 1.0) -> None:
+    """llama.cpp's sampling flags and defaults (temp 0.8, top-k 40, top-p 0.95, min-p 0.05)."""
+    p.add_argument("--temp", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=repeat_penalty)
+    p.add_argument("--seed", type=int, default=None)
+
+
 def parse_mem(text):
     if text is None:
         return None
@@ -92,12 +102,7 @@ def add_parsers(sub) -> None:
     s.add_argument("model", nargs="?", default=None, help="GGUF file or cache directory")
     s.add_argument("-p", "--prompt", required=True)
     s.add_argument("-n", type=int, default=128, help="tokens to generate")
-    s.add_argument("--temp", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=40)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--min-p", type=float, default=0.05)
-    s.add_argument("--repeat-penalty", type=float, default=1.1)
-    s.add_argument("--seed", type=int, default=None)
+    add_sampling_flags(s, repeat_penalty=1.1)
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     s.add_argument("--echo", action="store_true", help="print the prompt first")
     s.add_argument("--stats", action="store_true", help="print cache statistics after the run")
