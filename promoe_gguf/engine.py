@@ -43,14 +43,19 @@ class Engine:
     `n_batch`: prefill chunk size in tokens. `link`: emulated host-to-device link on CPU
     (see runtime.link). `n_threads`: CPU threads of ggml's kernels, and of torch (process-wide; small
     models decode fastest with 1, since per-op threading overhead dominates); default one per
-    physical core for ggml, torch's own default for torch. `launcher`: tests only, runs the CUDA
-    backend's kernel launches on another executor (the CPU build of the kernels). Expert caching
-    options are passed to the runtime's source.
+    physical core for ggml, torch's own default for torch. `cpu_experts`: with an expert cache,
+    "auto" computes a miss on the CPU (ggml, `cpu_threads` threads) when the cost model says it
+    finishes before its copy would, "all" computes every miss there, "off" copies every miss.
+    `gpu_mem`: device bytes to use when neither cache_rate nor cache_mem is given: the expert cache
+    gets what residents, KV cache and workspace leave (memory.fit_cache), or is not needed when
+    everything fits; on CUDA it defaults to the free memory minus a margin (memory.default_gpu_mem).
+    `launcher`: tests only, runs the CUDA backend's kernel launches on another executor (the CPU
+    build of the kernels). Other expert caching options are passed to the runtime's source.
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
                  predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, launcher=None,
-                 **runtime_options):
+                 cpu_experts="auto", cpu_threads=None, gpu_mem=None, **runtime_options):
         from . import DEFAULT_MODEL
         from .backends import make_backend
         from .runtime import make_source
@@ -67,8 +72,16 @@ class Engine:
         if self.n_ctx > train_ctx:
             raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
         self.backend = make_backend(self.device, n_threads=n_threads or default_threads(), launcher=launcher)
+        if cache_rate is None and cache_mem is None:
+            from .memory import default_gpu_mem, fit_cache
+            if gpu_mem is None and self.device.type == "cuda":
+                gpu_mem = default_gpu_mem(self.device)
+            if gpu_mem is not None:
+                cache_mem = fit_cache(self.model, self.backend.kind, self.n_ctx, int(n_batch), int(gpu_mem))
+        self.gpu_mem = gpu_mem
         self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
-                                  policy=policy, predictor=predictor, link=link, **runtime_options)
+                                  policy=policy, predictor=predictor, link=link, cpu_experts=cpu_experts,
+                                  cpu_threads=int(cpu_threads or n_threads or default_threads()), **runtime_options)
         try:
             self.experts = MoEExperts(self.source, self.backend)
             self.decoder = build_decoder(self.model, self.experts, self.backend)
@@ -117,9 +130,12 @@ class Engine:
         return torch.cat(out)
 
     def _new_sequence(self) -> int:
-        """Claim the Engine's one KV cache for a new sequence (an earlier generator loses it)."""
+        """Claim the Engine's one KV cache for a new sequence (an earlier generator loses it); the
+        predictor's per-sequence state is reset too."""
         self._sequence += 1
         self.cache.reset()
+        if hasattr(self.source, "reset_sequence"):
+            self.source.reset_sequence()
         return self._sequence
 
     def _check_length(self, n: int) -> None:

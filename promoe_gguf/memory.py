@@ -64,3 +64,30 @@ def plan(model, device: str = "cuda", n_ctx: int | None = None, n_batch: int = 6
            "workspace": workspace_bytes(model, device, n_batch)}
     out["total"] = sum(out.values())
     return out
+
+
+GPU_MEM_MARGIN = 0.10            # of the device's total memory (at least 1 GiB) left to CUDA itself
+
+
+def default_gpu_mem(device) -> int:
+    """CUDA default budget: free memory minus a margin for the CUDA context, cuBLAS workspaces, torch's
+    allocator and the activations of a step (10% of the total, at least 1 GiB)."""
+    import torch
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free - max(GPU_MEM_MARGIN * total, 1 << 30))
+
+
+def fit_cache(model, device: str, n_ctx: int | None, n_batch: int, gpu_mem: int) -> int | None:
+    """Expert cache bytes that fit in `gpu_mem` after residents, KV cache and workspace; None when
+    every expert fits too (no cache needed)."""
+    from .errors import ModelError
+    full = plan(model, device, n_ctx, n_batch, None)
+    if full["total"] <= gpu_mem:
+        return None
+    fixed = full["resident"] + full["kv_cache"] + full["workspace"]
+    left = gpu_mem - fixed
+    if left <= 0:
+        raise ModelError(f"--gpu-mem {gpu_mem:,} bytes is less than the resident weights ({full['resident']:,}), "
+                         f"KV cache ({full['kv_cache']:,}) and workspace ({full['workspace']:,}) need "
+                         f"({fixed:,} bytes), before any expert")
+    return left

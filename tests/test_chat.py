@@ -49,7 +49,7 @@ def test_conversation_commands_and_replies(engine):
     assert [(n, reason) for n, _, reason in statuses] == [("24", "length"), ("24", "length")]
     assert all(rate.endswith("%") for _, rate, _ in statuses)          # --cache-rate 0.5: a real hit rate
     stats = json.loads(p.stderr[p.stderr.index("{"):p.stderr.index("}") + 1])
-    assert stats["hits"] + stats["misses"] > 0 and stats["decode_tokens"] >= 24
+    assert stats["hits"] + stats["misses"] > 0 and stats["decode_tokens"] >= 23      # 24 tokens: the first comes from the prefill
     assert "(conversation reset)" in p.stderr and "unknown command /bogus" in p.stderr
 
 

@@ -2,6 +2,8 @@
 
 The oracle for every result here is the all-resident run of the same engine: the cache must not
 change a single bit of the logits, whatever the policy, budget, predictor, link speed or failure.
+These tests exercise the copy machinery, so misses are copied (cpu_experts="off"); the CPU expert
+pool has its own tests (tests/test_hybrid.py).
 """
 import gc
 import logging
@@ -38,6 +40,7 @@ def reference(model_path):
 
 
 def _run(model_path, **kw):
+    kw.setdefault("cpu_experts", "off")
     eng = Engine(model_path, n_ctx=128, n_batch=16, **kw)
     try:
         logits = eng.logits(TOKENS)
@@ -70,6 +73,7 @@ def test_oracle_prefetch_is_useful_and_cuts_misses(model_path):
     runs = {}
     for predictor in ("none", "oracle"):
         eng = Engine(model_path, n_ctx=128, cache_rate=0.5, policy="promoe", predictor=predictor, link="500MB/s",
+                     cpu_experts="off",
                      routes=rec.routes, lookahead=4)
         try:
             assert list(eng.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)) == want
@@ -85,7 +89,7 @@ def test_budget_never_exceeded_and_too_small_refused(model_path):
     from promoe_gguf import open_model
     store = HostStore(open_model(model_path))
     budget = 5 * store.slot_bytes + store.slot_bytes // 2
-    eng = Engine(model_path, n_ctx=128, cache_mem=budget)
+    eng = Engine(model_path, n_ctx=128, cache_mem=budget, cpu_experts="off")
     try:
         assert eng.source.cache.capacity_bytes <= budget
         eng.logits(TOKENS[:20])
@@ -181,7 +185,7 @@ def test_stress_many_decode_steps_random_delays(model_path):
     n_seq, n_steps = 4, 260                       # 1040 decode steps (the test models' context is 512)
     threads_before = threading.active_count()
     ref = Engine(model_path, n_ctx=n_steps + 8)
-    eng = Engine(model_path, n_ctx=n_steps + 8, cache_rate=0.25, policy="promoe", predictor="gate",
+    eng = Engine(model_path, n_ctx=n_steps + 8, cache_rate=0.25, policy="promoe", predictor="gate", cpu_experts="off",
                  link="2GB/s,5us,jitter=200us")
     try:
         for seq in range(n_seq):

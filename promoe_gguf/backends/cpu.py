@@ -197,6 +197,10 @@ class CpuBackend(Backend):
             raise ModelError(f"expert index out of range 0..{stack.gate.count - 1}: {index.tolist()}")
         return self.combine(self._moe_slots(x, stack, index), weights)
 
+    def moe_rows(self, x_rows: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
+        """Expert index[i] of the stack on row i of x_rows: [n, d] -> [n, d] (unweighted)."""
+        return self._moe_slots(_f32(x_rows), stack, np.asarray(index).reshape(-1, 1))[:, 0]
+
     def _moe_slots(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
         """[T, k, d]: expert index[t, s] of the stack applied to x[t]."""
         T, k = index.shape

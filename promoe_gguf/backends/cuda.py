@@ -247,6 +247,27 @@ class CudaBackend(Backend):
             return self._moe_torch(x, stack, index, weights)
         return out
 
+    def moe_rows(self, x_rows: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
+        """Expert index[i] of the stack on row i of x_rows: [n, d] -> [n, d] (unweighted): the fused
+        kernels over n (row, expert) pairs of one slot each."""
+        x_rows = _f32(x_rows)
+        n = x_rows.shape[0]
+        index = np.asarray(index).reshape(n, 1)
+        g, u, dn = stack.gate, stack.up, stack.down
+        layout = _layout(g.cols, g.rows, g.qtype, u.qtype, dn.qtype)
+        table = self._table(stack, index)
+        same = layout.gate == layout.up
+        buf = torch.empty((n if same else 2 * n, g.rows), dtype=torch.float32, device=x_rows.device)
+        out = torch.empty((n, dn.rows), dtype=torch.float32, device=x_rows.device)
+        if self._launch(L.plan_moe_gate_up(layout, n, 1, table.data_ptr(), x_rows.data_ptr(), g.cols, buf.data_ptr(),
+                                           g.rows), "moe", g.qtype):
+            h = buf if same else F.silu(buf[:n]) * buf[n:]
+            if self._launch(L.plan_moe_down(layout, n, table.data_ptr(), h.data_ptr(), g.rows, 0, out.data_ptr(),
+                                            dn.rows), "moe", dn.qtype):
+                return out
+        ones = torch.ones((n, 1), dtype=torch.float32, device=x_rows.device)
+        return self._moe_torch(x_rows, stack, index, ones)
+
     def _moe_torch(self, x, stack: ExpertStack, index: np.ndarray, weights) -> torch.Tensor:
         """Fallback after a kernel failure: each (token, slot) pair through dequantize + matmul."""
         T, k = index.shape

@@ -27,7 +27,7 @@ def _status(gen: api.Generation, before: dict, after: dict) -> str:
 
 
 def _stats_text(engine) -> str:
-    stats = {k: v for k, v in engine.stats.items() if k != "per_layer"}
+    stats = {k: v for k, v in engine.stats.items() if not isinstance(v, dict)}      # totals, not per layer
     prefill, decode = engine.timing.rates()
     stats.update(prefill_tokens=engine.timing.prefill_tokens, prefill_tokens_per_s=round(prefill, 1),
                  decode_tokens=engine.timing.decode_tokens, decode_tokens_per_s=round(decode, 1))

@@ -90,8 +90,68 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+def lru_hit_rate(trace, n_slots: int) -> float:
+    """Hit rate of a per-layer LRU of n_slots // MoE layers slots each, replaying a trace's decode rows
+    in order (an estimate: the runtime's promoe policy keeps valuable experts, so it does at least as well)."""
+    from collections import OrderedDict
+    quota = max(1, n_slots // trace.M)
+    caches = [OrderedDict() for _ in range(trace.M)]
+    hits = lookups = 0
+    for s in trace.seqs():
+        for r in range(s["start"] + s["n_prompt"], s["start"] + s["n_prompt"] + s["n_decode"]):
+            for i in range(trace.M):
+                c = caches[i]
+                for e in set(int(v) for v in trace.ids[r, i]):
+                    lookups += 1
+                    if e in c:
+                        hits += 1
+                        c.move_to_end(e)
+                    else:
+                        c[e] = True
+                        if len(c) > quota:
+                            c.popitem(last=False)
+    return hits / lookups if lookups else float("nan")
+
+
+def gpu_plan(model, gpu_mem: int, device: str, n_ctx, n_batch: int = 64, trace=None) -> dict:
+    """What lives where with `gpu_mem` bytes of device memory (Engine(gpu_mem=...) does the same)."""
+    from ..memory import fit_cache
+    arena = fit_cache(model, device, n_ctx, n_batch, gpu_mem)
+    layout = StoreLayout.of(model)
+    if arena is None:
+        out = {"gpu_mem": gpu_mem, "experts_on_device": len(layout.keys), "experts_total": len(layout.keys),
+               **plan(model, device, n_ctx, n_batch, None)}
+        out["expected_hit_rate"] = 1.0
+        return out
+    slots = slots_for_budget(layout, model.config.n_experts_used, cache_mem=arena)
+    out = {"gpu_mem": gpu_mem, "experts_on_device": slots, "experts_total": len(layout.keys),
+           **plan(model, device, n_ctx, n_batch, slots)}
+    if trace is not None:
+        out["expected_hit_rate"] = lru_hit_rate(trace, slots)
+    return out
+
+
 def run(args) -> int:
+    from .run import parse_mem
     model = open_model(args.model)
-    info = model_info(model, args.device, args.n_ctx)
+    info = model_info(model, getattr(args, "device", "cuda"), getattr(args, "n_ctx", None))
+    if getattr(args, "gpu_mem", None):
+        trace = None
+        if args.trace:
+            from ..predict.trace import Trace
+            trace = Trace(args.trace)
+            trace.check_model(model)
+        p = info["gpu_plan"] = gpu_plan(model, parse_mem(args.gpu_mem, "--gpu-mem"), args.device, args.n_ctx, trace=trace)
+        if not args.json:
+            hit = p.get("expected_hit_rate")
+            print(format_info(info))
+            print(f"with --gpu-mem {args.gpu_mem}: resident {_mib(p['resident'])}, KV cache {_mib(p['kv_cache'])}, "
+                  f"workspace {_mib(p['workspace'])}, expert cache {_mib(p['expert_arena'])} = "
+                  f"{p['experts_on_device']} of {p['experts_total']} experts on the device "
+                  f"({p['experts_on_device'] / p['experts_total']:.0%}), the rest in host memory (computed on the "
+                  f"CPU or copied, as the cost model decides); total {_mib(p['total'])}"
+                  + (f"; expected decode hit rate {hit:.2f} (LRU replay of the trace)" if hit is not None and trace
+                     else ""))
+            return 0
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0

@@ -66,8 +66,9 @@ class ExpertSource:
         """A forward step (prefill chunk or decoded token) at these absolute positions starts."""
 
     def acquire(self, layer: int, x, ids: np.ndarray):
-        """Fused path: (stack, index [T, k] into it) once every chosen expert is on the device."""
-        return self.stacks[layer], ids
+        """Fused path: (stack, index [T, k] into it, CPU jobs) once every chosen expert the device
+        computes is on it; index -1 marks a (token, slot) whose expert runs on the CPU (its job)."""
+        return self.stacks[layer], ids, {}
 
     def release(self, layer: int) -> None:
         """The fused call has been issued: the experts of `layer` may be evicted after it."""
@@ -168,7 +169,7 @@ class MoEExperts:
             placed = self.source.acquire(layer, x, ids_host)
             if placed is not None:
                 try:
-                    return be.moe(x, *placed, weights)
+                    return self._fused(layer, x, weights, *placed)
                 finally:
                     self.source.release(layer)
         slot_out = torch.empty((T, k, x.shape[1]), dtype=torch.float32, device=x.device)
@@ -182,4 +183,21 @@ class MoEExperts:
             finally:
                 self.source.done(layer, e)
         self.source.end_layer(layer)
+        return be.combine(slot_out, weights)
+
+    def _fused(self, layer, x, weights, stack, index, cpu_jobs):
+        """All of a layer's (token, slot) pairs in one fused call, or, with experts on the CPU, the
+        device's pairs in one call while the CPU computes the others, the results placed by pair."""
+        be = self.backend
+        if not cpu_jobs:
+            return be.moe(x, stack, index, weights)
+        T, k = index.shape
+        slot_out = torch.empty((T, k, x.shape[1]), dtype=torch.float32, device=x.device)
+        t, s = np.nonzero(index >= 0)
+        if len(t):
+            tt, ss = torch.from_numpy(t).to(x.device), torch.from_numpy(s).to(x.device)
+            slot_out[tt, ss] = be.moe_rows(x[tt], stack, index[t, s])
+        for e, job in cpu_jobs.items():
+            rows = self.source.cpu_result(layer, e, job, be)
+            slot_out[torch.from_numpy(job.rows).to(x.device), torch.from_numpy(job.cols).to(x.device)] = rows
         return be.combine(slot_out, weights)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ..backends import matrix_at
 from ..format.converter import MATRIX_ALIGN
 
 log = logging.getLogger("promoe.runtime")
@@ -92,6 +93,11 @@ class HostStore:
     def region(self, key) -> torch.Tensor:
         start, n = self._region[key]
         return self.buf[start:start + n]
+
+    def matrices(self, key):
+        """(gate, up, down) of an expert as QMatrix views of the store (the CPU computes from these)."""
+        start = self._region[key][0]
+        return tuple(matrix_at(self.buf, start + off, m.matrix, m.qtype, m.shape) for m, off in self.layout[key])
 
     def close(self) -> None:
         if self.pinned:

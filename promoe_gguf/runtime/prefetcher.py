@@ -33,6 +33,10 @@ class Prefetcher:
         self.thread.start()
 
     # ---- compute thread side ------------------------------------------------------------------
+    def reset(self) -> None:
+        """A new, independent sequence starts: the predictor forgets the last one (on its thread)."""
+        self._put(("reset",))
+
     def begin_step(self, positions) -> None:
         self.step += 1
         self.progress = (self.step, -1)
@@ -72,7 +76,9 @@ class Prefetcher:
             if not self.enabled:
                 continue
             try:
-                if item[0] == "step":
+                if item[0] == "reset":
+                    self.predictor.reset()
+                elif item[0] == "step":
                     self.predictor.begin_step(item[2])
                 else:
                     self._layer(*item[1:])
@@ -91,7 +97,7 @@ class Prefetcher:
         self.stats.predictor_calls += 1
         self.stats.predictor_s += time.perf_counter() - t0
         cur_step, cur_layer = self.progress
-        protect = set()
+        protect, expected = set(), {}
         for target, s in sorted(scores.items()):
             t_step, t_layer = step + target // self.n_layers, target % self.n_layers
             if (t_step, t_layer) <= (cur_step, cur_layer):
@@ -99,10 +105,13 @@ class Prefetcher:
             experts = self._pick(s)
             if target == layer + 1:
                 protect.update((t_layer, e) for e in experts)
-            for e in experts:
-                self.transfer.request((t_layer, e), LOW)
+            expected.update(((t_layer, e), t_step) for e in experts)
         with self.cache.cv:
             self.cache.protected = protect
+            for key, t_step in expected.items():      # valued by the cache until that step has run
+                self.cache.predicted[key] = max(t_step, self.cache.predicted.get(key, 0))
+        for key in expected:
+            self.transfer.request(key, LOW)
 
     def _pick(self, scores: torch.Tensor) -> list[int]:
         """Experts to fetch from scores [T, E]: each token's top-k, most-voted first."""
