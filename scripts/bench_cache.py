@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     # 1. the all-resident reference, recording the routing for the oracle predictor
-    ref = Engine(args.model, n_threads=1)
+    ref = Engine(args.model, n_threads=1, cpu_repack=False)   # as the cache keeps it: the GGUF layout
     rec = RoutingRecorder()
     ref.experts.observers.append(rec)
     routes, want = {}, []

@@ -1,7 +1,8 @@
 """Hybrid execution: misses computed on the CPU pool (ggml) while the device computes hits.
 
 On this CPU machine the "device" is the CPU too (emulated link), and both sides compute with
-llama.cpp's kernels, so a hybrid run is bitwise equal to the all-resident run: the oracle. With the
+llama.cpp's reference kernels, so a hybrid run is bitwise equal to the all-resident run without
+weight repacking: the oracle. With the
 CUDA backend's code path (its kernels' host build standing in for the GPU: fp32 activations) the
 CPU's 8-bit activations make a placement-dependent difference, bounded by the native-quantized
 bound (5e-2) and deterministic for a placement.
@@ -31,7 +32,7 @@ def model_path(test_models):
 
 @pytest.fixture(scope="module")
 def reference(model_path):
-    eng = Engine(model_path, n_ctx=128, n_batch=16)
+    eng = Engine(model_path, n_ctx=128, n_batch=16, cpu_repack=False)     # the cache keeps the GGUF layout
     return eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=24, temperature=0, ignore_eos=True))
 
 

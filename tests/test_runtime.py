@@ -31,7 +31,7 @@ def model_path(test_models):
 @pytest.fixture(scope="module")
 def reference(model_path):
     """All-resident logits (prefill) and greedy continuation (decode through the KV cache)."""
-    eng = Engine(model_path, n_ctx=128, n_batch=16)
+    eng = Engine(model_path, n_ctx=128, n_batch=16, cpu_repack=False)      # the cache keeps the GGUF layout
     rec = RoutingRecorder()
     eng.experts.observers.append(rec)
     logits = eng.logits(TOKENS)
@@ -66,7 +66,7 @@ def test_oracle_prefetch_is_useful_and_cuts_misses(model_path):
     """Decode with the true future known (the oracle replays a recorded routing): its prefetches
     are used, and the run misses less than the same policy without a predictor."""
     prompt, n = TOKENS[:8], 48
-    ref = Engine(model_path, n_ctx=128)
+    ref = Engine(model_path, n_ctx=128, cpu_repack=False)
     rec = RoutingRecorder()
     ref.experts.observers.append(rec)
     want = list(ref.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True))
@@ -184,7 +184,7 @@ def test_stress_many_decode_steps_random_delays(model_path):
     """Thousands of decode steps, tiny cache, jittery link: no deadlock, no leak, same tokens."""
     n_seq, n_steps = 4, 260                       # 1040 decode steps (the test models' context is 512)
     threads_before = threading.active_count()
-    ref = Engine(model_path, n_ctx=n_steps + 8)
+    ref = Engine(model_path, n_ctx=n_steps + 8, cpu_repack=False)
     eng = Engine(model_path, n_ctx=n_steps + 8, cache_rate=0.25, policy="promoe", predictor="gate", cpu_experts="off",
                  link="2GB/s,5us,jitter=200us")
     try:

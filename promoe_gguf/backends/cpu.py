@@ -21,21 +21,35 @@ import torch
 
 from ..errors import ModelError
 from ..format.quants import dequantize_torch
+from ..util import quiet_stderr
 from . import Backend, ExpertStack, QMatrix, StackedMatrix
 from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
 
 MAX_GRAPHS = 1024      # cached graphs (a few per op signature and token count)
 MEM_ALIGN = 64         # padding per tensor in a context (ggml aligns data to 16)
 KV_PAD = 32            # attention spans are padded to this many positions, masked (see attention())
+# types ggml's CPU_REPACK buffer may take on x86 (it declines shapes it has no kernel for: checked per weight)
+REPACKABLE = {"Q4_0", "Q4_K", "IQ4_NL", "Q8_0", "Q2_K", "Q5_K", "Q6_K", "MXFP4"}
 TORCH_TO_GGML = {torch.float32: GGML_TYPE_F32, torch.int32: GGML_TYPE_I32}
 
 
 @dataclass(frozen=True)
 class Leaf:
-    """A graph input: ggml type, ne (ggml order), nb (bytes)."""
+    """A graph input: ggml type, ne (ggml order), nb (bytes); `repacked`: a weight in llama.cpp's
+    CPU_REPACK buffer (its input pointer is then a Repacked handle)."""
     gtype: int
     ne: tuple[int, ...]
     nb: tuple[int, ...]
+    repacked: bool = False
+
+
+@dataclass(frozen=True)
+class Repacked:
+    """A weight copied into a CPU_REPACK buffer, interleaved for ggml's repack kernels."""
+    tensor: int
+    buffer: int
+    base: int
+    extra: int
 
 
 def leaf_of(t: torch.Tensor) -> tuple[Leaf, int]:
@@ -47,17 +61,11 @@ def leaf_of(t: torch.Tensor) -> tuple[Leaf, int]:
     return Leaf(g, tuple(reversed(t.shape)), tuple(s * t.element_size() for s in reversed(t.stride()))), t.data_ptr()
 
 
-def leaf_of_weight(w: QMatrix) -> tuple[Leaf, int]:
-    """A weight in its GGUF encoding: rows of row_bytes; a 3-D weight is a stack of matrices."""
-    rb = w.row_bytes
-    if len(w.shape) == 3:
-        return Leaf(int(w.qtype), (w.cols, w.rows, w.shape[0]), (0, rb, rb * w.rows)), w.addr
-    return Leaf(int(w.qtype), (w.cols, w.rows), (0, rb)), w.addr
-
-
-def leaf_of_stack(m: StackedMatrix) -> tuple[Leaf, int]:
-    """Every expert's matrix of a layer: expert i at addr + i * stride."""
-    return Leaf(int(m.qtype), (m.cols, m.rows, m.count), (0, m.row_bytes, m.stride)), m.addr
+def _weight_leaf(repacked: dict, gtype: int, ne: tuple, nb: tuple, addr: int):
+    r = repacked.get((addr, ne))
+    if r is not None:
+        return Leaf(gtype, ne, (0,) * len(ne), True), r
+    return Leaf(gtype, ne, nb), addr
 
 
 @dataclass
@@ -79,12 +87,69 @@ class CpuBackend(Backend):
         self.n_threads = max(1, int(n_threads or 1))
         self.g = lib()
         self._graphs: OrderedDict = OrderedDict()
+        self._repacked: dict = {}            # (address, ne) of a weight -> Repacked
+        self._repack_ctx = None
         self._work = torch.empty(0, dtype=torch.uint8)
         self.compute_s = 0.0                 # wall time inside ggml's kernels (benchmarks read it)
 
     @property
     def workspace_bytes(self) -> int:
         return self._work.numel()
+
+    # ---- weights in llama.cpp's CPU_REPACK layout -----------------------------------------------
+    def leaf_of_weight(self, w: QMatrix):
+        """A weight in its GGUF encoding (rows of row_bytes; 3-D: a stack of matrices), or its repacked copy."""
+        rb = w.row_bytes
+        if len(w.shape) == 3:
+            return _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows, w.shape[0]), (0, rb, rb * w.rows), w.addr)
+        return _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows), (0, rb), w.addr)
+
+    def leaf_of_stack(self, m: StackedMatrix):
+        """Every expert's matrix of a layer: expert i at addr + i * stride (or the repacked copy)."""
+        return _weight_leaf(self._repacked, int(m.qtype), (m.cols, m.rows, m.count), (0, m.row_bytes, m.stride), m.addr)
+
+    def repack(self, addr: int, qtype, ne: tuple, nbytes: int) -> bool:
+        """Copy a contiguous weight (ne in ggml order) into a CPU_REPACK buffer, as llama.cpp loads it
+        by default on AVX2 CPUs: its products then run ggml's repack kernels (other rounding, faster
+        batches) exactly as llama.cpp's do. False (nothing kept) where that buffer type declines it."""
+        b, g = self.g.base, self.g
+        if (addr, ne) in self._repacked:
+            return True
+        buft = getattr(self, "_buft", None)
+        if buft is None:
+            buft = self._buft = g.extra_buffer_type("CPU_REPACK") or 0
+        if not buft:
+            return False
+        if self._repack_ctx is None:
+            self._repack_ctx = b.ggml_init(InitParams(4096 * (b.ggml_tensor_overhead() + MEM_ALIGN), None, True))
+        fn = (b.ggml_new_tensor_1d, b.ggml_new_tensor_2d, b.ggml_new_tensor_3d)[len(ne) - 1]
+        t = fn(self._repack_ctx, int(qtype), *ne)
+        if b.ggml_nbytes(t) != nbytes:
+            return False
+        buf = b.ggml_backend_buft_alloc_buffer(buft, b.ggml_backend_buft_get_alloc_size(buft, t))
+        base = b.ggml_backend_buffer_get_base(buf)
+        if b.ggml_backend_tensor_alloc(buf, t, base) != 0 or not g.get_extra(t):
+            b.ggml_backend_buffer_free(buf)               # no repack kernel for this type or shape
+            return False
+        with quiet_stderr():                               # ggml logs every repacked tensor
+            b.ggml_backend_tensor_set(t, addr, 0, nbytes)
+        self._repacked[(addr, ne)] = Repacked(t, buf, base, g.get_extra(t))
+        return True
+
+    def repack_weight(self, w: QMatrix) -> bool:
+        if len(w.shape) != 2 or w.qtype.name not in REPACKABLE:
+            return False
+        return self.repack(w.addr, w.qtype, (w.cols, w.rows), w.nbytes)
+
+    def repack_stack(self, m: StackedMatrix) -> bool:
+        if m.stride != m.rows * m.row_bytes or m.qtype.name not in REPACKABLE:
+            return False                                   # only a contiguous stack copies as one tensor
+        return self.repack(m.addr, m.qtype, (m.cols, m.rows, m.count), m.stride * m.count)
+
+    @property
+    def repacked_bytes(self) -> int:
+        b = self.g.base
+        return sum(b.ggml_nbytes(r.tensor) for r in self._repacked.values())
 
     def reserve(self, nbytes: int) -> None:
         if nbytes > self._work.numel():
@@ -97,12 +162,16 @@ class CpuBackend(Backend):
         full_key = (key, tuple(leaf for leaf, _ in inputs))
         gr = self._graphs.get(full_key)
         if gr is None:
-            gr = self._build(full_key, [leaf for leaf, _ in inputs], build)
+            gr = self._build(full_key, inputs, build)
         else:
             self._graphs.move_to_end(full_key)
         set_data = self.g.set_data
-        for t, (_, p) in zip(gr.leaves, inputs):
-            set_data(t, p)
+        for t, (leaf, p) in zip(gr.leaves, inputs):
+            if leaf.repacked:
+                set_data(t, p.base)
+                self.g.set_buffer_extra(t, p.buffer, p.extra)
+            else:
+                set_data(t, p)
         set_data(gr.out, out.data_ptr())
         plan = gr.plan
         if plan.work_size > self._work.numel():
@@ -116,20 +185,22 @@ class CpuBackend(Backend):
             raise RuntimeError(f"ggml graph compute failed with status {rc} ({key[0]})")
         return out
 
-    def _build(self, key, leaves: list[Leaf], build) -> _Graph:
+    def _build(self, key, inputs, build) -> _Graph:
         b = self.g.base
-        scratch = self._graph_in(leaves, build, 0, measure=True)       # first pass: sizes only
-        gr = self._graph_in(leaves, build, scratch)
+        scratch = self._graph_in(inputs, build, 0, measure=True)       # first pass: sizes only
+        gr = self._graph_in(inputs, build, scratch)
         self._graphs[key] = gr
         if len(self._graphs) > MAX_GRAPHS:
             _, old = self._graphs.popitem(last=False)
             b.ggml_free(old.ctx)
         return gr
 
-    def _graph_in(self, leaves: list[Leaf], build, scratch_bytes: int, measure: bool = False):
+    def _graph_in(self, inputs, build, scratch_bytes: int, measure: bool = False):
         """A context holding the leaves (no data: they point at our memory), the graph and, unless
-        measuring, room for the intermediate results. Measuring returns the bytes those need."""
+        measuring, room for the intermediate results. Measuring returns the bytes those need.
+        Repacked weights' leaves carry their buffer and kernel traits when planning (work size)."""
         b = self.g.base
+        leaves = [leaf for leaf, _ in inputs]
         n = len(leaves) + 16
         size = n * (b.ggml_tensor_overhead() + MEM_ALIGN) + b.ggml_graph_overhead_custom(64, False) + scratch_bytes
         ctx = b.ggml_init(InitParams(size, None, True))
@@ -139,12 +210,15 @@ class CpuBackend(Backend):
         for leaf in leaves:
             fn = (b.ggml_new_tensor_1d, b.ggml_new_tensor_2d, b.ggml_new_tensor_3d)[len(leaf.ne) - 1]
             t = fn(ctx, leaf.gtype, *leaf.ne)
-            if any(leaf.nb[1:]):
+            if not leaf.repacked and any(leaf.nb[1:]):
                 nb = [b.ggml_type_size(leaf.gtype), *leaf.nb[1:]]
                 while len(nb) < 4:
                     nb.append(nb[-1] * (leaf.ne[len(nb) - 1] if len(nb) - 1 < len(leaf.ne) else 1))
                 self.g.set_strides(t, tuple(nb))
             ts.append(t)
+        for t, (leaf, p) in zip(ts, inputs):
+            if leaf.repacked:
+                self.g.set_buffer_extra(t, p.buffer, p.extra)
         b.ggml_set_no_alloc(ctx, measure)            # intermediate results live in the context
         out = build(ctx, *ts)
         graph = b.ggml_new_graph_custom(ctx, 64, False)
@@ -164,7 +238,7 @@ class CpuBackend(Backend):
             raise ModelError(f"{w.name}: activations of shape {tuple(x.shape)} do not fit weight {w.shape}")
         y = torch.empty((*x.shape[:-1], w.rows), dtype=torch.float32)
         mm = self.g.base.ggml_mul_mat
-        return self._compute(("mul_mat",), [leaf_of_weight(w), leaf_of(x)], lambda ctx, a, b: mm(ctx, a, b), y)
+        return self._compute(("mul_mat",), [self.leaf_of_weight(w), leaf_of(x)], lambda ctx, a, b: mm(ctx, a, b), y)
 
     def ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
         """down(silu(gate x) * up x): x [n, d] -> [n, d], as llama.cpp's build_ffn (SILU, PAR): a
@@ -175,7 +249,8 @@ class CpuBackend(Backend):
         def build(ctx, lg, lu, ld, lx):
             return b.ggml_mul_mat(ctx, ld, b.ggml_swiglu_split(ctx, b.ggml_mul_mat(ctx, lg, lx), b.ggml_mul_mat(ctx, lu, lx)))
         y = torch.empty((x.shape[0], down.rows), dtype=torch.float32)
-        return self._compute(("ffn",), [leaf_of_weight(gate), leaf_of_weight(up), leaf_of_weight(down), leaf_of(x)],
+        return self._compute(("ffn",), [self.leaf_of_weight(gate), self.leaf_of_weight(up), self.leaf_of_weight(down),
+                                        leaf_of(x)],
                              build, y)
 
     def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
@@ -202,17 +277,32 @@ class CpuBackend(Backend):
         return self._moe_slots(_f32(x_rows), stack, np.asarray(index).reshape(-1, 1))[:, 0]
 
     def _moe_slots(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
-        """[T, k, d]: expert index[t, s] of the stack applied to x[t]."""
+        """[T, k, d]: expert index[t, s] of the stack applied to x[t]. A merged gate+up tensor (its
+        experts' gate rows then up rows) is one mul_mat_id whose halves are viewed, as llama.cpp does."""
         T, k = index.shape
         b = self.g.base
         ids = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int32))
+        g, u, dn = stack.gate, stack.up, stack.down
+        slot_out = torch.empty((T, k, dn.rows), dtype=torch.float32)
+        xs, li = leaf_of(x.view(T, 1, -1)), leaf_of(ids)
+        merged = merged_gate_up(stack)
+        if merged is not None:
+            F = g.rows
+
+            def build(ctx, lgu, ld, lx, li):
+                gu = b.ggml_mul_mat_id(ctx, lgu, lx, li)                          # [2F, k, T]
+                nb1, nb2 = 2 * F * 4, 2 * F * k * 4
+                h = b.ggml_swiglu_split(ctx, b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, 0),
+                                        b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, F * 4))
+                return b.ggml_mul_mat_id(ctx, ld, h, li)
+            return self._compute(("moe_merged",), [self.leaf_of_stack(merged), self.leaf_of_stack(dn), xs, li],
+                                 build, slot_out)
 
         def build(ctx, lg, lu, ld, lx, li):
             h = b.ggml_swiglu_split(ctx, b.ggml_mul_mat_id(ctx, lg, lx, li), b.ggml_mul_mat_id(ctx, lu, lx, li))
             return b.ggml_mul_mat_id(ctx, ld, h, li)                              # [d, k, T]
-        slot_out = torch.empty((T, k, stack.down.rows), dtype=torch.float32)
-        return self._compute(("moe",), [leaf_of_stack(stack.gate), leaf_of_stack(stack.up), leaf_of_stack(stack.down),
-                                        leaf_of(x.view(T, 1, -1)), leaf_of(ids)], build, slot_out)
+        return self._compute(("moe",), [self.leaf_of_stack(g), self.leaf_of_stack(u), self.leaf_of_stack(dn), xs, li],
+                             build, slot_out)
 
     # ---- norms, activations --------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -287,15 +377,32 @@ class CpuBackend(Backend):
         return dequantize_torch(rows, w.qtype, (tokens.numel(), w.cols))
 
     def close(self) -> None:
+        b = self.g.base
         for gr in self._graphs.values():
-            self.g.base.ggml_free(gr.ctx)
+            b.ggml_free(gr.ctx)
         self._graphs.clear()
+        for r in self._repacked.values():
+            b.ggml_backend_buffer_free(r.buffer)
+        self._repacked.clear()
+        if self._repack_ctx:
+            b.ggml_free(self._repack_ctx)
+            self._repack_ctx = None
 
     def __del__(self):
         try:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def merged_gate_up(stack: ExpertStack) -> StackedMatrix | None:
+    """The merged [2F] gate+up tensor a stack's gate and up are views of (ffn_gate_up_exps), if so."""
+    g, u = stack.gate, stack.up
+    rb = g.row_bytes
+    if (g.qtype == u.qtype and g.rows == u.rows and g.stride == u.stride == 2 * g.rows * rb
+            and u.addr == g.addr + g.rows * rb):
+        return StackedMatrix(g.qtype, 2 * g.rows, g.cols, g.addr, g.stride, g.count)
+    return None
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:

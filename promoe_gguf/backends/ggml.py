@@ -68,6 +68,7 @@ class Lib:
             ("ggml_mul_mat_id", _vp, [_vp, _vp, _vp, _vp]),
             ("ggml_swiglu_split", _vp, [_vp, _vp, _vp]),
             ("ggml_mul", _vp, [_vp, _vp, _vp]),
+            ("ggml_view_3d", _vp, [_vp, _vp, _i64, _i64, _i64, _sz, _sz, _sz]),
             ("ggml_rms_norm", _vp, [_vp, _vp, ctypes.c_float]),
             ("ggml_soft_max", _vp, [_vp, _vp]),
             ("ggml_soft_max_ext", _vp, [_vp, _vp, _vp, ctypes.c_float, ctypes.c_float]),
@@ -80,6 +81,20 @@ class Lib:
         ):
             f = getattr(b, name)
             f.restype, f.argtypes = res, args
+        for name, res, args in (                     # ggml-backend: buffers of the CPU's extra buffer types
+            ("ggml_backend_reg_get_proc_address", _vp, [_vp, ctypes.c_char_p]),
+            ("ggml_backend_reg_dev_get", _vp, [_vp, _sz]),
+            ("ggml_backend_buft_name", ctypes.c_char_p, [_vp]),
+            ("ggml_backend_buft_alloc_buffer", _vp, [_vp, _sz]),
+            ("ggml_backend_buft_get_alloc_size", _sz, [_vp, _vp]),
+            ("ggml_backend_buffer_get_base", _vp, [_vp]),
+            ("ggml_backend_buffer_free", None, [_vp]),
+            ("ggml_backend_tensor_alloc", ctypes.c_int, [_vp, _vp, _vp]),
+            ("ggml_backend_tensor_set", None, [_vp, _vp, _sz, _sz]),
+        ):
+            f = getattr(b, name)
+            f.restype, f.argtypes = res, args
+        c.ggml_backend_cpu_reg.restype, c.ggml_backend_cpu_reg.argtypes = _vp, []
         c.ggml_graph_plan.restype, c.ggml_graph_plan.argtypes = CPlan, [_vp, ctypes.c_int, _vp]
         c.ggml_graph_compute.restype, c.ggml_graph_compute.argtypes = ctypes.c_int, [_vp, ctypes.POINTER(CPlan)]
         c.ggml_cpu_init.restype, c.ggml_cpu_init.argtypes = None, []
@@ -102,9 +117,34 @@ class Lib:
                              "expected byte 248): this ggml version is not supported")
         return hits[0]
 
-    # ---- tensor fields -------------------------------------------------------------------------
+    def extra_buffer_type(self, name: str) -> int | None:
+        """One of the CPU device's extra buffer types by name (CPU_REPACK: llama.cpp's weight repacking)."""
+        b = self.base
+        reg = self.cpu.ggml_backend_cpu_reg()
+        fn = b.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+        if not fn:
+            return None
+        get = ctypes.CFUNCTYPE(ctypes.POINTER(_vp), _vp)(fn)
+        arr = get(b.ggml_backend_reg_dev_get(reg, 0))
+        i = 0
+        while arr and arr[i]:
+            if b.ggml_backend_buft_name(arr[i]) == name.encode():
+                return arr[i]
+            i += 1
+        return None
+
+    # ---- tensor fields (ggml.h: type, buffer @8, ne @16, nb @48, ..., data @248, name, extra @320) --
+    BUFFER_OFFSET, EXTRA_OFFSET = 8, 320
+
     def set_data(self, t: int, ptr: int) -> None:
         ctypes.c_void_p.from_address(t + self.data_offset).value = ptr
+
+    def set_buffer_extra(self, t: int, buffer: int | None, extra: int | None) -> None:
+        ctypes.c_void_p.from_address(t + self.BUFFER_OFFSET).value = buffer
+        ctypes.c_void_p.from_address(t + self.EXTRA_OFFSET).value = extra
+
+    def get_extra(self, t: int) -> int | None:
+        return ctypes.c_void_p.from_address(t + self.EXTRA_OFFSET).value
 
     @staticmethod
     def set_strides(t: int, nb: tuple[int, ...]) -> None:

@@ -34,6 +34,8 @@ class ExpertSource:
     stride (stacked or merged GGUF tensors); otherwise, and on CUDA, one packed device buffer per
     layer (expert e's gate, up and down at e * stride)."""
 
+    fuse_any = False      # every step in one fused call, however many tokens (set for the CPU's repacked stacks)
+
     def __init__(self, model, device="cpu"):
         self.model, self.device = model, torch.device(device)
         self.stacks: dict[int, ExpertStack] = {}
@@ -165,7 +167,7 @@ class MoEExperts:
             for ob in self.observers:
                 ob.observe(layer, x, ids_t, logits)
         T, k = ids_host.shape
-        if T <= FUSED_MAX_TOKENS:
+        if T <= FUSED_MAX_TOKENS or self.source.fuse_any:
             placed = self.source.acquire(layer, x, ids_host)
             if placed is not None:
                 try:
