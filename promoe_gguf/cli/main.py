@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import run
     run.add_parsers(sub)
+    from . import bench
+    bench.add_parsers(sub)
     from . import predict_cmds
     predict_cmds.add_parsers(sub)
     from . import serve, chat
