@@ -56,7 +56,13 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
                               stats, fault=fault)
     pred = make_predictor(predictor, model, lookahead, routes)
     prefetcher = Prefetcher(pred, transfer, cache, stats, cfg.n_layers, cfg.n_experts_used) if pred else None
-    pool = CpuExpertPool(cpu_threads, fault=cpu_fault) if cpu_experts != "off" else None
+    pool = None
+    if cpu_experts != "off":
+        try:
+            pool = CpuExpertPool(cpu_threads, fault=cpu_fault)
+        except ModelError as e:              # no llama.cpp / ggml on this machine: misses are copied
+            log.warning("CPU experts are off: %s", e)
+            cpu_experts = "off"
     source = CachedExpertSource(model, device, store, cache, transfer, stats, prefetcher, wait_timeout,
                                 cpu_pool=pool, cpu_experts=cpu_experts)
     source.link_ratio = spec.get("ratio")
