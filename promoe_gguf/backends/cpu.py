@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,13 +33,12 @@ REPACKABLE = {"Q4_0", "Q4_K", "IQ4_NL", "Q8_0", "Q2_K", "Q5_K", "Q6_K", "MXFP4"}
 TORCH_TO_GGML = {torch.float32: GGML_TYPE_F32, torch.int32: GGML_TYPE_I32}
 
 
-@dataclass(frozen=True)
-class Leaf:
+class Leaf(NamedTuple):
     """A graph input: ggml type, ne (ggml order), nb (bytes); `repacked`: a weight in llama.cpp's
-    CPU_REPACK buffer (its input pointer is then a Repacked handle)."""
+    CPU_REPACK buffer (its input pointer is then a Repacked handle). A tuple: it is hashed per call."""
     gtype: int
-    ne: tuple[int, ...]
-    nb: tuple[int, ...]
+    ne: tuple
+    nb: tuple
     repacked: bool = False
 
 
@@ -57,8 +56,8 @@ def leaf_of(t: torch.Tensor) -> tuple[Leaf, int]:
     Any strides, but rows must be contiguous (the caller keeps `t` alive through the compute)."""
     if t.device.type != "cpu" or t.stride(-1) != 1:
         raise ModelError(f"the CPU backend needs row-contiguous CPU tensors (got {t.device}, strides {t.stride()})")
-    g = TORCH_TO_GGML[t.dtype]
-    return Leaf(g, tuple(reversed(t.shape)), tuple(s * t.element_size() for s in reversed(t.stride()))), t.data_ptr()
+    es = t.element_size()
+    return Leaf(TORCH_TO_GGML[t.dtype], t.shape[::-1], tuple(s * es for s in t.stride()[::-1])), t.data_ptr()
 
 
 def _weight_leaf(repacked: dict, gtype: int, ne: tuple, nb: tuple, addr: int):
@@ -75,6 +74,8 @@ class _Graph:
     plan: CPlan
     leaves: tuple[int, ...]
     out: int
+    data: tuple = ()             # a ctypes handle on each leaf's `data` field, then the output's
+    work: int = -1               # the work buffer address the plan holds
 
 
 class CpuBackend(Backend):
@@ -86,7 +87,7 @@ class CpuBackend(Backend):
         self.device = torch.device("cpu")
         self.n_threads = max(1, int(n_threads or 1))
         self.g = lib()
-        self._graphs: OrderedDict = OrderedDict()
+        self._graphs: dict = {}
         self._repacked: dict = {}            # (address, ne) of a weight -> Repacked
         self._repack_ctx = None
         self._work = torch.empty(0, dtype=torch.uint8)
@@ -159,24 +160,23 @@ class CpuBackend(Backend):
     def _compute(self, key, inputs: list[tuple[Leaf, int]], build, out: torch.Tensor):
         """Run the cached graph `key` (made by build(ctx, *leaf tensors) on first use) with its leaves
         pointing at `inputs` and its result written into `out`."""
-        full_key = (key, tuple(leaf for leaf, _ in inputs))
+        full_key = (key, tuple([leaf for leaf, _ in inputs]))
         gr = self._graphs.get(full_key)
         if gr is None:
             gr = self._build(full_key, inputs, build)
-        else:
-            self._graphs.move_to_end(full_key)
-        set_data = self.g.set_data
-        for t, (leaf, p) in zip(gr.leaves, inputs):
+        for h, t, (leaf, p) in zip(gr.data, gr.leaves, inputs):
             if leaf.repacked:
-                set_data(t, p.base)
+                h.value = p.base
                 self.g.set_buffer_extra(t, p.buffer, p.extra)
             else:
-                set_data(t, p)
-        set_data(gr.out, out.data_ptr())
+                h.value = p
+        gr.data[-1].value = out.data_ptr()
         plan = gr.plan
-        if plan.work_size > self._work.numel():
-            self._work = torch.empty(plan.work_size, dtype=torch.uint8)
-        plan.work_data = self._work.data_ptr() if plan.work_size else None
+        if plan.work_size:
+            if plan.work_size > self._work.numel():
+                self._work = torch.empty(plan.work_size, dtype=torch.uint8)
+            if gr.work != self._work.data_ptr():
+                gr.work = plan.work_data = self._work.data_ptr()
         self.launches += 1
         t0 = time.perf_counter()
         rc = self.g.cpu.ggml_graph_compute(gr.graph, ctypes.byref(plan))
@@ -189,10 +189,10 @@ class CpuBackend(Backend):
         b = self.g.base
         scratch = self._graph_in(inputs, build, 0, measure=True)       # first pass: sizes only
         gr = self._graph_in(inputs, build, scratch)
+        gr.data = tuple(ctypes.c_void_p.from_address(t + self.g.data_offset) for t in (*gr.leaves, gr.out))
+        if len(self._graphs) >= MAX_GRAPHS:                           # the oldest graph goes
+            b.ggml_free(self._graphs.pop(next(iter(self._graphs))).ctx)
         self._graphs[key] = gr
-        if len(self._graphs) > MAX_GRAPHS:
-            _, old = self._graphs.popitem(last=False)
-            b.ggml_free(old.ctx)
         return gr
 
     def _graph_in(self, inputs, build, scratch_bytes: int, measure: bool = False):
