@@ -11,7 +11,9 @@ Not thread-safe: one backend per computing thread (the scratch work buffer is sh
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,7 +23,6 @@ import torch
 
 from ..errors import ModelError
 from ..format.quants import dequantize_torch
-from ..util import quiet_stderr
 from . import Backend, ExpertStack, QMatrix, StackedMatrix
 from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
 
@@ -153,7 +154,7 @@ class CpuBackend(Backend):
         if b.ggml_backend_tensor_alloc(buf, t, base) != 0 or not g.get_extra(t):
             b.ggml_backend_buffer_free(buf)               # no repack kernel for this type or shape
             return False
-        with quiet_stderr():                               # ggml logs every repacked tensor
+        with _llama_log_quiet():                           # ggml logs every repacked tensor (debug level)
             b.ggml_backend_tensor_set(t, addr, 0, nbytes)
         self._repacked[(addr, ne)] = Repacked(t, buf, base, g.get_extra(t))
         self._leaves.clear()                                   # leaves made before now point at the GGUF bytes
@@ -456,6 +457,19 @@ class CpuBackend(Backend):
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+@contextlib.contextmanager
+def _llama_log_quiet():
+    """llama-cpp-python prints ggml's log, debug lines included until a Llama(verbose=False) says
+    otherwise: hold its logger at ERROR for the duration."""
+    lg = logging.getLogger("llama-cpp-python")
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
 
 
 def merged_gate_up(stack: ExpertStack) -> StackedMatrix | None:
