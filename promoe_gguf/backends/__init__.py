@@ -2,9 +2,13 @@
 
     linear(x, W)                     x [T, cols] float32 -> [T, rows] float32, W a QMatrix
     embed(tokens, W)                 rows of the token embedding, dequantized
+    linears(x, [W...])               several products of one input (q, k, v) in one call
     rms_norm(x, w, eps)              and add_rms_norm (residual add fused with the next norm)
+    rope_many(xs, spec, step)        RoPE of q and k; attention(q, cache, layer, step, scale)
+    router(x, W, gating)             the router's logits and probabilities (softmax or sigmoid)
     moe(x, stack, index, weights)    all routed experts of one layer for a few tokens, one fused call
-    expert_ffn(x, gate, up, down)    one expert over the tokens routed to it (prefill)
+    moe_rows(x_rows, stack, index)   some (token, expert) pairs (the device's share in hybrid mode)
+    ffn / expert_ffn(x, g, u, d)     a dense or shared FFN / one expert over its tokens (prefill)
 
 Weights never leave their GGUF encoding: a QMatrix is the file's bytes on the backend's device.
 `cpu.py` computes with llama.cpp's own CPU kernels (ggml, 8-bit activations as llama.cpp does);

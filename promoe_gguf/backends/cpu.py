@@ -170,11 +170,6 @@ class CpuBackend(Backend):
             return False                                   # only a contiguous stack copies as one tensor
         return self.repack(m.addr, m.qtype, (m.cols, m.rows, m.count), m.stride * m.count)
 
-    @property
-    def repacked_bytes(self) -> int:
-        b = self.g.base
-        return sum(b.ggml_nbytes(r.tensor) for r in self._repacked.values())
-
     def reserve(self, nbytes: int) -> None:
         if nbytes > self._work.numel():
             self._work = torch.empty(nbytes, dtype=torch.uint8)
@@ -376,11 +371,6 @@ class CpuBackend(Backend):
             return s, b.ggml_mul(ctx, b.ggml_rms_norm(ctx, s, eps), lw)
         return self._compute(("add_rms_norm", float(eps)), [leaf_of(x), leaf_of(r), leaf_of(w)], build,
                              (torch.empty_like(x), torch.empty_like(x)))
-
-    def softmax(self, x: torch.Tensor) -> torch.Tensor:
-        x = _f32(x)
-        return self._compute(("soft_max",), [leaf_of(x)], lambda ctx, lx: self.g.base.ggml_soft_max(ctx, lx),
-                             torch.empty_like(x))
 
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         x = _f32(x)

@@ -175,9 +175,6 @@ class CudaBackend(Backend):
         end = step.n_past + step.n_tokens
         return torch_ops.attention(q, cache.k[layer][:, :end], cache.v[layer][:, :end], step.mask, scale)
 
-    def softmax(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(x, dim=-1)
-
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
 
