@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
-from ..format.quants import dequantize_torch
 from . import Backend, ExpertStack, QMatrix, StackedMatrix
 from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
 
@@ -427,8 +426,11 @@ class CpuBackend(Backend):
         return out.transpose(0, 1).reshape(T, H * Dv)
 
     def embed(self, tokens: torch.Tensor, w: QMatrix) -> torch.Tensor:
-        rows = w.data.view(w.rows, -1)[tokens.to(w.data.device)]
-        return dequantize_torch(rows, w.qtype, (tokens.numel(), w.cols))
+        """ggml_get_rows: the token rows dequantized (exactly gguf-py's values)."""
+        ids = tokens.to(torch.int32).contiguous()
+        y = torch.empty((ids.numel(), w.cols), dtype=torch.float32)
+        return self._compute(("get_rows",), [self.leaf_of_weight(w), leaf_of(ids)],
+                             lambda ctx, lw, li: self.g.base.ggml_get_rows(ctx, lw, li), y)
 
     def close(self) -> None:
         b = self.g.base
