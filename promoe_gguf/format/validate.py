@@ -1,0 +1,518 @@
+"""One validation pass at open: every configuration value the forward pass reads, checked against
+sane ranges and against the tensors it describes, before any weight is used.
+
+`checked_config(cfg, shapes, meta, path)` is called by both model sources (a GGUF file, a converted
+cache directory) with the parsed ModelConfig, every tensor's shape (numpy order: [out, in] for a
+matrix, [n_expert, out, in] for stacked experts) and the metadata. It fills the expert FF width from
+the tensors when the metadata leaves it out and raises ModelError naming the metadata key, its value
+and the tensor or rule it contradicts. The rules:
+
+  RANGES                 finite, positive where it must be, bounded (context, rope, scales, counts)
+  _cross_field_rules     KV heads divide heads, top-k within the experts, groups divide experts, ...
+  _layer_expectations    per layer, each tensor's expected shape from the values that determine it
+                         (attention per family, MLA ranks, dense / routed / shared FFN widths)
+
+`check_kv_cache(cfg, n_ctx, device)` sizes the KV cache before it is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from ..errors import ModelError
+from .config import ModelConfig
+
+# ---- how each config field is named in the file ------------------------------------------------
+# field -> (key after "{arch}.", what applies when the key is absent: a literal, "=FIELD" for the
+# value of another field, or a formula over keys)
+KEYS = {
+    "n_layers": ("block_count", None),
+    "n_embd": ("embedding_length", None),
+    "n_vocab": ("vocab_size", "the number of tokenizer.ggml.tokens"),
+    "n_ctx_train": ("context_length", "unknown"),
+    "n_head": ("attention.head_count", None),
+    "n_head_kv": ("attention.head_count_kv", "=n_head"),
+    "head_dim_k": ("attention.key_length", "{arch}.embedding_length / {arch}.attention.head_count"),
+    "head_dim_v": ("attention.value_length", "{arch}.embedding_length / {arch}.attention.head_count"),
+    "rms_eps": ("attention.layer_norm_rms_epsilon", "default"),
+    "rope.n_dims": ("rope.dimension_count", "=head_dim_k"),
+    "rope.base": ("rope.freq_base", "default"),
+    "rope.scaling": ("rope.scaling.type", "default"),
+    "rope.factor": ("rope.scaling.factor", "default"),
+    "rope.orig_ctx": ("rope.scaling.original_context_length", "default"),
+    "rope.yarn_log_mul": ("rope.scaling.yarn_log_multiplier", "default"),
+    "n_experts": ("expert_count", None),
+    "n_experts_used": ("expert_used_count", None),
+    "n_ff_exp": ("expert_feed_forward_length", "default"),
+    "n_ff": ("feed_forward_length", "default"),
+    "n_ff_shexp": ("expert_shared_feed_forward_length", "default"),
+    "n_expert_shared": ("expert_shared_count", "default"),
+    "n_leading_dense": ("leading_dense_block_count", "default"),
+    "weights_scale": ("expert_weights_scale", "default"),
+    "n_expert_groups": ("expert_group_count", "default"),
+    "n_group_used": ("expert_group_used_count", "default"),
+    "embedding_scale": ("embedding_scale", "default"),
+    "residual_scale": ("residual_scale", "default"),
+    "attention_scale": ("attention.scale", "default"),
+    "logit_scale": ("logit_scale", "default"),
+    "q_lora_rank": ("attention.q_lora_rank", "default"),
+    "kv_lora_rank": ("attention.kv_lora_rank", "default"),
+    "key_length_mla": ("attention.key_length_mla", "=head_dim_k"),
+    "value_length_mla": ("attention.value_length_mla", "=head_dim_v"),
+}
+# where the expert FF width comes from when expert_feed_forward_length is absent (config.py)
+FF_EXP_FALLBACK = {
+    "llama": "{arch}.feed_forward_length",
+    "olmoe": "{arch}.feed_forward_length",
+    "granitemoe": "{arch}.feed_forward_length",
+    "qwen2moe": "{arch}.feed_forward_length / {arch}.expert_used_count",
+}
+SHEXP_FALLBACK = {"qwen2moe": "=n_ff"}
+# archs whose shared expert width is the expert FF width x expert_shared_count (config.py)
+SHEXP_FROM_COUNT = ("deepseek", "deepseek2")
+
+# ---- sane ranges ------------------------------------------------------------------------------
+MAX_LAYERS = 4096
+MAX_DIM = 1 << 20          # widths (embedding, FF, ranks)
+MAX_HEAD_DIM = 1 << 16
+MAX_HEADS = 1 << 12
+MAX_EXPERTS = 1 << 16
+MAX_VOCAB = 1 << 24
+MAX_CTX = 1 << 24          # 16M positions: beyond any released model
+
+
+@dataclass(frozen=True)
+class Range:
+    field: str
+    lo: float
+    hi: float
+    lo_open: bool = False        # lo itself is outside the range
+    zero_means_unset: bool = False
+
+    def holds(self, v) -> bool:
+        if v is None:
+            return True
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.zero_means_unset and v == 0:
+            return True
+        return (v > self.lo if self.lo_open else v >= self.lo) and v <= self.hi
+
+    def text(self) -> str:
+        lo = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+        unset = " (or 0: unset)" if self.zero_means_unset else ""
+        return f"must be finite, {lo} and <= {self.hi:g}{unset}"
+
+
+RANGES = (
+    Range("n_layers", 1, MAX_LAYERS),
+    Range("n_embd", 1, MAX_DIM),
+    Range("n_vocab", 1, MAX_VOCAB),
+    Range("n_ctx_train", 1, MAX_CTX, zero_means_unset=True),
+    Range("n_head", 1, MAX_HEADS),
+    Range("n_head_kv", 1, MAX_HEADS),
+    Range("head_dim_k", 1, MAX_HEAD_DIM),
+    Range("head_dim_v", 1, MAX_HEAD_DIM),
+    Range("rms_eps", 0.0, 1.0, lo_open=True),
+    Range("rope.n_dims", 2, MAX_HEAD_DIM),
+    Range("rope.base", 1.0, 1e15, lo_open=True),            # ln(base) divides in YaRN; 1 rotates nothing
+    Range("rope.factor", 0.0, 1e6, lo_open=True),
+    Range("rope.orig_ctx", 1, MAX_CTX, zero_means_unset=True),
+    Range("rope.yarn_log_mul", -100.0, 100.0),
+    Range("n_experts", 1, MAX_EXPERTS),
+    Range("n_experts_used", 1, MAX_EXPERTS),
+    Range("n_ff_exp", 0, MAX_DIM),
+    Range("n_ff", 0, MAX_DIM),
+    Range("n_ff_shexp", 0, MAX_DIM),
+    Range("n_expert_shared", 0, MAX_EXPERTS),
+    Range("n_leading_dense", 0, MAX_LAYERS),
+    Range("weights_scale", 0.0, 1e6),
+    Range("n_expert_groups", 1, MAX_EXPERTS),
+    Range("n_group_used", 1, MAX_EXPERTS),
+    Range("embedding_scale", 0.0, 1e6),
+    Range("residual_scale", 0.0, 1e6),
+    Range("attention_scale", 0.0, 1e6),
+    Range("logit_scale", 0.0, 1e6),
+    Range("q_lora_rank", 0, MAX_DIM),
+    Range("kv_lora_rank", 0, MAX_DIM),
+    Range("key_length_mla", 1, MAX_HEAD_DIM),
+    Range("value_length_mla", 1, MAX_HEAD_DIM),
+)
+ROPE_SCALINGS = ("none", "linear", "yarn")
+
+
+def field_value(cfg: ModelConfig, name: str):
+    """A config field by name: "rope.base" reads cfg.rope.base, "key_length_mla" cfg.extra (else key_length)."""
+    if name.startswith("rope."):
+        return getattr(cfg.rope, name[5:])
+    if name in ("key_length_mla", "value_length_mla"):
+        return cfg.extra.get(name) or (cfg.head_dim_k if name == "key_length_mla" else cfg.head_dim_v)
+    return getattr(cfg, name)
+
+
+class _Namer:
+    """Names config fields the way the file spells them: `llama.attention.head_count = 4`, or, for
+    an absent key, where the value came from: `llama.attention.key_length (absent:
+    llama.embedding_length / llama.attention.head_count = 64)`."""
+
+    def __init__(self, cfg: ModelConfig, meta, origin: dict):
+        self.cfg, self.meta, self.origin = cfg, meta, origin
+
+    def _shown(self, name: str) -> str:
+        v = field_value(self.cfg, name)
+        return f"{v:g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
+
+    def _default(self, name: str) -> str:
+        """Where an absent key's value came from."""
+        arch = self.cfg.arch
+        default = KEYS[name][1]
+        if name == "n_ff_exp" and arch in FF_EXP_FALLBACK:
+            default = FF_EXP_FALLBACK[arch]
+        if name == "n_ff_shexp" and arch in SHEXP_FALLBACK:
+            default = SHEXP_FALLBACK[arch]
+        if default.startswith("="):
+            return f"as {self(default[1:])}"
+        if default == "default":
+            return f"default {self._shown(name)}"
+        return f"{default.format(arch=arch)} = {self._shown(name)}"
+
+    def __call__(self, name: str) -> str:
+        if name in self.origin:
+            return f"{self.origin[name]} = {self._shown(name)}"
+        arch = self.cfg.arch
+        key = f"{arch}.{KEYS[name][0]}"
+        if name == "n_ff_shexp" and arch in SHEXP_FROM_COUNT:
+            return (f"{arch}.expert_shared_count = {self.cfg.n_expert_shared} (shared expert width: expert FF "
+                    f"width x expert_shared_count = {self._shown(name)})")
+        if self.meta(key) is not None:
+            return f"{key} = {self._shown(name)}"
+        return f"{key} (absent: {self._default(name)})"
+
+    def all(self, names) -> str:
+        return ", ".join(self(n) for n in names)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """Tensor `tensor` must have `shape`, which `fields` determine as `formula` says."""
+    tensor: str
+    shape: tuple
+    fields: tuple
+    formula: str
+    required: bool = True
+
+
+class _Checker:
+    def __init__(self, cfg: ModelConfig, shapes: dict, meta, path: str, origin: dict, labels: dict):
+        self.cfg, self.shapes, self.path, self.labels = cfg, shapes, path, labels
+        self.name = _Namer(cfg, meta, origin)
+
+    def label(self, tensor: str) -> str:
+        return self.labels.get(tensor, f"tensor {tensor}")
+
+    def fail(self, fields, rule: str) -> ModelError:
+        return ModelError(f"{self.path}: {self.name.all(fields)}: {rule}")
+
+    # ---- ranges and cross-field rules -----------------------------------------------------
+    def ranges(self) -> None:
+        for r in RANGES:
+            if not r.holds(field_value(self.cfg, r.field)):
+                raise self.fail([r.field], r.text())
+        if self.cfg.rope.scaling not in ROPE_SCALINGS:
+            raise self.fail(["rope.scaling"], f"rope scaling must be one of {', '.join(ROPE_SCALINGS)}")
+
+    def cross_fields(self) -> None:
+        c = self.cfg
+        for fields, ok, rule in _cross_field_rules(c):
+            if not ok:
+                raise self.fail(fields, rule)
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def expect(self, e: Expect) -> None:
+        have = self.shapes.get(e.tensor)
+        if have is None:
+            if e.required:
+                raise self.fail(e.fields, f"{self.label(e.tensor)} is missing (it must be {e.formula} = {e.shape})")
+            return
+        if tuple(have) != tuple(e.shape):
+            raise self.fail(e.fields, f"{self.label(e.tensor)} has shape {tuple(have)}, but {e.formula} = {e.shape}")
+
+    def absent(self, tensor: str, fields, why: str) -> None:
+        if tensor in self.shapes:
+            raise self.fail(fields, f"{self.label(tensor)} is present, but {why}")
+
+    def layers_within_block_count(self) -> None:
+        n = self.cfg.n_layers
+        for name in self.shapes:
+            m = re.match(r"blk\.(\d+)\.", name)
+            if m and int(m.group(1)) >= n:
+                raise self.fail(["n_layers"], f"tensor {name} belongs to layer {m.group(1)}, beyond the "
+                                              f"{n} layers block_count declares")
+
+    def layers_present(self) -> None:
+        have = {int(m.group(1)) for m in (re.match(r"blk\.(\d+)\.", n) for n in self.shapes) if m}
+        for layer in range(self.cfg.n_layers):
+            if layer not in have:
+                raise self.fail(["n_layers"], f"the file has no tensor of layer {layer} (blk.{layer}.*)")
+
+    def run(self) -> None:
+        self.ranges()
+        self.cross_fields()
+        self.layers_within_block_count()
+        self.layers_present()
+        for e in _global_expectations(self.cfg, self.shapes):
+            self.expect(e)
+        for layer in range(self.cfg.n_layers):
+            for e in _layer_expectations(self, layer):
+                self.expect(e)
+
+
+# ---- the rules ---------------------------------------------------------------------------------
+
+def _cross_field_rules(c: ModelConfig):
+    """(fields, holds, rule) for rules between config values (no tensor needed)."""
+    groups_ok = c.n_expert_groups <= c.n_experts and c.n_experts % c.n_expert_groups == 0
+    group_size = c.n_experts // c.n_expert_groups if groups_ok else 0
+    yield (("n_head", "n_head_kv"), c.n_head % c.n_head_kv == 0,
+           "head_count must be a multiple of head_count_kv (each KV head serves a whole group of heads)")
+    yield (("n_experts_used", "n_experts"), c.n_experts_used <= c.n_experts,
+           "expert_used_count must not exceed expert_count")
+    yield (("n_leading_dense", "n_layers"), c.n_leading_dense < c.n_layers,
+           "leading_dense_block_count must leave at least one MoE layer")
+    yield (("rope.n_dims",), c.rope.n_dims % 2 == 0, "rope dimension count must be even (dims rotate in pairs)")
+    if c.arch != "deepseek2":
+        yield (("rope.n_dims", "head_dim_k"), c.rope.n_dims <= c.head_dim_k,
+               "rope dimension count must be within the head dimension (key_length)")
+    yield (("n_expert_groups", "n_experts"), groups_ok, "expert_group_count must divide expert_count")
+    if c.n_expert_groups > 1:
+        yield (("n_expert_groups", "n_experts"), group_size >= 2,
+               "each expert group needs at least 2 experts (a group scores by its top 2)")
+    if c.n_expert_groups > 1:            # (one group: no group-limited routing, the used count is moot)
+        yield (("n_group_used", "n_expert_groups"), c.n_group_used <= c.n_expert_groups,
+               "expert_group_used_count must not exceed expert_group_count")
+        yield (("n_group_used", "n_expert_groups", "n_experts_used"),
+               c.n_group_used * group_size >= c.n_experts_used,
+               "the used expert groups must hold at least expert_used_count experts")
+    if c.rope.scaling == "yarn":
+        orig = c.rope.orig_ctx or c.n_ctx_train
+        yield (("rope.orig_ctx", "n_ctx_train"), orig >= 1,
+               "YaRN needs the original context length (rope.scaling.original_context_length or context_length)")
+    if c.arch == "deepseek2":
+        yield (("kv_lora_rank",), c.kv_lora_rank >= 1, "deepseek2's latent attention (MLA) needs kv_lora_rank >= 1")
+        yield (("rope.n_dims", "key_length_mla"), c.rope.n_dims <= field_value(c, "key_length_mla"),
+               "rope dimension count must be within the query/key head dimension (key_length_mla)")
+        if c.extra.get("key_length_mla"):
+            # the MQA-over-latent form: key_length = kv_lora_rank + rope dims, value_length = kv_lora_rank
+            yield (("key_length_mla", "head_dim_k", "kv_lora_rank", "rope.n_dims"),
+                   c.head_dim_k == c.kv_lora_rank + c.rope.n_dims,
+                   "with key_length_mla present, key_length must be kv_lora_rank + rope dimension count")
+            yield (("value_length_mla", "head_dim_v", "kv_lora_rank"), c.head_dim_v == c.kv_lora_rank,
+                   "with value_length_mla present, value_length must be kv_lora_rank")
+
+
+def _global_expectations(c: ModelConfig, shapes: dict):
+    d = c.n_embd
+    yield Expect("token_embd.weight", (c.n_vocab, d), ("n_vocab", "n_embd"), "(vocab_size, embedding_length)")
+    yield Expect("output_norm.weight", (d,), ("n_embd",), "(embedding_length,)")
+    yield Expect("output.weight", (c.n_vocab, d), ("n_vocab", "n_embd"), "(vocab_size, embedding_length)",
+                 required=False)
+
+
+def _attention_expectations(c: ModelConfig, p: str, shapes: dict):
+    d, H, Hkv, Dk, Dv = c.n_embd, c.n_head, c.n_head_kv, c.head_dim_k, c.head_dim_v
+    q_fields, kv_fields = ("n_head", "head_dim_k", "n_embd"), ("n_head_kv", "head_dim_k", "n_embd")
+    yield Expect(p + "attn_q.weight", (H * Dk, d), q_fields, "(head_count x key_length, embedding_length)")
+    yield Expect(p + "attn_k.weight", (Hkv * Dk, d), kv_fields, "(head_count_kv x key_length, embedding_length)")
+    yield Expect(p + "attn_v.weight", (Hkv * Dv, d), ("n_head_kv", "head_dim_v", "n_embd"),
+                 "(head_count_kv x value_length, embedding_length)")
+    yield Expect(p + "attn_output.weight", (d, H * Dv), ("n_embd", "n_head", "head_dim_v"),
+                 "(embedding_length, head_count x value_length)")
+    yield Expect(p + "attn_q.bias", (H * Dk,), ("n_head", "head_dim_k"), "(head_count x key_length,)", required=False)
+    yield Expect(p + "attn_k.bias", (Hkv * Dk,), ("n_head_kv", "head_dim_k"), "(head_count_kv x key_length,)",
+                 required=False)
+    yield Expect(p + "attn_v.bias", (Hkv * Dv,), ("n_head_kv", "head_dim_v"), "(head_count_kv x value_length,)",
+                 required=False)
+    if c.arch == "qwen3moe":     # RMS norm per head
+        has = p + "attn_q_norm.weight" in shapes
+        yield Expect(p + "attn_q_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=False)
+        yield Expect(p + "attn_k_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=has)
+    if c.arch == "olmoe":        # RMS norm over the whole projection
+        yield Expect(p + "attn_q_norm.weight", (H * Dk,), ("n_head", "head_dim_k"), "(head_count x key_length,)")
+        yield Expect(p + "attn_k_norm.weight", (Hkv * Dk,), ("n_head_kv", "head_dim_k"),
+                     "(head_count_kv x key_length,)")
+
+
+def _mla_expectations(chk: _Checker, p: str):
+    """DeepSeek2 multi-head latent attention (see model/deepseek.py for the computation)."""
+    c, shapes = chk.cfg, chk.shapes
+    d, H, kvl, ql, rot = c.n_embd, c.n_head, c.kv_lora_rank, c.q_lora_rank, c.rope.n_dims
+    dk_f, dv_f = "key_length_mla", "value_length_mla"        # (absent: key_length / value_length)
+    dk, dv = field_value(c, dk_f), field_value(c, dv_f)
+    nope = dk - rot
+    if ql:
+        chk.absent(p + "attn_q.weight", ("q_lora_rank",), "q_lora_rank > 0 means q comes from attn_q_a/attn_q_b")
+        yield Expect(p + "attn_q_a.weight", (ql, d), ("q_lora_rank", "n_embd"), "(q_lora_rank, embedding_length)")
+        yield Expect(p + "attn_q_a_norm.weight", (ql,), ("q_lora_rank",), "(q_lora_rank,)")
+        yield Expect(p + "attn_q_b.weight", (H * dk, ql), ("n_head", dk_f, "q_lora_rank"),
+                     "(head_count x key_length_mla, q_lora_rank)")
+    else:
+        chk.absent(p + "attn_q_a.weight", ("q_lora_rank",), "q_lora_rank = 0 means q comes from attn_q alone")
+        yield Expect(p + "attn_q.weight", (H * dk, d), ("n_head", dk_f, "n_embd"),
+                     "(head_count x key_length_mla, embedding_length)")
+    yield Expect(p + "attn_kv_a_mqa.weight", (kvl + rot, d), ("kv_lora_rank", "rope.n_dims", "n_embd"),
+                 "(kv_lora_rank + rope dimension count, embedding_length)")
+    yield Expect(p + "attn_kv_a_norm.weight", (kvl,), ("kv_lora_rank",), "(kv_lora_rank,)")
+    if p + "attn_kv_b.weight" in shapes:
+        yield Expect(p + "attn_kv_b.weight", (H * (nope + dv), kvl), ("n_head", dk_f, "rope.n_dims", dv_f, "kv_lora_rank"),
+                     "(head_count x (key_length_mla - rope dims + value_length_mla), kv_lora_rank)")
+    else:
+        yield Expect(p + "attn_k_b.weight", (H, kvl, nope), ("n_head", "kv_lora_rank", dk_f, "rope.n_dims"),
+                     "(head_count, kv_lora_rank, key_length_mla - rope dimension count)")
+        yield Expect(p + "attn_v_b.weight", (H, dv, kvl), ("n_head", dv_f, "kv_lora_rank"),
+                     "(head_count, value_length_mla, kv_lora_rank)")
+    yield Expect(p + "attn_output.weight", (d, H * dv), ("n_embd", "n_head", dv_f),
+                 "(embedding_length, head_count x value_length_mla)")
+
+
+def _routed_expectations(chk: _Checker, layer: int, p: str):
+    c, shapes = chk.cfg, chk.shapes
+    d, E, F = c.n_embd, c.n_experts, c.n_ff_exp
+    moe = ("n_leading_dense",) if c.n_leading_dense or c.arch.startswith("deepseek") else ()
+    yield Expect(p + "ffn_gate_inp.weight", (E, d), moe + ("n_experts", "n_embd"),
+                 "(expert_count, embedding_length) (the router of a MoE layer)")
+    yield Expect(p + "exp_probs_b.bias", (E,), ("n_experts",), "(expert_count,)", required=False)
+    w = ("n_experts", "n_ff_exp", "n_embd")
+    if p + "ffn_gate_up_exps.weight" in shapes:
+        yield Expect(p + "ffn_gate_up_exps.weight", (E, 2 * F, d), w, "(expert_count, 2 x expert FF width, embedding_length)")
+        yield Expect(p + "ffn_down_exps.weight", (E, d, F), w, "(expert_count, embedding_length, expert FF width)")
+    elif p + "ffn_down_exps.weight" in shapes or p + "ffn_down.0.weight" not in shapes:
+        yield Expect(p + "ffn_gate_exps.weight", (E, F, d), w, "(expert_count, expert FF width, embedding_length)")
+        yield Expect(p + "ffn_up_exps.weight", (E, F, d), w, "(expert_count, expert FF width, embedding_length)")
+        yield Expect(p + "ffn_down_exps.weight", (E, d, F), w, "(expert_count, embedding_length, expert FF width)")
+    else:    # legacy: one 2D tensor per expert and matrix
+        for e in range(E):
+            yield Expect(f"{p}ffn_gate.{e}.weight", (F, d), w, "(expert FF width, embedding_length)")
+            yield Expect(f"{p}ffn_up.{e}.weight", (F, d), w, "(expert FF width, embedding_length)")
+            yield Expect(f"{p}ffn_down.{e}.weight", (d, F), w, "(embedding_length, expert FF width)")
+        chk.absent(f"{p}ffn_down.{E}.weight", ("n_experts",), f"expert_count says layer {layer} has {E} experts")
+
+
+def _shared_expectations(chk: _Checker, p: str):
+    c, shapes = chk.cfg, chk.shapes
+    d, Fs = c.n_embd, c.n_ff_shexp
+    present = p + "ffn_up_shexp.weight" in shapes
+    if c.arch.startswith("deepseek"):
+        if not c.n_expert_shared:
+            chk.absent(p + "ffn_up_shexp.weight", ("n_expert_shared",), "expert_shared_count = 0 means no shared expert")
+            return
+    elif not present and not (c.arch == "qwen2moe" and Fs):
+        return                   # no shared expert (granitemoe: optional)
+    if not Fs and present:
+        Fs = shapes[p + "ffn_up_shexp.weight"][0]
+    f = ("n_ff_shexp", "n_embd")
+    yield Expect(p + "ffn_gate_shexp.weight", (Fs, d), f, "(shared expert FF width, embedding_length)")
+    yield Expect(p + "ffn_up_shexp.weight", (Fs, d), f, "(shared expert FF width, embedding_length)")
+    yield Expect(p + "ffn_down_shexp.weight", (d, Fs), f, "(embedding_length, shared expert FF width)")
+    yield Expect(p + "ffn_gate_inp_shexp.weight", (d,), ("n_embd",), "(embedding_length,)",
+                 required=c.arch == "qwen2moe")
+
+
+def _layer_expectations(chk: _Checker, layer: int):
+    c, p = chk.cfg, f"blk.{layer}."
+    d = c.n_embd
+    yield Expect(p + "attn_norm.weight", (d,), ("n_embd",), "(embedding_length,)")
+    yield Expect(p + "ffn_norm.weight", (d,), ("n_embd",), "(embedding_length,)")
+    if c.arch == "deepseek2":
+        yield from _mla_expectations(chk, p)
+    else:
+        yield from _attention_expectations(c, p, chk.shapes)
+    if layer < c.n_leading_dense:
+        f = ("n_leading_dense", "n_ff", "n_embd")
+        chk.absent(p + "ffn_gate_inp.weight", ("n_leading_dense",),
+                   f"leading_dense_block_count = {c.n_leading_dense} makes layer {layer} a dense layer")
+        yield Expect(p + "ffn_gate.weight", (c.n_ff, d), f, "(feed_forward_length, embedding_length)")
+        yield Expect(p + "ffn_up.weight", (c.n_ff, d), f, "(feed_forward_length, embedding_length)")
+        yield Expect(p + "ffn_down.weight", (d, c.n_ff), f, "(embedding_length, feed_forward_length)")
+        return
+    yield from _routed_expectations(chk, layer, p)
+    yield from _shared_expectations(chk, p)
+
+
+# ---- entry points ------------------------------------------------------------------------------
+
+def _expert_width(cfg: ModelConfig, shapes: dict) -> int:
+    """The expert FF width the first MoE layer's down tensor holds (0: no such tensor)."""
+    p = f"blk.{cfg.n_leading_dense}."
+    down = shapes.get(p + "ffn_down_exps.weight") or shapes.get(p + "ffn_down.0.weight")
+    return int(down[-1]) if down else 0
+
+
+def check_ranges(cfg: ModelConfig, meta, path: str) -> None:
+    """The checks that need no tensor: ranges and rules between values (bounded work)."""
+    chk = _Checker(cfg, {}, meta, path, {}, {})
+    chk.ranges()
+    chk.cross_fields()
+
+
+def checked_config(cfg: ModelConfig, shapes: dict, meta, path: str, origin: dict | None = None,
+                   labels: dict | None = None) -> ModelConfig:
+    """Validate `cfg` against ranges and `shapes` ({tensor: numpy-order shape}); fill the expert FF
+    width (and DeepSeek's shared width) from the tensors when the metadata leaves it out.
+    `origin` names fields that come from elsewhere than the metadata ({"n_ff_exp": "manifest.json
+    n_ff_exp"}); `labels` names tensors that are not GGUF tensors ({name: "experts of layer 1 in ..."})."""
+    origin, labels = origin or {}, labels or {}
+    check_ranges(cfg, meta, path)       # first: the rest loops over layers and experts
+    if not cfg.n_ff_exp:
+        cfg = dataclasses.replace(cfg, n_ff_exp=_expert_width(cfg, shapes))
+        origin = {**origin, "n_ff_exp": f"expert FF width (no metadata key: from layer {cfg.n_leading_dense}'s experts)"}
+        if cfg.arch.startswith("deepseek") and cfg.n_expert_shared:
+            cfg = dataclasses.replace(cfg, n_ff_shexp=cfg.n_ff_exp * cfg.n_expert_shared)
+    _Checker(cfg, shapes, meta, path, origin, labels).run()
+    return cfg
+
+
+def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, itemsize: int = 4) -> int:
+    """Bytes of the KV cache for n_ctx positions as the forward pass keeps it (DeepSeek2 MLA in its
+    decompressed form: per head, key_length_mla keys and value_length_mla values)."""
+    if cfg.arch == "deepseek2":
+        per_pos = cfg.n_head * (field_value(cfg, "key_length_mla") + field_value(cfg, "value_length_mla"))
+    else:
+        per_pos = cfg.n_head_kv * (cfg.head_dim_k + cfg.head_dim_v)
+    return int(n_ctx) * cfg.n_layers * per_pos * itemsize
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for a new allocation on `device` (None: unknown)."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no driver answer: do not guess
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_kv_cache(cfg: ModelConfig, n_ctx: int, device, path: str = "") -> int:
+    """Refuse a KV cache that cannot fit before allocating it; returns its size in bytes."""
+    need = kv_cache_bytes(cfg, n_ctx)
+    free = available_memory(device)
+    if free is not None and need > free:
+        where = f"{path}: " if path else ""
+        raise ModelError(f"{where}a KV cache of {n_ctx} positions needs {need / 2**30:.2f} GiB "
+                         f"({cfg.n_layers} layers), more than the {free / 2**30:.2f} GiB free on {device}; "
+                         f"pass a smaller n_ctx (--n-ctx)")
+    return need
