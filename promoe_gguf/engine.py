@@ -10,9 +10,11 @@ import torch
 
 from .errors import ModelError
 from .format import open_model
+from .format.validate import check_kv_cache
 from .model import build_decoder
 from .model.common import check_tokens
 from .model.experts import MoEExperts
+from .numerics import attach as attach_numerics
 from .sampling import Sampler
 from .tokenizer import Tokenizer
 
@@ -36,12 +38,14 @@ class Engine:
     `n_ctx`: KV cache length (default: the model's training context, at most 4096).
     `n_batch`: prefill chunk size in tokens. `link`: emulated host-to-device link on CPU
     (see runtime.link). `n_threads`: torch's CPU threads (process-wide; small models decode
-    fastest with 1, since per-op threading overhead dominates). Expert caching options are passed
-    to the runtime's source.
+    fastest with 1, since per-op threading overhead dominates). `check_numerics`: check every
+    block for NaN/inf and name the first that produced one (the logits are always checked). Expert
+    caching options are passed to the runtime's source.
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
-                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, **runtime_options):
+                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, check_numerics=False,
+                 **runtime_options):
         from . import DEFAULT_MODEL
         if n_threads:
             torch.set_num_threads(int(n_threads))
@@ -56,11 +60,13 @@ class Engine:
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
         if self.n_ctx > train_ctx:
             raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
+        check_kv_cache(self.config, self.n_ctx, self.device, self.model_path)   # issue 13: before allocating
         self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
                                   policy=policy, predictor=predictor, link=link, **runtime_options)
         try:
             self.experts = MoEExperts(self.source)
             self.decoder = build_decoder(self.model, self.experts, self.device)
+            attach_numerics(self.decoder, self.experts, check_numerics, self.model_path)   # issue 13
             from .runtime import attach
             attach(self.source, self.decoder, self.experts)
         except BaseException:

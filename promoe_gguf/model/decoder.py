@@ -10,12 +10,14 @@ import math
 import torch
 
 from ..errors import ModelError
+from ..numerics import OFF as NUMERICS_OFF
 from .common import KVCache, Rope, Weights, attention, check_tokens, rms_norm, route, swiglu_ffn
 from .experts import MoEExperts
 
 
 class Decoder:
     archs: tuple[str, ...] = ()
+    numerics = NUMERICS_OFF     # issue 13: non-finite checks per block (numerics.py); the Engine attaches one
 
     def __init__(self, model, experts: MoEExperts, device="cpu"):
         self.model, self.cfg, self.experts = model, model.config, experts
@@ -66,6 +68,7 @@ class Decoder:
         """Router -> top-k -> the expert seam. h [T, d] -> [T, d]."""
         p = f"blk.{layer}."
         logits = self.W.linear(h, p + "ffn_gate_inp")                     # [T, E]
+        self.numerics.check(logits, layer, "router")                       # issue 13
         ids, w = route(logits, self.cfg, self.W(p + "exp_probs_b.bias", optional=True))
         return self.experts(layer, h, ids, w, logits)
 
@@ -78,6 +81,7 @@ class Decoder:
         gate = self.W(p + "_gate_inp_shexp.weight", optional=True)
         if gate is not None:
             out = out * torch.sigmoid(h @ gate.reshape(-1, 1))               # [T, 1]
+        self.numerics.check(out, layer, "shared expert")                   # issue 13
         return out
 
     # ---- the forward pass ----------------------------------------------------------------
@@ -94,16 +98,21 @@ class Decoder:
         x = self.W("token_embd.weight")[tokens]                                # [T, d]
         if c.embedding_scale:
             x = x * c.embedding_scale
+        self.numerics.check(x, None, "the token embedding")                # issue 13: numerics checks
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             h = rms_norm(x, self.W(p + "attn_norm.weight"), c.rms_eps)
             x = x + self.attention(layer, h, pos, cache) * self.residual_scale
+            self.numerics.check(x, layer, "attention")
             h = rms_norm(x, self.W(p + "ffn_norm.weight"), c.rms_eps)
+            self.numerics.check(h, layer, "the feed-forward norm")
             x = x + self.ffn(layer, h) * self.residual_scale
+            self.numerics.check(x, layer, "feed-forward")
         cache.n_past += T
         x = rms_norm(x, self.W("output_norm.weight"), c.rms_eps)
         head = self.W("output.weight", optional=True)
         logits = x @ (head if head is not None else self.W("token_embd.weight")).T
         if c.logit_scale:
             logits = logits / c.logit_scale
+        self.numerics.logits(logits)                                       # issue 13: always on
         return logits

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..format.expert_index import MATRICES
 from ..format.quants import dequantize_torch
+from ..numerics import OFF as NUMERICS_OFF
 
 
 _cuda_kernels = None   # None: not tried yet; False: unavailable (CuPy missing), fall back to torch
@@ -83,6 +84,8 @@ class MoEExperts:
     modify their arguments.
     """
 
+    numerics = NUMERICS_OFF     # issue 13: names the expert whose output is not finite (numerics.py)
+
     def __init__(self, source: ExpertSource):
         self.source = source
         self.observers = []
@@ -107,6 +110,7 @@ class MoEExperts:
             slots[rows, cols] = expert_linear(d, dm, h)
             self.source.done(layer, e)
         self.source.end_layer(layer)
+        self.numerics.experts(layer, ids, slots)                           # issue 13
         out = slots[:, 0] * weights[:, :1]
         for j in range(1, k):
             out = out + slots[:, j] * weights[:, j:j + 1]
