@@ -6,7 +6,7 @@ import signal
 import sys
 import traceback
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 
 
 def _convert(args) -> int:
@@ -55,12 +55,6 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
             for sub in action.choices.values():
                 sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                  help="show the full traceback of an error")
-
-
-def one_line(text: str) -> str:
-    """An error message as one line: the first line of a multi-line text (e.g. torch's), stripped."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def report_error(e: BaseException, debug: bool) -> int:
