@@ -485,7 +485,8 @@ def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, itemsize: int = 4) -> int:
 
 
 def available_memory(device) -> int | None:
-    """Bytes free for a new allocation on `device` (None: unknown)."""
+    """Bytes free for a new allocation on `device` (None: unknown). On the CPU: the system's available
+    memory, or less when this process runs under an address-space limit (ulimit -v)."""
     import torch
     device = torch.device(device)
     if device.type == "cuda":
@@ -493,17 +494,22 @@ def available_memory(device) -> int | None:
             return int(torch.cuda.mem_get_info(device)[0])
         except Exception:  # noqa: BLE001 - no driver answer: do not guess
             return None
+    free = None
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     except OSError:
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            free = min(free if free is not None else soft, max(0, soft - used))
+    except (ImportError, OSError, ValueError):
+        pass
+    return free
 
 
 def check_kv_cache(cfg: ModelConfig, n_ctx: int, device, path: str = "") -> int:
