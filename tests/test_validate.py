@@ -158,3 +158,11 @@ def test_kv_cache_is_sized_before_allocating(test_models, tmp_path, factory):
         Engine(path, n_ctx=1 << 24)
     with Engine(path, n_ctx=64) as eng:            # the same file, a context that fits
         assert eng.logits([1, 2]).shape == (2, 260)
+
+
+def test_tokenizer_llama_cpp_refuses_is_a_model_error(tmp_path):
+    """Generation tokenizes through llama.cpp; a tokenizer it refuses is bad input, named."""
+    from promoe_gguf import DEFAULT_MODEL
+    path = GGUFTemplate(DEFAULT_MODEL).write(tmp_path / "t.gguf", {"tokenizer.ggml.model": ("nonsense", V.STRING)})
+    with Engine(path) as eng, pytest.raises(ModelError, match=rf"^{re.escape(path)}: llama.cpp cannot load the tokenizer"):
+        eng.tokenize("def f(")
