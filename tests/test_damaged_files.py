@@ -7,6 +7,7 @@ raise ModelError with a one-line message naming the file; anything else is an es
 variants (pytest -m slow) run every expert's fields and more random damage.
 """
 import copy
+import itertools
 import json
 import math
 import os
@@ -169,6 +170,22 @@ def _manifest_cases(manifest, expert_indices):
         yield name, t
 
 
+def _random_manifest_cases(manifest, n: int, seed: int):
+    """n manifests with 1-3 random fields of random experts set to random values (the slow run)."""
+    rng = random.Random(seed)
+    leaves = list(_leaves(manifest))
+    for i in range(n):
+        m = copy.deepcopy(manifest)
+        picks = rng.sample(leaves, rng.randint(1, 3))
+        for path, v in picks:
+            values = list(_values(v, None).values()) + [rng.randint(-2**40, 2**40), rng.random() * 1e6]
+            try:
+                _set(m, path, rng.choice(values))
+            except (KeyError, IndexError, TypeError):
+                pass                                   # an earlier pick removed or replaced its parent
+        yield f"random#{i}:" + ",".join(_label(p) for p, _ in picks), m
+
+
 def _file_cases(base):
     """(label, {file: bytes}) for truncated, flipped and missing files."""
     experts = open(os.path.join(base, "experts.bin"), "rb").read()
@@ -188,10 +205,11 @@ def _file_cases(base):
         yield f"resident.gguf^{at}", {"resident": bytes(flipped)}
 
 
-def _fuzz_cache_dir(converted, tmp_path, expert_indices):
+def _fuzz_cache_dir(converted, tmp_path, expert_indices, n_random=0):
     base, manifest = converted
     esc = Escapes()
-    for i, (label, m) in enumerate(_manifest_cases(manifest, expert_indices)):
+    cases = itertools.chain(_manifest_cases(manifest, expert_indices), _random_manifest_cases(manifest, n_random, 1))
+    for i, (label, m) in enumerate(cases):
         d = _case_dir(base, tmp_path / f"m{i}", manifest=m)
         esc.run(label, d, lambda d=d: _use_cache_dir(d))
         shutil.rmtree(d)
@@ -219,8 +237,10 @@ def test_fuzz_cache_dir(converted, tmp_path):
 
 @pytest.mark.slow
 def test_fuzz_cache_dir_every_expert(converted, tmp_path):
-    esc = _fuzz_cache_dir(converted, tmp_path, expert_indices=set(range(len(converted[1]["experts"]))))
-    esc.check("cache-dir fuzz, every expert")
+    """Every field of every expert (5,383 cases), then random multi-field damage: 10,000+ cases."""
+    esc = _fuzz_cache_dir(converted, tmp_path, expert_indices=set(range(len(converted[1]["experts"]))),
+                          n_random=4700)
+    esc.check("cache-dir fuzz, every expert and random")
 
 
 # ---- predictor files ---------------------------------------------------------------------------
@@ -241,6 +261,20 @@ def _use_predictor(path, model=DEFAULT_MODEL):
         eng.close()                                 # joins the prefetch thread
     errors = eng.stats["predictor_errors"]
     assert errors == 0, f"the predictor failed {errors} time(s) at run time instead of at load"
+
+
+def _predict_directly(path, model):
+    """Load the predictor for `model` (an opened model) and run it over two decode steps of random
+    router inputs: the cheap use, for byte damage (the record cases go through a whole Engine)."""
+    from promoe_gguf.predict.mlp import load_mlp_predictor
+    pred = load_mlp_predictor(path, model)
+    rng = np.random.default_rng(0)
+    for pos in range(2):
+        pred.begin_step([pos])
+        for layer in model.config.moe_layers:
+            x = torch.from_numpy(rng.standard_normal((1, model.config.n_embd), dtype=np.float32))
+            pred.predict(layer, x)
+            pred.observe(layer, x, torch.tensor([[0, 1]]))
 
 
 def _record_cases(rec):
@@ -296,10 +330,11 @@ def _fuzz_predictor(rec, tmp_path, n_flips, seed=0):
         esc.run(label, path, lambda: _use_predictor(path))
     torch.save(rec, path)
     raw = open(path, "rb").read()
+    model = open_model(DEFAULT_MODEL)
     for label, data in _predictor_file_cases(raw, random.Random(seed), n_flips):
         with open(path, "wb") as f:
             f.write(data)
-        esc.run(label, path, lambda: _use_predictor(path))
+        esc.run(label, path, lambda: _predict_directly(path, model))
     assert _threads() <= before, f"threads left behind: {_threads() - before}"
     return esc
 
@@ -318,7 +353,7 @@ def test_fuzz_predictor_file(predictor_record, tmp_path):
 
 @pytest.mark.slow
 def test_fuzz_predictor_file_many_flips(predictor_record, tmp_path):
-    _fuzz_predictor(predictor_record, tmp_path, n_flips=2000, seed=1).check("predictor fuzz, 2000 flips")
+    _fuzz_predictor(predictor_record, tmp_path, n_flips=9700, seed=1).check("predictor fuzz, 9,700 flips")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2moe", "deepseek2"])
