@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from .format import open_model
 from .format.validate import check_kv_cache
 from .model import build_decoder
 from .model.common import check_tokens
-from .model.experts import MoEExperts
+from .model.experts import ExpertSource, MoEExperts
 from .numerics import attach as attach_numerics
 from .sampling import Sampler
 from .tokenizer import Tokenizer
@@ -32,24 +33,42 @@ class Timing:
                 self.decode_tokens / self.decode_s if self.decode_s else 0.0)
 
 
+def default_threads() -> int:
+    """ggml's CPU threads when none are given: one per physical core (about half the logical CPUs)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 class Engine:
     """Contract: Engine(model_path, device, cache_rate, cache_mem, policy, predictor, ...).
 
     `n_ctx`: KV cache length (default: the model's training context, at most 4096).
     `n_batch`: prefill chunk size in tokens. `link`: emulated host-to-device link on CPU
-    (see runtime.link). `n_threads`: torch's CPU threads (process-wide; small models decode
-    fastest with 1, since per-op threading overhead dominates). `check_numerics`: check every
-    block for NaN/inf and name the first that produced one (the logits are always checked). Expert
-    caching options are passed to the runtime's source.
+    (see runtime.link). `n_threads`: CPU threads of ggml's kernels, and of torch (process-wide; small
+    models decode fastest with 1, since per-op threading overhead dominates); default one per
+    physical core for ggml, torch's own default for torch. `cpu_experts`: with an expert cache,
+    "auto" computes a miss on the CPU (ggml, `cpu_threads` threads) when the cost model says it
+    finishes before its copy would, "all" computes every miss there, "off" copies every miss.
+    `gpu_mem`: device bytes to use when neither cache_rate nor cache_mem is given: the expert cache
+    gets what residents, KV cache and workspace leave (memory.fit_cache), or is not needed when
+    everything fits; on CUDA it defaults to the free memory minus a margin (memory.default_gpu_mem).
+    `cpu_repack`: an all-resident CPU engine copies weights into llama.cpp's CPU_REPACK layout where
+    ggml has kernels for it (llama.cpp's default: same kernels, same results, faster prefill); an
+    engine with an expert cache keeps the GGUF layout (the cache emulates device memory).
+    `launcher`: tests only, runs the CUDA backend's kernel launches on another executor (the CPU
+    build of the kernels). `check_numerics`: check every block for NaN/inf and name the first that
+    produced one (the logits are always checked). Other expert caching options are passed to the
+    runtime's source.
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
-                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, check_numerics=False,
+                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, launcher=None,
+                 cpu_experts="auto", cpu_threads=None, gpu_mem=None, cpu_repack=True, check_numerics=False,
                  **runtime_options):
         from . import DEFAULT_MODEL
+        from .backends import make_backend
+        from .runtime import make_source
         if n_threads:
             torch.set_num_threads(int(n_threads))
-        from .runtime import make_source
         self.model_path = str(model_path or DEFAULT_MODEL)
         self.model = open_model(self.model_path)
         self.config = self.model.config
@@ -60,21 +79,60 @@ class Engine:
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
         if self.n_ctx > train_ctx:
             raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
-        check_kv_cache(self.config, self.n_ctx, self.device, self.model_path)   # issue 13: before allocating
+        check_kv_cache(self.model, self.n_ctx, self.device)            # issue 13: before allocating it
+        self.backend = make_backend(self.device, n_threads=n_threads or default_threads(), launcher=launcher)
+        if cache_rate is None and cache_mem is None:
+            from .memory import default_gpu_mem, fit_cache
+            if gpu_mem is None and self.device.type == "cuda":
+                gpu_mem = default_gpu_mem(self.device)
+            if gpu_mem is not None:
+                cache_mem = fit_cache(self.model, self.backend.kind, self.n_ctx, int(n_batch), int(gpu_mem))
+        self.gpu_mem = gpu_mem
         self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
-                                  policy=policy, predictor=predictor, link=link, **runtime_options)
+                                  policy=policy, predictor=predictor, link=link, cpu_experts=cpu_experts,
+                                  cpu_threads=int(cpu_threads or n_threads or default_threads()), **runtime_options)
         try:
-            self.experts = MoEExperts(self.source)
-            self.decoder = build_decoder(self.model, self.experts, self.device)
+            self.experts = MoEExperts(self.source, self.backend)
+            self.decoder = build_decoder(self.model, self.experts, self.backend)
             attach_numerics(self.decoder, self.experts, check_numerics, self.model_path)   # issue 13
+            self.cache = self.decoder.new_cache(self.n_ctx)
+            if cpu_repack and self.backend.kind == "cpu" and type(self.source) is ExpertSource:
+                self._repack()
             from .runtime import attach
             attach(self.source, self.decoder, self.experts)
         except BaseException:
             self.close()  # no threads left behind
             raise
         self.n_batch = int(n_batch)
+        from .memory import workspace_bytes
+        self.backend.reserve(workspace_bytes(self.model, self.backend.kind, self.n_batch))
         self._tokenizer = None
         self.timing = Timing()
+        self._sequence = 0                # which call owns the KV cache now
+
+    def _repack(self) -> None:
+        """All-resident on the CPU: weights go into llama.cpp's CPU_REPACK layout where it has kernels
+        for them (as llama.cpp loads them by default), and every MoE step takes the fused mul_mat_id."""
+        be = self.backend
+        for name, m in self.decoder.W.mats.items():
+            if name != "token_embd.weight":               # read by rows (get_rows), never repacked
+                be.repack_weight(m)
+        from .backends.cpu import merged_gate_up
+        for st in self.source.stacks.values():
+            merged = merged_gate_up(st)
+            for m in ((merged, st.down) if merged else (st.gate, st.up, st.down)):
+                be.repack_stack(m)
+        self.source.fuse_any = True
+
+    @property
+    def memory(self) -> dict:
+        """Contract: bytes this Engine holds on its device. resident: non-expert weights (on the CPU,
+        the mapped file bytes they are read from); kv_cache; expert_arena: the expert cache's slots,
+        or every routed expert when there is no cache; workspace: the backend's scratch buffers."""
+        out = {"resident": self.decoder.W.nbytes, "kv_cache": self.cache.nbytes,
+               "expert_arena": self.source.nbytes, "workspace": self.backend.workspace_bytes}
+        out["total"] = sum(out.values())
+        return out
 
     # ---- tokens ------------------------------------------------------------------------------
     @property
@@ -97,6 +155,15 @@ class Engine:
             out.append(self.decoder.forward(tokens[i:i + self.n_batch], cache))
         return torch.cat(out)
 
+    def _new_sequence(self) -> int:
+        """Claim the Engine's one KV cache for a new sequence (an earlier generator loses it); the
+        predictor's per-sequence state is reset too."""
+        self._sequence += 1
+        self.cache.reset()
+        if hasattr(self.source, "reset_sequence"):
+            self.source.reset_sequence()
+        return self._sequence
+
     def _check_length(self, n: int) -> None:
         if n > self.n_ctx:
             raise ModelError(f"sequence of {n} tokens exceeds the context of {self.n_ctx} tokens")
@@ -105,7 +172,8 @@ class Engine:
         """Contract: fresh sequence, full prefill -> float32 [n_tokens, n_vocab]."""
         tokens = check_tokens(token_ids, self.config.n_vocab)
         self._check_length(len(tokens))
-        cache = self.decoder.new_cache(self.n_ctx)
+        self._new_sequence()
+        cache = self.cache
         t0 = time.perf_counter()
         out = self._prefill(cache, tokens)
         self.timing.prefill_tokens += len(tokens)
@@ -124,27 +192,46 @@ class Engine:
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         eos = None if ignore_eos else self.tokenizer.eos_id
-        cache = self.decoder.new_cache(self.n_ctx)
+        seq, cache = self._new_sequence(), self.cache
         history = tokens.tolist()
         t0 = time.perf_counter()
         logits = self._prefill(cache, tokens)[-1]
         self.timing.prefill_tokens += len(tokens)
         self.timing.prefill_s += time.perf_counter() - t0
         text, decoder = "", codecs.getincrementaldecoder("utf-8")("replace")
-        for _ in range(max_tokens):
+        for i in range(max_tokens):
             t1 = time.perf_counter()
             tok = sampler.sample(logits, history)
             if eos is not None and tok == eos:
                 break
-            history.append(tok)
-            yield tok
-            if stops:
+            if stops:  # the token that completes a stop string is not emitted
                 text += decoder.decode(self.tokenizer.decode([tok]))
                 if any(s in text for s in stops):
                     break
+            history.append(tok)
+            yield tok
+            if i + 1 == max_tokens:
+                break                     # no forward pass for a token nobody will sample
+            if self._sequence != seq:
+                raise ModelError("another generate() or logits() call took this Engine's KV cache while this "
+                                 "generator was paused; finish one sequence before starting the next")
             logits = self.decoder.forward(torch.tensor([tok]), cache)[-1]
             self.timing.decode_tokens += 1
             self.timing.decode_s += time.perf_counter() - t1
+
+    # ---- llama-cpp-python-shaped API (promoe_gguf/api.py) -------------------------------------
+    def create_completion(self, prompt, **kwargs):
+        """As llama_cpp.Llama.create_completion: a completion dict, or an iterator of chunks (stream=True)."""
+        from .api import create_completion
+        return create_completion(self, prompt, **kwargs)
+
+    def create_chat_completion(self, messages, **kwargs):
+        """As llama_cpp.Llama.create_chat_completion, with the GGUF's chat template."""
+        from .api import create_chat_completion
+        return create_chat_completion(self, messages, **kwargs)
+
+    def __call__(self, prompt, **kwargs):
+        return self.create_completion(prompt, **kwargs)
 
     # ---- runtime -----------------------------------------------------------------------------
     @property
@@ -153,8 +240,9 @@ class Engine:
         return self.source.stats()
 
     def close(self) -> None:
-        if hasattr(self.source, "close"):
-            self.source.close()
+        source = getattr(self, "source", None)
+        if hasattr(source, "close"):
+            source.close()
 
     def __enter__(self):
         return self

@@ -71,6 +71,23 @@ class Numerics:
             t, j = (int(i) for i in bad.nonzero()[0])
             raise self._fail(f"layer {layer}, expert {int(ids[t, j])}", _what(outputs[t, j]), t)
 
+    def fused_experts(self, layer: int, out: torch.Tensor, ids, slot_output) -> None:
+        """out [T, d] from one fused call over all of a layer's experts: on a non-finite row, each of
+        that token's experts is recomputed alone (slot_output(t, j) -> [d], or None where it cannot
+        be) to name the one that produced it."""
+        if not self.enabled or bool(torch.isfinite(out).all()):
+            return
+        t = _first_row(out)
+        unknown = []
+        for j in range(ids.shape[1]):
+            y = slot_output(t, j)
+            if y is None:
+                unknown.append(int(ids[t, j]))
+            elif not bool(torch.isfinite(y).all()):
+                raise self._fail(f"layer {layer}, expert {int(ids[t, j])}", _what(y), t)
+        what = f"one of experts {unknown}" if unknown else "the routed experts' weighted sum"
+        raise self._fail(f"layer {layer}, {what}", _what(out[t]), t)
+
     def logits(self, logits: torch.Tensor) -> None:
         """Every step: NaN/inf logits are an error, never a result."""
         if bool(torch.isfinite(logits).all()):

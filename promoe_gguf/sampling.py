@@ -1,5 +1,17 @@
-"""Token sampling as llama.cpp's default chain: repeat penalty -> top-k -> top-p -> min-p -> temperature."""
+"""Token sampling as llama.cpp's default chain: penalties -> top-k -> top-p -> min-p -> temperature -> dist.
+
+Semantics follow llama.cpp's samplers (src/llama-sampler.cpp, chain order from common/common.h), which
+tests/test_sampling.py checks against llama.cpp's own sampler objects on the same logits:
+- penalties: the last `repeat_last_n` tokens of the history (0 disables, -1 means the whole history);
+  a logit <= 0 is multiplied by the penalty, a positive one divided;
+- top-k: exactly the k highest logits (k <= 0 or k >= vocab: no-op);
+- top-p: softmax of the candidates, keep the shortest prefix (by probability) whose sum reaches p;
+- min-p: keep logits >= max logit + log(min_p) (i.e. p_i >= min_p * p_max);
+- temperature: logits / t over the survivors; t <= 0 is greedy (the argmax alone).
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -11,24 +23,47 @@ class Sampler:
         self.repeat_penalty, self.repeat_last_n = repeat_penalty, repeat_last_n
         self.gen = torch.Generator().manual_seed(int(seed) if seed is not None else torch.seed())
 
+    def penalized(self, logits, history: list[int]) -> torch.Tensor:
+        """Float32 copy of `logits` [vocab] with the repeat penalty applied to recent tokens."""
+        x = logits.detach().float().cpu().clone()
+        window = len(history) if self.repeat_last_n < 0 else self.repeat_last_n
+        if self.repeat_penalty != 1.0 and window > 0 and history:
+            recent = torch.tensor(sorted(set(history[-window:])), dtype=torch.long)
+            v = x[recent]
+            x[recent] = torch.where(v <= 0, v * self.repeat_penalty, v / self.repeat_penalty)
+        return x
+
+    def distribution(self, logits, history: list[int]) -> torch.Tensor:
+        """The probabilities the chain samples from, [vocab] float32 (zero outside the kept tokens)."""
+        x = self.penalized(logits, history)
+        n = x.numel()
+        if self.temperature <= 0:
+            probs = torch.zeros(n)
+            probs[int(torch.argmax(x))] = 1.0
+            return probs
+        # Candidates sorted by logit, descending, as llama.cpp's samplers leave them (top-k sorts only k).
+        if 0 < self.top_k < n:
+            kept, order = torch.topk(x, self.top_k)
+        else:
+            order = torch.argsort(x, descending=True, stable=True)
+            kept = x[order]
+        if self.top_p < 1.0:
+            cum = torch.cumsum(torch.softmax(kept, -1), 0)
+            reached = torch.nonzero(cum >= self.top_p)
+            if len(reached):
+                last = int(reached[0]) + 1
+                kept, order = kept[:last], order[:last]
+        if self.min_p > 0.0:
+            floor = kept[0] + torch.tensor(math.log(self.min_p), dtype=torch.float32)
+            last = int((kept >= floor).sum())                  # kept is sorted: a prefix survives
+            kept, order = kept[:max(last, 1)], order[:max(last, 1)]
+        probs = torch.zeros(n)
+        probs[order] = torch.softmax(kept / self.temperature, -1)
+        return probs
+
     def sample(self, logits, history: list[int]) -> int:
         """logits [vocab] -> one token id."""
-        logits = logits.detach().float().cpu().clone()
-        if self.repeat_penalty != 1.0 and history:
-            recent = torch.tensor(sorted(set(history[-self.repeat_last_n:])), dtype=torch.long)
-            v = logits[recent]
-            logits[recent] = torch.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+        probs = self.distribution(logits, history)
         if self.temperature <= 0:
-            return int(torch.argmax(logits))
-        if 0 < self.top_k < logits.numel():
-            kth = torch.topk(logits, self.top_k).values[-1]
-            logits[logits < kth] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            p, idx = torch.sort(probs, descending=True)
-            cut = torch.cumsum(p, 0) - p > self.top_p         # keep the smallest prefix reaching top_p
-            probs[idx[cut]] = 0.0
-        if self.min_p > 0.0:
-            probs[probs < self.min_p * probs.max()] = 0.0
-        logits = torch.where(probs > 0, logits / self.temperature, torch.tensor(float("-inf")))
-        return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=self.gen))
+            return int(torch.argmax(probs))
+        return int(torch.multinomial(probs, 1, generator=self.gen))

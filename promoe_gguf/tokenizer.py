@@ -27,10 +27,11 @@ class Tokenizer:
                                  f"metadata): {one_line(e)}") from e
         return self._llama
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """special=True parses control-token text (e.g. a chat template's markers) into those tokens."""
         if not text:
             raise ModelError("empty prompt")
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def decode(self, ids) -> bytes:
         return self.llama.detokenize(list(ids))

@@ -1,4 +1,5 @@
-"""Side-by-side cache benchmark: lru vs static vs promoe (gate / mlp / oracle predictors), one run.
+"""Side-by-side cache benchmark: lru vs static vs promoe (gate / mlp / oracle predictors) copying every
+miss, and hybrid (promoe's cache with misses computed on the CPU when the cost model says so), one run.
 
 On CPU the host-to-device link is EMULATED (runtime/link.py): `--link ratio=10` makes one expert's
 copy take 10x one layer's decode compute, measured here (the regime of Mixtral-8x7B Q4_K_M on a
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     # 1. the all-resident reference, recording the routing for the oracle predictor
-    ref = Engine(args.model, n_threads=1)
+    ref = Engine(args.model, n_threads=1, cpu_repack=False)   # as the cache keeps it: the GGUF layout
     rec = RoutingRecorder()
     ref.experts.observers.append(rec)
     routes, want = {}, []
@@ -82,25 +83,31 @@ def main(argv=None) -> int:
         link = f"{cal['bandwidth'] / 1e6:.4f}MB/s"
         print(f"link calibration: one layer's decode compute {cal['layer_decode_s'] * 1e3:.2f} ms, mean expert "
               f"{cal['expert_bytes'] / 1e3:.0f} kB, ratio {cal['ratio']:g} -> emulated {cal['bandwidth'] / 1e6:.2f} MB/s")
-    configs = [("lru", "none"), ("static", "none"), ("promoe", "none"), ("promoe", "gate"), ("promoe", "oracle")]
+    # (label, policy, predictor, cpu_experts): the copy-only runtimes, then hybrid
+    configs = [("lru", "lru", "none", "off"), ("static", "static", "none", "off"), ("promoe", "promoe", "none", "off"),
+               ("promoe", "promoe", "gate", "off"), ("promoe", "promoe", "oracle", "off"),
+               ("hybrid", "promoe", "none", "auto"), ("hybrid", "promoe", "gate", "auto")]
     if args.mlp:
-        configs.insert(4, ("promoe", f"mlp:{args.mlp}"))
+        configs.insert(4, ("promoe", "promoe", f"mlp:{args.mlp}", "off"))
+        configs.append(("hybrid", "promoe", f"mlp:{args.mlp}", "auto"))
     rows = []
     rates = [float(r) for r in args.rates.split(",")]
     for rate in rates:
-        for policy, predictor in tqdm(configs, desc=f"cache rate {rate}"):
+        for label, policy, predictor, cpu in tqdm(configs, desc=f"cache rate {rate}"):
             acc = {"prefill": {}, "decode": {}}
             for p, w in zip(PROMPTS, want):   # one engine per prompt: the oracle replays that prompt's routing
                 o, ph = run_config(args.model, p, args.tokens, cache_rate=rate, policy=policy,
-                                   predictor=predictor, link=link, profile=profile,
+                                   predictor=predictor, link=link, profile=profile, cpu_experts=cpu,
                                    routes=routes[p] if predictor == "oracle" else None, lookahead=args.lookahead)
-                assert o == w, f"{policy}/{predictor} changed the output: the cache must never do that"
+                # on the CPU the "device" and the CPU pool both compute with ggml: even hybrid is exact here
+                assert o == w, f"{label}/{predictor} changed the output: the cache must never do that"
                 for phase in acc:
                     for k, v in ph[phase].items():
                         acc[phase][k] = acc[phase].get(k, 0) + v
             for phase, st in acc.items():
                 lookups = st["hits"] + st["misses"]
-                rows.append({"cache_rate": rate, "phase": phase, "policy": policy, "predictor": predictor.split(":")[0],
+                rows.append({"cache_rate": rate, "phase": phase, "policy": label, "predictor": predictor.split(":")[0],
+                             "cpu_experts": st["cpu_experts"], "cpu_s": st["cpu_s"], "wait_cpu_s": st["wait_cpu_s"],
                              "hit_rate": st["hits"] / lookups if lookups else float("nan"),
                              "stall_s": st["stall_s"], "wall_s": st["wall_s"], "tokens": st["tokens"],
                              "tokens_per_s": st["tokens"] / st["wall_s"], "bytes_h2d": st["bytes_h2d"],
@@ -111,7 +118,7 @@ def main(argv=None) -> int:
           f"tokens each; {link_desc} (--link {args.link}); lookahead {args.lookahead}; every output identical to "
           f"the all-resident run")
     print(f"{'rate':>5} {'phase':<7} {'policy':<7} {'predictor':<9} {'hit rate':>8} {'stall s':>8} {'tok/s':>7} "
-          f"{'stall/lru':>9} {'tok/s/lru':>9} {'useful':>6} {'wasted':>6}")
+          f"{'stall/lru':>9} {'tok/s/lru':>9} {'useful':>6} {'wasted':>6} {'on CPU':>6} {'CPU wait s':>10}")
     for r in rows:
         base = next(b for b in rows if (b["cache_rate"], b["phase"]) == (r["cache_rate"], r["phase"])
                     and b["policy"] == "lru")
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
         r["speed_vs_lru"] = r["tokens_per_s"] / base["tokens_per_s"]
         print(f"{r['cache_rate']:>5.2f} {r['phase']:<7} {r['policy']:<7} {r['predictor']:<9} {r['hit_rate']:>8.3f} "
               f"{r['stall_s']:>8.2f} {r['tokens_per_s']:>7.1f} {r['stall_vs_lru']:>9.2f} {r['speed_vs_lru']:>9.2f} "
-              f"{r['prefetch_useful']:>6} {r['prefetch_wasted']:>6}")
+              f"{r['prefetch_useful']:>6} {r['prefetch_wasted']:>6} {r['cpu_experts']:>6} {r['wait_cpu_s']:>10.2f}")
     os.makedirs(args.out, exist_ok=True)
     meta = {"model": os.path.basename(args.model), "link": args.link, "link_desc": link_desc, "tokens": args.tokens,
             "prompts": PROMPTS, "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
@@ -135,16 +142,19 @@ def _plot(rows, rates, path, link_desc):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.5))
     rows = [r for r in rows if r["phase"] == "decode"]
     for name in dict.fromkeys(f"{r['policy']}+{r['predictor']}" for r in rows):
         sel = [r for r in rows if f"{r['policy']}+{r['predictor']}" == name]
-        a.plot([r["cache_rate"] for r in sel], [r["hit_rate"] for r in sel], marker="o", label=name)
-        b.plot([r["cache_rate"] for r in sel], [r["stall_s"] for r in sel], marker="o", label=name)
-    a.set(xlabel="cache rate", ylabel="hit rate", title="decode hit rate vs cache size")
-    b.set(xlabel="cache rate", ylabel="stall on critical path (s)", title=f"decode stall vs cache size\n{link_desc}")
-    a.legend(fontsize=8)
-    fig.tight_layout()
+        style = "-" if sel[0]["policy"] == "hybrid" else "--"
+        a.plot([r["cache_rate"] for r in sel], [r["tokens_per_s"] for r in sel], style, marker="o", label=name)
+        b.plot([r["cache_rate"] for r in sel], [r["hit_rate"] for r in sel], style, marker="o", label=name)
+        c.plot([r["cache_rate"] for r in sel], [r["stall_s"] for r in sel], style, marker="o", label=name)
+    a.set(xlabel="cache rate", ylabel="decode tokens/s", title="decode speed vs cache size")
+    b.set(xlabel="cache rate", ylabel="hit rate", title="decode hit rate vs cache size")
+    c.set(xlabel="cache rate", ylabel="waiting for copies (s)", title=f"decode stall vs cache size\n{link_desc}")
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8)
+    fig.subplots_adjust(bottom=0.3)
     fig.savefig(path, dpi=100)
 
 

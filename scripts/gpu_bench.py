@@ -9,9 +9,9 @@ Measures, on one CUDA GPU:
     device-to-device bandwidth (the speed target: >= 0.8 at 1 token for Q4_K, Q6_K, Q8_0, Q5_0),
   * per quant type, one expert's upload (gate + up + down bytes, pinned -> device, in 3 chunks)
     and its ratio to the pinned bandwidth,
-  * moe_decode for one token, top-2 of 8 resident Mixtral experts (Q4_K_M and Q8_0 layouts),
-  * end-to-end decode tokens/s, lru vs promoe at cache rates 0.25/0.5/0.75 (scripts/gpu_e2e.py).
-Writes OUT_DIR/bench.json and OUT_DIR/bench.md.
+  * moe_decode for one token, top-2 of 8 resident Mixtral experts (Q4_K_M and Q8_0 layouts).
+Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the copy bandwidths also to OUT_DIR/copies.json,
+which scripts/gpu_e2e.py uses for its bound per token).
 
 Timing: CUDA events around N back-to-back launches, queued behind a GPU sleep so that Python's
 launch overhead is hidden (the time includes the GPU's own gaps between consecutive kernels, as
@@ -173,13 +173,6 @@ def bench_moe(torch, gate: str, down: str, l2_bytes: int, iters: int, d2d_GBps: 
             "GBps": nbytes / t / 1e9, "ratio_to_d2d": nbytes / t / 1e9 / d2d_GBps}
 
 
-def bench_end_to_end(torch, copies: dict) -> dict:
-    """End-to-end decode tokens/s, lru vs promoe at cache rates 0.25/0.5/0.75 (scripts/gpu_e2e.py)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from gpu_e2e import bench_end_to_end as e2e
-    return e2e(torch, copies)
-
-
 def write_markdown(res: dict, path: Path) -> None:
     env, cp = res["env"], res["copies"]
     L = [f"# GPU benchmark: {env['gpu']}", "",
@@ -211,21 +204,6 @@ def write_markdown(res: dict, path: Path) -> None:
           "| layout | us | GB/s | ratio to D2D |", "|---|---:|---:|---:|"]
     for r in res["moe"]:
         L.append(f"| {r['layout']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['ratio_to_d2d']:.2f} |")
-    e2e = res["end_to_end"]
-    L += ["", "## End to end (synthetic Mixtral-shaped GGUF, lru vs promoe+gate)", ""]
-    if e2e.get("status") != "ok":
-        L += [f"{e2e.get('status')}: {e2e.get('reason', '')}", ""]
-    else:
-        L += [f"{e2e['layers']} layers, {e2e['tokens']} decode tokens; all experts resident: "
-              f"{e2e['all_resident_decode_tok_s']:.1f} tok/s", "",
-              "| cache rate | policy | decode tok/s | vs lru | stall s | hits | misses | H2D bytes/token | gap to bound |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in e2e["rows"]:
-            base = next(b for b in e2e["rows"] if b["cache_rate"] == r["cache_rate"] and b["policy"] == "lru")
-            L.append(f"| {r['cache_rate']:.2f} | {r['policy']}+{r['predictor']} | {r['decode_tok_s']:.1f} | "
-                     f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['stall_s']:.3f} | {r['hits']} | {r['misses']} | "
-                     f"{r['bytes_h2d_per_token'] / 1e6:.1f} MB | {r['gap_to_bound']:.1f}x |")
-        L.append("")
     path.write_text("\n".join(L))
 
 
@@ -265,7 +243,7 @@ def main() -> int:
                   bench_moe(torch, "Q8_0", "Q8_0", l2, args.iters, res["copies"]["d2d_GBps"])]
     for r in res["moe"]:
         print(f"moe_decode {r['layout']}: {r['us']:.1f} us, {r['GBps']:.0f} GB/s ({r['ratio_to_d2d']:.2f})", flush=True)
-    res["end_to_end"] = bench_end_to_end(torch, res["copies"])
+    (args.out / "copies.json").write_text(json.dumps(res["copies"]))
     res["wall_s"] = time.time() - t0
     (args.out / "bench.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, args.out / "bench.md")

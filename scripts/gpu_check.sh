@@ -8,7 +8,10 @@
 #   2. checks that PyTorch sees a CUDA device and CuPy imports        -> OUT_DIR/preflight.txt
 #   3. python3 -m pytest -m gpu -q                                    -> OUT_DIR/pytest.txt
 #   4. scripts/gpu_bench.py: bandwidths, matvec GB/s, uploads         -> OUT_DIR/bench.{json,md}
-# Exit status: 0 all passed; 2 usage or setup error; 3 no CUDA device / CuPy; 1 tests or bench failed.
+#   5. scripts/gpu_e2e.py: Engine(device="cuda") end to end: cache, copy stream, fused decode;
+#      tokens vs the all-resident run; launches and syncs per token   -> OUT_DIR/e2e.{json,txt}
+# Exit status: 0 all passed; 2 usage or setup error; 3 no CUDA device / CuPy; 1 any test, the bench or
+# the end-to-end run failed (each step's exit status is printed at the end).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -68,14 +71,23 @@ if [ $rc -ne 0 ]; then
 fi
 
 # 3. GPU tests (kernels compile on first use; CuPy caches them for the benchmark)
-timeout 200 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$OUT/pytest.txt"
+timeout 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels_gpu.py tests/test_backend_gpu.py 2>&1 | tee "$OUT/pytest.txt"
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" -eq 5 ] && test_rc=0        # no gpu tests collected is not a failure of this check
 
 # 4. benchmark
-timeout 260 "$PY" scripts/gpu_bench.py "$OUT" 2>&1 | tee "$OUT/bench.txt"
+timeout 150 "$PY" scripts/gpu_bench.py "$OUT" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: pytest exit $test_rc, bench exit $bench_rc; results in $OUT"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && exit 0
-exit 1
+# 5. end to end through the Engine (uses the bandwidths step 4 measured, if it got that far)
+D2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['d2d_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 4000)
+H2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['h2d_pinned_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 50)
+timeout 210 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --d2d "$D2D" --h2d "$H2D" 2>&1 | tee "$OUT/e2e.txt"
+e2e_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: pytest exit $test_rc, bench exit $bench_rc, e2e exit $e2e_rc; results in $OUT"
+if [ "$test_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$e2e_rc" -ne 0 ]; then
+    echo "gpu_check: FAILED" >&2
+    exit 1
+fi
+exit 0

@@ -1,19 +1,27 @@
-"""End-to-end decode on a GPU: lru vs promoe at several cache rates, on a synthetic Mixtral-shaped GGUF.
+"""End-to-end decode on a GPU through Engine(device="cuda"): the fast path, the expert cache, the copy
+stream, on a synthetic Mixtral-shaped GGUF. Exits non-zero on any failure.
 
 The model has Mixtral-8x7B's real shapes (n_embd 4096, expert FF 14336, 8 experts top-2, 32 heads,
-8 KV heads) and its Q4_K_M expert quant mix (gate/up Q4_K, down Q6_K), but only a few layers and
-random blocks (finite f16 scales). Every configuration decodes the same token ids; the tokens are
-checked to be identical to the all-resident run. For each run: decode tokens/s, stall time,
-bytes copied per token, and the physical bound per token:
-    max(bytes read from GPU memory / D2D bandwidth, bytes copied on the critical path / pinned H2D bandwidth)
-(critical-path bytes approximated by the misses' bytes). Called by gpu_bench.py; also standalone:
-    python scripts/gpu_e2e.py OUT.json [--layers 2] [--tokens 32]
+8 KV heads) and its Q4_K_M quant mix (attention Q4_K / Q8_0 / Q5_K, experts gate/up Q4_K, down Q6_K,
+output Q6_K), only a few layers, random blocks with finite f16 scales. For each configuration
+(all resident; lru, promoe and hybrid (promoe + CPU experts) at several rates) it decodes the same
+prompt greedily and checks the tokens equal the all-resident run's when misses are copied (the cache
+never changes results); hybrid reports its greedy agreement (the CPU rounds activations to 8 bits). It reports decode tokens/s,
+stall, hits/misses, and per decoded token:
+  * kernel launches, counted by the CUDA profiler (torch.profiler: every kernel, ours and torch's),
+  * host synchronisations, counted by torch.cuda.set_sync_debug_mode("warn") warnings,
+  * the backend's own counters (launches, routing-id syncs),
+and the bound per token max(bytes read / device bandwidth, bytes copied / host-to-device bandwidth).
+
+    python scripts/gpu_e2e.py OUT.json [--layers 2] [--tokens 32] [--d2d GBps] [--h2d GBps]
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +40,10 @@ def _random_blocks(rng, n_blocks: int, type_size: int, scale_offsets) -> np.ndar
     return b
 
 
+# (type, bytes per block, offsets of the f16 scales in a block)
+Q4_K, Q5_K, Q6_K, Q8_0 = ("Q4_K", 144, (0, 2)), ("Q5_K", 176, (0, 2)), ("Q6_K", 210, (208,)), ("Q8_0", 34, (0,))
+
+
 def build_model(path: Path, n_layers: int, seed: int = 0) -> Path:
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -47,26 +59,33 @@ def build_model(path: Path, n_layers: int, seed: int = 0) -> Path:
     w.add_float32("llama.rope.freq_base", 1e6)
     add_byte_vocab(w)
 
-    def f16(*shape, std):
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
-    w.add_tensor("token_embd.weight", f16(N_VOCAB, N_EMBD, std=0.02))
+    def quant(shape, kind):
+        name, size, scales = kind
+        qk = 32 if name == "Q8_0" else 256
+        *lead, rows, cols = shape
+        blocks = _random_blocks(rng, int(np.prod(shape)) // qk, size, scales)
+        return blocks.reshape(*lead, rows, cols // qk * size), getattr(T, name)
+
+    def add(name, shape, kind):
+        data, t = quant(shape, kind)
+        w.add_tensor(name, data, raw_dtype=t)
+
     hd = N_EMBD // N_HEAD
+    add("token_embd.weight", (N_VOCAB, N_EMBD), Q4_K)
     for i in range(n_layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", np.ones(N_EMBD, np.float32))
         w.add_tensor(p + "ffn_norm.weight", np.ones(N_EMBD, np.float32))
-        for name, rows in (("attn_q", N_EMBD), ("attn_k", N_KV * hd), ("attn_v", N_KV * hd), ("attn_output", N_EMBD)):
-            w.add_tensor(p + name + ".weight", f16(rows, N_EMBD, std=N_EMBD ** -0.5))
+        add(p + "attn_q.weight", (N_EMBD, N_EMBD), Q4_K)
+        add(p + "attn_k.weight", (N_KV * hd, N_EMBD), Q8_0)
+        add(p + "attn_v.weight", (N_KV * hd, N_EMBD), Q8_0)
+        add(p + "attn_output.weight", (N_EMBD, N_EMBD), Q5_K)
         w.add_tensor(p + "ffn_gate_inp.weight", rng.standard_normal((N_EXPERT, N_EMBD), dtype=np.float32) * 0.05)
-        q4k = N_EMBD // 256 * 144
-        for name in ("ffn_gate_exps", "ffn_up_exps"):
-            blocks = _random_blocks(rng, N_EXPERT * N_FF * N_EMBD // 256, 144, (0, 2))
-            w.add_tensor(p + name + ".weight", blocks.reshape(N_EXPERT, N_FF, q4k), raw_dtype=T.Q4_K)
-        q6k = N_FF // 256 * 210
-        blocks = _random_blocks(rng, N_EXPERT * N_EMBD * N_FF // 256, 210, (208,))
-        w.add_tensor(p + "ffn_down_exps.weight", blocks.reshape(N_EXPERT, N_EMBD, q6k), raw_dtype=T.Q6_K)
+        add(p + "ffn_gate_exps.weight", (N_EXPERT, N_FF, N_EMBD), Q4_K)
+        add(p + "ffn_up_exps.weight", (N_EXPERT, N_FF, N_EMBD), Q4_K)
+        add(p + "ffn_down_exps.weight", (N_EXPERT, N_EMBD, N_FF), Q6_K)
     w.add_tensor("output_norm.weight", np.ones(N_EMBD, np.float32))
-    w.add_tensor("output.weight", f16(N_VOCAB, N_EMBD, std=0.02))
+    add("output.weight", (N_VOCAB, N_EMBD), Q6_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -74,7 +93,33 @@ def build_model(path: Path, n_layers: int, seed: int = 0) -> Path:
     return path
 
 
-def run(model: Path, tokens: int, d2d_GBps: float, h2d_GBps: float, rates=(0.25, 0.5, 0.75)) -> dict:
+def count_per_token(torch, eng, prompt, n: int) -> dict:
+    """Kernels (profiler) and host syncs (sync debug mode) of n decode tokens, per token."""
+    from torch.profiler import ProfilerActivity, profile
+    gen = eng.generate(prompt, max_tokens=n + 1, temperature=0, ignore_eos=True)
+    next(gen)                                          # prefill + first token outside the window
+    torch.cuda.synchronize()
+    be = eng.backend
+    l0, s0 = be.launches, be.host_syncs
+    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in gen:
+                pass
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    moe = len(eng.config.moe_layers)
+    return {"kernels_per_token": len(kernels) / n, "syncs_per_token": len(syncs) / n,
+            "backend_launches_per_token": (be.launches - l0) / n, "backend_syncs_per_token": (be.host_syncs - s0) / n,
+            "moe_layers": moe, "kernels_per_moe_layer": len(kernels) / n / moe}
+
+
+def run(model: Path, tokens: int, d2d_GBps: float, h2d_GBps: float, rates=(0.25, 0.5)) -> dict:
     import torch
     from promoe_gguf import Engine
     prompt = list(range(1, 17))
@@ -83,62 +128,68 @@ def run(model: Path, tokens: int, d2d_GBps: float, h2d_GBps: float, rates=(0.25,
     def one(**kw):
         eng = Engine(str(model), device="cuda", n_ctx=256, **kw)
         try:
-            out = list(eng.generate(prompt, max_tokens=1, temperature=0, ignore_eos=True))   # warm-up + compile
-            eng.timing.decode_s = eng.timing.decode_tokens = 0
+            list(eng.generate(prompt, max_tokens=2, temperature=0, ignore_eos=True))   # warm-up: compile
+            eng.timing.__init__()
             torch.cuda.synchronize()
             out = list(eng.generate(prompt, max_tokens=tokens, temperature=0, ignore_eos=True))
             torch.cuda.synchronize()
-            st = eng.stats
-            resident = sum(eng.model.tensor_ref(n).nbytes for n in eng.model.resident_names)
-            return out, eng.timing, st, resident
+            counts = count_per_token(torch, eng, prompt, 4)
+            return out, eng.timing, eng.stats, eng.memory, counts, dict(eng.backend.failed)
         finally:
             eng.close()
 
-    ref, timing, _, resident = one()
-    cfg_bytes = None
-    for rate in rates:
-        for policy, predictor in (("lru", "none"), ("promoe", "gate")):
-            out, t, st, resident = one(cache_rate=rate, policy=policy, predictor=predictor)
-            if out != ref:
-                raise AssertionError(f"{policy}/{rate}: output differs from the all-resident run")
-            pp, tg = t.rates()
-            per_tok_h2d = st["bytes_h2d"] / max(1, t.prefill_tokens + t.decode_tokens)
-            if cfg_bytes is None:
-                from promoe_gguf import open_model
-                m = open_model(str(model))
-                cfg_bytes = sum(m.expert_nbytes(*k) for k in m.expert_keys) / len(m.expert_keys)
-            # resident weights (mostly f16 here) are held dequantized to fp32 on the GPU: ~2x their bytes
-            read = 2 * resident + N_USED * cfg_bytes * m.config.n_layers
-            bound = max(read / (d2d_GBps * 1e9), per_tok_h2d / (h2d_GBps * 1e9))
-            rows.append({"cache_rate": rate, "policy": policy, "predictor": predictor, "decode_tok_s": tg,
-                         "prefill_tok_s": pp, "stall_s": st["stall_s"], "hits": st["hits"], "misses": st["misses"],
-                         "bytes_h2d_per_token": per_tok_h2d, "bound_s_per_token": bound,
-                         "gap_to_bound": (1 / tg) / bound if tg else None})
-            print(f"e2e rate {rate:.2f} {policy:<6}: decode {tg:.1f} tok/s, stall {st['stall_s']:.3f} s, "
-                  f"hits {st['hits']} misses {st['misses']}, gap to bound {rows[-1]['gap_to_bound']:.1f}x", flush=True)
-    base_tg = timing.rates()[1]
-    return {"status": "ok", "layers": None, "tokens": tokens, "all_resident_decode_tok_s": base_tg, "rows": rows}
+    from promoe_gguf import open_model
+    m = open_model(str(model))
+    expert = sum(m.expert_nbytes(*k) for k in m.expert_keys) / len(m.expert_keys)
+    configs = [{}] + [dict(cache_rate=r, policy=p, predictor=q, cpu_experts=c) for r in rates
+                      for p, q, c in (("lru", "none", "off"), ("promoe", "gate", "off"), ("promoe", "gate", "auto"))]
+    ref = None
+    for kw in configs:
+        out, t, st, mem, counts, failed = one(**kw)
+        if failed:
+            raise AssertionError(f"{kw}: kernels fell back to torch: {failed}")
+        if ref is None:
+            ref = out
+        elif kw.get("cpu_experts") == "off" and out != ref:
+            raise AssertionError(f"{kw}: tokens differ from the all-resident run")
+        agree = sum(a == b for a, b in zip(out, ref)) / len(ref)       # hybrid: the CPU rounds to 8 bits
+        pp, tg = t.rates()
+        per_tok_h2d = st["bytes_h2d"] / max(1, t.prefill_tokens + t.decode_tokens)
+        read = mem["resident"] + N_USED * expert * len(m.config.moe_layers)
+        bound = max(read / (d2d_GBps * 1e9), per_tok_h2d / (h2d_GBps * 1e9))
+        rows.append({**{k: v for k, v in kw.items()}, "decode_tok_s": tg, "prefill_tok_s": pp,
+                     "stall_s": st["stall_s"], "hits": st["hits"], "misses": st["misses"], "greedy_agreement": agree,
+                     "cpu_experts_run": st.get("cpu_experts", 0), "cost_model": st.get("cost_model"),
+                     "bytes_h2d_per_token": per_tok_h2d, "bound_s_per_token": bound,
+                     "gap_to_bound": (1 / tg) / bound if tg else None, "memory": mem, **counts})
+        print(f"e2e {kw or 'all resident'}: decode {tg:.1f} tok/s (gap to bound {rows[-1]['gap_to_bound']:.1f}x), "
+              f"prefill {pp:.0f} tok/s, stall {st['stall_s']:.3f} s, {counts['kernels_per_moe_layer']:.1f} kernels and "
+              f"{counts['syncs_per_token'] / counts['moe_layers']:.2f} syncs per MoE layer", flush=True)
+    return {"status": "ok", "tokens": tokens, "rows": rows}
 
 
-def bench_end_to_end(torch, copies: dict, n_layers: int = 2, tokens: int = 32) -> dict:
-    path = Path("/tmp/promoe-synth-mixtral.gguf")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--d2d", type=float, default=4000.0, help="device bandwidth, GB/s (gpu_bench measures it)")
+    ap.add_argument("--h2d", type=float, default=50.0, help="pinned host-to-device bandwidth, GB/s")
+    args = ap.parse_args(argv)
+    path = Path(f"/tmp/promoe-synth-mixtral-{args.layers}l.gguf")
+    t0 = time.time()
+    if not path.exists():
+        build_model(path, args.layers)
+    print(f"synthetic Mixtral-shaped model: {args.layers} layers, ready in {time.time() - t0:.0f} s", flush=True)
     try:
-        t0 = time.time()
-        if not path.exists():
-            build_model(path, n_layers)
-        print(f"synthetic Mixtral-shaped model: {n_layers} layers, built in {time.time() - t0:.0f} s", flush=True)
-        res = run(path, tokens, copies["d2d_GBps"], copies["h2d_pinned_GBps"])
-        res["layers"] = n_layers
-        return res
-    except Exception as e:  # noqa: BLE001 - report, don't lose the rest of the benchmark
+        res = run(path, args.tokens, args.d2d, args.h2d)
+    except Exception as e:  # noqa: BLE001 - record the failure, then fail loudly
         import traceback
         traceback.print_exc()
-        return {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        res = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0 if res["status"] == "ok" else 1
 
 
 if __name__ == "__main__":
-    import torch
-    out = Path(sys.argv[1])
-    res = bench_end_to_end(torch, {"d2d_GBps": float(sys.argv[2]) if len(sys.argv) > 2 else 4000.0,
-                                   "h2d_pinned_GBps": float(sys.argv[3]) if len(sys.argv) > 3 else 50.0})
-    out.write_text(json.dumps(res, indent=1))
+    raise SystemExit(main())

@@ -342,6 +342,34 @@ def make_float_model(arch: str, path, seed: int = 0, variant: str = "default"):
     return path
 
 
+def make_mixtral_shaped(out_dir, n_layers: int = 4, n_embd: int = 2048, n_ff: int = 7168, quant: str = "Q4_K_M",
+                        seed: int = 0) -> Path:
+    """A Mixtral-layout benchmark model at a real width (default: d 2048, expert FF 7168, 8 experts
+    top-2, 16 heads / 4 KV heads of 128): random weights written as F16, then llama.cpp's quantizer,
+    so the quant mix is exactly llama.cpp's for `quant`. Cached under out_dir by its parameters."""
+    out_dir = Path(out_dir)
+    name = f"mixtral-shaped-{n_layers}l-{n_embd}d-{n_ff}ff-{FACTORY_VERSION}"
+    dst = out_dir / f"{name}-{quant}.gguf"
+    if dst.exists():
+        return dst
+    s = spec("llama")
+    s.update(variant="bench", n_embd=n_embd, n_head=n_embd // 128, n_head_kv=max(1, n_embd // 512), head_dim=128,
+             n_ff_exp=n_ff, n_ff=n_ff, n_layer=n_layers, n_ctx=4096)
+    rng = np.random.default_rng([int(seed), 99])
+    src = out_dir / f"{name}-F16.gguf"
+    with _atomic(src) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        _metadata(w, s)
+        for tname, arr in _tensors(s, rng):
+            w.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float16 if arr.ndim > 1 else np.float32))
+        _finish(w)
+    try:
+        quantize(src, dst, quant)
+    finally:
+        src.unlink(missing_ok=True)
+    return dst
+
+
 @contextlib.contextmanager
 def _captured_llama_log(lines: list):
     """Route llama.cpp's log into ``lines`` (the quantizer is chatty on stderr), then give the log

@@ -1,4 +1,4 @@
-"""The CUDA kernels of kernels/*.cu run on the CPU (tests/kernels_host: a small CUDA stand-in, one
+"""The CUDA kernels of promoe_gguf/kernels/cuda/*.cu run on the CPU (tests/kernels_host: a small CUDA stand-in, one
 OS thread per CUDA thread), driven by the launcher's own launch plans, against dequantize_torch.
 
 No GPU needed (only g++). What this proves: element order of every block decoder, fp32 dequant bit
@@ -25,90 +25,16 @@ from promoe_gguf.format.quants import dequantize_torch, quant_type
 from promoe_gguf.kernels import launch
 from promoe_gguf.kernels.launch import ExpertLayout, SUPPORTED
 from promoe_gguf.kernels.testdata import REL_L2_BOUND, random_blocks, reference_matmul, reference_moe, rel_l2
+from kernel_emu import Emu, build_emulator
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = REPO / "tests" / "kernels_host"
 TYPES = list(SUPPORTED)
 
 
-def _build() -> Path:
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not installed: the CPU emulation of the CUDA kernels needs a C++20 compiler")
-    srcs = [HOST / "emulate.cpp", HOST / "cuda_emu.h", *sorted((REPO / "kernels").glob("*.cu*"))]
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in srcs)).hexdigest()[:16]
-    out = REPO / "build" / f"kemu-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(exist_ok=True)
-        tmp = out.with_suffix(".tmp.so")
-        cmd = [cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
-               "-Wall", "-Wno-unknown-pragmas", "-o", str(tmp), str(HOST / "emulate.cpp")]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"building the kernel emulation failed:\n{r.stderr[-4000:]}"
-        tmp.rename(out)
-    return out
-
-
-class Emu:
-    def __init__(self, path: Path):
-        self.lib = ctypes.CDLL(str(path))
-        L = self.lib
-        L.emu_set_readable.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
-        L.emu_take_errors.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        L.emu_take_errors.restype = ctypes.c_longlong
-        L.emu_has_kernel.argtypes = [ctypes.c_char_p]
-        L.emu_traits.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
-        L.emu_matvec_rows_per_cta.argtypes = [ctypes.c_int]
-        L.emu_moe_combine.argtypes = [ctypes.c_uint, ctypes.c_uint] + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                                                      ctypes.c_int, ctypes.c_void_p]
-
-    @staticmethod
-    def _cargs(args) -> list:
-        out = []
-        for a in args:
-            if isinstance(a, np.uint64):
-                out.append(ctypes.c_void_p(int(a)))
-            elif isinstance(a, np.int64):
-                out.append(ctypes.c_longlong(int(a)))
-            elif isinstance(a, np.int32):
-                out.append(ctypes.c_int(int(a)))
-            else:
-                raise TypeError(f"unexpected kernel argument {a!r} ({type(a)})")
-        return out
-
-    def run(self, launches: list[launch.Launch], readable: list[torch.Tensor | np.ndarray]):
-        """Run launch plans; `readable` = the buffers loads may touch."""
-        ptrs, sizes = [], []
-        for b in readable:
-            if isinstance(b, torch.Tensor):
-                ptrs.append(b.data_ptr()); sizes.append(b.numel() * b.element_size())
-            else:
-                ptrs.append(b.ctypes.data); sizes.append(b.nbytes)
-        self.lib.emu_set_readable((ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_longlong * len(sizes))(*sizes), len(ptrs))
-        for ln in launches:
-            name = ln.name.encode()
-            assert self.lib.emu_has_kernel(name) or ln.name == "moe_combine", f"no entry point {ln.name}"
-            assert ln.grid[2] == 1 and ln.block[1:] == (1, 1)
-            a = self._cargs(ln.args)
-            if ln.op == "matvec":
-                rc = self.lib.emu_matvec(name, ln.grid[0], ln.block[0], *a)
-            elif ln.op == "dequant":
-                rc = self.lib.emu_dequant(name, ln.grid[0], ln.block[0], *a)
-            elif ln.name.startswith("moe_gate_up"):
-                rc = self.lib.emu_moe_gate_up(name, ln.grid[0], ln.grid[1], ln.block[0], *a)
-            elif ln.name.startswith("moe_matvec"):
-                rc = self.lib.emu_moe_matvec(name, ln.grid[0], ln.grid[1], ln.block[0], *a)
-            else:
-                rc = self.lib.emu_moe_combine(ln.grid[0], ln.block[0], *a)
-            assert rc == 0, f"emulated launch of {ln.name} failed"
-        buf = ctypes.create_string_buffer(512)
-        n = self.lib.emu_take_errors(buf, 512)
-        assert n == 0, f"{n} errors in emulated kernels, first: {buf.value.decode()}"
-
-
 @pytest.fixture(scope="module")
 def emu() -> Emu:
-    return Emu(_build())
+    return Emu(build_emulator())
 
 
 def _placed(raw: torch.Tensor, align: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,3 +236,25 @@ def test_moe_pair_result_independent_of_other_pairs(emu):
                 bufs + [table, x])
         outs.append(h)
     assert torch.equal(outs[0][2], outs[1][0])
+
+
+@pytest.mark.parametrize("n", [256, 4096, 100])
+def test_rms_norm_kernels(emu, n):
+    """rms_norm_f32 and add_rms_norm_f32 against a float64 reference (fp32 CTA reduction: <= 1e-6)."""
+    g = _gen(n)
+    x = torch.randn(3, n, generator=g) * 3 + 1
+    r = torch.randn(3, n, generator=g)
+    w = torch.randn(n, generator=g)
+    eps = 1e-5
+
+    def ref(v):
+        v = v.double()
+        return (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w.double()).float()
+    y = torch.empty_like(x)
+    emu.run(launch.plan_rms_norm(3, n, x.data_ptr(), n, w.data_ptr(), y.data_ptr(), n, eps), [x, w, y])
+    assert rel_l2(y, ref(x)) < 1e-6
+    s, y2 = torch.empty_like(x), torch.empty_like(x)
+    emu.run(launch.plan_add_rms_norm(3, n, x.data_ptr(), r.data_ptr(), 0.5, s.data_ptr(), w.data_ptr(), y2.data_ptr(), eps),
+            [x, r, s, w, y2])
+    assert torch.equal(s, x + r * 0.5)
+    assert rel_l2(y2, ref(x + r * 0.5)) < 1e-6

@@ -113,7 +113,8 @@ def test_info_json(test_models, capsys):
     assert info["resident_bytes_total"] == sum(int(t.n_bytes) for t in reader.tensors) - info["expert_bytes_total"]
     gate_types = {t.tensor_type.name for t in exps if "gate" in t.name}
     assert set(info["quant_types"]["gate"]) == gate_types
-    rates = info["gpu_bytes_for_cache_rate"]
-    assert rates["0.25"] < rates["0.5"] < rates["1.0"]
+    mem = info["memory"]                    # Engine.memory's breakdown per budget (tests/test_memory.py)
+    assert mem["cache_rate=0.25"]["total"] < mem["cache_rate=0.5"]["total"] < mem["cache_rate=1.0"]["total"]
+    assert all(set(m) >= {"resident", "kv_cache", "expert_arena", "workspace", "total"} for m in mem.values())
     assert promoe_main(["info", test_models[key]]) == 0
     assert "top-2" in capsys.readouterr().out

@@ -2,6 +2,8 @@
 
 The oracle for every result here is the all-resident run of the same engine: the cache must not
 change a single bit of the logits, whatever the policy, budget, predictor, link speed or failure.
+These tests exercise the copy machinery, so misses are copied (cpu_experts="off"); the CPU expert
+pool has its own tests (tests/test_hybrid.py).
 """
 import gc
 import logging
@@ -29,7 +31,7 @@ def model_path(test_models):
 @pytest.fixture(scope="module")
 def reference(model_path):
     """All-resident logits (prefill) and greedy continuation (decode through the KV cache)."""
-    eng = Engine(model_path, n_ctx=128, n_batch=16)
+    eng = Engine(model_path, n_ctx=128, n_batch=16, cpu_repack=False)      # the cache keeps the GGUF layout
     rec = RoutingRecorder()
     eng.experts.observers.append(rec)
     logits = eng.logits(TOKENS)
@@ -38,6 +40,7 @@ def reference(model_path):
 
 
 def _run(model_path, **kw):
+    kw.setdefault("cpu_experts", "off")
     eng = Engine(model_path, n_ctx=128, n_batch=16, **kw)
     try:
         logits = eng.logits(TOKENS)
@@ -63,13 +66,14 @@ def test_oracle_prefetch_is_useful_and_cuts_misses(model_path):
     """Decode with the true future known (the oracle replays a recorded routing): its prefetches
     are used, and the run misses less than the same policy without a predictor."""
     prompt, n = TOKENS[:8], 48
-    ref = Engine(model_path, n_ctx=128)
+    ref = Engine(model_path, n_ctx=128, cpu_repack=False)
     rec = RoutingRecorder()
     ref.experts.observers.append(rec)
     want = list(ref.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True))
     runs = {}
     for predictor in ("none", "oracle"):
         eng = Engine(model_path, n_ctx=128, cache_rate=0.5, policy="promoe", predictor=predictor, link="500MB/s",
+                     cpu_experts="off",
                      routes=rec.routes, lookahead=4)
         try:
             assert list(eng.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)) == want
@@ -85,7 +89,7 @@ def test_budget_never_exceeded_and_too_small_refused(model_path):
     from promoe_gguf import open_model
     store = HostStore(open_model(model_path))
     budget = 5 * store.slot_bytes + store.slot_bytes // 2
-    eng = Engine(model_path, n_ctx=128, cache_mem=budget)
+    eng = Engine(model_path, n_ctx=128, cache_mem=budget, cpu_experts="off")
     try:
         assert eng.source.cache.capacity_bytes <= budget
         eng.logits(TOKENS[:20])
@@ -180,8 +184,8 @@ def test_stress_many_decode_steps_random_delays(model_path):
     """Thousands of decode steps, tiny cache, jittery link: no deadlock, no leak, same tokens."""
     n_seq, n_steps = 4, 260                       # 1040 decode steps (the test models' context is 512)
     threads_before = threading.active_count()
-    ref = Engine(model_path, n_ctx=n_steps + 8)
-    eng = Engine(model_path, n_ctx=n_steps + 8, cache_rate=0.25, policy="promoe", predictor="gate",
+    ref = Engine(model_path, n_ctx=n_steps + 8, cpu_repack=False)
+    eng = Engine(model_path, n_ctx=n_steps + 8, cache_rate=0.25, policy="promoe", predictor="gate", cpu_experts="off",
                  link="2GB/s,5us,jitter=200us")
     try:
         for seq in range(n_seq):

@@ -2,15 +2,32 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 
+from ..errors import ModelError
 from ..format import open_model
+from ..memory import plan
+from ..runtime.cache import slots_for_budget
+from ..runtime.host_store import StoreLayout
 
 CACHE_RATES = (0.25, 0.5, 0.75, 1.0)
 
 
-def model_info(model) -> dict:
+def memory_plans(model, device: str = "cuda", n_ctx=None, n_batch: int = 64) -> dict:
+    """{budget name: memory breakdown} for every cache rate the Engine accepts, and all resident."""
+    layout = StoreLayout.of(model)
+    out = {}
+    for r in CACHE_RATES:
+        try:
+            n = slots_for_budget(layout, model.config.n_experts_used, cache_rate=r)
+        except ModelError:
+            continue                      # a budget below one layer's working set: the Engine refuses it
+        out[f"cache_rate={r}"] = {"slots": n, **plan(model, device, n_ctx, n_batch, n)}
+    out["all_resident"] = plan(model, device, n_ctx, n_batch, None)
+    return out
+
+
+def model_info(model, device: str = "cuda", n_ctx=None) -> dict:
     cfg = model.config
     per_matrix: dict[str, Counter] = {m: Counter() for m in ("gate", "up", "down")}
     expert_bytes = Counter()
@@ -39,9 +56,8 @@ def model_info(model) -> dict:
         "routed_experts": n_routed,
         "expert_bytes_total": model.expert_bytes_total(),
         "resident_bytes_total": resident,
-        # resident weights + cache slots (one slot = the largest expert); KV cache not included
-        "gpu_bytes_for_cache_rate": {
-            str(r): resident + max(math.ceil(r * n_routed), cfg.n_experts_used) * slot for r in CACHE_RATES},
+        "device": device,
+        "memory": memory_plans(model, device, n_ctx),
     }
 
 
@@ -65,15 +81,77 @@ def format_info(info: dict) -> str:
         f"expert size  {size}",
         f"experts      {info['routed_experts']} routed, {_mib(info['expert_bytes_total'])} in all",
         f"resident     {_mib(info['resident_bytes_total'])} (attention, embeddings, norms, routers, shared/dense FFN)",
-        "GPU memory for cache rate (resident + expert slots, KV cache extra):",
+        f"{info['device']} memory per expert budget (what Engine.memory reports for the same settings):",
+        f"  {'budget':<18} {'slots':>5} {'resident':>12} {'kv_cache':>12} {'experts':>12} {'workspace':>12} {'total':>12}",
     ]
-    for r, n in info["gpu_bytes_for_cache_rate"].items():
-        lines.append(f"  {float(r):>4.2f}      {_mib(n)}")
+    for name, m in info["memory"].items():
+        lines.append(f"  {name:<18} {m.get('slots', '-'):>5} " + " ".join(
+            f"{_mib(m[k]):>12}" for k in ("resident", "kv_cache", "expert_arena", "workspace", "total")))
     return "\n".join(lines)
 
 
+def lru_hit_rate(trace, n_slots: int) -> float:
+    """Hit rate of a per-layer LRU of n_slots // MoE layers slots each, replaying a trace's decode rows
+    in order (an estimate: the runtime's promoe policy keeps valuable experts, so it does at least as well)."""
+    from collections import OrderedDict
+    quota = max(1, n_slots // trace.M)
+    caches = [OrderedDict() for _ in range(trace.M)]
+    hits = lookups = 0
+    for s in trace.seqs():
+        for r in range(s["start"] + s["n_prompt"], s["start"] + s["n_prompt"] + s["n_decode"]):
+            for i in range(trace.M):
+                c = caches[i]
+                for e in set(int(v) for v in trace.ids[r, i]):
+                    lookups += 1
+                    if e in c:
+                        hits += 1
+                        c.move_to_end(e)
+                    else:
+                        c[e] = True
+                        if len(c) > quota:
+                            c.popitem(last=False)
+    return hits / lookups if lookups else float("nan")
+
+
+def gpu_plan(model, gpu_mem: int, device: str, n_ctx, n_batch: int = 64, trace=None) -> dict:
+    """What lives where with `gpu_mem` bytes of device memory (Engine(gpu_mem=...) does the same)."""
+    from ..memory import fit_cache
+    arena = fit_cache(model, device, n_ctx, n_batch, gpu_mem)
+    layout = StoreLayout.of(model)
+    if arena is None:
+        out = {"gpu_mem": gpu_mem, "experts_on_device": len(layout.keys), "experts_total": len(layout.keys),
+               **plan(model, device, n_ctx, n_batch, None)}
+        out["expected_hit_rate"] = 1.0
+        return out
+    slots = slots_for_budget(layout, model.config.n_experts_used, cache_mem=arena)
+    out = {"gpu_mem": gpu_mem, "experts_on_device": slots, "experts_total": len(layout.keys),
+           **plan(model, device, n_ctx, n_batch, slots)}
+    if trace is not None:
+        out["expected_hit_rate"] = lru_hit_rate(trace, slots)
+    return out
+
+
 def run(args) -> int:
+    from .run import parse_mem
     model = open_model(args.model)
-    info = model_info(model)
+    info = model_info(model, getattr(args, "device", "cuda"), getattr(args, "n_ctx", None))
+    if getattr(args, "gpu_mem", None):
+        trace = None
+        if args.trace:
+            from ..predict.trace import Trace
+            trace = Trace(args.trace)
+            trace.check_model(model)
+        p = info["gpu_plan"] = gpu_plan(model, parse_mem(args.gpu_mem, "--gpu-mem"), args.device, args.n_ctx, trace=trace)
+        if not args.json:
+            hit = p.get("expected_hit_rate")
+            print(format_info(info))
+            print(f"with --gpu-mem {args.gpu_mem}: resident {_mib(p['resident'])}, KV cache {_mib(p['kv_cache'])}, "
+                  f"workspace {_mib(p['workspace'])}, expert cache {_mib(p['expert_arena'])} = "
+                  f"{p['experts_on_device']} of {p['experts_total']} experts on the device "
+                  f"({p['experts_on_device'] / p['experts_total']:.0%}), the rest in host memory (computed on the "
+                  f"CPU or copied, as the cost model decides); total {_mib(p['total'])}"
+                  + (f"; expected decode hit rate {hit:.2f} (LRU replay of the trace)" if hit is not None and trace
+                     else ""))
+            return 0
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0

@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="architecture, experts, quant types, sizes, GPU memory per cache rate")
     s.add_argument("model", help="GGUF file or converted cache directory")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device the memory plan is for")
+    s.add_argument("--n-ctx", type=int, default=None, help="KV cache length (default: the Engine's)")
+    s.add_argument("--gpu-mem", default=None, help="print what lives where with this much device memory (e.g. 12G)")
+    s.add_argument("--trace", default=None, help="a routing trace (promoe trace): adds the expected hit rate")
     s.set_defaults(func=_info)
 
     s = sub.add_parser("convert", help="write the expert-major cache layout of a GGUF")
@@ -38,8 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import run
     run.add_parsers(sub)
+    from . import bench
+    bench.add_parsers(sub)
     from . import predict_cmds
     predict_cmds.add_parsers(sub)
+    from . import serve, chat
+    serve.add_parsers(sub)
+    chat.add_parsers(sub)
     return p
 
 

@@ -47,7 +47,7 @@ class CachedModel(MoEModel):
         cfg = dataclasses.replace(cfg, n_ff_exp=self._int(manifest, "n_ff_exp", 1, MAX_DIM, "n_ff_exp"))
         check_ranges(cfg, meta, resident)        # bounded layer/expert counts before the index is built
         experts_path = self._member(self._field(manifest, "experts_file", str), "experts_file")
-        self._data = np.memmap(experts_path, dtype=np.uint8, mode="r") if os.path.getsize(experts_path) else \
+        self._data = np.memmap(experts_path, dtype=np.uint8, mode="c") if os.path.getsize(experts_path) else \
             np.zeros(0, np.uint8)
         self._experts, self._sha, self._verified = {}, {}, set()
         self._index(self._field(manifest, "experts", list), len(self._data), cfg)

@@ -153,13 +153,14 @@ def validate_gguf(path: str) -> None:
 
 
 def read_gguf(path: str) -> GGUFReader:
-    """Validated GGUFReader over `path` (memory-mapped, read-only)."""
+    """Validated GGUFReader over `path`, memory-mapped copy-on-write: the compute backends address
+    the mapped tensors in place (torch needs a writable buffer); nothing is ever written back."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such file")
     validate_gguf(path)
     try:
-        return GGUFReader(path, "r")
+        return GGUFReader(path, "c")
     except Exception as e:  # gguf-py raises ValueError/KeyError/IndexError for malformed files
         raise ModelError(f"{path}: unreadable GGUF: {e}") from e
 

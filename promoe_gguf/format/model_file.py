@@ -80,6 +80,11 @@ class MoEModel:
                         for m in self._check_expert(layer, expert))
 
     @property
+    def expert_data(self) -> np.ndarray:
+        """The uint8 map every MatrixSlice.offset indexes (the GGUF file, or experts.bin)."""
+        return self._data
+
+    @property
     def expert_keys(self) -> list[tuple[int, int]]:
         return sorted(self._experts)
 
@@ -96,6 +101,11 @@ class MoEModel:
             return self._resident[name]
         except KeyError:
             raise ModelError(f"{self.path}: tensor {name!r} is missing") from None
+
+    @property
+    def resident_data(self) -> np.ndarray:
+        """The uint8 map every resident TensorRef.offset indexes."""
+        return self._reader.data
 
     def tensor_raw(self, name: str) -> np.ndarray:
         t = self.tensor_ref(name)

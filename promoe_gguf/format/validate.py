@@ -13,7 +13,7 @@ and the tensor or rule it contradicts. The rules:
                          from the values that determine it (attention per family, MLA ranks,
                          dense / routed / shared FFN widths)
 
-`check_kv_cache(cfg, n_ctx, device)` sizes the KV cache before it is allocated.
+`check_kv_cache(model, n_ctx, device)` sizes the KV cache before it is allocated.
 """
 from __future__ import annotations
 
@@ -286,16 +286,6 @@ def checked_config(cfg: ModelConfig, shapes: dict, meta, path: str, origin: dict
     return cfg
 
 
-def kv_cache_bytes(cfg: ModelConfig, n_ctx: int, itemsize: int = 4) -> int:
-    """Bytes of the KV cache for n_ctx positions as the forward pass keeps it (DeepSeek2 MLA in its
-    decompressed form: per head, key_length_mla keys and value_length_mla values)."""
-    if cfg.arch == "deepseek2":
-        per_pos = cfg.n_head * (field_value(cfg, "key_length_mla") + field_value(cfg, "value_length_mla"))
-    else:
-        per_pos = cfg.n_head_kv * (cfg.head_dim_k + cfg.head_dim_v)
-    return int(n_ctx) * cfg.n_layers * per_pos * itemsize
-
-
 def available_memory(device) -> int | None:
     """Bytes free for a new allocation on `device` (None: unknown). On the CPU: the system's available
     memory, or less when this process runs under an address-space limit (ulimit -v)."""
@@ -324,13 +314,13 @@ def available_memory(device) -> int | None:
     return free
 
 
-def check_kv_cache(cfg: ModelConfig, n_ctx: int, device, path: str = "") -> int:
+def check_kv_cache(model, n_ctx: int, device) -> int:
     """Refuse a KV cache that cannot fit before allocating it; returns its size in bytes."""
-    need = kv_cache_bytes(cfg, n_ctx)
+    from ..memory import kv_cache_bytes            # the model families' own cache layout
+    need = kv_cache_bytes(model, n_ctx)
     free = available_memory(device)
     if free is not None and need > free:
-        where = f"{path}: " if path else ""
-        raise ModelError(f"{where}a KV cache of {n_ctx} positions needs {need / 2**30:.2f} GiB "
-                         f"({cfg.n_layers} layers), more than the {free / 2**30:.2f} GiB free on {device}; "
+        raise ModelError(f"{model.path}: a KV cache of {n_ctx} positions needs {need / 2**30:.2f} GiB "
+                         f"({model.config.n_layers} layers), more than the {free / 2**30:.2f} GiB free on {device}; "
                          f"pass a smaller n_ctx (--n-ctx)")
     return need

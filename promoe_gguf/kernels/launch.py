@@ -1,4 +1,4 @@
-"""Thin launcher for the CUDA kernels in the repository's top-level ``kernels/`` directory.
+"""Thin launcher for the CUDA kernels in ``promoe_gguf/kernels/cuda/`` (shipped as package data).
 
 Host code only picks the kernel and the launch shape; everything else is in the .cu files.
 
@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as T
 from ..errors import ModelError
 from ..format.quants import quant_type
 
-# --- mirrors of compile-time constants in kernels/*.cu (checked by the emulation test) -----------
+# --- mirrors of compile-time constants in cuda/*.cu (checked by the emulation test) -----------
 THREADS = 128                # PROMOE_THREADS: 4 warps per CTA (matvec, moe)
 DEQUANT_THREADS = 256        # DEQUANT_THREADS
 MAX_NCOLS = 8                # matvec_<type>_ncols1 .. ncols8
@@ -41,7 +41,7 @@ MOE_MATVEC_ROWS = 4
 
 
 def matvec_rows_per_cta(ncols: int) -> int:
-    """Rows of W per CTA of matvec_<type>_ncols<ncols> (kernels/matvec.cu)."""
+    """Rows of W per CTA of matvec_<type>_ncols<ncols> (cuda/matvec.cu)."""
     return 4 if ncols <= 2 else 2
 
 
@@ -56,7 +56,8 @@ NCHUNK: dict[T, int] = {t: 2 for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T
 ALIGNMENT: dict[T, int] = {t: 2 for t in SUPPORTED} | {
     T.Q4_1: 4, T.Q5_1: 4, T.Q2_K: 4, T.IQ4_XS: 8, T.Q4_K: 16, T.Q5_K: 16}
 
-OPS = {"matvec": "matvec.cu", "moe": "moe_fused.cu", "dequant": "dequant.cu"}
+OPS = {"matvec": "matvec.cu", "moe": "moe_fused.cu", "dequant": "dequant.cu", "norm": "norm.cu"}
+UNTYPED_OPS = {"norm"}       # compiled once, without -DPROMOE_QTYPE
 NVRTC_OPTIONS = ("--std=c++17",)
 
 
@@ -72,17 +73,17 @@ def supported_qtype(qtype) -> T:
 # --- sources ----------------------------------------------------------------------------------------
 
 def kernels_dir() -> Path:
-    """The repository's kernels/ directory: $PROMOE_KERNELS_DIR, else found next to the package
-    (a source checkout or an editable install)."""
+    """The CUDA sources: $PROMOE_KERNELS_DIR if set, else the package's cuda/ directory (package data,
+    so a wheel install finds them as a source checkout does)."""
     env = os.environ.get("PROMOE_KERNELS_DIR")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "kernels")
+    candidates.append(Path(__file__).resolve().parent / "cuda")
     for c in candidates:
         if (c / "blocks.cuh").is_file():
             return c
     raise ModelError("CUDA kernel sources not found: looked for blocks.cuh in "
                      + ", ".join(str(c) for c in candidates)
-                     + " (set PROMOE_KERNELS_DIR to the repository's kernels/ directory)")
+                     + " (reinstall promoe-gguf, or set PROMOE_KERNELS_DIR to a directory holding the .cu files)")
 
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([^"]+)"[ \t]*$', re.M)
@@ -117,7 +118,9 @@ class ModuleSource:
     kernel_names: tuple[str, ...]
 
 
-def kernel_names(op: str, qtype) -> tuple[str, ...]:
+def kernel_names(op: str, qtype=None) -> tuple[str, ...]:
+    if op == "norm":
+        return ("rms_norm_f32", "add_rms_norm_f32")
     name = SUPPORTED[supported_qtype(qtype)]
     if op == "matvec":
         return tuple(f"matvec_{name}_ncols{n}" for n in range(1, MAX_NCOLS + 1))
@@ -129,12 +132,14 @@ def kernel_names(op: str, qtype) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
-def module_source(op: str, qtype) -> ModuleSource:
-    """Exactly what the launcher hands to cupy.RawModule for (op, qtype)."""
-    t = supported_qtype(qtype)
+def module_source(op: str, qtype=None) -> ModuleSource:
+    """Exactly what the launcher hands to cupy.RawModule for (op, qtype); qtype None for untyped ops."""
     if op not in OPS:
         raise ValueError(f"unknown kernel op {op!r} (one of {', '.join(OPS)})")
     code = inline_includes(kernels_dir() / OPS[op])
+    if op in UNTYPED_OPS:
+        return ModuleSource(code=code, options=NVRTC_OPTIONS, name_expressions=None, kernel_names=kernel_names(op))
+    t = supported_qtype(qtype)
     return ModuleSource(code=code, options=NVRTC_OPTIONS + (f"-DPROMOE_QTYPE={int(t)}",),
                         name_expressions=None, kernel_names=kernel_names(op, t))
 
@@ -157,7 +162,7 @@ def _cupy():
 
 def get_kernel(op: str, qtype, name: str, device_index: int):
     """The cupy.RawKernel `name` of the (op, qtype) module on a device (compiled on first use)."""
-    key = (op, int(supported_qtype(qtype)), name, device_index)
+    key = (op, None if op in UNTYPED_OPS else int(supported_qtype(qtype)), name, device_index)
     k = _kernels.get(key)
     if k is None:
         with _lock:
@@ -191,7 +196,7 @@ def _stream(device: torch.device):
 class Launch:
     """One kernel launch: module (op, qtype), entry point, grid, block and typed arguments."""
     op: str
-    qtype: T
+    qtype: T | None
     name: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
@@ -342,6 +347,25 @@ def plan_moe_combine(qtype, n_tokens: int, n_slots: int, n: int, src_ptr: int, o
     total = n_tokens * n
     return [Launch("moe", supported_qtype(qtype), "moe_combine", ((total + 255) // 256, 1, 1), (256, 1, 1),
                    (_ptr(src_ptr), _i32(n_tokens), _i32(n_slots), _i32(n), _ptr(out_ptr)))]
+
+
+def _f32_arg(v: float) -> np.float32:
+    return np.float32(v)
+
+
+def plan_rms_norm(n_rows: int, n: int, x_ptr: int, x_stride: int, w_ptr: int, y_ptr: int, y_stride: int,
+                  eps: float) -> list[Launch]:
+    """y[t] = x[t] * (1 / sqrt(mean(x[t]^2) + eps)) * w for rows t < n_rows (cuda/norm.cu)."""
+    return [Launch("norm", None, "rms_norm_f32", (n_rows, 1, 1), (THREADS, 1, 1),
+                   (_ptr(x_ptr), _i32(x_stride), _ptr(w_ptr), _ptr(y_ptr), _i32(y_stride), _i32(n), _f32_arg(eps)))]
+
+
+def plan_add_rms_norm(n_rows: int, n: int, x_ptr: int, r_ptr: int, r_scale: float, sum_ptr: int, w_ptr: int,
+                      y_ptr: int, eps: float) -> list[Launch]:
+    """sum = x + r * r_scale; y = rms_norm(sum) * w (rows of n contiguous floats)."""
+    return [Launch("norm", None, "add_rms_norm_f32", (n_rows, 1, 1), (THREADS, 1, 1),
+                   (_ptr(x_ptr), _ptr(r_ptr), _f32_arg(r_scale), _ptr(sum_ptr), _ptr(w_ptr), _ptr(y_ptr), _i32(n),
+                    _f32_arg(eps)))]
 
 
 # --- public API (torch tensors on a CUDA device) --------------------------------------------------------

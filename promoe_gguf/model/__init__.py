@@ -8,9 +8,9 @@ from .qwen_moe import QwenMoE
 FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek) for arch in cls.archs}
 
 
-def build_decoder(model, experts, device="cpu"):
+def build_decoder(model, experts, backend):
     cls = FAMILIES.get(model.config.arch)
     if cls is None:
         raise ModelError(f"{model.path}: no forward pass for architecture {model.config.arch!r} "
                          f"(supported: {', '.join(FAMILIES)})")
-    return cls(model, experts, device)
+    return cls(model, experts, backend)

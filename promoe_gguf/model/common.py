@@ -5,135 +5,147 @@ H = query heads, Hkv = kv heads, Dk/Dv = head dims, E = experts, k = experts per
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
+from gguf import GGMLQuantizationType as T
+
+from ..backends import FLOAT_TYPES, QMatrix
+from ..backends.torch_ops import RopeSpec
 from ..errors import ModelError
 
 
-class Weights:
-    """Resident tensors of one model, dequantized to float32 once, on `device`."""
+class ResidentWeights:
+    """Every non-expert tensor of a model on the backend's device, placed once at load.
+
+    Matrices keep their GGUF encoding (QMatrix: on the CPU the file's memory map itself, on CUDA a
+    device copy of the same bytes); 1-D tensors (norms, biases, gate vectors) become float32."""
 
     def __init__(self, model, device):
-        self.model, self.device, self._cache = model, device, {}
+        self.model, self.device = model, torch.device(device)
+        self.mats: dict[str, QMatrix] = {}
+        self.vecs: dict[str, torch.Tensor] = {}
+        file = None
+        for name in model.resident_names:
+            ref = model.tensor_ref(name)
+            if len(ref.shape) == 1:
+                self.vecs[name] = torch.from_numpy(model.tensor_f32(name).copy()).to(self.device)
+                continue
+            if self.device.type == "cpu":
+                file = file if file is not None else torch.from_numpy(model.resident_data)
+                data = file[ref.offset:ref.offset + ref.nbytes]
+            else:
+                data = torch.from_numpy(np.ascontiguousarray(model.tensor_raw(name))).to(self.device)
+                if ref.qtype in FLOAT_TYPES:                 # cuBLAS runs F32/F16/BF16 in their dtype
+                    data = data.view(FLOAT_TYPES[ref.qtype]).view(ref.shape)
+            self.mats[name] = QMatrix(name, ref.qtype, ref.shape, data)
 
-    def __call__(self, name: str, optional: bool = False):
-        if name not in self._cache:
-            if optional and not self.model.has_tensor(name):
-                return None
-            arr = self.model.tensor_f32(name)                   # numpy order: [out, in] for matrices
-            self._cache[name] = torch.from_numpy(arr).to(self.device)
-        return self._cache[name]
+    @property
+    def nbytes(self) -> int:
+        """Bytes these weights take on the device (on the CPU: the mapped bytes they are read from)."""
+        return (sum(m.nbytes for m in self.mats.values())
+                + sum(v.numel() * v.element_size() for v in self.vecs.values()))
 
-    def linear(self, x, name: str, bias: bool = False):
-        """x [T, in] @ W[out, in]^T (+ b)."""
-        y = x @ self(name + ".weight").T
-        if bias:
-            b = self(name + ".bias", optional=True)
-            if b is not None:
-                y = y + b
-        return y
+    def has(self, name: str) -> bool:
+        return name in self.mats or name in self.vecs
+
+    def mat(self, name: str, optional: bool = False) -> QMatrix | None:
+        """The matrix `name`; a 1-D tensor (a gate vector) reads as a [1, n] F32 matrix."""
+        m = self.mats.get(name)
+        if m is None and name in self.vecs:
+            v = self.vecs[name]
+            data = v.view(torch.uint8) if self.device.type == "cpu" else v
+            m = self.mats[name] = QMatrix(name, T.F32, (1, v.numel()), data)
+        if m is None and not optional:
+            raise ModelError(f"{self.model.path}: matrix {name!r} is missing")
+        return m
+
+    def vec(self, name: str, optional: bool = False) -> torch.Tensor | None:
+        v = self.vecs.get(name)
+        if v is None and not optional:
+            raise ModelError(f"{self.model.path}: tensor {name!r} is missing")
+        return v
 
 
-def rms_norm(x, w, eps: float):
-    """x [..., n] normalized over the last dim, times w [n] (ggml_rms_norm then mul)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def silu(x):
-    return F.silu(x)
-
-
-class Rope:
-    """Rotary embedding as llama.cpp applies it: NORM rotates adjacent pairs, NEOX the two halves.
-
-    Only the first `n_dims` dims of each head rotate. Linear scaling divides positions by the
-    factor; YaRN blends interpolated and extrapolated frequencies per pair (ggml's rope_yarn).
-    """
-
-    def __init__(self, cfg, device, yarn_mscale_in_cos: bool = True):
-        r = cfg.rope
-        self.kind, self.n_dims = r.kind, r.n_dims
-        i = torch.arange(0, r.n_dims, 2, dtype=torch.float64)
-        theta = r.base ** (-i / r.n_dims)                     # [n_dims/2] extrapolation frequencies
-        self.mscale = 1.0
-        if r.scaling == "linear":
-            theta = theta / r.factor
-        elif r.scaling == "yarn" and r.factor != 1.0:
-            freq_scale = 1.0 / r.factor
-            orig = r.orig_ctx or cfg.n_ctx_train
-
-            def corr_dim(beta):
-                return r.n_dims * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(r.base))
-            low = max(0.0, math.floor(corr_dim(32.0)))
-            high = min(r.n_dims - 1.0, math.ceil(corr_dim(1.0)))
-            ramp = 1 - ((i / 2 - low) / max(0.001, high - low)).clamp(0, 1)
-            theta = theta * freq_scale * (1 - ramp) + theta * ramp
-            if yarn_mscale_in_cos:
-                self.mscale = 1.0 + 0.1 * math.log(1.0 / freq_scale)
-        elif r.scaling not in ("none", "yarn", "linear"):
-            raise ModelError(f"rope scaling {r.scaling!r} is not supported")
-        self.theta = theta.to(device)
-
-    def __call__(self, x, pos):
-        """x [T, heads, D], pos [T] -> rotated copy."""
-        ang = pos.to(torch.float64)[:, None] * self.theta[None, :]          # [T, n_dims/2]
-        cos = (torch.cos(ang) * self.mscale).to(x.dtype)[:, None, :]
-        sin = (torch.sin(ang) * self.mscale).to(x.dtype)[:, None, :]
-        rot, rest = x[..., :self.n_dims], x[..., self.n_dims:]
-        if self.kind == "norm":
-            a, b = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+def rope_spec(cfg) -> RopeSpec:
+    """The RoPE llama.cpp applies for this config, its YaRN attn_factor computed in float32 as
+    llama_context does (for DeepSeek2 it cancels ggml's YaRN magnitude, which goes into kq_scale)."""
+    r = cfg.rope
+    if r.scaling not in ("none", "yarn", "linear"):
+        raise ModelError(f"rope scaling {r.scaling!r} is not supported")
+    f32 = np.float32
+    scaled = r.scaling in ("linear", "yarn") and r.factor not in (0.0, 1.0)
+    freq_scale = f32(1.0) / f32(r.factor) if scaled else f32(1.0)
+    ext, attn = 0.0, f32(1.0)
+    if r.scaling == "yarn" and scaled:
+        ext = 1.0
+        factor = f32(1.0) / freq_scale
+        cancel = f32(1.0) / (f32(1.0) + f32(0.1) * np.log(factor))
+        if r.yarn_log_mul:                  # get_mscale(f, m) / get_mscale(f, m) with m = log_mul: 1
+            attn = cancel
         else:
-            half = self.n_dims // 2
-            a, b = rot[..., :half], rot[..., half:]
-            out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-        return torch.cat((out, rest), dim=-1)
+            attn = (f32(0.1) * np.log(factor) + f32(1.0)) * cancel
+    return RopeSpec(kind=r.kind, n_dims=r.n_dims, base=float(f32(r.base)), freq_scale=float(freq_scale),
+                    ext_factor=ext, attn_factor=float(attn), n_ctx_orig=int(r.orig_ctx or cfg.n_ctx_train or 0))
 
 
 class KVCache:
-    """Per-layer K [P, Hkv, Dk] and V [P, Hkv, Dv], grown in place up to `n_ctx` positions."""
+    """Per layer K [Hkv, n, Dk] and V [Hkv, n, Dv] (heads first, so attention reads views), or V
+    transposed [Hkv, Dv, n] where the backend wants it (ggml, as llama.cpp's non-flash attention).
+    Allocated once, zeroed (the CPU backend reads `pad`-aligned spans whose tail is masked out),
+    for n = n_ctx rounded up to `pad`; `reset()` starts a new sequence in place."""
 
-    def __init__(self, n_layers: int, n_ctx: int, device, dtype=torch.float32):
-        self.n_ctx, self.device, self.dtype = n_ctx, device, dtype
-        self.k: list = [None] * n_layers
-        self.v: list = [None] * n_layers
+    def __init__(self, n_layers: int, n_ctx: int, k_dims: tuple[int, int], v_dims: tuple[int, int], device,
+                 v_trans: bool = False, pad: int = 1, dtype=torch.float32):
+        self.n_ctx, self.device, self.dtype, self.v_trans, self.pad = n_ctx, torch.device(device), dtype, v_trans, pad
+        self.n_alloc = -(-n_ctx // pad) * pad
+        (hk, dk), (hv, dv) = k_dims, v_dims
+        nbytes = n_layers * self.n_alloc * (hk * dk + hv * dv) * torch.finfo(dtype).bits // 8
+        vshape = (hv, dv, self.n_alloc) if v_trans else (hv, self.n_alloc, dv)
+        try:
+            self.k = [torch.zeros((hk, self.n_alloc, dk), dtype=dtype, device=self.device) for _ in range(n_layers)]
+            self.v = [torch.zeros(vshape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            raise ModelError(f"cannot allocate a KV cache of {n_ctx} positions ({nbytes:,} bytes): {e}") from e
+        self.nbytes = nbytes
         self.n_past = 0
 
-    def append(self, layer: int, k, v):
-        """Store this step's k/v at positions n_past..n_past+T; return all keys/values so far."""
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def append(self, layer: int, k, v) -> None:
+        """Store this step's k [T, Hkv, Dk] / v [T, Hkv, Dv] at positions n_past..n_past+T."""
         T = k.shape[0]
         end = self.n_past + T
         if end > self.n_ctx:
             raise ModelError(f"context of {end} tokens exceeds the KV cache's {self.n_ctx}")
-        if self.k[layer] is None:
-            self.k[layer] = torch.empty((self.n_ctx, *k.shape[1:]), dtype=self.dtype, device=self.device)
-            self.v[layer] = torch.empty((self.n_ctx, *v.shape[1:]), dtype=self.dtype, device=self.device)
-        self.k[layer][self.n_past:end] = k
-        self.v[layer][self.n_past:end] = v
-        return self.k[layer][:end], self.v[layer][:end]
+        self.k[layer][:, self.n_past:end] = k.transpose(0, 1)
+        if self.v_trans:
+            self.v[layer][:, :, self.n_past:end] = v.permute(1, 2, 0)
+        else:
+            self.v[layer][:, self.n_past:end] = v.transpose(0, 1)
 
 
-def attention(q, k, v, n_past: int, scale: float):
-    """Causal attention. q [T, H, Dk]; k [P, Hkv, Dk]; v [P, Hkv, Dv] -> [T, H*Dv]."""
-    T, H, _ = q.shape
-    P, Hkv, Dv = v.shape
-    rep = H // Hkv
-    k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-    v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-    scores = torch.einsum("thd,phd->htp", q, k) * scale                    # [H, T, P]
-    qpos = torch.arange(n_past, n_past + T, device=q.device)[:, None]
-    kpos = torch.arange(P, device=q.device)[None, :]
-    scores = scores.masked_fill(kpos > qpos, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("htp,phd->thd", probs, v).reshape(T, H * Dv)
+@dataclass
+class Step:
+    """What every layer of one forward step shares: positions, the attention mask, the cache, and
+    per-step tables a backend builds once (RoPE)."""
+    pos: torch.Tensor             # [T] absolute positions (long, on the device)
+    n_past: int
+    cache: KVCache
+    mask: object = None           # the backend's causal mask for this step
+    tables: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.pos.numel()
 
 
-def route(logits, cfg, bias=None):
+def route(logits, cfg, backend, bias=None):
     """Router logits [T, E] -> (ids [T, k] long, weights [T, k] float32), as llama.cpp's build_moe_ffn."""
-    probs = torch.sigmoid(logits) if cfg.gating == "sigmoid" else torch.softmax(logits, dim=-1)
+    probs = backend.sigmoid(logits) if cfg.gating == "sigmoid" else backend.softmax(logits)
     select = probs if bias is None else probs + bias
     if cfg.n_expert_groups > 1:
         T, E = select.shape
@@ -142,19 +154,14 @@ def route(logits, cfg, bias=None):
         keep = score.topk(cfg.n_group_used, dim=-1).indices
         mask = torch.full_like(score, float("-inf")).scatter(1, keep, 0.0)
         select = (groups + mask[..., None]).view(T, E)
-    ids = select.topk(cfg.n_experts_used, dim=-1).indices
-    w = probs.gather(1, ids)
-    if cfg.norm_topk:
-        w = w / w.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+    top = select.topk(cfg.n_experts_used, dim=-1)
+    ids = top.indices
+    w = top.values if select is probs else probs.gather(1, ids)           # weights from unbiased probs
+    if cfg.norm_topk:                                                    # ggml_sum_rows adds in double
+        w = w / w.double().sum(-1, keepdim=True).float().clamp(min=6.103515625e-5)
     if cfg.weights_scale not in (0.0, 1.0):
         w = w * cfg.weights_scale
     return ids, w
-
-
-def swiglu_ffn(W: Weights, x, prefix: str, suffix: str = ""):
-    """down(silu(gate x) * up x) over `{prefix}_gate{suffix}.weight` etc. (dense or shared expert)."""
-    g = W.linear(x, f"{prefix}_gate{suffix}")
-    return W.linear(silu(g) * W.linear(x, f"{prefix}_up{suffix}"), f"{prefix}_down{suffix}")
 
 
 def check_tokens(tokens, n_vocab: int):

@@ -1,17 +1,18 @@
 """The decoder skeleton every family shares: embed -> [attention -> FFN] x L -> logits.
 
-A family file subclasses Decoder and writes `attention(layer, h, pos, cache)` and `ffn(layer, h)`;
-the loop, residuals (with Granite's scales) and output head live here once.
+A family file subclasses Decoder and writes `attention(layer, h, step)` and, where it differs,
+`ffn(layer, h)`; the loop, residuals (with Granite's scales) and output head live here once.
+Every matrix product goes through the backend (`self.linear`), which computes on the weights in
+their GGUF encoding; the residual add and the next norm are one backend call (`add_rms_norm`).
 """
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 from ..errors import ModelError
 from ..numerics import OFF as NUMERICS_OFF
-from .common import KVCache, Rope, Weights, attention, check_tokens, rms_norm, route, swiglu_ffn
+from .common import KVCache, ResidentWeights, Step, check_tokens, rope_spec, route
 from .experts import MoEExperts
 
 
@@ -19,15 +20,16 @@ class Decoder:
     archs: tuple[str, ...] = ()
     numerics = NUMERICS_OFF     # issue 13: non-finite checks per block (numerics.py); the Engine attaches one
 
-    def __init__(self, model, experts: MoEExperts, device="cpu"):
-        self.model, self.cfg, self.experts = model, model.config, experts
-        self.device = torch.device(device)
-        self.W = Weights(model, self.device)
-        self.rope = Rope(self.cfg, self.device)
-        c = self.cfg
-        self.kq_scale = c.attention_scale or 1.0 / math.sqrt(c.head_dim_k)
-        self.residual_scale = c.residual_scale or 1.0
+    def __init__(self, model, experts: MoEExperts, backend):
+        self.model, self.cfg, self.experts, self.backend = model, model.config, experts, backend
+        self.device = backend.device
         self._check_tensors()
+        self.W = ResidentWeights(model, self.device)
+        self.rope = rope_spec(self.cfg)
+        c, f32 = self.cfg, np.float32
+        # scales in float32, as llama.cpp computes them
+        self.kq_scale = float(f32(c.attention_scale)) if c.attention_scale else float(f32(1.0) / np.sqrt(f32(c.head_dim_k)))
+        self.residual_scale = float(f32(c.residual_scale)) if c.residual_scale else 1.0
 
     def _check_tensors(self) -> None:
         for name in ("token_embd.weight", "output_norm.weight"):
@@ -35,11 +37,19 @@ class Decoder:
         for layer in range(self.cfg.n_layers):
             self.model.tensor_ref(f"blk.{layer}.attn_norm.weight")
 
+    # ---- KV cache ----------------------------------------------------------------------------
+    @classmethod
+    def cache_dims(cls, model) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(Hkv, Dk), (Hkv, Dv) of one position of one layer's KV cache."""
+        c = model.config
+        return (c.n_head_kv, c.head_dim_k), (c.n_head_kv, c.head_dim_v)
+
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.cfg.n_layers, n_ctx, self.device)
+        v_trans, pad = self.backend.kv_layout
+        return KVCache(self.cfg.n_layers, n_ctx, *self.cache_dims(self.model), self.device, v_trans=v_trans, pad=pad)
 
     # ---- the pieces a family writes ------------------------------------------------------
-    def attention(self, layer: int, h, pos, cache: KVCache):
+    def attention(self, layer: int, h, step: Step):
         raise NotImplementedError
 
     def ffn(self, layer: int, h):
@@ -49,38 +59,53 @@ class Decoder:
         return out if shared is None else out + shared
 
     # ---- shared pieces -------------------------------------------------------------------
+    def linear(self, x, name: str, bias: bool = False):
+        """x [T, in] @ W[out, in]^T (+ b) for the resident matrix `name`.weight."""
+        y = self.backend.linear(x, self.W.mat(name + ".weight"))
+        if bias:
+            b = self.W.vec(name + ".bias", optional=True)
+            if b is not None:
+                y = y + b
+        return y
+
+    def swiglu_ffn(self, h, prefix: str, suffix: str = ""):
+        """down(silu(gate h) * up h) over `{prefix}_gate{suffix}.weight` etc. (dense or shared expert)."""
+        W = self.W
+        return self.backend.ffn(h, W.mat(f"{prefix}_gate{suffix}.weight"), W.mat(f"{prefix}_up{suffix}.weight"),
+                                W.mat(f"{prefix}_down{suffix}.weight"))
+
     def qkv(self, layer: int, h):
         """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] from attn_q/k/v (with biases if present)."""
         c, p, T = self.cfg, f"blk.{layer}.", h.shape[0]
-        q = self.W.linear(h, p + "attn_q", bias=True).view(T, c.n_head, c.head_dim_k)
-        k = self.W.linear(h, p + "attn_k", bias=True).view(T, c.n_head_kv, c.head_dim_k)
-        v = self.W.linear(h, p + "attn_v", bias=True).view(T, c.n_head_kv, c.head_dim_v)
+        q = self.linear(h, p + "attn_q", bias=True).view(T, c.n_head, c.head_dim_k)
+        k = self.linear(h, p + "attn_k", bias=True).view(T, c.n_head_kv, c.head_dim_k)
+        v = self.linear(h, p + "attn_v", bias=True).view(T, c.n_head_kv, c.head_dim_v)
         return q, k, v
 
-    def standard_attention(self, layer: int, q, k, v, pos, cache: KVCache):
+    def standard_attention(self, layer: int, q, k, v, step: Step):
         """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] before RoPE -> attn_output projection [T, d]."""
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        K, V = cache.append(layer, k, v)
-        a = attention(q, K, V, cache.n_past, self.kq_scale)
-        return self.W.linear(a, f"blk.{layer}.attn_output")
+        be = self.backend
+        q, k = be.rope(q, self.rope, step), be.rope(k, self.rope, step)
+        step.cache.append(layer, k, v)
+        a = be.attention(q, step.cache, layer, step, self.kq_scale)
+        return self.linear(a, f"blk.{layer}.attn_output")
 
     def routed_experts(self, layer: int, h):
         """Router -> top-k -> the expert seam. h [T, d] -> [T, d]."""
         p = f"blk.{layer}."
-        logits = self.W.linear(h, p + "ffn_gate_inp")                     # [T, E]
+        logits = self.linear(h, p + "ffn_gate_inp")                       # [T, E]
         self.numerics.check(logits, layer, "router")                       # issue 13
-        ids, w = route(logits, self.cfg, self.W(p + "exp_probs_b.bias", optional=True))
+        ids, w = route(logits, self.cfg, self.backend, self.W.vec(p + "exp_probs_b.bias", optional=True))
         return self.experts(layer, h, ids, w, logits)
 
     def shared_expert(self, layer: int, h):
         """Shared expert (no gate unless the file has ffn_gate_inp_shexp, as Qwen2-MoE)."""
         p = f"blk.{layer}.ffn"
-        if not self.model.has_tensor(p + "_up_shexp.weight"):
+        if not self.W.has(p + "_up_shexp.weight"):
             return None
-        out = swiglu_ffn(self.W, h, p, suffix="_shexp")
-        gate = self.W(p + "_gate_inp_shexp.weight", optional=True)
-        if gate is not None:
-            out = out * torch.sigmoid(h @ gate.reshape(-1, 1))               # [T, 1]
+        out = self.swiglu_ffn(h, p, suffix="_shexp")
+        if self.W.has(p + "_gate_inp_shexp.weight"):                     # a [1, d] row: one gate per token
+            out = out * self.backend.sigmoid(self.linear(h, p + "_gate_inp_shexp"))
         self.numerics.check(out, layer, "shared expert")                   # issue 13
         return out
 
@@ -88,31 +113,33 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, tokens, cache: KVCache):
         """tokens [T] appended after cache.n_past -> logits [T, n_vocab] (float32)."""
-        c = self.cfg
-        tokens = check_tokens(tokens, c.n_vocab).to(self.device)
+        c, be, W = self.cfg, self.backend, self.W
+        tokens = check_tokens(tokens, c.n_vocab)
         T = tokens.numel()
         if cache.n_past + T > cache.n_ctx:
             raise ModelError(f"sequence of {cache.n_past + T} tokens is longer than the context ({cache.n_ctx})")
         pos = torch.arange(cache.n_past, cache.n_past + T, device=self.device)
+        step = Step(pos, cache.n_past, cache, be.causal_mask(cache.n_past, T))
+        be.prepare(step, self.rope)
         self.experts.begin_step(list(range(cache.n_past, cache.n_past + T)))
-        x = self.W("token_embd.weight")[tokens]                                # [T, d]
+        x = be.embed(tokens.to(self.device), W.mat("token_embd.weight"))          # [T, d]
         if c.embedding_scale:
-            x = x * c.embedding_scale
+            x = x * float(np.float32(c.embedding_scale))
         self.numerics.check(x, None, "the token embedding")                # issue 13: numerics checks
+        h = be.rms_norm(x, W.vec("blk.0.attn_norm.weight"), c.rms_eps)
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
-            h = rms_norm(x, self.W(p + "attn_norm.weight"), c.rms_eps)
-            x = x + self.attention(layer, h, pos, cache) * self.residual_scale
+            x, h = be.add_rms_norm(x, self.attention(layer, h, step), W.vec(p + "ffn_norm.weight"), c.rms_eps,
+                                   self.residual_scale)
             self.numerics.check(x, layer, "attention")
-            h = rms_norm(x, self.W(p + "ffn_norm.weight"), c.rms_eps)
             self.numerics.check(h, layer, "the feed-forward norm")
-            x = x + self.ffn(layer, h) * self.residual_scale
+            nxt = f"blk.{layer + 1}.attn_norm.weight" if layer + 1 < c.n_layers else "output_norm.weight"
+            x, h = be.add_rms_norm(x, self.ffn(layer, h), W.vec(nxt), c.rms_eps, self.residual_scale)
             self.numerics.check(x, layer, "feed-forward")
         cache.n_past += T
-        x = rms_norm(x, self.W("output_norm.weight"), c.rms_eps)
-        head = self.W("output.weight", optional=True)
-        logits = x @ (head if head is not None else self.W("token_embd.weight")).T
+        head = W.mat("output.weight", optional=True) or W.mat("token_embd.weight")
+        logits = be.linear(h, head)
         if c.logit_scale:
-            logits = logits / c.logit_scale
+            logits = logits * float(np.float32(1.0) / np.float32(c.logit_scale))    # ggml_scale(1/s)
         self.numerics.logits(logits)                                       # issue 13: always on
         return logits

@@ -12,5 +12,5 @@ from .decoder import Decoder
 class Mixtral(Decoder):
     archs = ("llama", "granitemoe")
 
-    def attention(self, layer, h, pos, cache):
-        return self.standard_attention(layer, *self.qkv(layer, h), pos, cache)
+    def attention(self, layer, h, step):
+        return self.standard_attention(layer, *self.qkv(layer, h), step)

@@ -3,18 +3,17 @@ and `qwen3moe` (no biases; RMS norm of each q and k head before RoPE; head dim =
 Both rotate with NEOX RoPE (halves). Qwen3-MoE renormalizes top-k weights (config.norm_topk)."""
 from __future__ import annotations
 
-from .common import rms_norm
 from .decoder import Decoder
 
 
 class QwenMoE(Decoder):
     archs = ("qwen2moe", "qwen3moe")
 
-    def attention(self, layer, h, pos, cache):
+    def attention(self, layer, h, step):
         c, p = self.cfg, f"blk.{layer}."
         q, k, v = self.qkv(layer, h)
-        q_norm = self.W(p + "attn_q_norm.weight", optional=True)            # [Dk], per head (qwen3moe)
+        q_norm = self.W.vec(p + "attn_q_norm.weight", optional=True)        # [Dk], per head (qwen3moe)
         if q_norm is not None:
-            q = rms_norm(q, q_norm, c.rms_eps)
-            k = rms_norm(k, self.W(p + "attn_k_norm.weight"), c.rms_eps)
-        return self.standard_attention(layer, q, k, v, pos, cache)
+            q = self.backend.rms_norm(q, q_norm, c.rms_eps)
+            k = self.backend.rms_norm(k, self.W.vec(p + "attn_k_norm.weight"), c.rms_eps)
+        return self.standard_attention(layer, q, k, v, step)

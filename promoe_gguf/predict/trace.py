@@ -177,7 +177,7 @@ def trace_prompts(engine, prompts: list[dict], out_dir, n_decode: int = 32, temp
     `engine` and record its routing under `out_dir`. Deterministic for a given model and prompts."""
     from tqdm import tqdm
     n_ctx = engine.n_ctx
-    limit = n_ctx - n_decode if max_prompt_tokens is None else min(max_prompt_tokens, n_ctx - n_decode)
+    limit = n_ctx - n_decode - 1 if max_prompt_tokens is None else min(max_prompt_tokens, n_ctx - n_decode - 1)
     if limit < 1:
         raise ModelError(f"--decode {n_decode} leaves no room for a prompt in a context of {n_ctx} tokens")
     encoded = []
@@ -197,7 +197,8 @@ def trace_prompts(engine, prompts: list[dict], out_dir, n_decode: int = 32, temp
                 w.start_sequence(i, p.get("split"), tokens, len(ids), trunc)
                 before = engine.timing.prefill_tokens + engine.timing.decode_tokens
                 if n_decode > 0:
-                    for tok in engine.generate(ids, max_tokens=n_decode, temperature=temperature, seed=seed + i):
+                    # n_decode + 1 tokens: each of the first n_decode goes back through the model (a traced step)
+                    for tok in engine.generate(ids, max_tokens=n_decode + 1, temperature=temperature, seed=seed + i):
                         tokens.append(tok)
                 else:
                     engine.logits(ids)

@@ -7,16 +7,20 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
+from ..backends import ExpertStack, StackedMatrix
 from ..errors import ModelError
 from ..model.experts import ExpertSource
 from ..predict import make_predictor
 from .cache import READY, ExpertCache, StaticPolicy, make_policy, slots_for_budget
+from .cost import CostModel, measure
+from .cpu_pool import CpuExpertPool
 from .host_store import HostStore
 from .link import Link, parse_link
 from .prefetcher import Prefetcher
-from .source import CachedExpertSource
+from .source import CPU_EXPERTS, CachedExpertSource
 from .stats import Stats
 from .transfer import HIGH, TransferEngine
 
@@ -25,15 +29,20 @@ log = logging.getLogger("promoe.runtime")
 
 def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", predictor="none", link=None,
                 lookahead: int = 1, profile=None, routes=None, progress: bool = False,
-                wait_timeout: float = 60.0, fault=None) -> ExpertSource:
+                wait_timeout: float = 60.0, fault=None, cpu_experts: str = "auto", cpu_threads: int = 1,
+                cpu_fault=None) -> ExpertSource:
     """Every expert resident when no budget is given; else the cache runtime.
 
+    cpu_experts: "auto" (the cost model sends misses to the CPU pool when that is faster than a
+    copy), "all" (every miss on the CPU), "off" (misses are copied: the ProMoE runtime).
     profile: {(layer, expert): uses} for the static policy; routes: a recorded routing for the
-    oracle predictor; fault: tests only, called in the copy thread before each chunk.
+    oracle predictor; fault / cpu_fault: tests only, called in the copy thread / CPU worker.
     """
+    if cpu_experts not in CPU_EXPERTS:
+        raise ModelError(f"cpu_experts {cpu_experts!r}: one of {', '.join(CPU_EXPERTS)}")
     if cache_rate is None and cache_mem is None:
         if predictor not in (None, "none") or policy != "lru" or link:
-            raise ModelError("policy, predictor and link apply to the expert cache: give --cache-rate or --cache-mem")
+            log.info("every expert is resident: policy, predictor and link are not used")
         return ExpertSource(model, device)
     device = torch.device(device)
     cfg = model.config
@@ -47,7 +56,15 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0), spec.get("jitter", 0.0)),
                               stats, fault=fault)
     prefetcher = Prefetcher(pred, transfer, cache, stats, cfg.n_layers, cfg.n_experts_used) if pred else None
-    source = CachedExpertSource(model, device, store, cache, transfer, stats, prefetcher, wait_timeout)
+    pool = None
+    if cpu_experts != "off":
+        try:
+            pool = CpuExpertPool(cpu_threads, fault=cpu_fault)
+        except ModelError as e:              # no llama.cpp / ggml on this machine: misses are copied
+            log.warning("CPU experts are off: %s", e)
+            cpu_experts = "off"
+    source = CachedExpertSource(model, device, store, cache, transfer, stats, prefetcher, wait_timeout,
+                                cpu_pool=pool, cpu_experts=cpu_experts)
     source.link_ratio = spec.get("ratio")
     if isinstance(cache.policy, StaticPolicy):
         _preload_hot(source, cache.policy.hot_set(store.keys, n_slots), wait_timeout)
@@ -95,12 +112,44 @@ def calibrate_link_ratio(source: CachedExpertSource, decoder, experts, ratio: fl
 
 
 def attach(source, decoder, experts) -> None:
-    """Called by the Engine once the decoder exists (link calibration needs the forward pass)."""
+    """Called by the Engine once the decoder exists: link calibration needs the forward pass, and the
+    cost model the calibrated link and the device backend."""
     ratio = getattr(source, "link_ratio", None)
     if ratio:
         if source.device.type != "cpu":
             raise ModelError("link=ratio=R is a CPU emulation; on a GPU the real link is used")
         calibrate_link_ratio(source, decoder, experts, ratio)
+    if getattr(source, "cpu_pool", None) is not None:
+        source.cost = measure_costs(source, decoder.backend)
+        log.info("cost model: %s", source.cost.describe())
+
+
+def measure_costs(source: CachedExpertSource, backend) -> CostModel:
+    """Probe the CPU pool, the device and (on CUDA) the real link on one expert per signature."""
+    store, link = source.store, source.transfer.link
+    if source.device.type == "cpu":       # emulation: the "device" runs the same ggml kernels as the pool
+        cost = measure(store, source.cpu_pool, link)
+        cost.device_s = dict(cost.cpu_s)
+        return cost
+    tmp = torch.empty(store.slot_bytes, dtype=torch.uint8, device=source.device)
+    timing = {}
+
+    def on_device(key, x):
+        region = store.region(key)
+        t0 = time.perf_counter()
+        tmp[:region.numel()].copy_(region, non_blocking=True)
+        torch.cuda.synchronize(source.device)
+        timing.setdefault("copy", []).append((region.numel(), time.perf_counter() - t0))
+        mats = [m for m, _ in store.layout[key]]
+        offs = [off for _, off in store.layout[key]]
+        one = ExpertStack(*(StackedMatrix(m.qtype, m.shape[0], m.shape[1], tmp.data_ptr() + o, store.slot_bytes, 1)
+                            for m, o in zip(mats, offs)), owners=(tmp, tmp, tmp))
+        backend.moe_rows(x.to(source.device), one, np.zeros(x.shape[0], dtype=np.int64))
+        torch.cuda.synchronize(source.device)
+    cost = measure(store, source.cpu_pool, link, on_device)
+    nbytes, secs = sum(n for n, _ in timing["copy"]), sum(t for _, t in timing["copy"])
+    cost.link_bps = nbytes / secs                      # pinned host-to-device, as the copy thread sees it
+    return cost
 
 
 __all__ = ["make_source", "attach", "HostStore", "ExpertCache", "TransferEngine", "Prefetcher", "Link",

@@ -17,6 +17,8 @@ import torch
 from ..errors import ModelError
 
 EMPTY, LOADING, READY = "empty", "loading", "ready"
+USE_DECAY = 0.9            # per step: a use 10 tokens ago counts about a third of a use now
+PREDICTED_BONUS = 1.0      # a fresh prediction counts as one use
 
 
 @dataclass
@@ -43,34 +45,59 @@ class Policy:
     partitioned = True
     reactive = True                  # load on miss, in plain order (mixtral-offloading's baseline)
 
+    def rank(self, cache: "ExpertCache", slot: Slot):
+        """Lower goes first."""
+        return slot.last_use
+
+    def worth(self, cache: "ExpertCache", key, victim: Slot) -> bool:
+        """May a guess for `key` displace `victim`? (LRU: any victim it may touch at all.)"""
+        return True
+
     def victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
+        slot = self._victim(cache, protected, layer, speculative)
+        if slot is not None and speculative and slot.key is not None and not self.worth(cache, cache.admitting, slot):
+            return None
+        return slot
+
+    def _victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
+        rank = lambda s: self.rank(cache, s)  # noqa: E731
         free = [s for s in cache.slots if not (s.state == LOADING or s.pins or s.permanent
                                                 or (s.key is not None and s.key in protected))]
         if speculative:   # a guess never displaces an expert already used in this step
             free = [s for s in free if s.state == EMPTY or s.last_use <= cache.step_tick]
         empty = next((s for s in free if s.state == EMPTY), None)
         if not self.partitioned:
-            return empty or min(free, key=lambda s: s.last_use, default=None)
+            return empty or min(free, key=rank, default=None)
         count = cache.layer_count
         if count.get(layer, 0) < cache.layer_quota:
             if empty is not None:
                 return empty
             over = [s for s in free if count.get(s.key[0], 0) > cache.layer_quota]
             if over:
-                return min(over, key=lambda s: s.last_use)
+                return min(over, key=rank)
         own = [s for s in free if s.key is not None and s.key[0] == layer]
         if own:
-            return min(own, key=lambda s: s.last_use)
+            return min(own, key=rank)
         if speculative:
             return None
-        return empty or min(free, key=lambda s: s.last_use, default=None)
+        return empty or min(free, key=rank, default=None)
 
 
 class PromoePolicy(Policy):
-    """Prefetch-aware LRU: prefetches count as uses; the next layer's predicted experts are kept."""
+    """Keeps the most valuable experts: value = uses decayed per token (so frequency and recency) +
+    a bonus while the predictor expects it in the next layers or the next token. The victim is the
+    lowest-valued evictable expert, and a prefetch only displaces an expert worth less than the one it
+    brings; the next layer's predicted experts are protected from other guesses. Early preemption
+    and reordered execution (not reactive)."""
     name = "promoe"
-    prefetch_touches = True
-    reactive = False                 # early preemption + reordered execution
+    prefetch_touches = False         # a guess is valued by its prediction bonus, not as a use
+    reactive = False
+
+    def rank(self, cache, slot):
+        return (cache.value(slot.key), slot.last_use)
+
+    def worth(self, cache, key, victim):
+        return cache.value(key) > cache.value(victim.key)
 
 
 class StaticPolicy(Policy):
@@ -130,6 +157,11 @@ class ExpertCache:
         self.tick = 0
         self.step_tick = 0              # cache.tick when the current forward step began
         self.needed: set = set()        # experts the current layer still has to compute
+        self.uses: dict = {}            # key -> (decayed use count, at step): the promoe policy's value
+        self.predicted: dict = {}       # key -> step up to which the predictor expects it
+        self.step = 0                   # forward steps so far (tokens in decode)
+        self.admitting = None           # key a speculative allocation is for (the policy weighs it)
+        self.hold_needed = False        # a fused step waits for all of `needed` at once: none may go
         self.protected: set = set()     # promoe: experts the next layer is predicted to need
 
     @property
@@ -139,6 +171,20 @@ class ExpertCache:
     def begin_step(self) -> None:
         """(cv held) A forward step starts: remember the use clock, for speculative eviction."""
         self.step_tick = self.tick
+        self.step += 1
+
+    def record_use(self, key) -> None:
+        """(cv held) `key` was needed in this step, wherever it ran."""
+        v, at = self.uses.get(key, (0.0, self.step))
+        self.uses[key] = (v * USE_DECAY ** (self.step - at) + 1.0, self.step)
+
+    def value(self, key) -> float:
+        """(cv held) Decayed uses, plus PREDICTED_BONUS while a prediction for it is fresh."""
+        if key is None:
+            return -1.0
+        v, at = self.uses.get(key, (0.0, self.step))
+        bonus = PREDICTED_BONUS if self.predicted.get(key, -1) >= self.step else 0.0
+        return v * USE_DECAY ** (self.step - at) + bonus
 
     def touch(self, slot: Slot) -> None:
         self.tick += 1
@@ -151,9 +197,10 @@ class ExpertCache:
         predictions only: a precise request must always be able to make room."""
         # a reactive baseline computes in plain order, so it may evict an expert its layer still
         # needs (LRU thrashing in prefill, as in the systems it stands for); promoe never does
-        guard = set() if self.policy.reactive and not speculative else self.needed
+        guard = set() if self.policy.reactive and not speculative and not self.hold_needed else self.needed
         if speculative and isinstance(self.policy, PromoePolicy):
             guard = guard | self.protected
+        self.admitting = key
         slot = self.policy.victim(self, guard, key[0], speculative)
         if slot is None:
             return None

@@ -1,60 +1,105 @@
 """HostStore: every routed expert's quantized bytes in host memory (pinned when a GPU is used).
 
-One row per expert, one contiguous region per row (gate, up, down, each aligned to MATRIX_ALIGN):
-an expert is one DMA, a matrix is one copy chunk. The same layout is used for the device cache's
-slots, so a chunk lands at the same offset in its slot.
+Experts are packed one after another, each region aligned to REGION_ALIGN and taking its own size
+(gate, up, down inside it, each aligned to MATRIX_ALIGN): an expert is one DMA, a matrix is one
+copy chunk. A device cache slot uses the same in-region layout (slot_bytes = the largest region),
+so a chunk lands at the same offset in its slot.
+
+Pinning registers the store's own memory with CUDA (cudaHostRegister) instead of asking torch's
+pinned allocator, which rounds every block up to a power of two (29 GB of Mixtral experts would
+pin 32 GiB).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from ..backends import matrix_at
 from ..format.converter import MATRIX_ALIGN
 
 log = logging.getLogger("promoe.runtime")
+REGION_ALIGN = 4096
 
 
 def _align(n: int, a: int = MATRIX_ALIGN) -> int:
     return -(-n // a) * a
 
 
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where every expert goes, computed from the model's index alone (no bytes read)."""
+    keys: list                      # (layer, expert), in store order
+    matrices: dict                  # key -> [(MatrixSlice, offset in region)]
+    region: dict                    # key -> (offset in the store, region bytes)
+    total_bytes: int                # the store's size
+    slot_bytes: int                 # a cache slot: the largest region
+
+    @classmethod
+    def of(cls, model) -> "StoreLayout":
+        keys = model.expert_keys
+        matrices, region, pos = {}, {}, 0
+        for key in keys:
+            off, mats = 0, []
+            for m in model.expert_matrices(*key):
+                off = _align(off)
+                mats.append((m, off))
+                off += m.nbytes
+            matrices[key] = mats
+            region[key] = (pos, off)
+            pos = _align(pos + off, REGION_ALIGN)
+        slot = _align(max(n for _, n in region.values()))
+        return cls(keys, matrices, region, pos, slot)
+
+
 class HostStore:
     def __init__(self, model, pin: bool = False, progress: bool = False):
         self.model = model
-        self.keys = model.expert_keys
-        self.row = {key: i for i, key in enumerate(self.keys)}
-        self.layout = {}                                   # key -> [(MatrixSlice, offset in region)]
-        for key in self.keys:
-            pos, mats = 0, []
-            for m in model.expert_matrices(*key):
-                pos = _align(pos)
-                mats.append((m, pos))
-                pos += m.nbytes
-            self.layout[key] = mats
-        self.slot_bytes = _align(max(off + m.nbytes for mats in self.layout.values() for m, off in mats))
+        lay = StoreLayout.of(model)
+        self.keys, self.layout, self.slot_bytes = lay.keys, lay.matrices, lay.slot_bytes
+        self._region = lay.region
         self.expert_bytes = {key: sum(m.nbytes for m, _ in mats) for key, mats in self.layout.items()}
-        self.pinned = False
-        shape = (len(self.keys), self.slot_bytes)
-        if pin:
-            try:
-                self.buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-                self.pinned = True
-            except RuntimeError as e:
-                log.warning("could not pin %.1f MiB of host memory (%s); using pageable memory, "
-                            "host-to-device copies will be slower", shape[0] * shape[1] / 2**20, e)
-        if not self.pinned:
-            self.buf = torch.empty(shape, dtype=torch.uint8)
+        self.buf = torch.empty(lay.total_bytes, dtype=torch.uint8)
         view = self.buf.numpy()
         for key in tqdm(self.keys, desc="loading experts", unit="expert", disable=not progress):
-            r = self.row[key]
+            base = self._region[key][0]
             for m, off in self.layout[key]:
-                view[r, off:off + m.nbytes] = model.matrix_bytes(key[0], key[1], m.matrix)
+                view[base + off:base + off + m.nbytes] = model.matrix_bytes(key[0], key[1], m.matrix)
+        self.pinned = pin and self._register()
+
+    def _register(self) -> bool:
+        """Page-lock the store in place; pageable memory (with a warning) if CUDA refuses."""
+        try:
+            rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
+            err = int(rc.value if hasattr(rc, "value") else rc)
+        except (RuntimeError, AttributeError) as e:
+            err, rc = -1, e
+        if err != 0:
+            log.warning("could not pin %.1f MiB of host memory (%s); using pageable memory, host-to-device "
+                        "copies will be slower", self.buf.numel() / 2**20, rc)
+            return False
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel()
 
     def chunks(self, key) -> list[tuple[int, int]]:
         """(offset, nbytes) of each copy chunk (one per matrix) of an expert's region."""
         return [(off, m.nbytes) for m, off in self.layout[key]]
 
-    def region(self, key):
-        return self.buf[self.row[key]]
+    def region(self, key) -> torch.Tensor:
+        start, n = self._region[key]
+        return self.buf[start:start + n]
+
+    def matrices(self, key):
+        """(gate, up, down) of an expert as QMatrix views of the store (the CPU computes from these)."""
+        start = self._region[key][0]
+        return tuple(matrix_at(self.buf, start + off, m.matrix, m.qtype, m.shape) for m, off in self.layout[key])
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.pinned = False

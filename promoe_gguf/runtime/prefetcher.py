@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 
+import numpy as np
 import torch
 
 from .transfer import LOW
@@ -32,15 +33,30 @@ class Prefetcher:
         self.thread.start()
 
     # ---- compute thread side ------------------------------------------------------------------
+    def reset(self) -> None:
+        """A new, independent sequence starts: the predictor forgets the last one (on its thread)."""
+        self._put(("reset",))
+
     def begin_step(self, positions) -> None:
         self.step += 1
         self.progress = (self.step, -1)
         self._put(("step", self.step, positions))
 
     def layer(self, layer: int, x, ids) -> None:
+        """x [T, d] the router input (on the device), ids [T, k] the routing (numpy, on the host).
+        On CUDA the copy of x is enqueued without waiting; the predictor thread waits for it."""
         self.progress = (self.step, layer)
-        if self.enabled:
-            self._put(("layer", self.step, layer, x.detach().to("cpu", copy=True), ids.detach().cpu()))
+        if not self.enabled:
+            return
+        ids_t = torch.from_numpy(np.array(ids, copy=True))
+        if x.device.type == "cuda":
+            host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            host.copy_(x, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            self._put(("layer", self.step, layer, host, ids_t, ready))
+        else:
+            self._put(("layer", self.step, layer, x.detach().clone(), ids_t, None))
 
     def _put(self, item) -> None:
         if self.q.qsize() > MAX_BACKLOG:    # the predictor is far behind: its guesses would be stale
@@ -60,7 +76,9 @@ class Prefetcher:
             if not self.enabled:
                 continue
             try:
-                if item[0] == "step":
+                if item[0] == "reset":
+                    self.predictor.reset()
+                elif item[0] == "step":
                     self.predictor.begin_step(item[2])
                 else:
                     self._layer(*item[1:])
@@ -70,14 +88,16 @@ class Prefetcher:
                 log.warning("predictor %s failed (%s: %s); prefetching is off, experts load on demand",
                             getattr(self.predictor, "name", "?"), type(e).__name__, e)
 
-    def _layer(self, step: int, layer: int, x, ids) -> None:
+    def _layer(self, step: int, layer: int, x, ids, ready) -> None:
+        if ready is not None:
+            ready.synchronize()               # this thread waits for the copy of x, not the compute thread
         t0 = time.perf_counter()
         scores = self.predictor.predict(layer, x)
         self.predictor.observe(layer, x, ids)
         self.stats.predictor_calls += 1
         self.stats.predictor_s += time.perf_counter() - t0
         cur_step, cur_layer = self.progress
-        protect = set()
+        protect, expected = set(), {}
         for target, s in sorted(scores.items()):
             t_step, t_layer = step + target // self.n_layers, target % self.n_layers
             if (t_step, t_layer) <= (cur_step, cur_layer):
@@ -85,10 +105,13 @@ class Prefetcher:
             experts = self._pick(s)
             if target == layer + 1:
                 protect.update((t_layer, e) for e in experts)
-            for e in experts:
-                self.transfer.request((t_layer, e), LOW)
+            expected.update(((t_layer, e), t_step) for e in experts)
         with self.cache.cv:
             self.cache.protected = protect
+            for key, t_step in expected.items():      # valued by the cache until that step has run
+                self.cache.predicted[key] = max(t_step, self.cache.predicted.get(key, 0))
+        for key in expected:
+            self.transfer.request(key, LOW)
 
     def _pick(self, scores: torch.Tensor) -> list[int]:
         """Experts to fetch from scores [T, E]: each token's top-k, most-voted first."""

@@ -1,61 +1,219 @@
 """CachedExpertSource: the runtime behind the expert seam.
 
-Per MoE layer (compute thread):
-  order()  counts hits/misses, drops this layer's pending guesses, hands the router input to the
-           prefetcher, then yields the experts to compute. promoe: early preemption (every miss of
-           the layer queued as a precise copy at once) and reordered execution (resident first, then
-           partly copied, most chunks first). lru/static (the reactive baselines): plain order, each
-           miss requested only when compute reaches it.
-  matrix() waits (bounded) only until the chunk it needs has landed; that wait is stall time.
-  done()   unpins the slot (on CUDA after recording an event the next copy into it waits for).
+Per MoE layer (compute thread), with the routing ids already on the host:
+  _admit()   counts hits/misses, drops this layer's pending guesses, hands the router input to the
+             prefetcher. promoe: early preemption (every miss queued as a precise copy at once).
+             lru/static (the reactive baselines): each miss requested only when compute reaches it.
+  acquire()  fused path (few tokens): with CPU experts on, the cost model first sends misses that the
+             CPU finishes sooner than a copy would land to the CPU pool (their hidden rows go to the
+             host, their outputs come back); waits (bounded) until every other chosen expert is in a
+             slot, pins them, returns the arena as an ExpertStack, each (token, slot)'s slot index
+             (-1: on the CPU) and the CPU jobs. cpu_result() collects a job, or copies and computes
+             on the device if the CPU failed.
+  order()    per-expert path (prefill): promoe yields resident experts first, then the most copied
+             (reordered execution); the baselines yield plain order. matrices() waits for one expert.
+  release() / done()  unpin (on CUDA after recording an event the next copy into the slot waits for).
+Waits on copies are stall time.
 """
 from __future__ import annotations
 
 import logging
 import time
 
+import numpy as np
 import torch
 
+from ..backends import ExpertStack, StackedMatrix, matrix_at
+from ..format.expert_index import MATRICES
 from ..model.experts import ExpertSource
 from .cache import READY
-from .transfer import HIGH
+from .transfer import HIGH, LOW
 
 log = logging.getLogger("promoe.runtime")
 
 
+CPU_EXPERTS = ("auto", "off", "all")
+CPU_MARGIN = 1.25       # the CPU path also moves rows and hands off to a thread: it must win clearly
+
+
 class CachedExpertSource(ExpertSource):
-    def __init__(self, model, device, store, cache, transfer, stats, prefetcher=None, wait_timeout: float = 60.0):
-        super().__init__(model, device)
+    def __init__(self, model, device, store, cache, transfer, stats, prefetcher=None, wait_timeout: float = 60.0,
+                 cpu_pool=None, cpu_experts: str = "off", cost=None):
+        self.model, self.device = model, torch.device(device)
         self.store, self.cache, self.transfer, self.counters = store, cache, transfer, stats
         self.prefetcher, self.wait_timeout = prefetcher, wait_timeout
+        self.cpu_pool, self.cpu_experts, self.cost = cpu_pool, cpu_experts, cost
         self._degraded = False
+        self._pinned: list = []
+        self._step_t0 = None
+        self._step_tokens = 0
+        self.stacks = {layer: self._arena_stack(layer) for layer in model.config.moe_layers}
+        self.nbytes = cache.capacity_bytes
+
+    def _arena_stack(self, layer: int) -> ExpertStack:
+        """Layer `layer`'s experts as the fused call sees them: slot i at arena + i * slot_bytes."""
+        arena = self.cache.arena
+        mats = self.store.layout[(layer, 0)]
+        sm = [StackedMatrix(m.qtype, m.shape[0], m.shape[1], arena.data_ptr() + off, arena.shape[1], arena.shape[0])
+              for m, off in mats]
+        return ExpertStack(*sm, owners=(arena, arena, arena))
 
     def begin_step(self, positions):
+        now = time.perf_counter()
+        if self._step_t0 is not None and self._step_tokens == 1:      # the last step was a decode step
+            self.counters.decode_steps += 1
+            self.counters.decode_s += now - self._step_t0
+        self._step_t0, self._step_tokens = now, len(positions)
         with self.cache.cv:
             self.cache.begin_step()
         if self.prefetcher is not None:
             self.prefetcher.begin_step(positions)
 
-    def order(self, layer, x, ids):
-        needed = [(layer, e) for e in torch.unique(ids).tolist()]
-        cv = self.cache.cv
-        with cv:
+    def reset_sequence(self) -> None:
+        """An independent sequence starts: the predictor forgets the last one's state."""
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
+        self._step_t0 = None
+
+    def _admit(self, layer: int, x, ids: np.ndarray, on_cpu=lambda needed, ids: set()) -> tuple[list, set]:
+        needed = [(layer, int(e)) for e in np.unique(ids)]
+        with self.cache.cv:
             self.cache.needed = set(needed)
             for key in needed:
                 slot = self.cache.where.get(key)
                 self.counters.add(layer, "hits" if slot is not None and slot.state == READY else "misses")
+                self.cache.record_use(key)
         self.transfer.drop_speculative(layer)
-        reactive = self.cache.policy.reactive
-        if not reactive:                      # early preemption: all of the layer's misses queued now
+        cpu = on_cpu(needed, ids)
+        if not self.cache.policy.reactive:           # early preemption: all of the layer's copies queued now
             for key in needed:
-                self.transfer.request(key, HIGH)
+                if key not in cpu:
+                    self.transfer.request(key, HIGH)
         if self.prefetcher is not None:
             self.prefetcher.layer(layer, x, ids)
-        if reactive:                          # baseline: plain order, each miss loaded when reached
+        return needed, cpu
+
+    # ---- fused path ----------------------------------------------------------------------------
+    def acquire(self, layer, x, ids):
+        """None (take the per-expert path) when the step needs more experts than one token's top-k:
+        pinned together they might not fit the layer's share of a small cache."""
+        if len(np.unique(ids)) > self.model.config.n_experts_used and len(self.cache.slots) < len(self.store.keys):
+            return None
+        needed, cpu = self._admit(layer, x, ids, self._place)
+        with self.cache.cv:
+            self.cache.hold_needed = True             # co-resident for one launch: no needed expert evicts another
+        jobs = {key[1]: self._submit(key, x, ids) for key in cpu}
+        device = [key for key in needed if key not in cpu]
+        slot_of = {e: -1 for e in jobs}
+        for key in device:                            # every copy queued before the first wait
+            self.transfer.request(key, HIGH)
+        try:
+            for key in device:
+                slot = self._wait(key)
+                self._pinned.append(key)
+                slot_of[key[1]] = slot.index
+        except BaseException:
+            self.release(layer)
+            raise
+        index = np.vectorize(slot_of.__getitem__, otypes=[np.int64])(ids)
+        return self.stacks[layer], index, jobs
+
+    def release(self, layer):
+        for key in self._pinned:
+            self._unpin(key)
+        self._pinned = []
+        self.end_layer(layer)
+
+    # ---- CPU experts ---------------------------------------------------------------------------
+    def _place(self, needed: list, ids: np.ndarray) -> set:
+        """The misses to compute on the CPU: all of them ("all"), or those the cost model says the CPU
+        finishes before their copy would land and be computed ("auto")."""
+        pool = self.cpu_pool
+        if pool is None or not pool.alive or self.cpu_experts == "off":
+            return set()
+        everything = self.cpu_experts == "all" or not self.transfer.alive    # no copy thread: the CPU it is
+        out, backlog = set(), 0.0
+        with self.cache.cv:
+            for key in needed:
+                slot = self.cache.where.get(key)
+                if slot is not None and slot.state == READY:
+                    continue
+                if not everything:
+                    T = int((ids == key[1]).sum())
+                    sig = self.cost.signature(m for m, _ in self.store.layout[key])
+                    left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
+                    copy = self.cost.copy_seconds(left + self._queued_bytes(key)) + self.cost.device_seconds(sig, T)
+                    cpu = backlog + CPU_MARGIN * self.cost.cpu_seconds(sig, T)
+                    if cpu >= copy:
+                        continue
+                    backlog = cpu
+                out.add(key)
+        return out
+
+    def _queued_bytes(self, key) -> int:
+        """(cv held) Bytes of precise copies queued ahead of a new request for `key`."""
+        t = self.transfer
+        return sum(sum(n for _, n in self.store.chunks(task.key)[task.next_chunk:])
+                   for task in t.queues[HIGH] if task.key != key)
+
+    def _submit(self, key, x, ids):
+        """The expert's hidden rows to the host (on CUDA without waiting), then a CPU pool job."""
+        from .cpu_pool import CpuJob
+        rows, cols = np.nonzero(ids == key[1])
+        r = torch.from_numpy(rows).to(x.device)
+        xr = x[r]
+        ready = None
+        if xr.is_cuda:
+            host = torch.empty(xr.shape, dtype=xr.dtype, pin_memory=True)
+            host.copy_(xr, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            xr = host
+        else:
+            xr = xr.clone()
+        job = self.cpu_pool.submit(CpuJob(key, xr, self.store.matrices(key), ready))
+        job.rows, job.cols = rows, cols
+        return job
+
+    def cpu_result(self, layer: int, expert: int, job, backend) -> torch.Tensor:
+        """The job's output rows on the device; if the CPU failed or hung, the expert is copied and
+        computed on the device instead (with a warning, once: the pool is off from then on)."""
+        key = (layer, expert)
+        t0 = time.perf_counter()
+        bound = max(1.0, 50 * self.cost.cpu_seconds(self.cost.signature(m for m, _ in self.store.layout[key]),
+                                                     len(job.rows))) if self.cost else self.wait_timeout
+        out = job.wait(min(bound, self.wait_timeout))
+        waited = time.perf_counter() - t0
+        self.counters.add(layer, "wait_cpu_s", waited)
+        if self._step_tokens == 1:
+            self.counters.decode_wait_cpu_s += waited
+        if out is not None:
+            self.counters.add(layer, "cpu_experts")
+            self.counters.add(layer, "cpu_s", job.seconds)
+            self.counters.add(layer, "copies_avoided")
+            self.transfer.request(key, LOW)          # admission: a valuable expert may take a slot in idle time
+            return out.to(backend.device, non_blocking=True)
+        if job.error is None:
+            self.cpu_pool.mark_hung(job, waited)
+        slot = self._wait(key)                        # fall back: copy it, compute on the device
+        try:
+            base = slot.index * self.cache.arena.shape[1]
+            mats = tuple(matrix_at(self.cache.arena.view(-1), base + off, name, m.qtype, m.shape)
+                         for (m, off), name in zip(self.store.layout[key], MATRICES))
+            x_rows = job.x.to(backend.device)
+            return backend.expert_ffn(x_rows, *mats)
+        finally:
+            self._unpin(key)
+
+    # ---- per-expert path -----------------------------------------------------------------------
+    def order(self, layer, x, ids):
+        needed, _ = self._admit(layer, x, ids)
+        if self.cache.policy.reactive:                # baseline: plain order, each miss loaded when reached
             yield from (e for _, e in needed)
             return
         remaining = set(needed)
-        while remaining:                      # reordered: resident first, then most chunks landed
+        cv = self.cache.cv
+        while remaining:                              # reordered: resident first, then most chunks landed
             with cv:
                 def readiness(key):
                     slot = self.cache.where.get(key)
@@ -66,48 +224,62 @@ class CachedExpertSource(ExpertSource):
             remaining.discard(key)
             yield key[1]
 
-    def _wait(self, key, chunk: int):
-        """Block until chunk `chunk` of `key` is on the device; returns its slot, pinned."""
+    def matrices(self, layer, expert):
+        key = (layer, expert)
+        slot = self._wait(key)
+        arena = self.cache.arena
+        base = slot.index * arena.shape[1]
+        return tuple(matrix_at(arena.view(-1), base + off, name, m.qtype, m.shape)
+                     for (m, off), name in zip(self.store.layout[key], MATRICES))
+
+    def done(self, layer, expert):
+        self._unpin((layer, expert))
+
+    def end_layer(self, layer):
+        with self.cache.cv:
+            self.cache.needed = set()
+            self.cache.hold_needed = False
+
+    # ---- waiting and pinning -------------------------------------------------------------------
+    def _wait(self, key):
+        """Block until every chunk of `key` is on the device; returns its slot, pinned."""
         cv = self.cache.cv
         t0 = time.perf_counter()
-        if chunk == 0:
-            self.transfer.request(key, HIGH)      # a miss (no-op when resident or already queued)
+        self.transfer.request(key, HIGH)              # a miss (no-op when resident or already queued)
+        n_chunks = len(self.store.chunks(key))
         deadline = t0 + self.wait_timeout
         with cv:
             while True:
                 slot = self.cache.where.get(key)
-                if slot is not None and slot.ready_chunks > chunk:
+                if slot is not None and slot.ready_chunks >= n_chunks:
                     break
+                if slot is None and key not in self.transfer.tasks:
+                    self.transfer.request(key, HIGH)  # copied, then evicted before this thread pinned it
                 if not self.transfer.alive:
                     break
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"expert {key[1]} of layer {key[0]} was not copied within "
                                        f"{self.wait_timeout:.0f} s (transfer engine stalled)")
                 cv.wait(0.05)
-        if slot is None or slot.ready_chunks <= chunk:
+        if slot is None or slot.ready_chunks < n_chunks:
             if not self._degraded:
                 self._degraded = True
                 log.warning("copy thread is gone: experts are now loaded reactively on the compute thread")
             self.transfer.load_now(key)
             slot = self.cache.where[key]
         with cv:
-            if chunk == 0:
-                slot.pins += 1
-                if slot.speculative:
-                    slot.speculative = False
-                    self.counters.add(key[0], "prefetch_useful")
-                self.cache.touch(slot)
-        self.counters.add(key[0], "stall_s", time.perf_counter() - t0)
+            slot.pins += 1
+            if slot.speculative:
+                slot.speculative = False
+                self.counters.add(key[0], "prefetch_useful")
+            self.cache.touch(slot)
+        waited = time.perf_counter() - t0
+        self.counters.add(key[0], "stall_s", waited)
+        if self._step_tokens == 1:
+            self.counters.decode_wait_copy_s += waited
         return slot
 
-    def matrix(self, layer, expert, index):
-        key = (layer, expert)
-        slot = self._wait(key, index)
-        m, offset = self.store.layout[key][index]
-        return self.cache.view(slot, offset, m.nbytes), m
-
-    def done(self, layer, expert):
-        key = (layer, expert)
+    def _unpin(self, key) -> None:
         with self.cache.cv:
             slot = self.cache.where[key]
             if self.cache.device.type == "cuda":
@@ -118,10 +290,6 @@ class CachedExpertSource(ExpertSource):
             self.cache.needed.discard(key)
             self.cache.cv.notify_all()
 
-    def end_layer(self, layer):
-        with self.cache.cv:
-            self.cache.needed = set()
-
     def stats(self) -> dict:
         with self.cache.cv:
             snap = self.counters.snapshot(self.cache.slots)
@@ -130,9 +298,15 @@ class CachedExpertSource(ExpertSource):
         snap["slot_bytes"] = self.store.slot_bytes
         snap["policy"] = self.cache.policy.name
         snap["predictor"] = getattr(getattr(self.prefetcher, "predictor", None), "name", "none")
+        snap["cpu_experts_mode"] = self.cpu_experts if self.cpu_pool is not None else "off"
+        if self.cost is not None:
+            snap["cost_model"] = self.cost.describe()
         return snap
 
     def close(self):
         if self.prefetcher is not None:
             self.prefetcher.close()
+        if self.cpu_pool is not None:
+            self.cpu_pool.close()
         self.transfer.close()
+        self.store.close()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-FIELDS = ("hits", "misses", "bytes_h2d", "stall_s", "prefetch_useful", "prefetch_wasted")
+FIELDS = ("hits", "misses", "bytes_h2d", "copies", "stall_s", "prefetch_useful", "prefetch_wasted",
+          "cpu_experts", "cpu_s", "copies_avoided", "wait_cpu_s")
 
 
 class Stats:
@@ -13,6 +14,10 @@ class Stats:
         self.predictor_s = 0.0
         self.predictor_errors = 0
         self.dropped_predictions = 0
+        self.decode_steps = 0
+        self.decode_s = 0.0                 # wall time of decode steps (one token each)
+        self.decode_wait_copy_s = 0.0       # of which waiting for copies
+        self.decode_wait_cpu_s = 0.0        # of which waiting for the CPU pool
 
     def add(self, layer: int, field: str, value=1) -> None:
         self.layers[layer][field] += value
@@ -27,8 +32,12 @@ class Stats:
     def snapshot(self, slots=()) -> dict:
         per_layer = {layer: dict(v) for layer, v in sorted(self.layers.items())}
         totals = {f: sum(v[f] for v in per_layer.values()) for f in FIELDS}
-        totals["stall_s"] = float(totals["stall_s"])
+        for f in ("stall_s", "cpu_s", "wait_cpu_s"):
+            totals[f] = float(totals[f])
         unused = sum(1 for s in slots if s.speculative and s.key is not None)
         return {**totals, "prefetch_unused_resident": unused,
                 "predictor_calls": self.predictor_calls, "predictor_s": self.predictor_s,
-                "predictor_errors": self.predictor_errors, "per_layer": per_layer}
+                "predictor_errors": self.predictor_errors, "decode_steps": self.decode_steps, "decode_s": self.decode_s,
+                "decode_wait_copy_share": self.decode_wait_copy_s / self.decode_s if self.decode_s else 0.0,
+                "decode_wait_cpu_share": self.decode_wait_cpu_s / self.decode_s if self.decode_s else 0.0,
+                "per_layer": per_layer}

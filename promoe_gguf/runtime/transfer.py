@@ -118,6 +118,7 @@ class TransferEngine:
                     self.stats.copied(task.key, nbytes, task.priority == LOW)
                     if task.next_chunk == len(self.store.chunks(task.key)):
                         slot.state = READY
+                        self.stats.add(task.key[0], "copies")
                         if task.priority == LOW and self.cache.policy.prefetch_touches:
                             self.cache.touch(slot)
                         self.queues[task.priority].remove(task)
@@ -155,6 +156,7 @@ class TransferEngine:
                 self.stats.copied(key, nbytes, False)
         with cv:
             slot.state = READY
+            self.stats.add(key[0], "copies")
             cv.notify_all()
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-// cuda_emu.h: just enough of CUDA, in plain C++20, to run the kernels in kernels/*.cu on the CPU.
+// cuda_emu.h: just enough of CUDA, in plain C++20, to run the kernels in promoe_gguf/kernels/cuda/*.cu on the CPU.
 //
 // Not a simulator of GPU timing: one CTA at a time, each CUDA thread a fiber (ucontext) of one OS
 // thread, scheduled in passes: a pass resumes every live fiber until it reaches a barrier

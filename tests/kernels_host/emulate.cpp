@@ -1,13 +1,14 @@
-// emulate.cpp: the kernels of kernels/*.cu built for the CPU (with cuda_emu.h), behind a small C
+// emulate.cpp: the kernels of promoe_gguf/kernels/cuda/*.cu built for the CPU (with cuda_emu.h), behind a small C
 // ABI for tests/test_kernels_emulated.py. Every entry point is called by its extern "C" name,
 // the same name launch.py asks CuPy for, with the grid launch.py computes.
 //
 // Build: g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread -o libkemu.so emulate.cpp
 #include "cuda_emu.h"
 
-#include "../../kernels/matvec.cu"
-#include "../../kernels/moe_fused.cu"
-#include "../../kernels/dequant.cu"
+#include "../../promoe_gguf/kernels/cuda/matvec.cu"
+#include "../../promoe_gguf/kernels/cuda/moe_fused.cu"
+#include "../../promoe_gguf/kernels/cuda/dequant.cu"
+#include "../../promoe_gguf/kernels/cuda/norm.cu"
 
 #include <cstring>
 
@@ -29,7 +30,9 @@ struct entry { const char* name; void* fn; };
     {"dequant_" #name "_f32", (void*)&dequant_##name##_f32},                                        \
     {"dequant_" #name "_f16", (void*)&dequant_##name##_f16},
 
-const entry kEntries[] = {PROMOE_FOR_EACH_QTYPE(EMU_ENTRIES){"moe_combine", (void*)&moe_combine}};
+const entry kEntries[] = {PROMOE_FOR_EACH_QTYPE(EMU_ENTRIES){"moe_combine", (void*)&moe_combine},
+                          {"rms_norm_f32", (void*)&rms_norm_f32},
+                          {"add_rms_norm_f32", (void*)&add_rms_norm_f32}};
 
 void* lookup(const char* name) {
     for (const auto& e : kEntries)
@@ -109,6 +112,18 @@ int emu_moe_matvec(const char* name, unsigned gx, unsigned gy, unsigned threads,
 int emu_moe_combine(unsigned gx, unsigned threads, const float* slot_out, int n_tokens, int n_slots,
                     int n, float* out) {
     emu::launch({gx, 1, 1}, threads, [&] { moe_combine(slot_out, n_tokens, n_slots, n, out); });
+    return 0;
+}
+
+int emu_rms_norm(unsigned gx, unsigned threads, const float* x, int x_stride, const float* w, float* y,
+                 int y_stride, int n, float eps) {
+    emu::launch({gx, 1, 1}, threads, [&] { rms_norm_f32(x, x_stride, w, y, y_stride, n, eps); });
+    return 0;
+}
+
+int emu_add_rms_norm(unsigned gx, unsigned threads, const float* x, const float* r, float r_scale, float* sum,
+                     const float* w, float* y, int n, float eps) {
+    emu::launch({gx, 1, 1}, threads, [&] { add_rms_norm_f32(x, r, r_scale, sum, w, y, n, eps); });
     return 0;
 }
 

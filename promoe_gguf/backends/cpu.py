@@ -1,0 +1,411 @@
+"""The CPU backend: llama.cpp's own CPU kernels through ggml, on the weights in place.
+
+Every op of the forward pass except plain float adds, multiplies and reshapes is a small ggml graph
+computed by ggml-cpu, built the way llama.cpp builds it (mul_mat, mul_mat_id + swiglu for a
+layer's experts, rms_norm, rope_ext, soft_max_ext attention over a transposed V cache), so
+activations are rounded to 8 bits exactly where llama.cpp rounds them and the logits follow
+llama.cpp's native run. A graph is built once per signature (op, parameters, the type, shape and
+strides of every input) and cached; a call only points its leaves at this call's memory and computes.
+
+Not thread-safe: one backend per computing thread (the scratch work buffer is shared).
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from ..format.quants import dequantize_torch
+from ..util import quiet_stderr
+from . import Backend, ExpertStack, QMatrix, StackedMatrix
+from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
+
+MAX_GRAPHS = 1024      # cached graphs (a few per op signature and token count)
+MEM_ALIGN = 64         # padding per tensor in a context (ggml aligns data to 16)
+KV_PAD = 32            # attention spans are padded to this many positions, masked (see attention())
+# types ggml's CPU_REPACK buffer may take on x86 (it declines shapes it has no kernel for: checked per weight)
+REPACKABLE = {"Q4_0", "Q4_K", "IQ4_NL", "Q8_0", "Q2_K", "Q5_K", "Q6_K", "MXFP4"}
+TORCH_TO_GGML = {torch.float32: GGML_TYPE_F32, torch.int32: GGML_TYPE_I32}
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A graph input: ggml type, ne (ggml order), nb (bytes); `repacked`: a weight in llama.cpp's
+    CPU_REPACK buffer (its input pointer is then a Repacked handle)."""
+    gtype: int
+    ne: tuple[int, ...]
+    nb: tuple[int, ...]
+    repacked: bool = False
+
+
+@dataclass(frozen=True)
+class Repacked:
+    """A weight copied into a CPU_REPACK buffer, interleaved for ggml's repack kernels."""
+    tensor: int
+    buffer: int
+    base: int
+    extra: int
+
+
+def leaf_of(t: torch.Tensor) -> tuple[Leaf, int]:
+    """A torch tensor's memory as a ggml tensor (dims reversed: ggml's ne0 is torch's last dim).
+    Any strides, but rows must be contiguous (the caller keeps `t` alive through the compute)."""
+    if t.device.type != "cpu" or t.stride(-1) != 1:
+        raise ModelError(f"the CPU backend needs row-contiguous CPU tensors (got {t.device}, strides {t.stride()})")
+    g = TORCH_TO_GGML[t.dtype]
+    return Leaf(g, tuple(reversed(t.shape)), tuple(s * t.element_size() for s in reversed(t.stride()))), t.data_ptr()
+
+
+def _weight_leaf(repacked: dict, gtype: int, ne: tuple, nb: tuple, addr: int):
+    r = repacked.get((addr, ne))
+    if r is not None:
+        return Leaf(gtype, ne, (0,) * len(ne), True), r
+    return Leaf(gtype, ne, nb), addr
+
+
+@dataclass
+class _Graph:
+    ctx: int
+    graph: int
+    plan: CPlan
+    leaves: tuple[int, ...]
+    out: int
+
+
+class CpuBackend(Backend):
+    kind = "cpu"
+    kv_layout = (True, KV_PAD)               # V transposed, spans padded: llama.cpp's non-flash layout
+
+    def __init__(self, n_threads: int | None = None):
+        super().__init__()
+        self.device = torch.device("cpu")
+        self.n_threads = max(1, int(n_threads or 1))
+        self.g = lib()
+        self._graphs: OrderedDict = OrderedDict()
+        self._repacked: dict = {}            # (address, ne) of a weight -> Repacked
+        self._repack_ctx = None
+        self._work = torch.empty(0, dtype=torch.uint8)
+        self.compute_s = 0.0                 # wall time inside ggml's kernels (benchmarks read it)
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self._work.numel()
+
+    # ---- weights in llama.cpp's CPU_REPACK layout -----------------------------------------------
+    def leaf_of_weight(self, w: QMatrix):
+        """A weight in its GGUF encoding (rows of row_bytes; 3-D: a stack of matrices), or its repacked copy."""
+        rb = w.row_bytes
+        if len(w.shape) == 3:
+            return _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows, w.shape[0]), (0, rb, rb * w.rows), w.addr)
+        return _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows), (0, rb), w.addr)
+
+    def leaf_of_stack(self, m: StackedMatrix):
+        """Every expert's matrix of a layer: expert i at addr + i * stride (or the repacked copy)."""
+        return _weight_leaf(self._repacked, int(m.qtype), (m.cols, m.rows, m.count), (0, m.row_bytes, m.stride), m.addr)
+
+    def repack(self, addr: int, qtype, ne: tuple, nbytes: int) -> bool:
+        """Copy a contiguous weight (ne in ggml order) into a CPU_REPACK buffer, as llama.cpp loads it
+        by default on AVX2 CPUs: its products then run ggml's repack kernels (other rounding, faster
+        batches) exactly as llama.cpp's do. False (nothing kept) where that buffer type declines it."""
+        b, g = self.g.base, self.g
+        if (addr, ne) in self._repacked:
+            return True
+        buft = getattr(self, "_buft", None)
+        if buft is None:
+            buft = self._buft = g.extra_buffer_type("CPU_REPACK") or 0
+        if not buft:
+            return False
+        if self._repack_ctx is None:
+            self._repack_ctx = b.ggml_init(InitParams(4096 * (b.ggml_tensor_overhead() + MEM_ALIGN), None, True))
+        fn = (b.ggml_new_tensor_1d, b.ggml_new_tensor_2d, b.ggml_new_tensor_3d)[len(ne) - 1]
+        t = fn(self._repack_ctx, int(qtype), *ne)
+        if b.ggml_nbytes(t) != nbytes:
+            return False
+        buf = b.ggml_backend_buft_alloc_buffer(buft, b.ggml_backend_buft_get_alloc_size(buft, t))
+        base = b.ggml_backend_buffer_get_base(buf)
+        if b.ggml_backend_tensor_alloc(buf, t, base) != 0 or not g.get_extra(t):
+            b.ggml_backend_buffer_free(buf)               # no repack kernel for this type or shape
+            return False
+        with quiet_stderr():                               # ggml logs every repacked tensor
+            b.ggml_backend_tensor_set(t, addr, 0, nbytes)
+        self._repacked[(addr, ne)] = Repacked(t, buf, base, g.get_extra(t))
+        return True
+
+    def repack_weight(self, w: QMatrix) -> bool:
+        if len(w.shape) != 2 or w.qtype.name not in REPACKABLE:
+            return False
+        return self.repack(w.addr, w.qtype, (w.cols, w.rows), w.nbytes)
+
+    def repack_stack(self, m: StackedMatrix) -> bool:
+        if m.stride != m.rows * m.row_bytes or m.qtype.name not in REPACKABLE:
+            return False                                   # only a contiguous stack copies as one tensor
+        return self.repack(m.addr, m.qtype, (m.cols, m.rows, m.count), m.stride * m.count)
+
+    @property
+    def repacked_bytes(self) -> int:
+        b = self.g.base
+        return sum(b.ggml_nbytes(r.tensor) for r in self._repacked.values())
+
+    def reserve(self, nbytes: int) -> None:
+        if nbytes > self._work.numel():
+            self._work = torch.empty(nbytes, dtype=torch.uint8)
+
+    # ---- graph plumbing ------------------------------------------------------------------------
+    def _compute(self, key, inputs: list[tuple[Leaf, int]], build, out: torch.Tensor):
+        """Run the cached graph `key` (made by build(ctx, *leaf tensors) on first use) with its leaves
+        pointing at `inputs` and its result written into `out`."""
+        full_key = (key, tuple(leaf for leaf, _ in inputs))
+        gr = self._graphs.get(full_key)
+        if gr is None:
+            gr = self._build(full_key, inputs, build)
+        else:
+            self._graphs.move_to_end(full_key)
+        set_data = self.g.set_data
+        for t, (leaf, p) in zip(gr.leaves, inputs):
+            if leaf.repacked:
+                set_data(t, p.base)
+                self.g.set_buffer_extra(t, p.buffer, p.extra)
+            else:
+                set_data(t, p)
+        set_data(gr.out, out.data_ptr())
+        plan = gr.plan
+        if plan.work_size > self._work.numel():
+            self._work = torch.empty(plan.work_size, dtype=torch.uint8)
+        plan.work_data = self._work.data_ptr() if plan.work_size else None
+        self.launches += 1
+        t0 = time.perf_counter()
+        rc = self.g.cpu.ggml_graph_compute(gr.graph, ctypes.byref(plan))
+        self.compute_s += time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"ggml graph compute failed with status {rc} ({key[0]})")
+        return out
+
+    def _build(self, key, inputs, build) -> _Graph:
+        b = self.g.base
+        scratch = self._graph_in(inputs, build, 0, measure=True)       # first pass: sizes only
+        gr = self._graph_in(inputs, build, scratch)
+        self._graphs[key] = gr
+        if len(self._graphs) > MAX_GRAPHS:
+            _, old = self._graphs.popitem(last=False)
+            b.ggml_free(old.ctx)
+        return gr
+
+    def _graph_in(self, inputs, build, scratch_bytes: int, measure: bool = False):
+        """A context holding the leaves (no data: they point at our memory), the graph and, unless
+        measuring, room for the intermediate results. Measuring returns the bytes those need.
+        Repacked weights' leaves carry their buffer and kernel traits when planning (work size)."""
+        b = self.g.base
+        leaves = [leaf for leaf, _ in inputs]
+        n = len(leaves) + 16
+        size = n * (b.ggml_tensor_overhead() + MEM_ALIGN) + b.ggml_graph_overhead_custom(64, False) + scratch_bytes
+        ctx = b.ggml_init(InitParams(size, None, True))
+        if not ctx:
+            raise ModelError(f"ggml could not allocate a graph context of {size} bytes")
+        ts = []
+        for leaf in leaves:
+            fn = (b.ggml_new_tensor_1d, b.ggml_new_tensor_2d, b.ggml_new_tensor_3d)[len(leaf.ne) - 1]
+            t = fn(ctx, leaf.gtype, *leaf.ne)
+            if not leaf.repacked and any(leaf.nb[1:]):
+                nb = [b.ggml_type_size(leaf.gtype), *leaf.nb[1:]]
+                while len(nb) < 4:
+                    nb.append(nb[-1] * (leaf.ne[len(nb) - 1] if len(nb) - 1 < len(leaf.ne) else 1))
+                self.g.set_strides(t, tuple(nb))
+            ts.append(t)
+        for t, (leaf, p) in zip(ts, inputs):
+            if leaf.repacked:
+                self.g.set_buffer_extra(t, p.buffer, p.extra)
+        b.ggml_set_no_alloc(ctx, measure)            # intermediate results live in the context
+        out = build(ctx, *ts)
+        graph = b.ggml_new_graph_custom(ctx, 64, False)
+        b.ggml_build_forward_expand(graph, out)
+        if measure:
+            need = sum(b.ggml_nbytes(b.ggml_graph_node(graph, i)) + MEM_ALIGN for i in range(b.ggml_graph_n_nodes(graph)))
+            b.ggml_free(ctx)
+            return need
+        plan = self.g.cpu.ggml_graph_plan(graph, self.n_threads, None)
+        return _Graph(ctx, graph, plan, tuple(ts), out)
+
+    # ---- matrix products -----------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, w: QMatrix) -> torch.Tensor:
+        """x [T, cols] -> [T, rows]; a 3-D W [B, rows, cols] takes x [B, T, cols] -> [B, T, rows]."""
+        x = _f32(x)
+        if x.shape[-1] != w.cols or (len(w.shape) == 3) != (x.dim() == 3) or (x.dim() == 3 and x.shape[0] != w.shape[0]):
+            raise ModelError(f"{w.name}: activations of shape {tuple(x.shape)} do not fit weight {w.shape}")
+        y = torch.empty((*x.shape[:-1], w.rows), dtype=torch.float32)
+        mm = self.g.base.ggml_mul_mat
+        return self._compute(("mul_mat",), [self.leaf_of_weight(w), leaf_of(x)], lambda ctx, a, b: mm(ctx, a, b), y)
+
+    def ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
+        """down(silu(gate x) * up x): x [n, d] -> [n, d], as llama.cpp's build_ffn (SILU, PAR): a
+        dense FFN or a shared expert."""
+        x = _f32(x)
+        b = self.g.base
+
+        def build(ctx, lg, lu, ld, lx):
+            return b.ggml_mul_mat(ctx, ld, b.ggml_swiglu_split(ctx, b.ggml_mul_mat(ctx, lg, lx), b.ggml_mul_mat(ctx, lu, lx)))
+        y = torch.empty((x.shape[0], down.rows), dtype=torch.float32)
+        return self._compute(("ffn",), [self.leaf_of_weight(gate), self.leaf_of_weight(up), self.leaf_of_weight(down),
+                                        leaf_of(x)],
+                             build, y)
+
+    def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
+        """One routed expert over the n tokens routed to it: mul_mat_id over a stack of one, so each
+        (token, row) product is the dot product llama.cpp's build_moe_ffn computes (mul_mat would
+        take other kernels, llamafile's sgemm among them, and round differently)."""
+        x = _f32(x)
+        n = x.shape[0]
+        one = ExpertStack(*(StackedMatrix(m.qtype, m.rows, m.cols, m.addr, m.rows * m.row_bytes, 1)
+                            for m in (gate, up, down)))
+        return self._moe_slots(x, one, np.zeros((n, 1), dtype=np.int32))[:, 0]
+
+    def moe(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
+        """All routed experts of a layer for T tokens: x [T, d], index [T, k] (positions in `stack`),
+        weights [T, k] -> [T, d]. One graph, llama.cpp's build_moe_ffn: mul_mat_id gate and up,
+        swiglu, mul_mat_id down; then the slots weighted and added in slot order."""
+        x = _f32(x)
+        if index.min() < 0 or index.max() >= stack.gate.count:
+            raise ModelError(f"expert index out of range 0..{stack.gate.count - 1}: {index.tolist()}")
+        return self.combine(self._moe_slots(x, stack, index), weights)
+
+    def moe_rows(self, x_rows: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
+        """Expert index[i] of the stack on row i of x_rows: [n, d] -> [n, d] (unweighted)."""
+        return self._moe_slots(_f32(x_rows), stack, np.asarray(index).reshape(-1, 1))[:, 0]
+
+    def _moe_slots(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
+        """[T, k, d]: expert index[t, s] of the stack applied to x[t]. A merged gate+up tensor (its
+        experts' gate rows then up rows) is one mul_mat_id whose halves are viewed, as llama.cpp does."""
+        T, k = index.shape
+        b = self.g.base
+        ids = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int32))
+        g, u, dn = stack.gate, stack.up, stack.down
+        slot_out = torch.empty((T, k, dn.rows), dtype=torch.float32)
+        xs, li = leaf_of(x.view(T, 1, -1)), leaf_of(ids)
+        merged = merged_gate_up(stack)
+        if merged is not None:
+            F = g.rows
+
+            def build(ctx, lgu, ld, lx, li):
+                gu = b.ggml_mul_mat_id(ctx, lgu, lx, li)                          # [2F, k, T]
+                nb1, nb2 = 2 * F * 4, 2 * F * k * 4
+                h = b.ggml_swiglu_split(ctx, b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, 0),
+                                        b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, F * 4))
+                return b.ggml_mul_mat_id(ctx, ld, h, li)
+            return self._compute(("moe_merged",), [self.leaf_of_stack(merged), self.leaf_of_stack(dn), xs, li],
+                                 build, slot_out)
+
+        def build(ctx, lg, lu, ld, lx, li):
+            h = b.ggml_swiglu_split(ctx, b.ggml_mul_mat_id(ctx, lg, lx, li), b.ggml_mul_mat_id(ctx, lu, lx, li))
+            return b.ggml_mul_mat_id(ctx, ld, h, li)                              # [d, k, T]
+        return self._compute(("moe",), [self.leaf_of_stack(g), self.leaf_of_stack(u), self.leaf_of_stack(dn), xs, li],
+                             build, slot_out)
+
+    # ---- norms, activations --------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """ggml_rms_norm then ggml_mul by the weight (llama.cpp's build_norm), over the last dim."""
+        x = _f32(x)
+        b = self.g.base
+        y = torch.empty_like(x)
+        return self._compute(("rms_norm", float(eps)), [leaf_of(x), leaf_of(w)],
+                             lambda ctx, lx, lw: b.ggml_mul(ctx, b.ggml_rms_norm(ctx, lx, eps), lw), y)
+
+    def add_rms_norm(self, x, r, w, eps: float, scale: float = 1.0):
+        """(x + r * scale, rms_norm(that) * w): a residual add followed by the next block's norm."""
+        x = x + (r * scale if scale != 1.0 else r)
+        return x, self.rms_norm(x, w, eps)
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        x = _f32(x)
+        return self._compute(("soft_max",), [leaf_of(x)], lambda ctx, lx: self.g.base.ggml_soft_max(ctx, lx),
+                             torch.empty_like(x))
+
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        x = _f32(x)
+        return self._compute(("sigmoid",), [leaf_of(x)], lambda ctx, lx: self.g.base.ggml_sigmoid(ctx, lx),
+                             torch.empty_like(x))
+
+    # ---- attention -----------------------------------------------------------------------------
+    def causal_mask(self, n_past: int, T: int) -> torch.Tensor:
+        """[T, P'] float32: 0 where allowed, -inf elsewhere, P' = n_past + T rounded up to KV_PAD."""
+        span = -(-(n_past + T) // KV_PAD) * KV_PAD
+        q = torch.arange(n_past, n_past + T)[:, None]
+        return torch.where(torch.arange(span)[None, :] <= q, 0.0, float("-inf")).float()
+
+    def prepare(self, step, rope) -> None:
+        step.tables["pos_i32"] = step.pos.to(torch.int32).contiguous()
+
+    def rope(self, x: torch.Tensor, spec, step) -> torch.Tensor:
+        """ggml_rope_ext over x [T, heads, D] (the first n_dims of each head rotate)."""
+        pos = step.tables.get("pos_i32")
+        if pos is None:
+            self.prepare(step, spec)
+            pos = step.tables["pos_i32"]
+        b = self.g.base
+        y = torch.empty(x.shape, dtype=torch.float32)
+        args = (spec.n_dims, spec.mode, spec.n_ctx_orig, spec.base, spec.freq_scale, spec.ext_factor,
+                spec.attn_factor, spec.beta_fast, spec.beta_slow)
+        return self._compute(("rope", args), [leaf_of(x.float()), leaf_of(pos)],
+                             lambda ctx, lx, lp: b.ggml_rope_ext(ctx, lx, lp, None, *args), y)
+
+    def attention(self, q, cache, layer: int, step, scale: float) -> torch.Tensor:
+        """q [T, H, Dk] against the cache's first P' positions -> [T, H*Dv], as llama.cpp's non-flash
+        attention: kq = K q, soft_max_ext(kq, mask, scale), kqv = V^T kq. The span P' is padded to
+        KV_PAD with masked positions: ggml's F32 dot products then add the same partial sums in the
+        same order as llama.cpp's (whose span is padded to 256), so the result is bit-identical."""
+        T, H, _ = q.shape
+        mask = step.mask
+        span = mask.shape[1]
+        K = cache.k[layer][:, :span]                       # [Hkv, P', Dk]
+        Vt = cache.v[layer][:, :, :span]                   # [Hkv, Dv, P']
+        Dv = Vt.shape[1]
+        b = self.g.base
+
+        def build(ctx, lq, lk, lv, lm):
+            kq = b.ggml_soft_max_ext(ctx, b.ggml_mul_mat(ctx, lk, lq), lm, scale, 0.0)
+            return b.ggml_mul_mat(ctx, lv, kq)                          # [Dv, T, H]
+        out = torch.empty((H, T, Dv), dtype=torch.float32)
+        self._compute(("attention", float(scale)), [leaf_of(_f32(q).transpose(0, 1)), leaf_of(K), leaf_of(Vt), leaf_of(mask)],
+                      build, out)
+        return out.transpose(0, 1).reshape(T, H * Dv)
+
+    def embed(self, tokens: torch.Tensor, w: QMatrix) -> torch.Tensor:
+        rows = w.data.view(w.rows, -1)[tokens.to(w.data.device)]
+        return dequantize_torch(rows, w.qtype, (tokens.numel(), w.cols))
+
+    def close(self) -> None:
+        b = self.g.base
+        for gr in self._graphs.values():
+            b.ggml_free(gr.ctx)
+        self._graphs.clear()
+        for r in self._repacked.values():
+            b.ggml_backend_buffer_free(r.buffer)
+        self._repacked.clear()
+        if self._repack_ctx:
+            b.ggml_free(self._repack_ctx)
+            self._repack_ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def merged_gate_up(stack: ExpertStack) -> StackedMatrix | None:
+    """The merged [2F] gate+up tensor a stack's gate and up are views of (ffn_gate_up_exps), if so."""
+    g, u = stack.gate, stack.up
+    rb = g.row_bytes
+    if (g.qtype == u.qtype and g.rows == u.rows and g.stride == u.stride == 2 * g.rows * rb
+            and u.addr == g.addr + g.rows * rb):
+        return StackedMatrix(g.qtype, 2 * g.rows, g.cols, g.addr, g.stride, g.count)
+    return None
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type != "cpu":
+        raise ModelError(f"the CPU backend got activations on {x.device}")
+    return x.to(torch.float32).contiguous()

@@ -1,0 +1,99 @@
+"""The non-matmul ops of the forward pass in plain torch: RoPE, attention, softmax, norms.
+
+The CUDA backend runs these (few launches each: RoPE tables are built once per step; attention is
+one SDPA call over the cache's views). The CPU backend computes the same ops with ggml instead, so
+its results follow llama.cpp's arithmetic bit for bit; these stay within float rounding of it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """RoPE as ggml_rope_ext takes it: rotate the first n_dims of each head, NORM (adjacent pairs)
+    or NEOX (halves); YaRN when ext_factor != 0 (cos/sin scaled by attn_factor * (1 + 0.1 ln(1/freq_scale)))."""
+    kind: str                # "norm" | "neox"
+    n_dims: int
+    base: float
+    freq_scale: float = 1.0
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    n_ctx_orig: int = 0
+
+    @property
+    def mode(self) -> int:
+        return 0 if self.kind == "norm" else 2       # GGML_ROPE_TYPE_NEOX
+
+    def theta(self, device) -> tuple[torch.Tensor, float]:
+        """Per-pair frequencies [n_dims/2] (float64) and the cos/sin magnitude, as ggml's rope_yarn."""
+        n = self.n_dims
+        i = torch.arange(0, n, 2, dtype=torch.float64)
+        theta = self.base ** (-i / n)
+        mscale = self.attn_factor
+        if self.ext_factor != 0.0:
+            def corr_dim(beta):
+                return n * math.log(self.n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(self.base))
+            low = max(0.0, math.floor(corr_dim(self.beta_fast)))
+            high = min(n - 1.0, math.ceil(corr_dim(self.beta_slow)))
+            ramp = (1 - ((i / 2 - low) / max(0.001, high - low)).clamp(0, 1)) * self.ext_factor
+            theta = theta * self.freq_scale * (1 - ramp) + theta * ramp
+            mscale *= 1.0 + 0.1 * math.log(1.0 / self.freq_scale)
+        else:
+            theta = theta * self.freq_scale
+        return theta.to(device), mscale
+
+
+def rope_tables(spec: RopeSpec, pos: torch.Tensor):
+    """Per-step tables for positions pos [T]: NORM -> complex cis [T, 1, n/2];
+    NEOX -> (cos [T, 1, n], sin with the first half negated [T, 1, n])."""
+    theta, mscale = spec.theta(pos.device)
+    ang = pos.to(torch.float64)[:, None] * theta[None, :]                # [T, n_dims/2]
+    cos = (torch.cos(ang) * mscale).float()[:, None, :]
+    sin = (torch.sin(ang) * mscale).float()[:, None, :]
+    if spec.kind == "norm":
+        return torch.complex(cos, sin)
+    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+
+
+def rope(x: torch.Tensor, spec: RopeSpec, tables) -> torch.Tensor:
+    """x [T, heads, D] -> rotated copy (the first n_dims of each head)."""
+    n = spec.n_dims
+    rot = x[..., :n] if n < x.shape[-1] else x
+    if spec.kind == "norm":                      # (a + ib)(cos + i sin), pairs (2j, 2j+1)
+        pairs = rot.reshape(*rot.shape[:-1], n // 2, 2)
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2:
+            pairs = pairs.contiguous()
+        out = torch.view_as_real(torch.view_as_complex(pairs) * tables).flatten(-2)
+    else:                                        # halves: a cos - b sin | b cos + a sin
+        cos, sin_signed = tables
+        out = rot * cos + rot.roll(n // 2, dims=-1) * sin_signed
+    return out if n == x.shape[-1] else torch.cat((out, x[..., n:]), dim=-1)
+
+
+def causal_mask(n_past: int, T: int, device) -> torch.Tensor | None:
+    """[T, n_past + T], True where attention is allowed; None for one token (it sees everything)."""
+    if T == 1:
+        return None
+    qpos = torch.arange(n_past, n_past + T, device=device)[:, None]
+    return torch.arange(n_past + T, device=device)[None, :] <= qpos
+
+
+def attention(q, K, V, mask, scale: float) -> torch.Tensor:
+    """q [T, H, Dk]; K [Hkv, P, Dk]; V [Hkv, P, Dv] -> [T, H*Dv]; grouped-query heads share K/V
+    without copies (SDPA's enable_gqa)."""
+    T, H, _ = q.shape
+    Hkv, Dv = K.shape[0], V.shape[-1]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), K.unsqueeze(0), V.unsqueeze(0),
+                                       attn_mask=mask, scale=scale, enable_gqa=H != Hkv)   # [1, H, T, Dv]
+    return o[0].transpose(0, 1).reshape(T, H * Dv)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w

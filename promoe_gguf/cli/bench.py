@@ -1,0 +1,221 @@
+"""`promoe bench MODEL [--vs-llamacpp]`: prefill and decode speed per cache mode and budget, side by side.
+
+For each mode (all resident; lru and promoe copying every miss; hybrid: promoe with CPU experts) at
+each cache rate or --gpu-mem budget: time to first token and prefill tok/s for each prompt length,
+decode tok/s, hit rate, the share of decode spent waiting (copies, CPU pool), where experts ran, and
+the gap to the bound per decode token,
+    max(bytes read on the device / device GB/s, missed bytes / (link GB/s + CPU GB/s)),
+each rate measured on this machine (the cost model's probes). On a CPU-only machine the device is
+the CPU and the link is emulated (`--link`, default ratio=10): the rows say so. With --vs-llamacpp the
+same GGUF runs through stock llama.cpp with the same threads: all on the CPU (and, given CUDA,
+its offload modes with the same device memory). Writes OUT/bench.json, bench.md and bench.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..errors import ModelError
+
+MODES = {            # name -> Engine options (with a cache)
+    "lru": dict(policy="lru", predictor="none", cpu_experts="off"),
+    "promoe": dict(policy="promoe", predictor="gate", cpu_experts="off"),
+    "hybrid": dict(policy="promoe", predictor="gate", cpu_experts="auto"),
+}
+
+
+def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
+    from ..engine import Engine
+    n_ctx = max(len(p) for p in prompts) + n_decode + 8
+    cached = kw.get("cache_rate") or kw.get("gpu_mem")
+    eng = Engine(path, device=device, n_threads=threads, n_ctx=n_ctx, n_batch=512,
+                 link=link if cached and device == "cpu" else None, **kw)
+    try:
+        list(eng.generate(prompts[0][:8], max_tokens=2, temperature=0, ignore_eos=True))           # warm-up
+        out = {"prefill": []}
+        for p in prompts:
+            before = eng.stats
+            t0 = time.perf_counter()
+            gen = eng.generate(p, max_tokens=1, temperature=0, ignore_eos=True)
+            next(gen)
+            ttft = time.perf_counter() - t0
+            out["prefill"].append({"tokens": len(p), "ttft_s": ttft, "tok_s": len(p) / ttft,
+                                   "stall_s": eng.stats["stall_s"] - before["stall_s"]})
+        before = eng.stats
+        eng.timing.__init__()
+        gen = eng.generate(prompts[-1][:16], max_tokens=n_decode + 1, temperature=0, ignore_eos=True)
+        next(gen)
+        mid = eng.stats
+        t0 = time.perf_counter()
+        for _ in gen:
+            pass
+        dt = time.perf_counter() - t0
+        st = eng.stats
+        d = {k: st[k] - mid[k] for k in ("hits", "misses", "bytes_h2d", "stall_s", "cpu_experts", "copies")
+             if k in st}
+        out["decode"] = {"tokens": n_decode, "tok_s": n_decode / dt, **d,
+                         "wait_copy_share": st.get("decode_wait_copy_share", 0.0),
+                         "wait_cpu_share": st.get("decode_wait_cpu_share", 0.0)}
+        out["memory"] = eng.memory
+        out["cost_model"] = st.get("cost_model")
+        out["link"] = st.get("link", "none (all resident)")
+        out["expert_bytes"] = float(np.mean([eng.model.expert_nbytes(*k) for k in eng.model.expert_keys]))
+        out["resident_bytes"] = eng.memory["resident"]
+        out["moe_layers"] = len(eng.config.moe_layers)
+        out["k"] = eng.config.n_experts_used
+        return out
+    finally:
+        eng.close()
+
+
+def _bound(r: dict, device_gbs: float, cpu_gbs: float, link_gbs: float) -> float:
+    """Seconds per decode token the hardware allows: the device reads every used expert and the
+    residents; a miss moves its bytes over the link or through the CPU, whichever pair is faster."""
+    dec = r["decode"]
+    used = r["k"] * r["moe_layers"] * r["expert_bytes"]
+    device = (r["resident_bytes"] + used) / (device_gbs * 1e9)
+    lookups = dec.get("hits", 0) + dec.get("misses", 0)
+    missed = (dec.get("misses", 0) / lookups if lookups else 0.0) * used
+    return max(device, missed / ((link_gbs + cpu_gbs) * 1e9)) if missed else device
+
+
+def _llamacpp_rows(path, prompts, n_decode, threads) -> list[dict]:
+    """Stock llama.cpp through llama-cpp-python on the CPU (n_gpu_layers=0), same threads."""
+    import llama_cpp
+    from ..util import quiet_stderr
+    n_ctx = max(len(p) for p in prompts) + n_decode + 8
+    with quiet_stderr():
+        llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                              n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+    prefill = []
+    with quiet_stderr():
+        llm.eval(prompts[0][:8])
+        for p in prompts:
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(p)
+            dt = time.perf_counter() - t0
+            prefill.append({"tokens": len(p), "ttft_s": dt, "tok_s": len(p) / dt})
+        llm.reset()
+        llm.eval(prompts[-1][:16])
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(logits))])
+        dt = time.perf_counter() - t0
+    return [{"mode": "llama.cpp (all on the CPU)", "budget": "-", "prefill": prefill,
+             "decode": {"tokens": n_decode, "tok_s": n_decode / dt}}]
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+    from ..format import open_model
+    from .run import parse_mem
+    path = args.model
+    model = open_model(path)
+    n_ctx_max = min(model.config.n_ctx_train or 4096, 4096)
+    lengths = [n for n in (32, 256, 1024) if n + args.tokens + 8 <= n_ctx_max] or [min(32, n_ctx_max // 2)]
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, min(model.config.n_vocab, 256), n).tolist() for n in lengths]
+    modes = args.modes.split(",")
+    for m in modes:
+        if m not in MODES:
+            raise ModelError(f"--modes: unknown mode {m!r} (one of {', '.join(MODES)})")
+    budgets = ([("gpu_mem", parse_mem(args.gpu_mem, "--gpu-mem"))] if args.gpu_mem else
+               [("cache_rate", float(r)) for r in args.rates.split(",")])
+    jobs = [("all resident", "-", {})] + [(m, f"{k}={v}", {k: v, **MODES[m]}) for k, v in budgets for m in modes]
+    rows = []
+    for mode, budget, kw in tqdm(jobs, desc="bench", unit="config"):
+        r = _run_one(path, prompts, args.tokens, args.threads, args.device, args.link, **kw)
+        rows.append({"mode": mode, "budget": budget, **r})
+    ref = rows[0]
+    cm = next((r["cost_model"] for r in rows if r.get("cost_model")), None)
+    cpu_gbs = max(cm["cpu_GBps_1tok"].values()) if cm else None
+    link_gbs = cm["link_GBps"] if cm and cm["link_GBps"] else None
+    # the device's rate: the all-resident decode's bytes per second (on the CPU: the same ggml)
+    used = ref["k"] * ref["moe_layers"] * ref["expert_bytes"] + ref["resident_bytes"]
+    device_gbs = used * ref["decode"]["tok_s"] / 1e9
+    for r in rows:
+        r["bound_s_per_token"] = _bound(r, device_gbs, cpu_gbs or 0.0, link_gbs or 0.0)
+        r["gap_to_bound"] = (1 / r["decode"]["tok_s"]) / r["bound_s_per_token"]
+    if args.vs_llamacpp:
+        rows += _llamacpp_rows(path, prompts, args.tokens, args.threads)
+    res = {"model": os.path.basename(path), "device": args.device, "threads": args.threads, "link": args.link,
+           "emulated": args.device == "cpu", "prompt_lengths": lengths, "decode_tokens": args.tokens,
+           "rates_GBps": {"device": device_gbs, "cpu": cpu_gbs, "link": link_gbs},
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    md = _markdown(res)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(md)
+    _plot(res, os.path.join(args.out, "bench.png"))
+    print(md)
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png", file=sys.stderr)
+    return 0
+
+
+def _markdown(res: dict) -> str:
+    rate = res["rates_GBps"]
+    where = (f"CPU machine: the device is the CPU and the link is emulated (--link {res['link']})"
+             if res["emulated"] else f"device {res['device']}")
+    head = [f"# promoe bench {res['model']} ({res['date']})", "",
+            f"{where}; {res['threads']} thread(s); decode {res['decode_tokens']} tokens; measured rates: device "
+            f"{rate['device']:.2f} GB/s (all-resident decode), CPU {rate['cpu'] or 0:.2f} GB/s (ggml probe), link "
+            f"{rate['link'] or 0:.4g} GB/s.", ""]
+    lens = res["prompt_lengths"]
+    cols = " | ".join(f"prefill {n} tok/s (TTFT s)" for n in lens)
+    head += [f"| mode | budget | {cols} | decode tok/s | vs llama.cpp | hit rate | on CPU | copied | wait copies | "
+             "wait CPU | gap to bound |", "|" + "---|" * (len(lens) + 10)]
+    llama = next((r for r in res["rows"] if r["mode"].startswith("llama.cpp")), None)
+    for r in res["rows"]:
+        dec = r["decode"]
+        lookups = dec.get("hits", 0) + dec.get("misses", 0)
+        pre = " | ".join(f"{p['tok_s']:.1f} ({p['ttft_s']:.2f})" for p in r["prefill"])
+        vs = f"{dec['tok_s'] / llama['decode']['tok_s']:.2f}x" if llama else "-"
+        head.append(f"| {r['mode']} | {r['budget']} | {pre} | {dec['tok_s']:.1f} | {vs} | "
+                    f"{(dec.get('hits', 0) / lookups) if lookups else 1.0:.2f} | {dec.get('cpu_experts', '-')} | "
+                    f"{dec.get('copies', '-')} | {dec.get('wait_copy_share', 0):.0%} | {dec.get('wait_cpu_share', 0):.0%} | "
+                    + (f"{r['gap_to_bound']:.1f}x |" if "gap_to_bound" in r else "- |"))
+    return "\n".join(head) + "\n"
+
+
+def _plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in res["rows"] if r["budget"] != "-"]
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        sel = [r for r in rows if r["mode"] == mode]
+        ax.plot([float(r["budget"].split("=")[1]) for r in sel], [r["decode"]["tok_s"] for r in sel], marker="o",
+                label=mode)
+    for r in res["rows"]:
+        if r["budget"] == "-":
+            ax.axhline(r["decode"]["tok_s"], linestyle=":", color="gray" if r["mode"] == "all resident" else "black",
+                       label=r["mode"])
+    ax.set(xlabel="cache budget (" + (rows[0]["budget"].split("=")[0] if rows else "") + ")", ylabel="decode tokens/s",
+           title=f"{res['model']}: decode speed vs cache budget" + (" (emulated link)" if res["emulated"] else ""))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("bench", help="prefill/decode speed per cache mode and budget (and vs llama.cpp)")
+    s.add_argument("model", help="GGUF file or cache directory")
+    s.add_argument("--modes", default="lru,promoe,hybrid", help="comma-separated: lru, promoe, hybrid")
+    s.add_argument("--rates", default="0.25,0.5,0.75", help="cache rates (ignored with --gpu-mem)")
+    s.add_argument("--gpu-mem", default=None, help="one device memory budget instead of cache rates")
+    s.add_argument("--tokens", type=int, default=128, help="decode tokens")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    s.add_argument("--link", default="ratio=10", help="CPU only: the emulated link (see promoe run --help)")
+    s.add_argument("--vs-llamacpp", action="store_true", help="add stock llama.cpp's rows, same GGUF and threads")
+    s.add_argument("--out", default="bench/results/bench", help="output directory")
+    s.set_defaults(func=run)

@@ -1,0 +1,92 @@
+"""The CPU expert pool: routed experts the device does not hold, computed on the CPU from the host
+store with llama.cpp's kernels (ggml), while the device computes the rest.
+
+One worker thread with its own CPU backend (ggml parallelizes each product over `threads`); jobs
+run in submission order. Tokens move, weights do not: a job gets the expert's hidden rows on the host
+(on CUDA, copied without the compute thread waiting: the worker waits for the copy's event) and
+returns its output rows. A job that raises, or a worker that hangs past the caller's bound or dies,
+turns the pool off with a warning; callers then copy the expert to the device instead.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+log = logging.getLogger("promoe.runtime")
+
+
+class CpuJob:
+    """One expert over its tokens: out = down(silu(gate x) * up x), x on the host."""
+
+    def __init__(self, key, x, mats, ready=None):
+        self.key, self.x, self.mats, self.ready = key, x, mats, ready
+        self.out: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.done = threading.Event()
+
+    def wait(self, timeout: float) -> torch.Tensor | None:
+        """The output rows, or None if the job failed or did not finish within `timeout` seconds."""
+        if not self.done.wait(timeout) or self.error is not None:
+            return None
+        return self.out
+
+
+class CpuExpertPool:
+    def __init__(self, threads: int = 1, fault=None):
+        from ..backends.cpu import CpuBackend
+        self.backend = CpuBackend(n_threads=threads)
+        self.threads = threads
+        self.q: queue.Queue = queue.Queue()
+        self.alive = True
+        self.fault = fault                   # tests: called in the worker before each job
+        self.thread = threading.Thread(target=self._run, name="promoe-cpu-experts", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: CpuJob) -> CpuJob:
+        self.q.put(job)
+        return job
+
+    def run_now(self, x, mats) -> torch.Tensor:
+        """Synchronous, on the caller's thread (start-up probes, before the worker gets jobs)."""
+        return self.backend.expert_ffn(x, *mats)
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            try:
+                if self.fault is not None:
+                    self.fault()
+                if job.ready is not None:
+                    job.ready.synchronize()          # the hidden rows' copy to the host
+                t0 = time.perf_counter()
+                job.out = self.backend.expert_ffn(job.x, *job.mats)
+                job.seconds = time.perf_counter() - t0
+            except BaseException as e:  # noqa: BLE001 - reported to the waiting caller, pool turned off
+                job.error = e
+                if self.alive:
+                    self.alive = False
+                    log.warning("CPU expert worker failed on expert %s of layer %s (%s: %s); misses are copied "
+                                "to the device from now on", job.key[1], job.key[0], type(e).__name__, e)
+            finally:
+                job.done.set()
+
+    def mark_hung(self, job: CpuJob, waited: float) -> None:
+        if self.alive:
+            self.alive = False
+            log.warning("CPU expert worker did not finish expert %s of layer %s within %.1f s; misses are copied "
+                        "to the device from now on", job.key[1], job.key[0], waited)
+
+    def close(self) -> None:
+        self.alive = False
+        self.q.put(None)
+        self.thread.join(timeout=10)
+        if self.thread.is_alive():
+            log.warning("CPU expert worker did not stop within 10 s")
+        self.backend.close()

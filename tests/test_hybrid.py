@@ -1,0 +1,178 @@
+"""Hybrid execution: misses computed on the CPU pool (ggml) while the device computes hits.
+
+On this CPU machine the "device" is the CPU too (emulated link), and both sides compute with
+llama.cpp's reference kernels, so a hybrid run is bitwise equal to the all-resident run without
+weight repacking: the oracle. With the
+CUDA backend's code path (its kernels' host build standing in for the GPU: fp32 activations) the
+CPU's 8-bit activations make a placement-dependent difference, bounded by the native-quantized
+bound (5e-2) and deterministic for a placement.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from kernel_emu import Emu, build_emulator
+from promoe_gguf import Engine, ModelError, open_model
+from promoe_gguf.cli.info import gpu_plan
+
+TOKENS = np.random.default_rng(11).integers(0, 256, 24).tolist()
+SLOW_LINK = "ratio=10"                   # one expert's copy = 10 layers of decode compute
+
+
+@pytest.fixture(scope="module")
+def model_path(test_models):
+    return test_models[("llama", "Q4_K_M", "default")]
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    eng = Engine(model_path, n_ctx=128, n_batch=16, cpu_repack=False)     # the cache keeps the GGUF layout
+    return eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=24, temperature=0, ignore_eos=True))
+
+
+def _run(path, **kw):
+    eng = Engine(path, n_ctx=128, n_batch=16, cache_rate=0.5, policy="promoe", **kw)
+    try:
+        return eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=24, temperature=0, ignore_eos=True)), eng.stats
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("mode", ["auto", "all"])
+def test_hybrid_is_exact_when_both_sides_run_ggml(model_path, reference, mode):
+    logits, gen, st = _run(model_path, cpu_experts=mode, link=SLOW_LINK, predictor="gate")
+    assert np.array_equal(logits, reference[0])
+    assert gen == reference[1]
+    assert st["cpu_experts"] > 0 and st["copies_avoided"] == st["cpu_experts"]
+    assert st["decode_wait_copy_share"] < 0.5
+    assert set(st["cost_model"]) >= {"link_GBps", "cpu_GBps_1tok", "device_ms_per_expert"}
+
+
+def test_auto_copies_when_the_link_is_fast(model_path, reference):
+    """An unthrottled link lands a copy before the CPU could finish: the cost model copies."""
+    logits, gen, st = _run(model_path, cpu_experts="auto")
+    assert np.array_equal(logits, reference[0]) and gen == reference[1]
+    assert st["cpu_experts"] <= st["misses"] // 4, (st["cpu_experts"], st["misses"])
+
+
+def test_cpu_worker_that_raises_falls_back_to_copying(model_path, reference, caplog):
+    calls = []
+
+    def fault():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated ggml failure")
+    with caplog.at_level("WARNING", logger="promoe.runtime"):
+        logits, gen, st = _run(model_path, cpu_experts="all", link=SLOW_LINK, cpu_fault=fault)
+    assert np.array_equal(logits, reference[0]) and gen == reference[1]
+    assert "CPU expert worker failed" in caplog.text and "copied" in caplog.text
+    assert 2 <= st["cpu_experts"] <= 3                     # the jobs queued before the failure was seen
+
+
+def test_cpu_worker_that_hangs_is_bounded(model_path, reference, caplog):
+    def fault():
+        time.sleep(3.0)                                    # far beyond 50x an expert's measured time
+    t0 = time.perf_counter()
+    with caplog.at_level("WARNING", logger="promoe.runtime"):
+        logits, gen, st = _run(model_path, cpu_experts="all", link=SLOW_LINK, cpu_fault=fault)
+    assert np.array_equal(logits, reference[0]) and gen == reference[1]
+    assert "did not finish" in caplog.text
+    assert time.perf_counter() - t0 < 60
+
+
+def test_dead_copy_thread_sends_misses_to_the_cpu(model_path, reference, caplog):
+    def fault():
+        raise RuntimeError("simulated DMA error")
+    with caplog.at_level("WARNING", logger="promoe.runtime"):
+        logits, gen, st = _run(model_path, cpu_experts="auto", link=SLOW_LINK, fault=fault)
+    assert np.array_equal(logits, reference[0]) and gen == reference[1]
+    assert st["cpu_experts"] > 0
+
+
+def test_close_stops_every_thread(model_path):
+    before = {t.name for t in threading.enumerate()}
+    eng = Engine(model_path, n_ctx=64, cache_rate=0.5, policy="promoe", predictor="gate", cpu_experts="all",
+                 link=SLOW_LINK)
+    list(eng.generate(TOKENS[:4], max_tokens=4, temperature=0, ignore_eos=True))
+    assert {"promoe-cpu-experts", "promoe-copy", "promoe-predict"} <= {t.name for t in threading.enumerate()}
+    eng.close()
+    left = {t.name for t in threading.enumerate()} - before
+    assert not {n for n in left if n.startswith("promoe")}, left
+
+
+def test_predictor_state_resets_between_sequences(test_models):
+    """A new generate() starts the predictor from scratch: the MLP's per-sequence state is emptied."""
+    from promoe_gguf import DEFAULT_MODEL
+    from promoe_gguf.predict.mlp import MLPPredictor
+    path = DEFAULT_MODEL.replace("-q4_k_m.gguf", ".predictor.pt")
+    eng = Engine(DEFAULT_MODEL, n_ctx=128, cache_rate=0.5, policy="promoe", predictor=f"mlp:{path}", cpu_experts="off")
+    try:
+        pred = eng.source.prefetcher.predictor
+        assert isinstance(pred, MLPPredictor)
+        list(eng.generate("import os\n", max_tokens=6, temperature=0))
+        deadline = time.monotonic() + 10
+        while eng.source.prefetcher.q.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pred.prev                                   # state from the first sequence
+        eng._new_sequence()
+        while eng.source.prefetcher.q.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert pred.prev == {} and not pred.ema.any()
+    finally:
+        eng.close()
+
+
+def test_gpu_mem_fit_plan_equals_allocation(model_path):
+    """Engine(gpu_mem=...) allocates what `promoe info --gpu-mem` plans, within the budget."""
+    model = open_model(model_path)
+    full = gpu_plan(model, 1 << 40, "cpu", 96)
+    assert full["experts_on_device"] == full["experts_total"]           # everything fits: no cache
+    budget = full["total"] - full["expert_arena"] // 2
+    plan = gpu_plan(model, budget, "cpu", 96)
+    eng = Engine(model_path, n_ctx=96, gpu_mem=budget)
+    try:
+        mem = eng.memory
+        assert mem == {k: plan[k] for k in mem}
+        assert mem["total"] <= budget
+        assert len(eng.source.cache.slots) == plan["experts_on_device"] < plan["experts_total"]
+    finally:
+        eng.close()
+    with pytest.raises(ModelError, match="before any expert"):
+        Engine(model_path, n_ctx=96, gpu_mem=full["resident"])
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return Emu(build_emulator())
+
+
+def test_hybrid_with_fp32_device_is_deterministic_and_bounded(test_models, emu):
+    """CUDA code path (fp32 activations) for hits, ggml (8-bit activations) on the CPU for misses:
+    two runs agree bit for bit, and stay within 5e-2 of the all-resident CUDA-path run."""
+    path = test_models[("llama", "Q4_K_M", "default")]
+    tokens = TOKENS[:6]
+
+    def decode(**kw):
+        eng = Engine(path, n_ctx=32, launcher=emu.launcher, **kw)
+        try:
+            kv = eng.decoder.new_cache(32)
+            eng.decoder.forward(torch.tensor(tokens[:2]), kv)
+            out = torch.cat([eng.decoder.forward(torch.tensor([t]), kv) for t in tokens[2:]]).numpy()
+            return out, eng.stats
+        finally:
+            eng.close()
+    ref, _ = decode()
+    a, st = decode(cache_rate=0.5, policy="promoe", cpu_experts="all")
+    b, _ = decode(cache_rate=0.5, policy="promoe", cpu_experts="all")
+    assert st["cpu_experts"] > 0
+    assert np.array_equal(a, b)
+    err = oracle.rel_l2(a, ref)
+    print(f"hybrid (CPU ggml misses, fp32 device hits) vs all on the device: {err:.2e}")
+    assert 0 < err <= 5e-2
