@@ -130,3 +130,21 @@ def test_position_is_absolute_across_steps(test_models, tmp_path):
     with Engine(p, check_numerics=True, n_batch=1) as eng, pytest.raises(NonFiniteError) as err:
         eng.logits(TOKENS)
     assert f"layer 0, expert {e} (at position {t})" in str(err.value)
+
+
+def test_all_finite_is_exact():
+    """The fast sum-based check never misses a NaN or inf, and a sum that overflows on finite values
+    (3e38 + 3e38) does not count as non-finite."""
+    import torch
+    from promoe_gguf.numerics import all_finite
+    x = torch.zeros(4, 300)
+    assert all_finite(x)
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[2, 123] = bad
+        assert not all_finite(y)
+    y = x.clone()
+    y[0, 0], y[1, 1] = math.inf, -math.inf                       # sum is NaN
+    assert not all_finite(y)
+    big = torch.full((4, 300), 3e38)
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big)
