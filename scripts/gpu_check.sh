@@ -82,7 +82,7 @@ bench_rc=${PIPESTATUS[0]}
 # 5. end to end through the Engine (uses the bandwidths step 4 measured, if it got that far)
 D2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['d2d_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 4000)
 H2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['h2d_pinned_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 50)
-timeout 210 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --d2d "$D2D" --h2d "$H2D" 2>&1 | tee "$OUT/e2e.txt"
+timeout 210 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --tokens 24 --d2d "$D2D" --h2d "$H2D" 2>&1 | tee "$OUT/e2e.txt"
 e2e_rc=${PIPESTATUS[0]}
 
 echo "gpu_check: pytest exit $test_rc, bench exit $bench_rc, e2e exit $e2e_rc; results in $OUT"

@@ -94,13 +94,20 @@ def build_model(path: Path, n_layers: int, seed: int = 0) -> Path:
 
 
 def count_per_token(torch, eng, prompt, n: int) -> dict:
-    """Kernels (profiler) and host syncs (sync debug mode) of n decode tokens, per token."""
+    """Kernels (profiler) and host syncs (sync debug mode) of n decode tokens, per token; on the CPU
+    (a dry run of this script) only the backend's own counters."""
     from torch.profiler import ProfilerActivity, profile
     gen = eng.generate(prompt, max_tokens=n + 1, temperature=0, ignore_eos=True)
     next(gen)                                          # prefill + first token outside the window
-    torch.cuda.synchronize()
     be = eng.backend
     l0, s0 = be.launches, be.host_syncs
+    moe = len(eng.config.moe_layers)
+    if eng.device.type != "cuda":
+        for _ in gen:
+            pass
+        return {"kernels_per_token": None, "syncs_per_token": None, "moe_layers": moe, "kernels_per_moe_layer": None,
+                "backend_launches_per_token": (be.launches - l0) / n, "backend_syncs_per_token": (be.host_syncs - s0) / n}
+    torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CUDA]) as prof:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -113,28 +120,29 @@ def count_per_token(torch, eng, prompt, n: int) -> dict:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    moe = len(eng.config.moe_layers)
     return {"kernels_per_token": len(kernels) / n, "syncs_per_token": len(syncs) / n,
             "backend_launches_per_token": (be.launches - l0) / n, "backend_syncs_per_token": (be.host_syncs - s0) / n,
             "moe_layers": moe, "kernels_per_moe_layer": len(kernels) / n / moe}
 
 
-def run(model: Path, tokens: int, d2d_GBps: float, h2d_GBps: float, rates=(0.25, 0.5)) -> dict:
+def run(model: Path, tokens: int, d2d_GBps: float, h2d_GBps: float, rates=(0.25, 0.5), device: str = "cuda") -> dict:
     import torch
     from promoe_gguf import Engine
     prompt = list(range(1, 17))
     rows = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    link = {} if device == "cuda" else {"link": "ratio=10"}            # CPU dry run: an emulated link
 
     def one(**kw):
-        eng = Engine(str(model), device="cuda", n_ctx=256, **kw)
+        eng = Engine(str(model), device=device, n_ctx=256, **(link if kw else {}), **kw)
         try:
             list(eng.generate(prompt, max_tokens=2, temperature=0, ignore_eos=True))   # warm-up: compile
             eng.timing.__init__()
-            torch.cuda.synchronize()
+            sync()
             out = list(eng.generate(prompt, max_tokens=tokens, temperature=0, ignore_eos=True))
-            torch.cuda.synchronize()
+            sync()
             counts = count_per_token(torch, eng, prompt, 4)
-            return out, eng.timing, eng.stats, eng.memory, counts, dict(eng.backend.failed)
+            return out, eng.timing, eng.stats, eng.memory, counts, dict(getattr(eng.backend, "failed", {}))
         finally:
             eng.close()
 
@@ -162,9 +170,12 @@ def run(model: Path, tokens: int, d2d_GBps: float, h2d_GBps: float, rates=(0.25,
                      "cpu_experts_run": st.get("cpu_experts", 0), "cost_model": st.get("cost_model"),
                      "bytes_h2d_per_token": per_tok_h2d, "bound_s_per_token": bound,
                      "gap_to_bound": (1 / tg) / bound if tg else None, "memory": mem, **counts})
+        per_layer = (f"{counts['kernels_per_moe_layer']:.1f} kernels and {counts['syncs_per_token'] / counts['moe_layers']:.2f} "
+                     f"syncs per MoE layer" if counts["kernels_per_token"] is not None else
+                     f"{counts['backend_launches_per_token'] / counts['moe_layers']:.1f} backend calls per MoE layer")
         print(f"e2e {kw or 'all resident'}: decode {tg:.1f} tok/s (gap to bound {rows[-1]['gap_to_bound']:.1f}x), "
-              f"prefill {pp:.0f} tok/s, stall {st['stall_s']:.3f} s, {counts['kernels_per_moe_layer']:.1f} kernels and "
-              f"{counts['syncs_per_token'] / counts['moe_layers']:.2f} syncs per MoE layer", flush=True)
+              f"prefill {pp:.0f} tok/s, stall {st['stall_s']:.3f} s, greedy agreement {agree:.2f}, {per_layer}",
+              flush=True)
     return {"status": "ok", "tokens": tokens, "rows": rows}
 
 
@@ -175,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--d2d", type=float, default=4000.0, help="device bandwidth, GB/s (gpu_bench measures it)")
     ap.add_argument("--h2d", type=float, default=50.0, help="pinned host-to-device bandwidth, GB/s")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu for a dry run of this script (emulated link)")
     args = ap.parse_args(argv)
     path = Path(f"/tmp/promoe-synth-mixtral-{args.layers}l.gguf")
     t0 = time.time()
@@ -182,7 +194,7 @@ def main(argv=None) -> int:
         build_model(path, args.layers)
     print(f"synthetic Mixtral-shaped model: {args.layers} layers, ready in {time.time() - t0:.0f} s", flush=True)
     try:
-        res = run(path, args.tokens, args.d2d, args.h2d)
+        res = run(path, args.tokens, args.d2d, args.h2d, device=args.device)
     except Exception as e:  # noqa: BLE001 - record the failure, then fail loudly
         import traceback
         traceback.print_exc()

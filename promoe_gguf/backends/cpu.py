@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,13 +33,12 @@ REPACKABLE = {"Q4_0", "Q4_K", "IQ4_NL", "Q8_0", "Q2_K", "Q5_K", "Q6_K", "MXFP4"}
 TORCH_TO_GGML = {torch.float32: GGML_TYPE_F32, torch.int32: GGML_TYPE_I32}
 
 
-@dataclass(frozen=True)
-class Leaf:
+class Leaf(NamedTuple):
     """A graph input: ggml type, ne (ggml order), nb (bytes); `repacked`: a weight in llama.cpp's
-    CPU_REPACK buffer (its input pointer is then a Repacked handle)."""
+    CPU_REPACK buffer (its input pointer is then a Repacked handle). A tuple: it is hashed per call."""
     gtype: int
-    ne: tuple[int, ...]
-    nb: tuple[int, ...]
+    ne: tuple
+    nb: tuple
     repacked: bool = False
 
 
@@ -52,13 +51,22 @@ class Repacked:
     extra: int
 
 
+_LEAVES: dict = {}
+
+
 def leaf_of(t: torch.Tensor) -> tuple[Leaf, int]:
     """A torch tensor's memory as a ggml tensor (dims reversed: ggml's ne0 is torch's last dim).
     Any strides, but rows must be contiguous (the caller keeps `t` alive through the compute)."""
-    if t.device.type != "cpu" or t.stride(-1) != 1:
-        raise ModelError(f"the CPU backend needs row-contiguous CPU tensors (got {t.device}, strides {t.stride()})")
-    g = TORCH_TO_GGML[t.dtype]
-    return Leaf(g, tuple(reversed(t.shape)), tuple(s * t.element_size() for s in reversed(t.stride()))), t.data_ptr()
+    key = (t.dtype, t.shape, t.stride())
+    leaf = _LEAVES.get(key)
+    if leaf is None:
+        if t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ModelError(f"the CPU backend needs row-contiguous CPU tensors (got {t.device}, strides {t.stride()})")
+        es = t.element_size()
+        leaf = _LEAVES[key] = Leaf(TORCH_TO_GGML[t.dtype], tuple(t.shape[::-1]), tuple(s * es for s in t.stride()[::-1]))
+        if len(_LEAVES) > 65536:
+            _LEAVES.clear()
+    return leaf, t.data_ptr()
 
 
 def _weight_leaf(repacked: dict, gtype: int, ne: tuple, nb: tuple, addr: int):
@@ -75,6 +83,8 @@ class _Graph:
     plan: CPlan
     leaves: tuple[int, ...]
     out: int
+    data: tuple = ()             # a ctypes handle on each leaf's `data` field, then the output's
+    work: int = -1               # the work buffer address the plan holds
 
 
 class CpuBackend(Backend):
@@ -86,8 +96,9 @@ class CpuBackend(Backend):
         self.device = torch.device("cpu")
         self.n_threads = max(1, int(n_threads or 1))
         self.g = lib()
-        self._graphs: OrderedDict = OrderedDict()
+        self._graphs: dict = {}
         self._repacked: dict = {}            # (address, ne) of a weight -> Repacked
+        self._leaves: dict = {}              # weight -> its graph leaf (after any repacking)
         self._repack_ctx = None
         self._work = torch.empty(0, dtype=torch.uint8)
         self.compute_s = 0.0                 # wall time inside ggml's kernels (benchmarks read it)
@@ -98,15 +109,26 @@ class CpuBackend(Backend):
 
     # ---- weights in llama.cpp's CPU_REPACK layout -----------------------------------------------
     def leaf_of_weight(self, w: QMatrix):
-        """A weight in its GGUF encoding (rows of row_bytes; 3-D: a stack of matrices), or its repacked copy."""
+        """A weight in its GGUF encoding (rows of row_bytes; 3-D: a stack of matrices), or its repacked
+        copy; memoized per weight (resident weights are asked for every token)."""
+        hit = self._leaves.get(id(w))
+        if hit is not None and hit[0] is w:
+            return hit[1]
         rb = w.row_bytes
         if len(w.shape) == 3:
-            return _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows, w.shape[0]), (0, rb, rb * w.rows), w.addr)
-        return _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows), (0, rb), w.addr)
+            leaf = _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows, w.shape[0]), (0, rb, rb * w.rows), w.addr)
+        else:
+            leaf = _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows), (0, rb), w.addr)
+        self._leaves[id(w)] = (w, leaf)
+        return leaf
 
     def leaf_of_stack(self, m: StackedMatrix):
         """Every expert's matrix of a layer: expert i at addr + i * stride (or the repacked copy)."""
-        return _weight_leaf(self._repacked, int(m.qtype), (m.cols, m.rows, m.count), (0, m.row_bytes, m.stride), m.addr)
+        hit = self._leaves.get(m)
+        if hit is None:
+            hit = self._leaves[m] = _weight_leaf(self._repacked, int(m.qtype), (m.cols, m.rows, m.count),
+                                                 (0, m.row_bytes, m.stride), m.addr)
+        return hit
 
     def repack(self, addr: int, qtype, ne: tuple, nbytes: int) -> bool:
         """Copy a contiguous weight (ne in ggml order) into a CPU_REPACK buffer, as llama.cpp loads it
@@ -134,6 +156,7 @@ class CpuBackend(Backend):
         with quiet_stderr():                               # ggml logs every repacked tensor
             b.ggml_backend_tensor_set(t, addr, 0, nbytes)
         self._repacked[(addr, ne)] = Repacked(t, buf, base, g.get_extra(t))
+        self._leaves.clear()                                   # leaves made before now point at the GGUF bytes
         return True
 
     def repack_weight(self, w: QMatrix) -> bool:
@@ -156,27 +179,30 @@ class CpuBackend(Backend):
             self._work = torch.empty(nbytes, dtype=torch.uint8)
 
     # ---- graph plumbing ------------------------------------------------------------------------
-    def _compute(self, key, inputs: list[tuple[Leaf, int]], build, out: torch.Tensor):
+    def _compute(self, key, inputs: list[tuple[Leaf, int]], build, out):
         """Run the cached graph `key` (made by build(ctx, *leaf tensors) on first use) with its leaves
-        pointing at `inputs` and its result written into `out`."""
-        full_key = (key, tuple(leaf for leaf, _ in inputs))
+        pointing at `inputs` and its result (a tuple: results) written into `out` (a tuple: outs)."""
+        full_key = (key, tuple([leaf for leaf, _ in inputs]))
         gr = self._graphs.get(full_key)
         if gr is None:
             gr = self._build(full_key, inputs, build)
-        else:
-            self._graphs.move_to_end(full_key)
-        set_data = self.g.set_data
-        for t, (leaf, p) in zip(gr.leaves, inputs):
+        for h, t, (leaf, p) in zip(gr.data, gr.leaves, inputs):
             if leaf.repacked:
-                set_data(t, p.base)
+                h.value = p.base
                 self.g.set_buffer_extra(t, p.buffer, p.extra)
             else:
-                set_data(t, p)
-        set_data(gr.out, out.data_ptr())
+                h.value = p
+        if isinstance(out, tuple):
+            for h, o in zip(gr.data[len(inputs):], out):
+                h.value = o.data_ptr()
+        else:
+            gr.data[-1].value = out.data_ptr()
         plan = gr.plan
-        if plan.work_size > self._work.numel():
-            self._work = torch.empty(plan.work_size, dtype=torch.uint8)
-        plan.work_data = self._work.data_ptr() if plan.work_size else None
+        if plan.work_size:
+            if plan.work_size > self._work.numel():
+                self._work = torch.empty(plan.work_size, dtype=torch.uint8)
+            if gr.work != self._work.data_ptr():
+                gr.work = plan.work_data = self._work.data_ptr()
         self.launches += 1
         t0 = time.perf_counter()
         rc = self.g.cpu.ggml_graph_compute(gr.graph, ctypes.byref(plan))
@@ -189,10 +215,11 @@ class CpuBackend(Backend):
         b = self.g.base
         scratch = self._graph_in(inputs, build, 0, measure=True)       # first pass: sizes only
         gr = self._graph_in(inputs, build, scratch)
+        outs = gr.out if isinstance(gr.out, tuple) else (gr.out,)
+        gr.data = tuple(ctypes.c_void_p.from_address(t + self.g.data_offset) for t in (*gr.leaves, *outs))
+        if len(self._graphs) >= MAX_GRAPHS:                           # the oldest graph goes
+            b.ggml_free(self._graphs.pop(next(iter(self._graphs))).ctx)
         self._graphs[key] = gr
-        if len(self._graphs) > MAX_GRAPHS:
-            _, old = self._graphs.popitem(last=False)
-            b.ggml_free(old.ctx)
         return gr
 
     def _graph_in(self, inputs, build, scratch_bytes: int, measure: bool = False):
@@ -222,7 +249,8 @@ class CpuBackend(Backend):
         b.ggml_set_no_alloc(ctx, measure)            # intermediate results live in the context
         out = build(ctx, *ts)
         graph = b.ggml_new_graph_custom(ctx, 64, False)
-        b.ggml_build_forward_expand(graph, out)
+        for o in (out if isinstance(out, tuple) else (out,)):
+            b.ggml_build_forward_expand(graph, o)
         if measure:
             need = sum(b.ggml_nbytes(b.ggml_graph_node(graph, i)) + MEM_ALIGN for i in range(b.ggml_graph_n_nodes(graph)))
             b.ggml_free(ctx)
@@ -239,6 +267,28 @@ class CpuBackend(Backend):
         y = torch.empty((*x.shape[:-1], w.rows), dtype=torch.float32)
         mm = self.g.base.ggml_mul_mat
         return self._compute(("mul_mat",), [self.leaf_of_weight(w), leaf_of(x)], lambda ctx, a, b: mm(ctx, a, b), y)
+
+    def linears(self, x: torch.Tensor, ws) -> tuple:
+        """x @ W^T for several weights sharing the input (q, k, v): one graph, one call."""
+        x = _f32(x)
+        mm = self.g.base.ggml_mul_mat
+        outs = tuple(torch.empty((*x.shape[:-1], w.rows), dtype=torch.float32) for w in ws)
+        n = len(ws)
+        return self._compute(("mul_mats", n), [*(self.leaf_of_weight(w) for w in ws), leaf_of(x)],
+                             lambda ctx, *ls: tuple(mm(ctx, lw, ls[n]) for lw in ls[:n]), outs)
+
+    def router(self, x: torch.Tensor, w: QMatrix, gating: str):
+        """(logits, probs): the router's product and softmax (or sigmoid) in one graph, as build_moe_ffn."""
+        x = _f32(x)
+        b = self.g.base
+        act = b.ggml_sigmoid if gating == "sigmoid" else b.ggml_soft_max
+        logits = torch.empty((x.shape[0], w.rows), dtype=torch.float32)
+
+        def build(ctx, lw, lx):
+            lg = b.ggml_mul_mat(ctx, lw, lx)
+            return lg, act(ctx, lg)
+        return self._compute(("router", gating), [self.leaf_of_weight(w), leaf_of(x)], build,
+                             (logits, torch.empty_like(logits)))
 
     def ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
         """down(silu(gate x) * up x): x [n, d] -> [n, d], as llama.cpp's build_ffn (SILU, PAR): a
@@ -314,9 +364,17 @@ class CpuBackend(Backend):
                              lambda ctx, lx, lw: b.ggml_mul(ctx, b.ggml_rms_norm(ctx, lx, eps), lw), y)
 
     def add_rms_norm(self, x, r, w, eps: float, scale: float = 1.0):
-        """(x + r * scale, rms_norm(that) * w): a residual add followed by the next block's norm."""
-        x = x + (r * scale if scale != 1.0 else r)
-        return x, self.rms_norm(x, w, eps)
+        """(x + r * scale, rms_norm(that) * w): a residual add followed by the next block's norm, one graph."""
+        if scale != 1.0:
+            r = r * scale                                 # ggml_scale: the same float product
+        x, r = _f32(x), _f32(r)
+        b = self.g.base
+
+        def build(ctx, lx, lr, lw):
+            s = b.ggml_add(ctx, lx, lr)
+            return s, b.ggml_mul(ctx, b.ggml_rms_norm(ctx, s, eps), lw)
+        return self._compute(("add_rms_norm", float(eps)), [leaf_of(x), leaf_of(r), leaf_of(w)], build,
+                             (torch.empty_like(x), torch.empty_like(x)))
 
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
         x = _f32(x)
@@ -340,16 +398,21 @@ class CpuBackend(Backend):
 
     def rope(self, x: torch.Tensor, spec, step) -> torch.Tensor:
         """ggml_rope_ext over x [T, heads, D] (the first n_dims of each head rotate)."""
+        return self.rope_many((x,), spec, step)[0]
+
+    def rope_many(self, xs, spec, step) -> tuple:
+        """ggml_rope_ext over each x [T, heads, D] (q and k): one graph, one call."""
         pos = step.tables.get("pos_i32")
         if pos is None:
             self.prepare(step, spec)
             pos = step.tables["pos_i32"]
         b = self.g.base
-        y = torch.empty(x.shape, dtype=torch.float32)
         args = (spec.n_dims, spec.mode, spec.n_ctx_orig, spec.base, spec.freq_scale, spec.ext_factor,
                 spec.attn_factor, spec.beta_fast, spec.beta_slow)
-        return self._compute(("rope", args), [leaf_of(x.float()), leaf_of(pos)],
-                             lambda ctx, lx, lp: b.ggml_rope_ext(ctx, lx, lp, None, *args), y)
+        n = len(xs)
+        return self._compute(("rope", n, args), [*(leaf_of(x.float()) for x in xs), leaf_of(pos)],
+                             lambda ctx, *ls: tuple(b.ggml_rope_ext(ctx, lx, ls[n], None, *args) for lx in ls[:n]),
+                             tuple(torch.empty(x.shape, dtype=torch.float32) for x in xs))
 
     def attention(self, q, cache, layer: int, step, scale: float) -> torch.Tensor:
         """q [T, H, Dk] against the cache's first P' positions -> [T, H*Dv], as llama.cpp's non-flash
@@ -406,6 +469,8 @@ def merged_gate_up(stack: ExpertStack) -> StackedMatrix | None:
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype is torch.float32 and x.is_contiguous():
+        return x
     if x.device.type != "cpu":
         raise ModelError(f"the CPU backend got activations on {x.device}")
     return x.to(torch.float32).contiguous()

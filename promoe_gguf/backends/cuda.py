@@ -108,6 +108,13 @@ class CudaBackend(Backend):
                 return yt
         return x @ dequantize_torch(w.data, w.qtype, w.shape).T
 
+    def linears(self, x: torch.Tensor, ws) -> tuple:
+        return tuple(self.linear(x, w) for w in ws)
+
+    def router(self, x: torch.Tensor, w: QMatrix, gating: str):
+        logits = self.linear(x, w)
+        return logits, (torch.sigmoid(logits) if gating == "sigmoid" else torch.softmax(logits, dim=-1))
+
     def _tiled_gemm(self, x: torch.Tensor, w: QMatrix) -> torch.Tensor | None:
         """Prefill: W dequantized a tile of rows at a time, each tile times x^T by cuBLAS (y^T rows)."""
         dt = self.prefill_dtype
@@ -160,6 +167,9 @@ class CudaBackend(Backend):
         if tables is None:
             tables = step.tables[spec] = torch_ops.rope_tables(spec, step.pos)
         return torch_ops.rope(x, spec, tables)
+
+    def rope_many(self, xs, spec, step) -> tuple:
+        return tuple(self.rope(x, spec, step) for x in xs)
 
     def attention(self, q, cache, layer: int, step, scale: float) -> torch.Tensor:
         end = step.n_past + step.n_tokens

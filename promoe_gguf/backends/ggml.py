@@ -68,6 +68,7 @@ class Lib:
             ("ggml_mul_mat_id", _vp, [_vp, _vp, _vp, _vp]),
             ("ggml_swiglu_split", _vp, [_vp, _vp, _vp]),
             ("ggml_mul", _vp, [_vp, _vp, _vp]),
+            ("ggml_add", _vp, [_vp, _vp, _vp]),
             ("ggml_view_3d", _vp, [_vp, _vp, _i64, _i64, _i64, _sz, _sz, _sz]),
             ("ggml_rms_norm", _vp, [_vp, _vp, ctypes.c_float]),
             ("ggml_soft_max", _vp, [_vp, _vp]),

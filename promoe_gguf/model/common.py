@@ -143,9 +143,9 @@ class Step:
         return self.pos.numel()
 
 
-def route(logits, cfg, backend, bias=None):
-    """Router logits [T, E] -> (ids [T, k] long, weights [T, k] float32), as llama.cpp's build_moe_ffn."""
-    probs = backend.sigmoid(logits) if cfg.gating == "sigmoid" else backend.softmax(logits)
+def route(probs, cfg, bias=None):
+    """Router probabilities [T, E] (softmax or sigmoid of the logits) -> (ids [T, k] long, weights
+    [T, k] float32), as llama.cpp's build_moe_ffn."""
     select = probs if bias is None else probs + bias
     if cfg.n_expert_groups > 1:
         T, E = select.shape

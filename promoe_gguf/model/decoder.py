@@ -75,17 +75,17 @@ class Decoder:
                                 W.mat(f"{prefix}_down{suffix}.weight"))
 
     def qkv(self, layer: int, h):
-        """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] from attn_q/k/v (with biases if present)."""
-        c, p, T = self.cfg, f"blk.{layer}.", h.shape[0]
-        q = self.linear(h, p + "attn_q", bias=True).view(T, c.n_head, c.head_dim_k)
-        k = self.linear(h, p + "attn_k", bias=True).view(T, c.n_head_kv, c.head_dim_k)
-        v = self.linear(h, p + "attn_v", bias=True).view(T, c.n_head_kv, c.head_dim_v)
-        return q, k, v
+        """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] from attn_q/k/v (with biases if present), in one call."""
+        c, p, T, W = self.cfg, f"blk.{layer}.", h.shape[0], self.W
+        names = (p + "attn_q", p + "attn_k", p + "attn_v")
+        outs = self.backend.linears(h, [W.mat(n + ".weight") for n in names])
+        q, k, v = (y if (b := W.vec(n + ".bias", optional=True)) is None else y + b for y, n in zip(outs, names))
+        return q.view(T, c.n_head, c.head_dim_k), k.view(T, c.n_head_kv, c.head_dim_k), v.view(T, c.n_head_kv, c.head_dim_v)
 
     def standard_attention(self, layer: int, q, k, v, step: Step):
         """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] before RoPE -> attn_output projection [T, d]."""
         be = self.backend
-        q, k = be.rope(q, self.rope, step), be.rope(k, self.rope, step)
+        q, k = be.rope_many((q, k), self.rope, step)
         step.cache.append(layer, k, v)
         a = be.attention(q, step.cache, layer, step, self.kq_scale)
         return self.linear(a, f"blk.{layer}.attn_output")
@@ -93,9 +93,9 @@ class Decoder:
     def routed_experts(self, layer: int, h):
         """Router -> top-k -> the expert seam. h [T, d] -> [T, d]."""
         p = f"blk.{layer}."
-        logits = self.linear(h, p + "ffn_gate_inp")                       # [T, E]
+        logits, probs = self.backend.router(h, self.W.mat(p + "ffn_gate_inp.weight"), self.cfg.gating)   # [T, E]
         self.numerics.check(logits, layer, "router")                       # issue 13
-        ids, w = route(logits, self.cfg, self.backend, self.W.vec(p + "exp_probs_b.bias", optional=True))
+        ids, w = route(probs, self.cfg, self.W.vec(p + "exp_probs_b.bias", optional=True))
         return self.experts(layer, h, ids, w, logits)
 
     def shared_expert(self, layer: int, h):
