@@ -11,9 +11,11 @@ import torch
 
 from .errors import ModelError
 from .format import open_model
+from .format.validate import check_kv_cache
 from .model import build_decoder
 from .model.common import check_tokens
 from .model.experts import ExpertSource, MoEExperts
+from .numerics import attach as attach_numerics
 from .sampling import Sampler
 from .tokenizer import Tokenizer
 
@@ -53,12 +55,15 @@ class Engine:
     ggml has kernels for it (llama.cpp's default: same kernels, same results, faster prefill); an
     engine with an expert cache keeps the GGUF layout (the cache emulates device memory).
     `launcher`: tests only, runs the CUDA backend's kernel launches on another executor (the CPU
-    build of the kernels). Other expert caching options are passed to the runtime's source.
+    build of the kernels). `check_numerics`: check every block for NaN/inf and name the first that
+    produced one (the logits are always checked). Other expert caching options are passed to the
+    runtime's source.
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
                  predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, launcher=None,
-                 cpu_experts="auto", cpu_threads=None, gpu_mem=None, cpu_repack=True, **runtime_options):
+                 cpu_experts="auto", cpu_threads=None, gpu_mem=None, cpu_repack=True, check_numerics=False,
+                 **runtime_options):
         from . import DEFAULT_MODEL
         from .backends import make_backend
         from .runtime import make_source
@@ -74,6 +79,7 @@ class Engine:
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
         if self.n_ctx > train_ctx:
             raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
+        check_kv_cache(self.model, self.n_ctx, self.device)            # issue 13: before allocating it
         self.backend = make_backend(self.device, n_threads=n_threads or default_threads(), launcher=launcher)
         if cache_rate is None and cache_mem is None:
             from .memory import default_gpu_mem, fit_cache
@@ -88,6 +94,7 @@ class Engine:
         try:
             self.experts = MoEExperts(self.source, self.backend)
             self.decoder = build_decoder(self.model, self.experts, self.backend)
+            attach_numerics(self.decoder, self.experts, check_numerics, self.model_path)   # issue 13
             self.cache = self.decoder.new_cache(self.n_ctx)
             if cpu_repack and self.backend.kind == "cpu" and type(self.source) is ExpertSource:
                 self._repack()

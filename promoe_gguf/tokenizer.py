@@ -1,7 +1,7 @@
 """The model's own tokenizer and chat template, through llama.cpp (llama-cpp-python, vocab only)."""
 from __future__ import annotations
 
-from .errors import ModelError
+from .errors import ModelError, one_line
 from .util import quiet_stderr
 
 
@@ -19,8 +19,12 @@ class Tokenizer:
             if self.model.metadata("tokenizer.ggml.model") in (None, "none", "no_vocab"):
                 raise ModelError(f"{self.model.path}: the model has no tokenizer (pass token ids instead)")
             import llama_cpp
-            with quiet_stderr():
-                self._llama = llama_cpp.Llama(self.model.gguf_path, vocab_only=True, verbose=False)
+            try:
+                with quiet_stderr():
+                    self._llama = llama_cpp.Llama(self.model.gguf_path, vocab_only=True, verbose=False)
+            except (ValueError, RuntimeError) as e:   # llama.cpp refuses the tokenizer.* metadata
+                raise ModelError(f"{self.model.path}: llama.cpp cannot load the tokenizer (tokenizer.ggml.* "
+                                 f"metadata): {one_line(e)}") from e
         return self._llama
 
     def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:

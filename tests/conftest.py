@@ -31,3 +31,13 @@ def test_models() -> dict:
     """{(arch, quant_name, variant): path} for every model make_test_model.build_models() makes
     (see make_test_model.llama_cpp_loads for the layouts stock llama.cpp refuses)."""
     return make_test_model.build_models(test_models_dir())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (the 10,000-case fuzz runs) run only when asked for: pytest -m slow."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow (see README)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -71,12 +71,19 @@ def _instrument(eng, rec: Recorder):
         rec.events.append(("sync", "to_host"))
         return to_host(t)
     dec.attention, be._launch, be.to_host = att, lch, host
+    check = dec.numerics.logits
+
+    def logits_check(t):                              # after the output head: the step's logits check
+        rec.events.append(("head", None))
+        return check(t)
+    dec.numerics.logits = logits_check
 
 
 def _per_layer(events) -> list[dict]:
+    """One record per layer, and a last one for the step's logits check (kind "head")."""
     layers, cur = [], None
     for kind, what in events:
-        if kind == "layer":
+        if kind in ("layer", "head"):
             cur = {"ops": [], "launches": 0, "syncs": []}
             layers.append(cur)
         elif cur is None:
@@ -106,8 +113,11 @@ def test_decode_step_budget(test_models, emu, cache):
             eng.decoder.forward(torch.tensor([5]), kv)
     finally:
         eng.close()
-    layers = _per_layer(rec.events)
+    *layers, head = _per_layer(rec.events)
     assert len(layers) == eng.config.n_layers
+    # issue 13: the logits are checked for NaN/inf once per step (one sync, which the sampler's own
+    # read of the token would wait for anyway)
+    assert head["syncs"] == ["is_nonzero"] and len(head["ops"]) <= 3, head
     for i, L in enumerate(layers):
         n = len(L["ops"]) + L["launches"]
         print(f"layer {i}: {len(L['ops'])} aten ops + {L['launches']} launches = {n}; syncs {L['syncs']}; "

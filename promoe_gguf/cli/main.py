@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 
 
 def _convert(args) -> int:
@@ -55,17 +56,49 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # so `finally`/cleanup paths run (e.g. convert removes its temp dir)
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """`--debug` before or after the subcommand (the subcommand's copy only sets it when given)."""
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show the full traceback of an error")
+
+
+def report_error(e: BaseException, debug: bool) -> int:
+    """Print `promoe: error: ...` (bad input, exit 2) or `promoe: internal error: ...` (exit 1)."""
+    if debug:
+        traceback.print_exception(type(e), e, e.__traceback__)
+    if isinstance(e, ModelError):
+        print(f"promoe: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError) and e.filename is not None:     # a path the user gave: missing, no access, full
+        print(f"promoe: error: {e.filename}: {e.strerror or one_line(e)}", file=sys.stderr)
+        return 2
+    if isinstance(e, MemoryError):
+        print("promoe: error: out of memory", file=sys.stderr)
+        return 1
+    hint = "" if debug else " (run with --debug for the traceback)"
+    print(f"promoe: internal error: {type(e).__name__}: {one_line(e)}{hint}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
-    except ModelError as e:
-        print(f"promoe: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("promoe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                      # `promoe run ... | head`: the reader left, not an error
+        sys.stderr.close()
+        return 0
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line and an exit status
+        return report_error(e, args.debug)
 
 
 if __name__ == "__main__":

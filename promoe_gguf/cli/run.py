@@ -1,6 +1,7 @@
 """`promoe run [MODEL] -p TEXT -n N` and `promoe logits MODEL --tokens ... --out FILE.npy`."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -9,6 +10,17 @@ import tempfile
 import numpy as np
 
 from ..errors import ModelError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 threads or a 0-token batch is a usage error, not a crash)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n
 
 
 def add_cache_flags(p) -> None:
@@ -28,10 +40,13 @@ def add_cache_flags(p) -> None:
     p.add_argument("--link", default=None,
                    help="CPU emulation of the host-to-device link: '25GB/s' or 'ratio=10' (copy of one expert "
                         "takes 10x one layer's decode compute)")
-    p.add_argument("--n-ctx", type=int, default=None, help="context length (KV cache size)")
-    p.add_argument("--n-batch", type=int, default=64, help="prefill chunk size")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--n-ctx", type=positive_int, default=None, help="context length (KV cache size)")
+    p.add_argument("--n-batch", type=positive_int, default=64, help="prefill chunk size")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="CPU threads of ggml and torch (default 1: the tiny default model decodes fastest on one)")
+    p.add_argument("--check-numerics", action="store_true",
+                   help="check every layer's blocks for NaN/inf and name the first that produced one "
+                        "(the logits are always checked)")
 
 
 def add_sampling_flags(p, repeat_penalty: float = 1.0) -> None:
@@ -64,7 +79,7 @@ def engine_from_args(args, model=None):
                   cache_mem=parse_mem(args.cache_mem), gpu_mem=parse_mem(args.gpu_mem, "--gpu-mem"),
                   policy=args.policy, predictor=args.predictor, link=args.link, n_ctx=args.n_ctx,
                   n_batch=args.n_batch, n_threads=args.threads, cpu_experts=args.cpu_experts,
-                  cpu_threads=args.cpu_threads)
+                  cpu_threads=args.cpu_threads, check_numerics=args.check_numerics)
 
 
 def run(args) -> int:

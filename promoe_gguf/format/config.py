@@ -105,7 +105,8 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
     if arch is None:
         raise ModelError(f"{path}: metadata key 'general.architecture' is missing")
     if arch not in SUPPORTED_ARCHS:
-        raise ModelError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise ModelError(f"{path}: unsupported architecture {arch!r} (general.architecture; "
+                         f"supported: {', '.join(SUPPORTED_ARCHS)})")
     def a(k):
         return meta(f"{arch}.{k}")
 
@@ -125,14 +126,13 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
 
     n_experts = opt("expert_count", 0)
     if n_experts == 0:
-        raise ModelError(f"{path}: not a Mixture-of-Experts model ({arch}.expert_count is missing or 0)")
+        raise ModelError(f"{path}: not a Mixture-of-Experts model (general.architecture = {arch!r}, "
+                         f"{arch}.expert_count is missing or 0)")
+    # rules between values (top-k within the experts, KV heads dividing heads, ...) and against the
+    # tensors live in validate.py; here only presence and types
     n_used = req("expert_used_count")
-    if n_used > n_experts:
-        raise ModelError(f"{path}: {arch}.expert_used_count ({n_used}) exceeds expert_count ({n_experts})")
     n_embd, n_head = req("embedding_length"), req("attention.head_count")
     n_head_kv = opt("attention.head_count_kv", n_head, 1)
-    if n_head % n_head_kv:
-        raise ModelError(f"{path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
     head_k = opt("attention.key_length", n_embd // n_head, 1)
     head_v = opt("attention.value_length", n_embd // n_head, 1)
     n_layers = req("block_count")
@@ -141,8 +141,6 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
     if arch == "qwen2moe" and not n_ff_exp:
         n_ff_exp = n_ff // n_used
     n_dense = opt("leading_dense_block_count", 0) if arch.startswith("deepseek") else 0
-    if n_dense >= n_layers:
-        raise ModelError(f"{path}: leading_dense_block_count {n_dense} leaves no MoE layer of {n_layers}")
     n_shared = opt("expert_shared_count", 0)
     n_ff_shexp = opt("expert_shared_feed_forward_length", 0)
     if arch == "qwen2moe" and not n_ff_shexp:
@@ -169,7 +167,7 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         tokens = meta("tokenizer.ggml.tokens")
         vocab = len(tokens) if tokens else 0
     return ModelConfig(
-        arch=arch, n_layers=n_layers, n_embd=n_embd, n_vocab=_int(vocab, "vocab_size", path),
+        arch=arch, n_layers=n_layers, n_embd=n_embd, n_vocab=_int(vocab, f"{arch}.vocab_size", path),
         n_ctx_train=opt("context_length", 0), n_head=n_head, n_head_kv=n_head_kv,
         head_dim_k=head_k, head_dim_v=head_v,
         rms_eps=optf("attention.layer_norm_rms_epsilon", 1e-5), rope=rope,
@@ -182,6 +180,6 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         attention_scale=optf("attention.scale", 0.0), logit_scale=optf("logit_scale", 0.0),
         q_lora_rank=opt("attention.q_lora_rank", 0), kv_lora_rank=opt("attention.kv_lora_rank", 0),
         extra={"rope_finetuned": a("rope.scaling.finetuned"),
-               "key_length_mla": a("attention.key_length_mla"),
-               "value_length_mla": a("attention.value_length_mla")},
+               "key_length_mla": opt("attention.key_length_mla", None, 1),
+               "value_length_mla": opt("attention.value_length_mla", None, 1)},
     )

@@ -15,6 +15,7 @@ from .config import ModelConfig, config_from_metadata
 from .expert_index import MATRICES, MatrixSlice, build_expert_index, is_expert_tensor
 from .gguf_file import field_value, read_gguf
 from .quants import dequantize, quant_type
+from .validate import checked_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,19 +139,6 @@ class MoEModel:
         return f"<{type(self).__name__} {self.path!r} {c.arch} L={c.n_layers} E={c.n_experts} k={c.n_experts_used}>"
 
 
-def _derive_ff_width(cfg: ModelConfig, tensors: dict, path: str) -> ModelConfig:
-    """Take the expert FF width from the tensors; metadata that disagrees is an error."""
-    layer = cfg.moe_layers[0]
-    t = (tensors.get(f"blk.{layer}.ffn_down_exps.weight") or tensors.get(f"blk.{layer}.ffn_down.0.weight"))
-    if t is None:
-        return cfg  # build_expert_index names what is missing
-    width = int(t.shape[0])
-    if cfg.n_ff_exp and cfg.n_ff_exp != width:
-        raise ModelError(f"{path}: metadata says expert FF width {cfg.n_ff_exp} but tensor {t.name!r} "
-                         f"has {width} (inconsistent metadata)")
-    return dataclasses.replace(cfg, n_ff_exp=width)
-
-
 class GGUFModel(MoEModel):
     """A MoE model read in place from a GGUF file (memory-mapped)."""
 
@@ -159,13 +147,12 @@ class GGUFModel(MoEModel):
         reader = read_gguf(self.path)
         self._init_resident(reader)
         self._data = reader.data
-        cfg = config_from_metadata(lambda k: field_value(reader, k), self.path)
+        meta = lambda k: field_value(reader, k)  # noqa: E731
+        cfg = config_from_metadata(meta, self.path)
         tensors = {t.name: t for t in reader.tensors}
-        self.config = _derive_ff_width(cfg, tensors, self.path)
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+        self.config = checked_config(cfg, shapes, meta, self.path)  # before any weight is read
         self._experts = build_expert_index(tensors, self.config, self.path)
-        for name in ("token_embd.weight",):
-            if name not in tensors:
-                raise ModelError(f"{self.path}: tensor {name!r} is missing")
         for t in self._resident.values():
             if t.name.endswith(".weight") and not t.name.endswith("norm.weight"):
                 quant_type(t.qtype)  # unsupported quant type -> ModelError

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from ..numerics import OFF as NUMERICS_OFF
 from .common import KVCache, ResidentWeights, Step, check_tokens, rope_spec, route
 from .experts import MoEExperts
 
 
 class Decoder:
     archs: tuple[str, ...] = ()
+    numerics = NUMERICS_OFF     # issue 13: non-finite checks per block (numerics.py); the Engine attaches one
 
     def __init__(self, model, experts: MoEExperts, backend):
         self.model, self.cfg, self.experts, self.backend = model, model.config, experts, backend
@@ -92,6 +94,7 @@ class Decoder:
         """Router -> top-k -> the expert seam. h [T, d] -> [T, d]."""
         p = f"blk.{layer}."
         logits, probs = self.backend.router(h, self.W.mat(p + "ffn_gate_inp.weight"), self.cfg.gating)   # [T, E]
+        self.numerics.check(logits, layer, "router")                       # issue 13
         ids, w = route(probs, self.cfg, self.W.vec(p + "exp_probs_b.bias", optional=True))
         return self.experts(layer, h, ids, w, logits)
 
@@ -103,6 +106,7 @@ class Decoder:
         out = self.swiglu_ffn(h, p, suffix="_shexp")
         if self.W.has(p + "_gate_inp_shexp.weight"):                     # a [1, d] row: one gate per token
             out = out * self.backend.sigmoid(self.linear(h, p + "_gate_inp_shexp"))
+        self.numerics.check(out, layer, "shared expert")                   # issue 13
         return out
 
     # ---- the forward pass ----------------------------------------------------------------
@@ -121,16 +125,21 @@ class Decoder:
         x = be.embed(tokens.to(self.device), W.mat("token_embd.weight"))          # [T, d]
         if c.embedding_scale:
             x = x * float(np.float32(c.embedding_scale))
+        self.numerics.check(x, None, "the token embedding")                # issue 13: numerics checks
         h = be.rms_norm(x, W.vec("blk.0.attn_norm.weight"), c.rms_eps)
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             x, h = be.add_rms_norm(x, self.attention(layer, h, step), W.vec(p + "ffn_norm.weight"), c.rms_eps,
                                    self.residual_scale)
+            self.numerics.check(x, layer, "attention")
+            self.numerics.check(h, layer, "the feed-forward norm")
             nxt = f"blk.{layer + 1}.attn_norm.weight" if layer + 1 < c.n_layers else "output_norm.weight"
             x, h = be.add_rms_norm(x, self.ffn(layer, h), W.vec(nxt), c.rms_eps, self.residual_scale)
+            self.numerics.check(x, layer, "feed-forward")
         cache.n_past += T
         head = W.mat("output.weight", optional=True) or W.mat("token_embd.weight")
         logits = be.linear(h, head)
         if c.logit_scale:
             logits = logits * float(np.float32(1.0) / np.float32(c.logit_scale))    # ggml_scale(1/s)
+        self.numerics.logits(logits)                                       # issue 13: always on
         return logits

@@ -21,6 +21,7 @@ import torch
 from ..backends import FUSED_MAX_TOKENS, ExpertStack, StackedMatrix, matrix_at
 from ..errors import ModelError
 from ..format.expert_index import MATRICES
+from ..numerics import OFF as NUMERICS_OFF
 
 
 def _align(n: int, a: int = 256) -> int:
@@ -149,6 +150,8 @@ class MoEExperts:
     they must not modify their arguments.
     """
 
+    numerics = NUMERICS_OFF     # issue 13: names the expert whose output is not finite (numerics.py)
+
     def __init__(self, source: ExpertSource, backend=None):
         self.source, self.backend = source, backend
         self.observers = []
@@ -171,7 +174,10 @@ class MoEExperts:
             placed = self.source.acquire(layer, x, ids_host)
             if placed is not None:
                 try:
-                    return self._fused(layer, x, weights, *placed)
+                    out = self._fused(layer, x, weights, *placed)
+                    self.numerics.fused_experts(layer, out, ids_host,                # issue 13
+                                                lambda t, j: self._slot_output(x, t, j, *placed))
+                    return out
                 finally:
                     self.source.release(layer)
         slot_out = torch.empty((T, k, x.shape[1]), dtype=torch.float32, device=x.device)
@@ -185,7 +191,15 @@ class MoEExperts:
             finally:
                 self.source.done(layer, e)
         self.source.end_layer(layer)
+        self.numerics.experts(layer, ids_host, slot_out)                     # issue 13
         return be.combine(slot_out, weights)
+
+    def _slot_output(self, x, t, j, stack, index, cpu_jobs):
+        """Expert (t, j)'s own output for token t, recomputed on the device (issue 13: only to name
+        the expert behind a non-finite fused result); None for an expert computed on the CPU."""
+        if index[t, j] < 0:
+            return None
+        return self.backend.moe_rows(x[t:t + 1], stack, index[t:t + 1, j])[0]
 
     def _fused(self, layer, x, weights, stack, index, cpu_jobs):
         """All of a layer's (token, slot) pairs in one fused call, or, with experts on the CPU, the

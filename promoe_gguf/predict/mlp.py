@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from .base import Predictor
 from .identity import check_identity
+from .record_check import check_record
 
 FORMAT, VERSION = "promoe-predictor", 1
 
@@ -313,7 +314,8 @@ def read_predictor_file(path) -> dict:
     try:
         rec = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ModelError(f"predictor file {path} is not a promoe predictor ({type(e).__name__}: {e})") from None
+        raise ModelError(f"predictor file {path} is not a promoe predictor "
+                         f"({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise ModelError(f"predictor file {path} is not a promoe predictor")
     if rec.get("version") != VERSION:
@@ -321,6 +323,7 @@ def read_predictor_file(path) -> dict:
                          f"(this promoe reads version {VERSION})")
     if rec.get("kind") != "mlp":
         raise ModelError(f"predictor file {path}: kind {rec.get('kind')!r} is not 'mlp'")
+    check_record(rec, path)
     return rec
 
 

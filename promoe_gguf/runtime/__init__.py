@@ -46,6 +46,7 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
         return ExpertSource(model, device)
     device = torch.device(device)
     cfg = model.config
+    pred = make_predictor(predictor, model, lookahead, routes)  # first: a bad predictor file leaves no copy thread
     store = HostStore(model, pin=device.type == "cuda", progress=progress)
     n_slots = slots_for_budget(store, cfg.n_experts_used, cache_rate, cache_mem)
     cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, profile),
@@ -54,7 +55,6 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     stats = Stats()
     transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0), spec.get("jitter", 0.0)),
                               stats, fault=fault)
-    pred = make_predictor(predictor, model, lookahead, routes)
     prefetcher = Prefetcher(pred, transfer, cache, stats, cfg.n_layers, cfg.n_experts_used) if pred else None
     pool = None
     if cpu_experts != "off":

@@ -1,0 +1,168 @@
+"""The validation pass at open (issue 13), per architecture: one metadata value of a real factory
+model changed, and the error must name the key, its value and the tensor or rule it contradicts.
+
+Expected shapes come from the factory's spec (scripts/make_test_model.py), not from the validator.
+"""
+import math
+import re
+
+import pytest
+from gguf import GGUFValueType as V
+
+from gguf_edit import GGUFTemplate
+from promoe_gguf import ModelError, open_model
+from promoe_gguf.engine import Engine
+from semantic_fuzz import memory_limit
+
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe")
+U32, I32, F32 = V.UINT32, V.INT32, V.FLOAT32
+
+
+def _open_changed(test_models, tmp_path, arch, changes, variant="default"):
+    t = GGUFTemplate(test_models[(arch, "Q4_K_M", variant)])
+    path = t.write(tmp_path / "m.gguf", {f"{arch}.{k}" if not k.startswith("general.") else k: v
+                                        for k, v in changes.items()})
+    with pytest.raises(ModelError) as err:
+        open_model(path)
+    msg = str(err.value)
+    assert msg.startswith(path) and "\n" not in msg
+    return msg
+
+
+def _cases(factory, arch):
+    """(id, {key: (value, type)}, [regexes the message must match]) for one architecture."""
+    s = factory.spec(arch)
+    d, H, Hkv, D, E = s["n_embd"], s["n_head"], s["n_head_kv"], s["head_dim"], s["n_expert"]
+    first_moe = s["n_dense"]
+    out = [
+        ("vocab_vs_embedding", {"vocab_size": (s["n_vocab"] - 1, U32)},
+         [rf"{arch}.vocab_size = {s['n_vocab'] - 1}", rf"token_embd.weight has shape \({s['n_vocab']}, {d}\)"]),
+        ("expert_count_vs_router", {"expert_count": (E + 1, U32)},
+         [rf"{arch}.expert_count = {E + 1}", rf"blk.{first_moe}.ffn_gate_inp.weight has shape \({E}, {d}\)"]),
+        ("top_k_within_experts", {"expert_used_count": (E + 1, U32)},
+         [rf"{arch}.expert_used_count = {E + 1}", "must not exceed expert_count"]),
+        ("kv_heads_divide_heads", {"attention.head_count_kv": (3, U32)},
+         [rf"{arch}.attention.head_count = {H}", rf"{arch}.attention.head_count_kv = 3", "multiple"]),
+        ("rope_dims_even", {"rope.dimension_count": (31, U32)},
+         [rf"{arch}.rope.dimension_count = 31", "must be even"]),
+        ("block_count_too_big", {"block_count": (s["n_layer"] + 1, U32)},
+         [rf"{arch}.block_count = {s['n_layer'] + 1}", rf"no tensor of layer {s['n_layer']}"]),
+        ("block_count_too_small", {"block_count": (s["n_layer"] - 1, U32)},
+         [rf"{arch}.block_count = {s['n_layer'] - 1}", rf"blk\.{s['n_layer'] - 1}\.\S+ belongs to layer"]),
+        ("rms_eps_nan", {"attention.layer_norm_rms_epsilon": (math.nan, F32)},
+         [rf"{arch}.attention.layer_norm_rms_epsilon = nan", "must be finite"]),
+        ("rope_base_zero", {"rope.freq_base": (0.0, F32)}, [rf"{arch}.rope.freq_base = 0", "> 1"]),
+        ("context_unbounded", {"context_length": (2**32 - 1, U32)},
+         [rf"{arch}.context_length = 4294967295", "<= 1.67772e\\+07"]),
+        ("rope_dims_huge", {"rope.dimension_count": (2**32 - 1, U32)},      # once a 16 GiB allocation
+         [rf"{arch}.rope.dimension_count = 4294967295"]),
+        ("negative_count", {"expert_count": (-1, I32)}, [rf"'{arch}.expert_count' = -1"]),
+    ]
+    if arch == "deepseek2":
+        dk = s["qk_nope"] + s["qk_rope"]
+        out += [
+            ("heads_x_dims_vs_q", {"attention.key_length_mla": (dk + 16, U32)},
+             [rf"{arch}.attention.head_count = {H}", rf"{arch}.attention.key_length_mla = {dk + 16}",
+              rf"blk.0.attn_q.weight has shape \({H * dk}, {d}\)"]),
+            ("rope_within_head_dim", {"rope.dimension_count": (dk + 2, U32)},
+             [rf"{arch}.rope.dimension_count = {dk + 2}", "within the query/key head dimension"]),
+            ("mla_kv_rank", {"attention.kv_lora_rank": (256, U32)},
+             [rf"{arch}.attention.kv_lora_rank = 256"]),
+            ("mla_value_vs_v_b", {"attention.value_length_mla": (s["v_head"] * 2, U32)},
+             [rf"{arch}.attention.value_length_mla = {s['v_head'] * 2}", r"blk.0.attn_v_b.weight has shape"]),
+            ("yarn_factor_negative", {"rope.scaling.factor": (-40.0, F32)},
+             [rf"{arch}.rope.scaling.factor = -40", "> 0"]),
+        ]
+    else:
+        Dk = D if arch == "qwen3moe" else d // H
+        out += [
+            ("heads_x_dims_vs_q", {"attention.key_length": (Dk // 2, U32), "rope.dimension_count": (16, U32)},
+             [rf"{arch}.attention.key_length = {Dk // 2}", rf"{arch}.attention.head_count = {H}",
+              rf"blk.0.attn_q.weight has shape \({H * Dk}, {d}\)"]),
+            ("value_dims_vs_v", {"attention.value_length": (Dk + 32, U32)},
+             [rf"{arch}.attention.value_length = {Dk + 32}", rf"blk.0.attn_v.weight has shape \({Hkv * Dk}, {d}\)"]),
+            ("rope_within_head_dim", {"rope.dimension_count": (Dk + 2, U32)},
+             [rf"{arch}.rope.dimension_count = {Dk + 2}", "within the head dimension"]),
+        ]
+    # the expert FF width: its own key where the arch has one, else feed_forward_length
+    ff_key = "expert_feed_forward_length" if arch in ("qwen2moe", "qwen3moe", "deepseek", "deepseek2") \
+        else "feed_forward_length"
+    out.append(("expert_width_vs_experts", {ff_key: (s["n_ff_exp"] + 32, U32)},
+                [rf"{arch}.{ff_key} = {s['n_ff_exp'] + 32}",
+                 rf"blk.{first_moe}.ffn_gate_exps.weight has shape \({E}, {s['n_ff_exp']}, {d}\)"]))
+    if s["n_dense"]:
+        out += [
+            ("leading_dense_too_few", {"leading_dense_block_count": (0, U32)},
+             [rf"{arch}.leading_dense_block_count = 0", r"blk.0.ffn_gate_inp.weight is missing"]),
+            ("leading_dense_too_many", {"leading_dense_block_count": (2, U32)},
+             [rf"{arch}.leading_dense_block_count = 2", r"blk.1.ffn_gate_inp.weight is present"]),
+            ("dense_width", {"feed_forward_length": (s["n_ff"] + 32, U32)},
+             [rf"{arch}.feed_forward_length = {s['n_ff'] + 32}", rf"blk.0.ffn_gate.weight has shape \({s['n_ff']}, {d}\)"]),
+            ("shared_expert_count", {"expert_shared_count": (1, U32)},
+             [rf"{arch}.expert_shared_count = 1", rf"blk.1.ffn_gate_shexp.weight has shape \({s['n_ff_exp'] * 2}, {d}\)"]),
+        ]
+    if arch == "qwen2moe":
+        out.append(("shared_expert_width", {"expert_shared_feed_forward_length": (256, U32)},
+                    [rf"{arch}.expert_shared_feed_forward_length = 256",
+                     rf"blk.0.ffn_gate_shexp.weight has shape \({s['n_ff_shexp']}, {d}\)"]))
+    if arch == "granitemoe":
+        out += [("residual_scale_negative", {"residual_scale": (-0.5, F32)}, [rf"{arch}.residual_scale = -0.5", ">= 0"]),
+                ("logit_scale_inf", {"logit_scale": (math.inf, F32)}, [rf"{arch}.logit_scale = inf", "finite"])]
+    if arch == "deepseek":
+        out.append(("weights_scale_inf", {"expert_weights_scale": (math.inf, F32)},
+                    [rf"{arch}.expert_weights_scale = inf", "finite"]))
+    return out
+
+
+def _all_cases():
+    import make_test_model as factory
+    return [(arch, cid, changes, want) for arch in ARCHS for cid, changes, want in _cases(factory, arch)]
+
+
+@pytest.mark.parametrize("arch,cid,changes,want", _all_cases(), ids=[f"{a}-{c}" for a, c, _, _ in _all_cases()])
+def test_validation_names_key_value_and_tensor_or_rule(test_models, tmp_path, arch, cid, changes, want):
+    msg = _open_changed(test_models, tmp_path, arch, changes)
+    for pattern in want:
+        assert re.search(pattern, msg), f"{pattern!r} not in {msg!r}"
+
+
+def test_v3_routing_rules(test_models, tmp_path):
+    """DeepSeek-V3 style: expert groups must divide the experts; the used groups must hold top-k."""
+    msg = _open_changed(test_models, tmp_path, "deepseek2", {"expert_group_count": (3, U32)}, "v3")
+    assert "deepseek2.expert_group_count = 3" in msg and "must divide expert_count" in msg
+    msg = _open_changed(test_models, tmp_path, "deepseek2", {"expert_group_used_count": (5, U32)}, "v3")
+    assert "deepseek2.expert_group_used_count = 5" in msg and "must not exceed" in msg
+    msg = _open_changed(test_models, tmp_path, "deepseek2", {"attention.q_lora_rank": (256, U32)}, "v3")
+    assert "deepseek2.attention.q_lora_rank = 256" in msg and "blk.0.attn_q_a.weight has shape (512, 256)" in msg
+
+
+def test_absent_key_names_its_default(test_models, tmp_path):
+    """An absent key is named with where its value came from."""
+    msg = _open_changed(test_models, tmp_path, "qwen2moe", {"embedding_length": (255, U32)})
+    assert "qwen2moe.attention.key_length (absent" in msg and "qwen2moe.embedding_length" in msg
+
+
+def test_every_factory_model_passes(test_models):
+    """No false alarms: every layout, quant type and variant the factory makes opens."""
+    for key, path in test_models.items():
+        assert open_model(path).config.arch == key[0]
+
+
+def test_kv_cache_is_sized_before_allocating(test_models, tmp_path, factory):
+    """A context the metadata allows but memory does not: ModelError before the KV cache exists."""
+    s = factory.spec("llama")
+    gib = (1 << 24) * s["n_layer"] * s["n_head_kv"] * 2 * s["head_dim"] * 4 / 2**30    # K and V, float32
+    t = GGUFTemplate(test_models[("llama", "Q4_K_M", "default")])
+    path = t.write(tmp_path / "m.gguf", {"llama.context_length": (1 << 24, U32)})
+    with memory_limit(1 << 30), pytest.raises(ModelError, match=rf"KV cache of 16777216 positions needs {gib:.2f} GiB"):
+        Engine(path, n_ctx=1 << 24)
+    with Engine(path, n_ctx=64) as eng:            # the same file, a context that fits
+        assert eng.logits([1, 2]).shape == (2, 260)
+
+
+def test_tokenizer_llama_cpp_refuses_is_a_model_error(tmp_path):
+    """Generation tokenizes through llama.cpp; a tokenizer it refuses is bad input, named."""
+    from promoe_gguf import DEFAULT_MODEL
+    path = GGUFTemplate(DEFAULT_MODEL).write(tmp_path / "t.gguf", {"tokenizer.ggml.model": ("nonsense", V.STRING)})
+    with Engine(path) as eng, pytest.raises(ModelError, match=rf"^{re.escape(path)}: llama.cpp cannot load the tokenizer"):
+        eng.tokenize("def f(")
