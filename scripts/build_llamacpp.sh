@@ -21,9 +21,13 @@
 #   Note: with dynamic backends a CUDA module that fails to load leaves llama.cpp on the CPU without
 #   an error; promoe_gguf.bench.llamacpp checks the backend llama-bench reports.
 #
-# Measured on the 2-core CPU machine (shared with other jobs; nice 19, -j2), 2026-12-02:
-#   CPU:  <filled in below by the first runs>
-#   CUDA: <filled in below by the first runs>
+# Measured on the 2-core CPU machine (shared with other jobs, load average ~5; nice 19, -j2), 2026-12-02:
+#   CPU:  19 min wall (1151 s; 13 min of CPU time), 258 steps; OUT_DIR 13 MB.
+#   CUDA: 88 min wall more on top of the CPU tree (5281 s; 56 min of CPU time), 142 steps, nearly all
+#         ggml-cuda's template instances; so ~107 min from nothing. Bundle: 49 MB unpacked,
+#         21 MB as .tar.xz (libggml-cuda.so alone is 39 MB). Far over 20 minutes, so the bundle is
+#         committed: bench/llamacpp-cuda/llamacpp-cuda.tar.xz (see the README.md there).
+#   Needs glibc >= 2.34 and libstdc++ of GCC >= 12 (GLIBCXX_3.4.30) where it runs.
 #
 # Env: LLAMACPP_WORK (default build/llamacpp: sdist, sources, build tree, cuBLAS wheel), JOBS (2).
 set -euo pipefail
@@ -103,7 +107,7 @@ for f in "$B"/bin/lib*.so*; do
     cp -P "$f" "$OUT/"
 done
 if [ $CUDA = 0 ]; then
-    echo "llama.cpp (llama-cpp-python $LCP_VERSION vendor), CPU AVX2, built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s" \
+    echo "llama.cpp (llama-cpp-python $LCP_VERSION vendor), CPU AVX2, built $(date -u +%FT%TZ), this run $(( $(date +%s) - T0 )) s" \
         >"$OUT/BUILD_INFO"
     cat "$OUT/BUILD_INFO"
     exit 0
@@ -114,6 +118,8 @@ strip --strip-unneeded "$OUT"/llama-* "$OUT"/lib*.so* 2>/dev/null || true
 cat >"$OUT/run.sh" <<'EOF'
 #!/usr/bin/env bash
 # run.sh BINARY [ARGS...]: put this machine's libcublas.so.13 on the library path, then run a bundled binary.
+# run.sh --ldd: show how the CUDA backend module's libraries resolve (llama.cpp skips a module that fails
+# to load without saying why).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=$1; shift
@@ -131,10 +137,11 @@ find_cublas() {
 D=$(find_cublas)
 [ -n "$D" ] || { echo "run.sh: libcublas.so.13 not found on this machine (set CUBLAS_LIB_DIR)" >&2; exit 1; }
 export LD_LIBRARY_PATH="$HERE:$D${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+[ "$BIN" = "--ldd" ] && exec ldd "$HERE/libggml-cuda.so"
 exec "$HERE/$BIN" "$@"
 EOF
 chmod 755 "$OUT/run.sh"
-echo "llama.cpp (llama-cpp-python $LCP_VERSION vendor), CUDA sm_90 + CPU AVX2, $("$NVCC" --version | grep -o 'release [0-9.]*'), built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s" \
+echo "llama.cpp (llama-cpp-python $LCP_VERSION vendor), CUDA sm_90 + CPU AVX2, $("$NVCC" --version | grep -o 'release [0-9.]*'), built $(date -u +%FT%TZ), this run $(( $(date +%s) - T0 )) s" \
     >"$OUT/BUILD_INFO"
 tar -C "$(dirname "$OUT")" -cf - "$(basename "$OUT")" | xz -T"$JOBS" -9 >"$OUT.tar.xz"
 echo "bundle: $(du -sh "$OUT" | cut -f1) unpacked, $(du -h "$OUT.tar.xz" | cut -f1) as $OUT.tar.xz" | tee -a "$OUT/BUILD_INFO"

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Stock llama.cpp rows for a comparison on the GPU machine: llama-bench from the CUDA bundle
-(bench/llamacpp-cuda.tar.xz, built by scripts/build_llamacpp.sh --cuda) in its offload modes.
+(bench/llamacpp-cuda/llamacpp-cuda.tar.xz, built by scripts/build_llamacpp.sh --cuda) in its offload modes.
 
 For each device memory budget (--gpu-mem, repeatable; none: no limit) it runs the largest layer
 offload (-ngl N) and the smallest experts-on-CPU placement (-ngl all --n-cpu-moe N) whose estimated
@@ -10,7 +10,7 @@ seen by llama.cpp, 1 a run failed.
 
     python3 scripts/llamacpp_gpu_rows.py --shape mixtral-8x7b --layers 4 --gpu-mem 8G --gpu-mem 12G \\
         --json OUT/llamacpp.json
-    python3 scripts/llamacpp_gpu_rows.py --model M.gguf --bundle bench/llamacpp-cuda.tar.xz
+    python3 scripts/llamacpp_gpu_rows.py --model M.gguf --bundle bench/llamacpp-cuda/llamacpp-cuda.tar.xz
 
 Needs numpy and gguf (scripts/gpu_check.sh installs the carried wheels first) and the repo on
 PYTHONPATH.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -32,7 +33,7 @@ from promoe_gguf.bench import llamacpp as lc  # noqa: E402
 from promoe_gguf.bench.real_shapes import SHAPES  # noqa: E402
 from promoe_gguf.errors import ModelError  # noqa: E402
 
-DEFAULT_BUNDLE = REPO / "bench" / "llamacpp-cuda.tar.xz"
+DEFAULT_BUNDLE = REPO / "bench" / "llamacpp-cuda" / "llamacpp-cuda.tar.xz"
 
 
 def bundle_dir(path: Path, work: Path) -> Path:
@@ -94,8 +95,9 @@ def main(argv=None) -> int:
             return 2
         devices = lc.list_devices(bins)
         if not devices:
-            print("llamacpp_gpu_rows: llama.cpp sees no GPU (no CUDA device, or libcublas.so.13 missing)",
-                  file=sys.stderr)
+            ldd = subprocess.run([str(bins / "run.sh"), "--ldd"], capture_output=True, text=True)
+            print("llamacpp_gpu_rows: llama.cpp sees no GPU (no CUDA device, or the CUDA module did not load); "
+                  f"its libraries:\n{ldd.stdout}{ldd.stderr}", file=sys.stderr)
             return 3
         print("devices:", "; ".join(devices))
         if args.shape:

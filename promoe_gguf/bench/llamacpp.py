@@ -2,8 +2,8 @@
 
 llama-cpp-python's high-level API cannot place experts (no tensor-buffer overrides), so comparisons
 run the llama-bench that scripts/build_llamacpp.sh builds from llama-cpp-python 0.3.35's vendored
-llama.cpp: build/llamacpp-cpu (CPU) or the CUDA bundle (bench/llamacpp-cuda.tar.xz, unpacked, with
-run.sh putting the machine's cuBLAS on the library path).
+llama.cpp: build/llamacpp-cpu (CPU) or the CUDA bundle (bench/llamacpp-cuda/llamacpp-cuda.tar.xz,
+unpacked; its run.sh puts the machine's cuBLAS on the library path).
 
 Modes, as llama.cpp names them:
   cpu        -ngl 0: everything on the CPU
