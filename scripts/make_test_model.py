@@ -12,6 +12,11 @@ Importable from tests::
 Command line::
 
     python scripts/make_test_model.py OUT_DIR [--arch A ...] [--quant Q ...]
+    python scripts/make_test_model.py OUT_DIR --real-shape mixtral-8x7b [--layers 4]
+
+Real-shape models (make_real_shape): the exact tensor shapes, metadata and Q4_K_M quant mix of
+Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite, Qwen1.5-MoE-A2.7B and OLMoE-1B-7B with fewer layers and
+random valid blocks written directly (promoe_gguf/bench/real_shapes.py), for benchmarks.
 
 Architectures (n_embd 256, 4 heads, byte vocabulary of 260 tokens, context 512):
 
@@ -370,6 +375,26 @@ def make_mixtral_shaped(out_dir, n_layers: int = 4, n_embd: int = 2048, n_ff: in
     return dst
 
 
+def make_real_shape(name: str, out_dir, n_layers: int | None = None) -> Path:
+    """A GGUF with the exact tensor shapes, metadata and Q4_K_M quant mix of a published MoE model
+    (promoe_gguf.bench.real_shapes.SHAPES: mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite,
+    qwen1.5-moe-a2.7b, olmoe-1b-7b), cut to n_layers (default real_shapes.DEFAULT_LAYERS; None is not
+    "all" here: the full models are 4-28 GB). Random valid blocks written directly, no quantizer pass.
+    Cached under out_dir by name, layer count and version; written atomically under the dir lock."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from promoe_gguf.bench import real_shapes
+    n = real_shapes.DEFAULT_LAYERS if n_layers is None else n_layers
+    dst = Path(out_dir) / real_shapes.file_name(name, n)          # checks name and n first
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists():
+        with _dir_lock(dst.parent):
+            if not dst.exists():
+                with _atomic(dst) as tmp:
+                    real_shapes.write_model(name, tmp, n)
+    return dst
+
+
 @contextlib.contextmanager
 def _captured_llama_log(lines: list):
     """Route llama.cpp's log into ``lines`` (the quantizer is chatty on stderr), then give the log
@@ -649,8 +674,20 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", action="append", choices=ARCHS, help="arch to build (repeatable; default all)")
     ap.add_argument("--quant", action="append", choices=sorted(QUANTS),
                     help="quant to build (repeatable; default CORE_QUANTS + llama extras)")
+    ap.add_argument("--real-shape", action="append", metavar="NAME",
+                    help="write only this real-shape model (repeatable): mixtral-8x7b, qwen3-30b-a3b, "
+                         "deepseek-v2-lite, qwen1.5-moe-a2.7b, olmoe-1b-7b")
+    ap.add_argument("--layers", type=int, default=None, help="layers of the --real-shape models (default 2)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if args.real_shape:
+        for name in args.real_shape:
+            try:
+                print(make_real_shape(name, args.out_dir, args.layers))
+            except ValueError as e:
+                ap.error(str(e))
+        print(f"{len(args.real_shape)} models in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return 0
     models = build_models(args.out_dir, archs=tuple(args.arch or ARCHS), quants=args.quant)
     for (a, q, v), p in models.items():
         flag = "" if llama_cpp_loads((a, q, v)) else "  (llama.cpp refuses this layout)"
