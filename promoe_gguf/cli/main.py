@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import serve, chat
     serve.add_parsers(sub)
     chat.add_parsers(sub)
+    from . import simulate
+    simulate.add_parsers(sub)
     return p
 
 

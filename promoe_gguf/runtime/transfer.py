@@ -113,16 +113,7 @@ class TransferEngine:
                 self.link.copy(self.cache.view(slot, offset, nbytes),
                                self.store.region(task.key)[offset:offset + nbytes], after)
                 with cv:
-                    slot.ready_chunks = i + 1
-                    task.next_chunk = i + 1
-                    self.stats.copied(task.key, nbytes, task.priority == LOW)
-                    if task.next_chunk == len(self.store.chunks(task.key)):
-                        slot.state = READY
-                        self.stats.add(task.key[0], "copies")
-                        if task.priority == LOW and self.cache.policy.prefetch_touches:
-                            self.cache.touch(slot)
-                        self.queues[task.priority].remove(task)
-                        del self.tasks[task.key]
+                    self._landed(task, nbytes)
                     cv.notify_all()
         except BaseException as e:  # noqa: BLE001 - any failure degrades to reactive loading
             log.warning("expert copy thread died (%s: %s); loading experts reactively from now on",
@@ -130,6 +121,20 @@ class TransferEngine:
             with cv:
                 self.alive = False
                 cv.notify_all()
+
+    def _landed(self, task: Task, nbytes: int) -> None:
+        """(cv held) The task's next chunk is on the device: count it; its last chunk makes the slot
+        READY and retires the task. (promoe simulate calls this too, from its virtual clock.)"""
+        task.next_chunk += 1
+        task.slot.ready_chunks = task.next_chunk
+        self.stats.copied(task.key, nbytes, task.priority == LOW)
+        if task.next_chunk == len(self.store.chunks(task.key)):
+            task.slot.state = READY
+            self.stats.add(task.key[0], "copies")
+            if task.priority == LOW and self.cache.policy.prefetch_touches:
+                self.cache.touch(task.slot)
+            self.queues[task.priority].remove(task)
+            del self.tasks[task.key]
 
     def load_now(self, key) -> None:
         """Reactive fallback on the caller's thread (copy thread dead): copy `key` synchronously."""

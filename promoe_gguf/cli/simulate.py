@@ -1,0 +1,74 @@
+"""`promoe simulate`: predicted decode/prefill tok/s of our runtime or stock llama.cpp on a hardware
+profile, replaying a routing trace or synthetic routing through the real cache and placement logic."""
+from __future__ import annotations
+
+import json
+
+from ..errors import ModelError
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("simulate", help="predict tok/s on a hardware profile (our runtime or llama.cpp), simulated")
+    src = s.add_argument_group("inputs")
+    src.add_argument("--trace", default=None, help="a routing trace (promoe trace); its model is --shape "
+                                                    "(default: the embedded model)")
+    src.add_argument("--shape", default=None, help="mixtral-8x7b | qwen3-30b-a3b | deepseek-v2-lite | qwen1.5-moe-a2.7b "
+                                                    "| olmoe-1b-7b (Q4_K_M; ':f16' for F16) or a GGUF / cache dir")
+    src.add_argument("--profile", required=True, help="rtx3060-12g | rtx4070ti-12g | rtx4090-24g | h200 | a JSON file "
+                                                       "| 'gpu_gbs=448,gpu_mem_gb=8,h2d_gbs=12,cpu_gbs=102,cpu_threads=10'")
+    src.add_argument("--prompt", type=int, default=512, help="synthetic routing: prompt tokens (prefill)")
+    src.add_argument("--decode", type=int, default=128, help="synthetic routing: decoded tokens")
+    src.add_argument("--sequences", type=int, default=1, help="synthetic routing: independent sequences")
+    src.add_argument("--warm", action="store_true",
+                     help="our cache carries over between sequences (a server); an extra first sequence warms it")
+    src.add_argument("--routing", default=None,
+                     help="synthetic routing statistics over the shape's preset, e.g. 'reuse=0.2,skew=0.8,locality=0.3'")
+    src.add_argument("--seed", type=int, default=0)
+    e = s.add_argument_group("engine")
+    e.add_argument("--engine", default="promoe", choices=("promoe", "llamacpp"))
+    e.add_argument("--policy", default="lru", choices=("lru", "static", "promoe"))
+    e.add_argument("--predictor", default="none", choices=("none", "gate", "oracle"),
+                   help="oracle = the true future from the routing")
+    e.add_argument("--cpu-experts", default="auto", choices=("auto", "off", "all"))
+    e.add_argument("--cache-rate", type=float, default=None, help="fraction of routed experts the cache holds")
+    e.add_argument("--gpu-mem", default=None, help="device memory for everything (e.g. 10G); default: fit the profile")
+    e.add_argument("--lookahead", type=int, default=1, help="layers ahead a predictor scores")
+    e.add_argument("--n-batch", type=int, default=64, help="our prefill chunk (tokens)")
+    e.add_argument("--ngl", default=None, help="llama.cpp: layers on the GPU (the last N), or 'auto' (most that fit)")
+    e.add_argument("--n-cpu-moe", default=None,
+                   help="llama.cpp: experts of the first N layers on the CPU, or 'auto' (fewest that fit)")
+    e.add_argument("--n-ubatch", type=int, default=512, help="llama.cpp: prefill micro-batch")
+    e.add_argument("--n-ctx", type=int, default=4096, help="KV cache length (memory)")
+    o = s.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="one JSON object (decode_tok_s, prefill_tok_s, ...)")
+    o.add_argument("--sweep", default=None, metavar="PNG",
+                   help="also sweep the cache budget (lru, promoe+gate, hybrid; llama.cpp --n-cpu-moe 0..L) and "
+                        "plot tok/s vs device memory to PNG (rows beside it as .json)")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..sim import load_inputs, simulate, sweep
+    from ..sim.report import format_result, plot_sweep
+    from .run import parse_mem
+    if args.trace is None and args.shape is None:
+        raise ModelError("give --shape NAME|MODEL.gguf (synthetic routing) or --trace TRACE")
+    inp = load_inputs(args.shape, args.trace, args.profile, args.prompt, args.decode,
+                      args.sequences + (1 if args.warm and args.trace is None else 0), args.routing, args.seed)
+    r = simulate(engine=args.engine, policy=args.policy, predictor=args.predictor, cpu_experts=args.cpu_experts,
+                 cache_rate=args.cache_rate, gpu_mem=parse_mem(args.gpu_mem, "--gpu-mem"), ngl=args.ngl,
+                 n_cpu_moe=args.n_cpu_moe, n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
+                 lookahead=args.lookahead, inputs=inp, progress=not args.quiet and not args.json, warm=args.warm)
+    if args.sweep:
+        configs = [dict(policy="lru", predictor="none", cpu_experts="off"),
+                   dict(policy="promoe", predictor="gate", cpu_experts="off"),
+                   dict(policy="promoe", predictor="gate", cpu_experts="auto")]
+        rows = sweep(inp, configs, n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
+                     progress=not args.quiet)
+        plot_sweep(rows, args.sweep, f"{inp.model.name} on {inp.profile.name}")
+        with open(args.sweep.rsplit(".", 1)[0] + ".json", "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+        r["sweep"] = args.sweep
+    print(json.dumps(r, indent=1, default=str) if args.json else format_result(r))
+    return 0

@@ -1,0 +1,216 @@
+"""Inputs (model, routing, profile), budgets, one simulated configuration, sweeps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ModelError
+from ..memory import fit_cache, plan
+from ..runtime.cache import slots_for_budget
+from .costs import SimModel
+from .llamacpp import LlamaCppSim, Placement, placements
+from .ours import OursSim
+from .profile import GiB, Profile, parse_profile
+from .routing import SyntheticRouting, TraceRouting, parse_synth, preset
+from .shapes import open_shape
+
+GPU_MARGIN = 0.10          # memory.default_gpu_mem: 10% of the device (at least 1 GiB) left to CUDA
+
+
+@dataclass
+class Inputs:
+    model: SimModel
+    routing: object
+    profile: Profile
+    calibrated: bool | None = None      # synthetic routing: a calibrated preset?
+
+
+def load_inputs(shape=None, trace=None, profile=None, prompt: int = 512, decode: int = 128, sequences: int = 1,
+                routing: str | None = None, seed: int = 0, max_sequences: int | None = None) -> Inputs:
+    """The model (a shape name, a GGUF or cache directory; with a trace and no shape, the embedded
+    default model if the trace was recorded on it), the routing (the trace, else synthetic) and the profile."""
+    prof = parse_profile(profile)
+    calibrated = None
+    if trace is not None:
+        from ..predict.trace import Trace
+        tr = Trace(trace)
+        if shape is None:
+            from .. import DEFAULT_MODEL
+            shape = DEFAULT_MODEL
+        model = open_shape(shape)
+        _check_trace(tr, model)
+        rt = TraceRouting(tr, max_sequences)
+    else:
+        if shape is None:
+            raise ModelError("give --shape NAME|MODEL.gguf (synthetic routing) or --trace TRACE")
+        model = open_shape(shape)
+        cfg = model.config
+        params, calibrated = preset(str(shape))
+        params = parse_synth(routing, params.__class__(**{**params.__dict__, "seed": seed}))
+        if prompt < 0 or decode < 1 or sequences < 1:
+            raise ModelError("--prompt must be >= 0, --decode and --sequences >= 1")
+        rt = SyntheticRouting(cfg.n_experts, cfg.n_experts_used, cfg.moe_layers, cfg.n_layers, params,
+                              n_prompt=prompt, n_decode=decode, n_sequences=sequences)
+    return Inputs(SimModel.of(model), rt, prof, calibrated)
+
+
+def _check_trace(tr, model) -> None:
+    cfg = model.config
+    want = {"n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
+            "moe_layers": list(cfg.moe_layers)}
+    got = {k: tr.identity.get(k) for k in want}
+    diffs = [f"{k} {got[k]!r} != {want[k]!r}" for k in want if got[k] != want[k]]
+    if diffs:
+        raise ModelError(f"trace {tr.path} does not fit {getattr(model, 'path', 'the model')} "
+                         f"({'; '.join(diffs)}): pass the traced model's GGUF or shape with --shape")
+    if hasattr(model, "tensor_raw"):           # a real file: the routers must be the traced ones
+        tr.check_model(model)
+
+
+def usable_gpu_mem(prof: Profile) -> int:
+    """What our Engine takes by default on that device: memory.default_gpu_mem with free == total."""
+    return int(prof.gpu_mem - max(GPU_MARGIN * prof.gpu_mem, GiB))
+
+
+def ours_budget(inp: Inputs, cache_rate=None, gpu_mem=None, n_ctx: int = 4096, n_batch: int = 64) -> dict:
+    """Slots and device memory of our Engine: --cache-rate, --gpu-mem, or fitted to the profile's GPU as
+    Engine(gpu_mem=default) fits it; refuses what does not fit the profile."""
+    m, prof = inp.model, inp.profile
+    model, layout = m.model, m.layout
+    if cache_rate is not None:
+        n = slots_for_budget(layout, m.k, cache_rate=cache_rate)
+        what = f"--cache-rate {cache_rate}"
+    else:
+        if prof.emulated or not prof.has_gpu:
+            raise ModelError(f"profile {prof.name} has no GPU memory to fit: give --cache-rate")
+        budget = usable_gpu_mem(prof) if gpu_mem is None else int(gpu_mem)
+        what = f"--gpu-mem {budget / GiB:.2f} GiB" if gpu_mem is not None else "the profile's GPU"
+        if gpu_mem is not None and budget > prof.gpu_mem:
+            raise ModelError(f"--gpu-mem {budget / GiB:.2f} GiB is {(budget - prof.gpu_mem) / GiB:.2f} GiB more than "
+                             f"the profile's {prof.gpu_mem_gb:g} GiB")
+        arena = fit_cache(model, "cuda", n_ctx, n_batch, budget)
+        n = len(layout.keys) if arena is None else slots_for_budget(layout, m.k, cache_mem=arena)
+    n = min(n, len(layout.keys))
+    mem = plan(model, "cuda", n_ctx, n_batch, None if n >= len(layout.keys) else n)
+    if prof.has_gpu and not prof.emulated:
+        limit = usable_gpu_mem(prof) if gpu_mem is None else int(gpu_mem)
+        if mem["total"] > limit:
+            over = mem["total"] - limit
+            raise ModelError(f"promoe with {what} needs {mem['total'] / GiB:.2f} GiB of device memory (resident "
+                             f"{mem['resident'] / GiB:.2f}, KV cache {mem['kv_cache'] / GiB:.2f}, expert cache "
+                             f"{mem['expert_arena'] / GiB:.2f}, workspace {mem['workspace'] / GiB:.2f}): "
+                             f"{over / GiB:.2f} GiB ({over / 2**20:,.0f} MiB) more than the {limit / GiB:.2f} GiB "
+                             f"available on the profile's {prof.gpu_mem_gb:g} GiB GPU")
+    return {"slots": n, "cache_rate": n / len(layout.keys), "memory": mem}
+
+
+def _placement(inp: Inputs, ngl, n_cpu_moe, n_ctx: int, n_ubatch: int) -> Placement:
+    m, L = inp.model, inp.model.n_layers
+    if "auto" in (str(ngl), str(n_cpu_moe)):
+        found = placements(m, inp.profile, n_ctx, n_ubatch, inp.routing)
+        if "gpu" in found:
+            return found["gpu"]
+        p = found.get("n_cpu_moe" if str(n_cpu_moe) == "auto" else "ngl")
+        if p is None:
+            raise ModelError(f"no llama.cpp placement of that kind fits the profile's {inp.profile.gpu_mem_gb:g} GiB")
+        return p
+    if n_cpu_moe is not None:
+        n = int(n_cpu_moe)
+        if not 0 <= n <= L:
+            raise ModelError(f"--n-cpu-moe {n}: 0..{L}")
+        return Placement(L + 1 if ngl is None else int(ngl), n)
+    if ngl is not None:
+        n = int(ngl)
+        if n < 0:
+            raise ModelError(f"--ngl {n} is negative")
+        return Placement(min(n, L + 1), 0)
+    return Placement(0, 0)
+
+
+def simulate(shape=None, trace=None, profile=None, engine: str = "promoe", policy: str = "lru",
+             predictor: str = "none", cpu_experts: str = "auto", cache_rate=None, gpu_mem=None, ngl=None,
+             n_cpu_moe=None, n_ctx: int = 4096, n_batch: int = 64, n_ubatch: int = 512, lookahead: int = 1,
+             prompt: int = 512, decode: int = 128, sequences: int = 1, routing: str | None = None, seed: int = 0,
+             inputs: Inputs | None = None, progress: bool = False, warm: bool = False) -> dict:
+    """One configuration; returns the summary dict (decode_tok_s, prefill_tok_s, ...). `warm`: our cache
+    carries over between sequences (a server) and the first sequence only warms it."""
+    inp = inputs or load_inputs(shape, trace, profile, prompt, decode, sequences, routing, seed)
+    m, prof = inp.model, inp.profile
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(inp.routing.sequences), desc="simulate", unit="seq", leave=False)
+    try:
+        if engine == "promoe":
+            if ngl is not None or n_cpu_moe is not None:
+                raise ModelError("--ngl / --n-cpu-moe are llama.cpp's: use them with --engine llamacpp")
+            budget = ours_budget(inp, cache_rate, gpu_mem, n_ctx, n_batch)
+            sim = OursSim(m, prof, inp.routing, policy, predictor, cpu_experts, budget["slots"], lookahead, n_batch)
+            res = sim.run(bar, warm=warm)
+            mode = ("all experts resident" if sim.all_resident else
+                    f"{policy}+{predictor}, cpu-experts {cpu_experts}, {budget['slots']} slots ({budget['cache_rate']:.0%})"
+                    + (", warm cache" if warm else ""))
+            extra = {"slots": budget["slots"], "cache_rate": round(budget["cache_rate"], 4),
+                     "device_memory": budget["memory"], "policy": policy, "predictor": predictor,
+                     "cpu_experts": cpu_experts, "warm": warm}
+        elif engine == "llamacpp":
+            place = _placement(inp, ngl, n_cpu_moe, n_ctx, n_ubatch)
+            sim = LlamaCppSim(m, prof, inp.routing, place, n_ctx, n_ubatch)
+            mem = sim.check_fit()
+            res = sim.run(bar)
+            mode = place.label(m.n_layers)
+            extra = {"ngl": place.ngl, "n_cpu_moe": place.n_cpu_moe, "device_memory": mem}
+        else:
+            raise ModelError(f"--engine {engine!r}: promoe or llamacpp")
+    finally:
+        if bar is not None:
+            bar.close()
+    return summarize(inp, engine, mode, res, extra)
+
+
+def summarize(inp: Inputs, engine: str, mode: str, res: dict, extra: dict) -> dict:
+    pre, dec = res["prefill"], res["decode"]
+
+    def rate(n, s):
+        return n / s if s > 0 else float("inf") if n else 0.0
+
+    def hit(ph):
+        n = ph.hits + ph.misses
+        return ph.hits / n if n else None
+    out = {"engine": engine, "mode": mode, "model": inp.model.name, "profile": inp.profile.name,
+           "routing": inp.routing.label, "simulated": True,
+           "decode_tok_s": rate(dec.tokens, dec.seconds), "prefill_tok_s": rate(pre.tokens, pre.seconds),
+           "decode_tokens": dec.tokens, "prefill_tokens": pre.tokens,
+           "decode_hit_rate": hit(dec), "prefill_hit_rate": hit(pre),
+           "decode_stall_share": dec.wait_copy_s / dec.seconds if dec.seconds else 0.0,
+           "decode_cpu_wait_share": dec.wait_cpu_s / dec.seconds if dec.seconds else 0.0,
+           "prefill_stall_share": pre.wait_copy_s / pre.seconds if pre.seconds else 0.0}
+    for name, ph in (("decode", dec), ("prefill", pre)):
+        n = max(ph.tokens, 1)
+        out[f"{name}_bytes_per_token"] = {"h2d": ph.h2d_bytes / n, "cpu_read": ph.cpu_bytes / n,
+                                          "gpu_read": ph.gpu_bytes / n}
+        out[f"{name}_cpu_experts_per_token"] = ph.cpu_experts / n
+    if inp.calibrated is not None:
+        out["routing_calibrated"] = inp.calibrated
+    return {**out, **extra}
+
+
+def sweep(inp: Inputs, configs: list[dict], rates=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+          n_ctx: int = 4096, n_batch: int = 64, n_ubatch: int = 512, progress: bool = True) -> list[dict]:
+    """tok/s against device memory: every config of our runtime at each cache rate that fits, and
+    llama.cpp's --n-cpu-moe from all-on-CPU to none (and -ngl when a GPU cannot hold the rest)."""
+    from tqdm import tqdm
+    m, prof = inp.model, inp.profile
+    jobs = [("promoe", c, r) for c in configs for r in rates] + \
+           [("llamacpp", {"n_cpu_moe": n}, None) for n in range(m.n_layers + 1)]
+    rows = []
+    for engine, c, r in tqdm(jobs, desc="sweep", unit="run", disable=not progress):
+        try:
+            if engine == "promoe":
+                res = simulate(engine="promoe", cache_rate=r, n_ctx=n_ctx, n_batch=n_batch, inputs=inp, **c)
+            else:
+                res = simulate(engine="llamacpp", n_ctx=n_ctx, n_ubatch=n_ubatch, inputs=inp, **c)
+        except ModelError:
+            continue                                  # a budget that does not fit the profile
+        res["device_gib"] = res["device_memory"]["total"] / GiB
+        rows.append(res)
+    return rows
