@@ -10,6 +10,10 @@
 #   4. scripts/gpu_bench.py: bandwidths, matvec GB/s, uploads         -> OUT_DIR/bench.{json,md}
 #   5. scripts/gpu_e2e.py: Engine(device="cuda") end to end: cache, copy stream, fused decode;
 #      tokens vs the all-resident run; launches and syncs per token   -> OUT_DIR/e2e.{json,txt}
+#   6. promoe bench --vs-llamacpp on a 2-layer Mixtral-8x7B-shaped Q4_K_M model with a 1.2 GB device
+#      budget: our lru / promoe / hybrid rows beside stock llama.cpp all on the CPU, -ngl N and
+#      --n-cpu-moe N (the committed CUDA bundle, bench/llamacpp-cuda/)  -> OUT_DIR/vs-llamacpp/
+#      (GPU_CHECK_VS_LLAMACPP=0 skips it)
 # Exit status: 0 all passed; 2 usage or setup error; 3 no CUDA device / CuPy; 1 any test, the bench or
 # the end-to-end run failed (each step's exit status is printed at the end).
 set -uo pipefail
@@ -85,8 +89,23 @@ H2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['h2d_pinned_
 timeout 210 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --tokens 24 --d2d "$D2D" --h2d "$H2D" 2>&1 | tee "$OUT/e2e.txt"
 e2e_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: pytest exit $test_rc, bench exit $bench_rc, e2e exit $e2e_rc; results in $OUT"
-if [ "$test_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$e2e_rc" -ne 0 ]; then
+# 6. side by side with stock llama.cpp (CUDA sm_90 bundle) on a real-shape model, same device memory
+vs_rc=0
+if [ "${GPU_CHECK_VS_LLAMACPP:-1}" != 0 ]; then
+    {
+        set -e
+        mkdir -p /tmp/gpu-check-lc /tmp/gpu-check-models "$OUT/vs-llamacpp"
+        tar xJf bench/llamacpp-cuda/llamacpp-cuda.tar.xz -C /tmp/gpu-check-lc
+        /tmp/gpu-check-lc/llamacpp-cuda/run.sh llama-bench --list-devices
+        M=$("$PY" scripts/make_test_model.py /tmp/gpu-check-models --real-shape mixtral-8x7b --layers 2 | grep '\.gguf$')
+        PROMOE_LLAMACPP_BIN=/tmp/gpu-check-lc/llamacpp-cuda timeout 240 "$PY" -m promoe_gguf.cli.main bench "$M" \
+            --device cuda --vs-llamacpp --gpu-mem 1.2G --tokens 32 --threads 8 --out "$OUT/vs-llamacpp"
+    } 2>&1 | tee "$OUT/vs-llamacpp.txt"
+    vs_rc=${PIPESTATUS[0]}
+fi
+
+echo "gpu_check: pytest exit $test_rc, bench exit $bench_rc, e2e exit $e2e_rc, vs-llamacpp exit $vs_rc; results in $OUT"
+if [ "$test_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$e2e_rc" -ne 0 ] || [ "$vs_rc" -ne 0 ]; then
     echo "gpu_check: FAILED" >&2
     exit 1
 fi

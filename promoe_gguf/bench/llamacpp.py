@@ -22,6 +22,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import ModelError
 
@@ -78,13 +79,14 @@ class BenchRow:
     mode: str                      # cpu | ngl | n-cpu-moe
     n_gpu_layers: int
     n_cpu_moe: int
-    n_prompt: int
+    n_prompt: int                  # the longest prompt tested
     n_gen: int
-    prefill_tok_s: float | None
+    prefill_tok_s: float | None    # at n_prompt tokens
     decode_tok_s: float | None
     backends: str                  # what llama-bench reports, e.g. "CPU" or "CUDA"
     n_threads: int
     device_bytes_est: int | None = None
+    prefill_by_length: dict = field(default_factory=dict)    # prompt tokens -> prefill tokens/s
     raw: list = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -93,29 +95,31 @@ class BenchRow:
         return d
 
 
-def run_llama_bench(model, *, n_prompt: int = 512, n_gen: int = 128, n_gpu_layers: int = 0, n_cpu_moe: int = 0,
+def run_llama_bench(model, *, n_prompt: int | Sequence[int] = 512, n_gen: int = 128, n_gpu_layers: int = 0, n_cpu_moe: int = 0,
                     threads: int | None = None, reps: int = 3, bin_dir=None, extra=(), mode: str | None = None,
                     timeout: float = 3600) -> BenchRow:
-    """Run llama-bench once (-p n_prompt -n n_gen, -r reps) and parse its JSON. n_prompt or n_gen may
-    be 0 to skip that test. A GPU placement that ran on the CPU (the CUDA module did not load) is an
-    error, not a slow row."""
+    """Run llama-bench once (-p n_prompt -n n_gen, -r reps) and parse its JSON. n_prompt may be a list
+    of prompt lengths (one pp test each); n_prompt or n_gen may be 0 to skip that test. A GPU placement
+    that ran on the CPU (the CUDA module did not load) is an error, not a slow row."""
     model = Path(model)
     if not model.is_file():
         raise ModelError(f"{model}: no such model file")
-    if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
+    prompts = sorted({int(n) for n in ([n_prompt] if isinstance(n_prompt, int) else n_prompt)})
+    if not prompts or prompts[0] < 0 or n_gen < 0 or prompts[-1] + n_gen == 0:
         raise ValueError(f"n_prompt={n_prompt}, n_gen={n_gen}: need at least one positive token count")
+    prompts = [n for n in prompts if n > 0] or [0]
     if n_gpu_layers < 0 or n_cpu_moe < 0 or reps < 1:
         raise ValueError(f"n_gpu_layers={n_gpu_layers}, n_cpu_moe={n_cpu_moe}, reps={reps}: must be >= 0 (reps >= 1)")
     d = find_bin_dir(bin_dir)
     threads = threads or os.cpu_count() or 1
-    args = ["-m", model, "-p", n_prompt, "-n", n_gen, "-ngl", n_gpu_layers, "-ncmoe", n_cpu_moe,
+    args = ["-m", model, "-p", ",".join(map(str, prompts)), "-n", n_gen, "-ngl", n_gpu_layers, "-ncmoe", n_cpu_moe,
             "-t", threads, "-r", reps, "-o", "json", *extra]
     out = _run(_command(d, "llama-bench", args), timeout).stdout
     try:
         tests = json.loads(out)
     except json.JSONDecodeError:
         raise RuntimeError(f"llama-bench printed no JSON:\n{out[-2000:]}") from None
-    pp = [t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0]
+    pp = sorted((t for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0), key=lambda t: t["n_prompt"])
     tg = [t for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0]
     backends = tests[0]["backends"] if tests else "?"
     if n_gpu_layers > 0 and backends.strip().upper() == "CPU":
@@ -123,13 +127,14 @@ def run_llama_bench(model, *, n_prompt: int = 512, n_gen: int = 128, n_gpu_layer
                            "(CUDA bundle on a machine without a GPU or without libcublas.so.13?)")
     if mode is None:
         mode = "cpu" if n_gpu_layers == 0 else ("n-cpu-moe" if n_cpu_moe else "ngl")
-    return BenchRow(mode=mode, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, n_prompt=n_prompt, n_gen=n_gen,
-                    prefill_tok_s=float(pp[0]["avg_ts"]) if pp else None,
+    return BenchRow(mode=mode, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe, n_prompt=prompts[-1], n_gen=n_gen,
+                    prefill_tok_s=float(pp[-1]["avg_ts"]) if pp else None,
                     decode_tok_s=float(tg[0]["avg_ts"]) if tg else None,
-                    backends=backends, n_threads=int(tests[0]["n_threads"]) if tests else threads, raw=tests)
+                    backends=backends, n_threads=int(tests[0]["n_threads"]) if tests else threads,
+                    prefill_by_length={int(t["n_prompt"]): float(t["avg_ts"]) for t in pp}, raw=tests)
 
 
-def bench_modes(model, gpu_mem: int | None = None, *, n_prompt: int = 512, n_gen: int = 128, threads=None,
+def bench_modes(model, gpu_mem: int | None = None, *, n_prompt: int | Sequence[int] = 512, n_gen: int = 128, threads=None,
                 reps: int = 3, bin_dir=None, n_ctx: int | None = None, gpu: bool | None = None) -> list[BenchRow]:
     """llama.cpp's offload modes on one model: all on the CPU; and where a GPU is there, the largest
     layer offload and the smallest --n-cpu-moe that fit gpu_mem bytes (None: no limit, all on the GPU).
@@ -142,8 +147,9 @@ def bench_modes(model, gpu_mem: int | None = None, *, n_prompt: int = 512, n_gen
     if not gpu:
         return rows
     layout = ModelLayout.from_gguf(model)
+    longest = n_prompt if isinstance(n_prompt, int) else max(n_prompt)
     fit = fit_offload(layout, gpu_mem if gpu_mem is not None else 1 << 62,
-                      n_ctx=n_ctx or n_prompt + n_gen)
+                      n_ctx=n_ctx or longest + n_gen)
     rows[0].device_bytes_est = 0
     if fit.ngl > 0:
         r = run_llama_bench(model, n_gpu_layers=fit.ngl, mode="ngl", **common)

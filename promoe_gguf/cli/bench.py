@@ -83,7 +83,39 @@ def _bound(r: dict, device_gbs: float, cpu_gbs: float, link_gbs: float) -> float
     return max(device, missed / ((link_gbs + cpu_gbs) * 1e9)) if missed else device
 
 
-def _llamacpp_rows(path, prompts, n_decode, threads) -> list[dict]:
+def _llamacpp_rows(path, prompts, n_decode, threads, device, budgets) -> list[dict]:
+    """Stock llama.cpp on the same GGUF with the same threads. With its llama-bench built
+    (scripts/build_llamacpp.sh; $PROMOE_LLAMACPP_BIN): all on the CPU, and on a GPU its offload modes
+    fitted to each device budget (bytes). Without llama-bench, on the CPU: the all-CPU row through
+    llama-cpp-python's bindings to the same llama.cpp."""
+    from ..bench import llamacpp as lc
+    try:
+        bin_dir = lc.find_bin_dir()
+    except lc.LlamaCppNotBuilt as e:
+        if device == "cuda":
+            raise ModelError(f"--vs-llamacpp on a GPU needs llama.cpp's llama-bench for its offload modes: {e}") from None
+        print(f"promoe bench: {e}\n  llama.cpp's all-CPU row comes from llama-cpp-python instead", file=sys.stderr)
+        return _llamacpp_python_rows(path, prompts, n_decode, threads)
+    names = {"cpu": "llama.cpp (all on the CPU)"}
+    rows, seen = [], set()
+    for budget in budgets:
+        for r in lc.bench_modes(path, budget, n_prompt=[len(p) for p in prompts], n_gen=n_decode, threads=threads,
+                                reps=2, bin_dir=bin_dir, gpu=None if device == "cuda" else False):
+            if (r.mode, r.n_gpu_layers, r.n_cpu_moe) in seen:
+                continue
+            seen.add((r.mode, r.n_gpu_layers, r.n_cpu_moe))
+            mode = names.get(r.mode) or (f"llama.cpp -ngl {r.n_gpu_layers}" if r.mode == "ngl"
+                                         else f"llama.cpp -ngl {r.n_gpu_layers} --n-cpu-moe {r.n_cpu_moe}")
+            rows.append({"mode": mode, "budget": "-" if r.mode == "cpu" else f"gpu_mem={budget / 2**30:.2f}G",
+                         "source": f"llama-bench ({r.backends}, {r.n_threads} threads)",
+                         "device_bytes": r.device_bytes_est or 0,
+                         "prefill": [{"tokens": n, "ttft_s": n / ts, "tok_s": ts}
+                                     for n, ts in sorted(r.prefill_by_length.items())],
+                         "decode": {"tokens": n_decode, "tok_s": r.decode_tok_s}})
+    return rows
+
+
+def _llamacpp_python_rows(path, prompts, n_decode, threads) -> list[dict]:
     """Stock llama.cpp through llama-cpp-python on the CPU (n_gpu_layers=0), same threads."""
     import llama_cpp
     from ..util import quiet_stderr
@@ -107,7 +139,8 @@ def _llamacpp_rows(path, prompts, n_decode, threads) -> list[dict]:
             logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
             llm.eval([int(np.argmax(logits))])
         dt = time.perf_counter() - t0
-    return [{"mode": "llama.cpp (all on the CPU)", "budget": "-", "prefill": prefill,
+    return [{"mode": "llama.cpp (all on the CPU)", "budget": "-", "source": "llama-cpp-python", "device_bytes": 0,
+             "prefill": prefill,
              "decode": {"tokens": n_decode, "tok_s": n_decode / dt}}]
 
 
@@ -142,8 +175,10 @@ def run(args) -> int:
     for r in rows:
         r["bound_s_per_token"] = _bound(r, device_gbs, cpu_gbs or 0.0, link_gbs or 0.0)
         r["gap_to_bound"] = (1 / r["decode"]["tok_s"]) / r["bound_s_per_token"]
-    if args.vs_llamacpp:
-        rows += _llamacpp_rows(path, prompts, args.tokens, args.threads)
+    if args.vs_llamacpp:       # the same device memory: the budget given, else what each cached row used
+        budgets = ([parse_mem(args.gpu_mem, "--gpu-mem")] if args.gpu_mem else
+                   sorted({r["memory"]["total"] for r in rows if r["budget"] != "-"}) or [None])
+        rows += _llamacpp_rows(path, prompts, args.tokens, args.threads, args.device, budgets)
     res = {"model": os.path.basename(path), "device": args.device, "threads": args.threads, "link": args.link,
            "emulated": args.device == "cpu", "prompt_lengths": lengths, "decode_tokens": args.tokens,
            "rates_GBps": {"device": device_gbs, "cpu": cpu_gbs, "link": link_gbs},
@@ -172,16 +207,25 @@ def _markdown(res: dict) -> str:
     cols = " | ".join(f"prefill {n} tok/s (TTFT s)" for n in lens)
     head += [f"| mode | budget | {cols} | decode tok/s | vs llama.cpp | hit rate | on CPU | copied | wait copies | "
              "wait CPU | gap to bound |", "|" + "---|" * (len(lens) + 10)]
-    llama = next((r for r in res["rows"] if r["mode"].startswith("llama.cpp")), None)
+    llama = [r for r in res["rows"] if r["mode"].startswith("llama.cpp")]
     for r in res["rows"]:
         dec = r["decode"]
         lookups = dec.get("hits", 0) + dec.get("misses", 0)
         pre = " | ".join(f"{p['tok_s']:.1f} ({p['ttft_s']:.2f})" for p in r["prefill"])
-        vs = f"{dec['tok_s'] / llama['decode']['tok_s']:.2f}x" if llama else "-"
+        # against llama.cpp's fastest mode that needs no more device memory than this row
+        mem = r["memory"]["total"] if "memory" in r else r.get("device_bytes", 0)
+        best = max((x["decode"]["tok_s"] for x in llama if x.get("device_bytes", 0) <= mem or res["emulated"]),
+                   default=None)
+        vs = f"{dec['tok_s'] / best:.2f}x" if best else "-"
         head.append(f"| {r['mode']} | {r['budget']} | {pre} | {dec['tok_s']:.1f} | {vs} | "
                     f"{(dec.get('hits', 0) / lookups) if lookups else 1.0:.2f} | {dec.get('cpu_experts', '-')} | "
                     f"{dec.get('copies', '-')} | {dec.get('wait_copy_share', 0):.0%} | {dec.get('wait_cpu_share', 0):.0%} | "
                     + (f"{r['gap_to_bound']:.1f}x |" if "gap_to_bound" in r else "- |"))
+    src = sorted({r["source"] for r in llama})
+    if src:
+        head += ["", f"llama.cpp rows: {', '.join(src)}; prefill from llama-bench is prompt processing alone "
+                 "(TTFT = tokens / tok/s)." if any(x.startswith("llama-bench") for x in src) else
+                 f"llama.cpp rows: {', '.join(src)}."]
     return "\n".join(head) + "\n"
 
 
@@ -190,13 +234,13 @@ def _plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = [r for r in res["rows"] if r["budget"] != "-"]
+    rows = [r for r in res["rows"] if r["budget"] != "-" and not r["mode"].startswith("llama.cpp")]
     for mode in dict.fromkeys(r["mode"] for r in rows):
         sel = [r for r in rows if r["mode"] == mode]
         ax.plot([float(r["budget"].split("=")[1]) for r in sel], [r["decode"]["tok_s"] for r in sel], marker="o",
                 label=mode)
     for r in res["rows"]:
-        if r["budget"] == "-":
+        if r["budget"] == "-" or r["mode"].startswith("llama.cpp"):
             ax.axhline(r["decode"]["tok_s"], linestyle=":", color="gray" if r["mode"] == "all resident" else "black",
                        label=r["mode"])
     ax.set(xlabel="cache budget (" + (rows[0]["budget"].split("=")[0] if rows else "") + ")", ylabel="decode tokens/s",
@@ -216,6 +260,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     s.add_argument("--link", default="ratio=10", help="CPU only: the emulated link (see promoe run --help)")
-    s.add_argument("--vs-llamacpp", action="store_true", help="add stock llama.cpp's rows, same GGUF and threads")
+    s.add_argument("--vs-llamacpp", action="store_true",
+                   help="add stock llama.cpp's rows, same GGUF, threads and device memory (llama-bench from "
+                        "scripts/build_llamacpp.sh or $PROMOE_LLAMACPP_BIN; else llama-cpp-python, CPU only)")
     s.add_argument("--out", default="bench/results/bench", help="output directory")
     s.set_defaults(func=run)

@@ -127,12 +127,13 @@ class CachedExpertSource(ExpertSource):
     # ---- CPU experts ---------------------------------------------------------------------------
     def _place(self, needed: list, ids: np.ndarray) -> set:
         """The misses to compute on the CPU: all of them ("all"), or those the cost model says the CPU
-        finishes before their copy would land and be computed ("auto")."""
+        finishes before their copy would land and be computed ("auto"). Both sides keep a backlog, so
+        when the CPU and the link are about as fast the misses split between them."""
         pool = self.cpu_pool
         if pool is None or not pool.alive or self.cpu_experts == "off":
             return set()
         everything = self.cpu_experts == "all" or not self.transfer.alive    # no copy thread: the CPU it is
-        out, backlog = set(), 0.0
+        out, backlog, ahead = set(), 0.0, 0      # CPU seconds queued / bytes this call sent to the link
         with self.cache.cv:
             for key in needed:
                 slot = self.cache.where.get(key)
@@ -142,9 +143,10 @@ class CachedExpertSource(ExpertSource):
                     T = int((ids == key[1]).sum())
                     sig = self.cost.signature(m for m, _ in self.store.layout[key])
                     left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
-                    copy = self.cost.copy_seconds(left + self._queued_bytes(key)) + self.cost.device_seconds(sig, T)
+                    copy = self.cost.copy_seconds(left + ahead + self._queued_bytes(key)) + self.cost.device_seconds(sig, T)
                     cpu = backlog + CPU_MARGIN * self.cost.cpu_seconds(sig, T)
                     if cpu >= copy:
+                        ahead += left                 # the link carries it: later misses queue behind it
                         continue
                     backlog = cpu
                 out.add(key)

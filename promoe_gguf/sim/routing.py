@@ -283,19 +283,19 @@ CALIBRATION = [
     # (preset, E, k, statistic, argument, target low, target high, role, source). role "fit": the preset's
     # parameters were tuned to it; "check": not used for tuning
     ("qwen3-30b-a3b", 128, 8, "repeat_next", None, 0.40, 0.50, "fit",
-     "kekzl/imp PR #1359 (Qwen3-30B-A3B, 3 prompts x 512 tokens): 45% of selections repeat at the next token"),
+     "kekzl/imp PR #1359 (Qwen3-30B-A3B, 3 prompts x 512 tokens): 45% of selections repeat at the next token (trace replay)"),
     ("qwen3-30b-a3b", 128, 8, "repeat_within8", None, 0.75, 0.85, "fit", "kekzl/imp PR #1359: 80% within eight tokens"),
     ("qwen3-30b-a3b", 128, 8, "lru", 0.40, 0.90, 0.953, "fit",
      "kekzl/imp PR #1359: LRU at 40% residency, steady state 94.7% / 90.0% / 95.3%"),
-    # (#1374's smallest budget, 24 matrix slots = one token's 8 experts, 36.6%, is left out: a cache of
+    # (#1374's smallest budget, 24 slots/layer (one per expert matrix) = one token's 8 experts, 36.6%, is left out: a cache of
     # exactly one step's experts depends on the order a step's misses evict each other in, and that
     # engine evicts within the step (36.6% < its own 45% next-token repeat); ours never does)
     ("qwen3-30b-a3b", 128, 8, "lru_cold", 24, 0.691, 0.791, "check",
-     "kekzl/imp PR #1374 (Qwen3-30B-A3B, cold 256-token decode): 73 matrix slots/layer (24 experts) 74.1%"),
-    ("qwen3-30b-a3b", 128, 8, "lru_cold", 49, 0.844, 0.944, "check", "kekzl/imp PR #1374: 146 matrix slots (49 experts) 89.4%"),
-    ("qwen3-30b-a3b", 128, 8, "lru_cold", 81, 0.912, 1.0, "check", "kekzl/imp PR #1374: 244 matrix slots (81 experts) 96.2%"),
+     "kekzl/imp PR #1374 (Qwen3-30B-A3B, cold 256-token decode): 73 slots/layer, one per matrix (24 experts): 74.1%"),
+    ("qwen3-30b-a3b", 128, 8, "lru_cold", 49, 0.844, 0.944, "check", "kekzl/imp PR #1374: 146 slots/layer (49 experts): 89.4%"),
+    ("qwen3-30b-a3b", 128, 8, "lru_cold", 81, 0.912, 1.0, "check", "kekzl/imp PR #1374: 244 slots/layer (81 experts): 96.2%"),
     ("flat512", 512, 10, "lru", 0.125, 0.62, 0.72, "fit",
-     "llama.cpp PR #27861 (512 experts, top-10): per-layer LRU of 64 ~67%"),
+     "llama.cpp PR #27861 (512 experts, top-10): per-layer LRU of 64 would hit ~67% (replayed from a routing trace)"),
     ("flat512", 512, 10, "lru", 0.25, 0.76, 0.86, "fit", "llama.cpp PR #27861: per-layer LRU of 128 ~81%"),
     ("flat512", 512, 10, "top32", None, 0.07, 0.13, "check",
      "llama.cpp PR #27861: a top-32 list (corpus frequency) covered ~10% of routing"),
