@@ -81,12 +81,12 @@ def render_comparison(rows, path):
              "`Engine(gpu_mem=default)` fits (10% / 1 GiB left to CUDA).", "",
              "- **lru**: per-layer LRU, every miss copied; **promoe**: promoe policy + gate predictor, misses copied; "
              "**hybrid**: promoe + gate, misses on the CPU when the cost model says so (`--cpu-experts auto`).",
-             f"- Our per-layer decode cost is set to llama.cpp's (69 us: the design's target); the last column is "
-             f"hybrid at {AS_BUILT_LAYER_US} us/layer, a Python-bound dispatch (no GPU run of ours exists to say which).",
+             f"- Our per-layer decode cost is set to llama.cpp's (69 us: the design's target); the 'hybrid, Python-bound' "
+             f"column is hybrid at {AS_BUILT_LAYER_US} us/layer, a Python-bound dispatch (no GPU run of ours exists to say which).",
              "- Validation of the model: bench/results/sim/validation.md (llama.cpp decode within 15% of published "
              "runs; GPU prefill has no published check).", "",
              f"- Our prefill runs in chunks of {N_BATCH} tokens (`--n-batch {N_BATCH}`, llama.cpp's ubatch); the "
-             "Engine's default, 64, re-reads (and on a miss re-copies) every expert each 64 tokens: last column.",
+             "Engine's default, 64, re-reads (and on a miss re-copies) every expert each 64 tokens: the 'hybrid, --n-batch 64' column.",
              "",
              "| model | GPU | llama.cpp best (mode) | lru | promoe | hybrid | hybrid / llama.cpp | hybrid, Python-bound | hybrid, --n-batch 64 | hybrid, cold |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -24,6 +24,15 @@ def test_bench_vs_llamacpp(tmp_path, capsys):
     assert all(r["gap_to_bound"] >= 0.5 for r in res["rows"][:4])
     assert (out / "bench.png").stat().st_size > 1000
     assert "vs llama.cpp" in (out / "bench.md").read_text()
+    # the measured rates as a simulator profile, usable as it is
+    from promoe_gguf.sim.profile import parse_profile
+    prof = parse_profile(str(out / "profile.json"))
+    assert prof.emulated and prof.gpu_gbs > 0 and prof.cpu_gbs > 0
+    assert abs(prof.h2d_gbs - res["rates_GBps"]["link"]) < 1e-9
+    capsys.readouterr()
+    assert main(["simulate", "--shape", DEFAULT_MODEL, "--profile", str(out / "profile.json"), "--cache-rate", "0.5",
+                 "--prompt", "16", "--decode", "8", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode_tok_s"] > 0
 
 
 def test_bench_vs_llama_bench(tmp_path, monkeypatch):
@@ -43,3 +52,14 @@ def test_bench_vs_llama_bench(tmp_path, monkeypatch):
     assert [p["tokens"] for p in llama["prefill"]] == res["prompt_lengths"]
     assert llama["decode"]["tok_s"] > 0
     assert "llama-bench" in (out / "bench.md").read_text()
+
+
+def test_bench_custom_mode_and_bad_mode(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", DEFAULT_MODEL, "--tokens", "2", "--rates", "0.5", "--modes", "static/none/off",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert [r["mode"] for r in res["rows"]] == ["all resident", "static/none/off"]
+    assert res["rows"][1]["decode"]["cpu_experts"] == 0
+    assert main(["bench", DEFAULT_MODEL, "--modes", "lru,fast", "--out", str(out)]) == 2
+    assert "--modes: 'fast' is neither" in capsys.readouterr().err

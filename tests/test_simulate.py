@@ -130,10 +130,12 @@ def test_llamacpp_predictions_within_25_percent_of_published_runs():
     assert not bad, bad
 
 
+@pytest.mark.slow
 def test_prediction_against_a_real_run_measured_here(trace):
     """A real Engine (lru, half the experts cached, the emulated ratio=10 link) against the simulator with
     a profile measured now. Bound: 50% (this 2-core machine is shared: the committed validation table,
-    bench/results/sim/validation.md, shows the typical error)."""
+    bench/results/sim/validation.md, shows the typical error). It times real runs, so it is `slow`: run
+    with -m slow on a quiet machine, not in CI."""
     from promoe_gguf.sim.measure import measure_profile
     from promoe_gguf.sim.validate import link_bandwidth, measured_run, simulated_run
     link = link_bandwidth(DEFAULT_MODEL, 10)

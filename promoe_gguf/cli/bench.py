@@ -1,6 +1,7 @@
 """`promoe bench MODEL [--vs-llamacpp]`: prefill and decode speed per cache mode and budget, side by side.
 
-For each mode (all resident; lru and promoe copying every miss; hybrid: promoe with CPU experts) at
+For each mode (all resident; lru and promoe copying every miss; hybrid: promoe with CPU experts; or
+any POLICY/PREDICTOR/CPU_EXPERTS triple, e.g. promoe/mlp:FILE/auto) at
 each cache rate or --gpu-mem budget: time to first token and prefill tok/s for each prompt length,
 decode tok/s, hit rate, the share of decode spent waiting (copies, CPU pool), where experts ran, and
 the gap to the bound per decode token,
@@ -8,7 +9,10 @@ the gap to the bound per decode token,
 each rate measured on this machine (the cost model's probes). On a CPU-only machine the device is
 the CPU and the link is emulated (`--link`, default ratio=10): the rows say so. With --vs-llamacpp the
 same GGUF runs through stock llama.cpp with the same threads: all on the CPU (and, given CUDA,
-its offload modes with the same device memory). Writes OUT/bench.json, bench.md and bench.png.
+its offload modes, -ngl N and --n-cpu-moe N fitted to the same device memory); "vs llama.cpp" divides
+a row's decode speed by llama.cpp's fastest mode that needs no more device memory (on the CPU machine:
+its all-CPU row). Writes OUT/bench.json, bench.md, bench.png and profile.json (this machine's measured rates as a
+`promoe simulate --profile` file).
 """
 from __future__ import annotations
 
@@ -63,9 +67,14 @@ def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
         out["memory"] = eng.memory
         out["cost_model"] = st.get("cost_model")
         out["link"] = st.get("link", "none (all resident)")
+        out["link_GBps"] = (getattr(eng.source, "calibration", None) or {}).get("bandwidth", 0.0) / 1e9
         out["expert_bytes"] = float(np.mean([eng.model.expert_nbytes(*k) for k in eng.model.expert_keys]))
         out["resident_bytes"] = eng.memory["resident"]
         out["moe_layers"] = len(eng.config.moe_layers)
+        out["n_layers"] = eng.config.n_layers
+        if device == "cuda":
+            import torch
+            out["device_total_bytes"] = torch.cuda.get_device_properties(0).total_memory
         out["k"] = eng.config.n_experts_used
         return out
     finally:
@@ -80,7 +89,22 @@ def _bound(r: dict, device_gbs: float, cpu_gbs: float, link_gbs: float) -> float
     device = (r["resident_bytes"] + used) / (device_gbs * 1e9)
     lookups = dec.get("hits", 0) + dec.get("misses", 0)
     missed = (dec.get("misses", 0) / lookups if lookups else 0.0) * used
-    return max(device, missed / ((link_gbs + cpu_gbs) * 1e9)) if missed else device
+    if not missed or link_gbs + cpu_gbs <= 0:      # no miss, or no rate known to move one
+        return device
+    return max(device, missed / ((link_gbs + cpu_gbs) * 1e9))
+
+
+def _mode(text: str) -> dict:
+    """A --modes entry: a name in MODES, or POLICY/PREDICTOR/CPU_EXPERTS (the predictor may hold a path)."""
+    from ..runtime.source import CPU_EXPERTS
+    if text in MODES:
+        return MODES[text]
+    parts = text.split("/")
+    policy, cpu = parts[0], parts[-1]
+    if len(parts) < 3 or policy not in ("lru", "static", "promoe") or cpu not in CPU_EXPERTS:
+        raise ModelError(f"--modes: {text!r} is neither {', '.join(MODES)} nor POLICY/PREDICTOR/CPU_EXPERTS "
+                         f"(policy lru|static|promoe, cpu experts {'|'.join(CPU_EXPERTS)}; e.g. promoe/gate/auto)")
+    return dict(policy=policy, predictor="/".join(parts[1:-1]), cpu_experts=cpu)
 
 
 def _llamacpp_rows(path, prompts, n_decode, threads, device, budgets) -> list[dict]:
@@ -154,13 +178,10 @@ def run(args) -> int:
     lengths = [n for n in (32, 256, 1024) if n + args.tokens + 8 <= n_ctx_max] or [min(32, n_ctx_max // 2)]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, min(model.config.n_vocab, 256), n).tolist() for n in lengths]
-    modes = args.modes.split(",")
-    for m in modes:
-        if m not in MODES:
-            raise ModelError(f"--modes: unknown mode {m!r} (one of {', '.join(MODES)})")
+    modes = {m: _mode(m) for m in args.modes.split(",")}
     budgets = ([("gpu_mem", parse_mem(args.gpu_mem, "--gpu-mem"))] if args.gpu_mem else
                [("cache_rate", float(r)) for r in args.rates.split(",")])
-    jobs = [("all resident", "-", {})] + [(m, f"{k}={v}", {k: v, **MODES[m]}) for k, v in budgets for m in modes]
+    jobs = [("all resident", "-", {})] + [(m, f"{k}={v}", {k: v, **modes[m]}) for k, v in budgets for m in modes]
     rows = []
     for mode, budget, kw in tqdm(jobs, desc="bench", unit="config"):
         r = _run_one(path, prompts, args.tokens, args.threads, args.device, args.link, **kw)
@@ -168,7 +189,8 @@ def run(args) -> int:
     ref = rows[0]
     cm = next((r["cost_model"] for r in rows if r.get("cost_model")), None)
     cpu_gbs = max(cm["cpu_GBps_1tok"].values()) if cm else None
-    link_gbs = cm["link_GBps"] if cm and cm["link_GBps"] else None
+    link_gbs = (cm["link_GBps"] if cm and cm["link_GBps"] else
+                max((r.get("link_GBps") or 0.0 for r in rows), default=0.0) or None)   # no cost model: the emulated link
     # the device's rate: the all-resident decode's bytes per second (on the CPU: the same ggml)
     used = ref["k"] * ref["moe_layers"] * ref["expert_bytes"] + ref["resident_bytes"]
     device_gbs = used * ref["decode"]["tok_s"] / 1e9
@@ -186,6 +208,8 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(_measured_profile(res, ref, cm).to_json(), f, indent=1)
     md = _markdown(res)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(md)
@@ -193,6 +217,29 @@ def run(args) -> int:
     print(md)
     print(f"wrote {args.out}/bench.json, bench.md, bench.png", file=sys.stderr)
     return 0
+
+
+def _measured_profile(res: dict, ref: dict, cm: dict | None):
+    """This machine as a `promoe simulate --profile` file, from the rates this run measured: the device's
+    matvec rate (the cost model's device probe, else the all-resident decode), the CPU pool's, the
+    link's, and our fixed cost per layer (the all-resident decode step minus its bytes at that rate)."""
+    from ..sim.profile import GiB, Profile
+    rate = res["rates_GBps"]
+    device_gbs = rate["device"]
+    if cm and cm.get("device_ms_per_expert"):
+        ms = np.mean([v[0] for v in cm["device_ms_per_expert"].values()])
+        device_gbs = ref["expert_bytes"] / (ms * 1e-3) / 1e9
+    used = ref["k"] * ref["moe_layers"] * ref["expert_bytes"] + ref["resident_bytes"]
+    layer_s = (1 / ref["decode"]["tok_s"] - used / (device_gbs * 1e9)) / ref["n_layers"]
+    threads = res["threads"]
+    cpu_gbs = rate["cpu"] or device_gbs
+    return Profile(
+        name=f"measured-{res['device']}", gpu_gbs=device_gbs, gpu_eff=1.0,
+        gpu_mem_gb=ref.get("device_total_bytes", 0) / GiB, h2d_gbs=rate["link"] or 0.0,
+        cpu_gbs=cpu_gbs, cpu_eff=1.0, cpu_threads=threads, cpu_thread_gbs=cpu_gbs / threads,
+        ours_layer_us=max(0.0, layer_s * 1e6), emulated=res["emulated"],
+        source=f"promoe bench {res['model']} {res['date']}: device matvec, CPU pool and link rates and our per-layer "
+               "decode cost as measured" + (" (the device is this CPU, the link emulated)" if res["emulated"] else ""))
 
 
 def _markdown(res: dict) -> str:
@@ -253,7 +300,8 @@ def _plot(res: dict, path: str) -> None:
 def add_parsers(sub) -> None:
     s = sub.add_parser("bench", help="prefill/decode speed per cache mode and budget (and vs llama.cpp)")
     s.add_argument("model", help="GGUF file or cache directory")
-    s.add_argument("--modes", default="lru,promoe,hybrid", help="comma-separated: lru, promoe, hybrid")
+    s.add_argument("--modes", default="lru,promoe,hybrid", help="comma-separated: lru, promoe, hybrid, or POLICY/PREDICTOR/CPU_EXPERTS "
+                                                          "(e.g. static/none/off, promoe/mlp:FILE/auto)")
     s.add_argument("--rates", default="0.25,0.5,0.75", help="cache rates (ignored with --gpu-mem)")
     s.add_argument("--gpu-mem", default=None, help="one device memory budget instead of cache rates")
     s.add_argument("--tokens", type=int, default=128, help="decode tokens")
