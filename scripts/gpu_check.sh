@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the CUDA kernels: scripts/gpu_check.sh OUT_DIR
+# One-shot GPU check of the CUDA kernels: scripts/gpu_check.sh OUT_DIR [ARCHIVE.tar.gz]
+#
+# On the lent machine only 8 files come back from $OUT, so give an archive there and the results
+# folder elsewhere: `bash scripts/gpu_check.sh /tmp/gpu $OUT/gpu_check.tar.gz` (the archive is written
+# however the script ends, early exits included).
 #
 # For a machine with an NVIDIA GPU, CUDA 13, PyTorch (cu130), cupy-cuda13x and Python 3.12, without
-# network access; takes <= 8 minutes. Python packages missing there (gguf, ...) come as wheel files
+# network access; each step has a timeout, all together 9.5 minutes (a device call may run 10). Python packages missing there (gguf, ...) come as wheel files
 # in .whl/ next to this checkout. The repo's .venv is not used: set PYTHON to choose an interpreter.
 #   1. records the GPU name, driver and date (nvidia-smi)            -> OUT_DIR/env.txt
 #   2. checks that PyTorch sees a CUDA device and CuPy imports        -> OUT_DIR/preflight.txt
@@ -18,12 +22,17 @@
 # the end-to-end run failed (each step's exit status is printed at the end).
 set -uo pipefail
 
-if [ $# -ne 1 ]; then
-    echo "usage: $0 OUT_DIR" >&2
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+    echo "usage: $0 OUT_DIR [ARCHIVE.tar.gz]" >&2
     exit 2
 fi
 mkdir -p "$1" || exit 2
 OUT="$(cd "$1" && pwd)"
+if [ $# -eq 2 ]; then
+    mkdir -p "$(dirname "$2")" || exit 2
+    ARCHIVE="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"
+    trap 'tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "gpu_check: results packed in $ARCHIVE"' EXIT
+fi
 cd "$(dirname "$0")/.." || exit 2
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
@@ -75,18 +84,18 @@ if [ $rc -ne 0 ]; then
 fi
 
 # 3. GPU tests (kernels compile on first use; CuPy caches them for the benchmark)
-timeout 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels_gpu.py tests/test_backend_gpu.py 2>&1 | tee "$OUT/pytest.txt"
+timeout 120 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels_gpu.py tests/test_backend_gpu.py 2>&1 | tee "$OUT/pytest.txt"
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" -eq 5 ] && test_rc=0        # no gpu tests collected is not a failure of this check
 
 # 4. benchmark
-timeout 150 "$PY" scripts/gpu_bench.py "$OUT" 2>&1 | tee "$OUT/bench.txt"
+timeout 120 "$PY" scripts/gpu_bench.py "$OUT" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
 # 5. end to end through the Engine (uses the bandwidths step 4 measured, if it got that far)
 D2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['d2d_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 4000)
 H2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['h2d_pinned_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 50)
-timeout 210 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --tokens 24 --d2d "$D2D" --h2d "$H2D" 2>&1 | tee "$OUT/e2e.txt"
+timeout 160 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --tokens 24 --d2d "$D2D" --h2d "$H2D" 2>&1 | tee "$OUT/e2e.txt"
 e2e_rc=${PIPESTATUS[0]}
 
 # 6. side by side with stock llama.cpp (CUDA sm_90 bundle) on a real-shape model, same device memory
@@ -98,7 +107,7 @@ if [ "${GPU_CHECK_VS_LLAMACPP:-1}" != 0 ]; then
         tar xJf bench/llamacpp-cuda/llamacpp-cuda.tar.xz -C /tmp/gpu-check-lc
         /tmp/gpu-check-lc/llamacpp-cuda/run.sh llama-bench --list-devices
         M=$("$PY" scripts/make_test_model.py /tmp/gpu-check-models --real-shape mixtral-8x7b --layers 2 | grep '\.gguf$')
-        PROMOE_LLAMACPP_BIN=/tmp/gpu-check-lc/llamacpp-cuda timeout 240 "$PY" -m promoe_gguf.cli.main bench "$M" \
+        PROMOE_LLAMACPP_BIN=/tmp/gpu-check-lc/llamacpp-cuda timeout 150 "$PY" -m promoe_gguf.cli.main bench "$M" \
             --device cuda --vs-llamacpp --gpu-mem 1.2G --tokens 32 --threads 8 --out "$OUT/vs-llamacpp"
     } 2>&1 | tee "$OUT/vs-llamacpp.txt"
     vs_rc=${PIPESTATUS[0]}
