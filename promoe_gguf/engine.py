@@ -148,12 +148,13 @@ class Engine:
         return self.tokenizer.decode(ids).decode("utf-8", errors="replace")
 
     # ---- forward -----------------------------------------------------------------------------
-    def _prefill(self, cache, tokens) -> torch.Tensor:
-        """Feed `tokens` in chunks of n_batch; returns logits of every position [T, vocab]."""
+    def _prefill(self, cache, tokens, last_only: bool = False) -> torch.Tensor:
+        """Feed `tokens` in chunks of n_batch; returns logits of every position [T, vocab], or with
+        last_only of the last one [1, vocab] (the output head then runs on one row)."""
         out = []
         for i in range(0, len(tokens), self.n_batch):
-            out.append(self.decoder.forward(tokens[i:i + self.n_batch], cache))
-        return torch.cat(out)
+            out.append(self.decoder.forward(tokens[i:i + self.n_batch], cache, last_only=last_only))
+        return out[-1] if last_only else torch.cat(out)
 
     def _new_sequence(self) -> int:
         """Claim the Engine's one KV cache for a new sequence (an earlier generator loses it); the
@@ -195,7 +196,7 @@ class Engine:
         seq, cache = self._new_sequence(), self.cache
         history = tokens.tolist()
         t0 = time.perf_counter()
-        logits = self._prefill(cache, tokens)[-1]
+        logits = self._prefill(cache, tokens, last_only=True)[-1]
         self.timing.prefill_tokens += len(tokens)
         self.timing.prefill_s += time.perf_counter() - t0
         text, decoder = "", codecs.getincrementaldecoder("utf-8")("replace")

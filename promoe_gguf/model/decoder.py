@@ -111,8 +111,9 @@ class Decoder:
 
     # ---- the forward pass ----------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, tokens, cache: KVCache):
-        """tokens [T] appended after cache.n_past -> logits [T, n_vocab] (float32)."""
+    def forward(self, tokens, cache: KVCache, last_only: bool = False):
+        """tokens [T] appended after cache.n_past -> logits [T, n_vocab] (float32); with last_only, of
+        the last position alone [1, n_vocab] (what generation reads, as llama.cpp computes it)."""
         c, be, W = self.cfg, self.backend, self.W
         tokens = check_tokens(tokens, c.n_vocab)
         T = tokens.numel()
@@ -137,6 +138,8 @@ class Decoder:
             x, h = be.add_rms_norm(x, self.ffn(layer, h), W.vec(nxt), c.rms_eps, self.residual_scale)
             self.numerics.check(x, layer, "feed-forward")
         cache.n_past += T
+        if last_only:
+            h = h[-1:]
         head = W.mat("output.weight", optional=True) or W.mat("token_embd.weight")
         logits = be.linear(h, head)
         if c.logit_scale:
