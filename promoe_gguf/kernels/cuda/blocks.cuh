@@ -133,14 +133,24 @@ PROMOE_DEV int legacy_run_offset(int r) { return 4 * (r & 1) + 16 * (r >> 1); }
     o.q[0] = (a) & 0x0F0F0F0Fu;        o.q[1] = (b) & 0x0F0F0F0Fu;                                \
     o.q[2] = ((a) >> 4) & 0x0F0F0F0Fu; o.q[3] = ((b) >> 4) & 0x0F0F0F0Fu;
 
-// Q4_0: d, qs[16]. Element j = low nibble of qs[j], element j+16 = high nibble; value d*(q-8).
-// quants.py: q = _nibbles(qs) - 8; d * q
-struct blk_q4_0 {
-    static constexpr int qk = 32, type_size = 18, nchunk = 2, bias = 8;
-    static constexpr bool has_min = false;
+// What every legacy block shares: 32 values, 2 chunks of 4 runs under one scale, the run layout above.
+struct legacy_block {
+    static constexpr int qk = 32, nchunk = 2;
     PROMOE_CHUNK_TYPE(4, 4)
     PROMOE_DEV static int chunk_base(int c) { return 8 * c; }
     PROMOE_DEV static int run_offset(int r) { return legacy_run_offset(r); }
+};
+
+// Q5_*: OR the fifth bits (qh bit j = element j) of chunk c's four runs into o.q
+#define PROMOE_Q5_HIGH_BITS(o, qh, c)                                                             \
+    _Pragma("unroll")                                                                             \
+    for (int r = 0; r < 4; ++r) o.q[r] |= bits4_to_b4((qh) >> (8 * (c) + legacy_run_offset(r)));
+
+// Q4_0: d, qs[16]. Element j = low nibble of qs[j], element j+16 = high nibble; value d*(q-8).
+// quants.py: q = _nibbles(qs) - 8; d * q
+struct blk_q4_0 : legacy_block {
+    static constexpr int type_size = 18, bias = 8;
+    static constexpr bool has_min = false;
     PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
         const u32 a = ld_u32_a2(b + 2 + 8 * c), bb = ld_u32_a2(b + 6 + 8 * c);
         PROMOE_LEGACY_NIBBLES(o, a, bb)
@@ -149,12 +159,9 @@ struct blk_q4_0 {
 };
 
 // Q4_1: d, m, qs[16] (Q4_0 nibble order); value d*q + m.  quants.py: d * _nibbles(qs) + m
-struct blk_q4_1 {
-    static constexpr int qk = 32, type_size = 20, nchunk = 2, bias = 0;
+struct blk_q4_1 : legacy_block {
+    static constexpr int type_size = 20, bias = 0;
     static constexpr bool has_min = true;
-    PROMOE_CHUNK_TYPE(4, 4)
-    PROMOE_DEV static int chunk_base(int c) { return 8 * c; }
-    PROMOE_DEV static int run_offset(int r) { return legacy_run_offset(r); }
     PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
         const u32 dm = ld_u32(b);
         const u32 a = ld_u32(b + 4 + 8 * c), bb = ld_u32(b + 8 + 8 * c);
@@ -166,47 +173,36 @@ struct blk_q4_1 {
 
 // Q5_0: d, qh (u32 LE, bit j = 5th bit of element j), qs[16]; value d*((lo | hi<<4) - 16).
 // quants.py: _q5_values(qh, qs) - 16
-struct blk_q5_0 {
-    static constexpr int qk = 32, type_size = 22, nchunk = 2, bias = 16;
+struct blk_q5_0 : legacy_block {
+    static constexpr int type_size = 22, bias = 16;
     static constexpr bool has_min = false;
-    PROMOE_CHUNK_TYPE(4, 4)
-    PROMOE_DEV static int chunk_base(int c) { return 8 * c; }
-    PROMOE_DEV static int run_offset(int r) { return legacy_run_offset(r); }
     PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
         const u32 qh = ld_u32_a2(b + 2);
         const u32 a = ld_u32_a2(b + 6 + 8 * c), bb = ld_u32_a2(b + 10 + 8 * c);
         PROMOE_LEGACY_NIBBLES(o, a, bb)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) o.q[r] |= bits4_to_b4(qh >> (8 * c + run_offset(r)));
+        PROMOE_Q5_HIGH_BITS(o, qh, c)
         o.d[0] = ld_f16(b);
     }
 };
 
 // Q5_1: d, m, qh, qs[16]; value d*q + m.  quants.py: d * _q5_values(qh, qs) + m
-struct blk_q5_1 {
-    static constexpr int qk = 32, type_size = 24, nchunk = 2, bias = 0;
+struct blk_q5_1 : legacy_block {
+    static constexpr int type_size = 24, bias = 0;
     static constexpr bool has_min = true;
-    PROMOE_CHUNK_TYPE(4, 4)
-    PROMOE_DEV static int chunk_base(int c) { return 8 * c; }
-    PROMOE_DEV static int run_offset(int r) { return legacy_run_offset(r); }
     PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
         const u32 dm = ld_u32(b), qh = ld_u32(b + 4);
         const u32 a = ld_u32(b + 8 + 8 * c), bb = ld_u32(b + 12 + 8 * c);
         PROMOE_LEGACY_NIBBLES(o, a, bb)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) o.q[r] |= bits4_to_b4(qh >> (8 * c + run_offset(r)));
+        PROMOE_Q5_HIGH_BITS(o, qh, c)
         o.d[0] = lo_f16(dm);
         o.m[0] = hi_f16(dm);
     }
 };
 
 // IQ4_NL: d, qs[16] (Q4_0 nibble order); value d*kv[q].  quants.py: d * _iq4_lookup(_nibbles(qs))
-struct blk_iq4_nl {
-    static constexpr int qk = 32, type_size = 18, nchunk = 2, bias = 128;
+struct blk_iq4_nl : legacy_block {
+    static constexpr int type_size = 18, bias = 128;
     static constexpr bool has_min = false;
-    PROMOE_CHUNK_TYPE(4, 4)
-    PROMOE_DEV static int chunk_base(int c) { return 8 * c; }
-    PROMOE_DEV static int run_offset(int r) { return legacy_run_offset(r); }
     PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
         const u32 a = ld_u32_a2(b + 2 + 8 * c), bb = ld_u32_a2(b + 6 + 8 * c);
         PROMOE_LEGACY_NIBBLES(o, a, bb)
