@@ -11,10 +11,10 @@ import torch
 
 from .errors import ModelError
 from .format import open_model
-from .format.validate import check_kv_cache
 from .model import build_decoder
 from .model.common import check_tokens
-from .model.experts import ExpertSource, MoEExperts
+from .model.decode import Decoding
+from .model.experts import MoEExperts
 from .numerics import attach as attach_numerics
 from .sampling import Sampler
 from .tokenizer import Tokenizer
@@ -54,16 +54,21 @@ class Engine:
     `cpu_repack`: an all-resident CPU engine copies weights into llama.cpp's CPU_REPACK layout where
     ggml has kernels for it (llama.cpp's default: same kernels, same results, faster prefill); an
     engine with an expert cache keeps the GGUF layout (the cache emulates device memory).
+    `graphs`: decode steps recorded once as device graphs and replayed (CUDA; one replay and one
+    wait per token with every expert resident, one wait per MoE layer with an expert cache); False
+    runs every step eagerly (the same kernels, bitwise the same logits). `activations` ("q8": 8-bit
+    activations and dp4a, as llama.cpp's CUDA kernels; "f32": exact fp32 products) and `kv_type`
+    ("f16", llama.cpp's default; "f32") choose the CUDA arithmetic.
     `launcher`: tests only, runs the CUDA backend's kernel launches on another executor (the CPU
     build of the kernels). `check_numerics`: check every block for NaN/inf and name the first that
-    produced one (the logits are always checked). Other expert caching options are passed to the
-    runtime's source.
+    produced one (the logits are always checked; decoding runs eagerly). Other expert caching
+    options are passed to the runtime's source.
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
                  predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, launcher=None,
                  cpu_experts="auto", cpu_threads=None, gpu_mem=None, cpu_repack=True, check_numerics=False,
-                 **runtime_options):
+                 graphs=True, activations=None, kv_type=None, **runtime_options):
         from . import DEFAULT_MODEL
         from .backends import make_backend
         from .runtime import make_source
@@ -79,24 +84,27 @@ class Engine:
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
         if self.n_ctx > train_ctx:
             raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
-        check_kv_cache(self.model, self.n_ctx, self.device)            # issue 13: before allocating it
-        self.backend = make_backend(self.device, n_threads=n_threads or default_threads(), launcher=launcher)
+        self.backend = make_backend(self.device, n_threads=n_threads or default_threads(), launcher=launcher,
+                                    activations=activations, kv_type=kv_type)
+        from .memory import check_kv_cache
+        check_kv_cache(self.model, self.n_ctx, self.device, self.backend.kind, kv_type)   # before allocating it
         if cache_rate is None and cache_mem is None:
             from .memory import default_gpu_mem, fit_cache
             if gpu_mem is None and self.device.type == "cuda":
                 gpu_mem = default_gpu_mem(self.device)
             if gpu_mem is not None:
-                cache_mem = fit_cache(self.model, self.backend.kind, self.n_ctx, int(n_batch), int(gpu_mem))
+                cache_mem = fit_cache(self.model, self.backend.kind, self.n_ctx, int(n_batch), int(gpu_mem), kv_type)
         self.gpu_mem = gpu_mem
         self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
                                   policy=policy, predictor=predictor, link=link, cpu_experts=cpu_experts,
-                                  cpu_threads=int(cpu_threads or n_threads or default_threads()), **runtime_options)
+                                  cpu_threads=int(cpu_threads or n_threads or default_threads()),
+                                  in_place=self.backend.weights_in_place, **runtime_options)
         try:
             self.experts = MoEExperts(self.source, self.backend)
             self.decoder = build_decoder(self.model, self.experts, self.backend)
-            attach_numerics(self.decoder, self.experts, check_numerics, self.model_path)   # issue 13
+            attach_numerics(self.decoder, self.experts, check_numerics, self.model_path)
             self.cache = self.decoder.new_cache(self.n_ctx)
-            if cpu_repack and self.backend.kind == "cpu" and type(self.source) is ExpertSource:
+            if cpu_repack and self.backend.kind == "cpu" and self.source.resident:
                 self._repack()
             from .runtime import attach
             attach(self.source, self.decoder, self.experts)
@@ -106,6 +114,7 @@ class Engine:
         self.n_batch = int(n_batch)
         from .memory import workspace_bytes
         self.backend.reserve(workspace_bytes(self.model, self.backend.kind, self.n_batch))
+        self.decoding = Decoding(self.decoder, self.cache, graphs=graphs)
         self._tokenizer = None
         self.timing = Timing()
         self._sequence = 0                # which call owns the KV cache now
@@ -161,8 +170,7 @@ class Engine:
         predictor's per-sequence state is reset too."""
         self._sequence += 1
         self.cache.reset()
-        if hasattr(self.source, "reset_sequence"):
-            self.source.reset_sequence()
+        self.source.reset_sequence()
         return self._sequence
 
     def _check_length(self, n: int) -> None:
@@ -216,7 +224,7 @@ class Engine:
             if self._sequence != seq:
                 raise ModelError("another generate() or logits() call took this Engine's KV cache while this "
                                  "generator was paused; finish one sequence before starting the next")
-            logits = self.decoder.forward(torch.tensor([tok]), cache)[-1]
+            logits = self.decoding.step(tok)
             self.timing.decode_tokens += 1
             self.timing.decode_s += time.perf_counter() - t1
 
@@ -241,8 +249,8 @@ class Engine:
         return self.source.stats()
 
     def close(self) -> None:
-        source = getattr(self, "source", None)
-        if hasattr(source, "close"):
+        source = getattr(self, "source", None)       # None when the constructor failed before it
+        if source is not None:
             source.close()
 
     def __enter__(self):

@@ -1,9 +1,12 @@
 """The device memory an Engine configuration takes, planned from the model file alone.
 
-`promoe info` prints this plan per cache budget; `Engine.memory` reports what the Engine actually
-allocated, and a test checks the two agree. Everything in bytes:
+The planning layer: it reads the model (format) and the backends' layouts, and sits above both
+(nothing below imports it). `promoe info` prints this plan per cache budget; `Engine.memory`
+reports what the Engine actually allocated, and a test checks the two agree. Everything in bytes:
     resident      non-expert weights in their GGUF encoding (1-D tensors as float32)
-    kv_cache      float32 K and V for n_ctx positions of every layer
+    kv_cache      K and V for n_ctx positions of every layer, in the backend's layout (CPU: float32,
+                  padded to 32 positions, llama.cpp's CPU layout; CUDA: float16 by default, as
+                  llama.cpp's default cache)
     expert_arena  the expert cache's slots (n_slots x the largest expert region), or every routed
                   expert when there is no cache
     workspace     the backend's scratch: CUDA, one dequantized tile of the largest matrix for prefill;
@@ -11,14 +14,19 @@ allocated, and a test checks the two agree. Everything in bytes:
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from .backends import kv_layout
 from .backends.cuda import tile_bytes as cuda_tile_bytes
+from .errors import ModelError
 from .model import FAMILIES
 from .model.experts import resident_expert_bytes
 from .runtime.host_store import StoreLayout
 
 GGML_WORK_SLACK = 64 << 10     # ggml's per-op bookkeeping (mul_mat_id row maps, cache-line padding)
+GPU_MEM_MARGIN = 0.10          # of the device's total memory (at least 1 GiB) left to CUDA itself
 
 
 def resident_bytes(model) -> int:
@@ -29,9 +37,9 @@ def resident_bytes(model) -> int:
     return total
 
 
-def kv_cache_bytes(model, n_ctx: int) -> int:
-    (hk, dk), (hv, dv) = FAMILIES[model.config.arch].cache_dims(model)
-    return model.config.n_layers * n_ctx * (hk * dk + hv * dv) * 4
+def kv_cache_bytes(model, n_ctx: int, device: str = "cuda", kv_type: str | None = None) -> int:
+    """The KV cache's bytes as the Engine allocates it (the backend's layout: padding, element type)."""
+    return kv_layout(device, kv_type).nbytes(model.config.n_layers, n_ctx, *FAMILIES[model.config.arch].cache_dims(model))
 
 
 def _matrix_shapes(model):
@@ -51,22 +59,20 @@ def workspace_bytes(model, device: str, n_batch: int) -> int:
     return n_batch * max(cols for _, _, cols in shapes) * 4 + GGML_WORK_SLACK
 
 
-def plan(model, device: str = "cuda", n_ctx: int | None = None, n_batch: int = 64, n_slots: int | None = None) -> dict:
-    """The memory breakdown of Engine(model, device, n_ctx, n_batch) with an expert cache of
+def plan(model, device: str = "cuda", n_ctx: int | None = None, n_batch: int = 64, n_slots: int | None = None,
+         kv_type: str | None = None) -> dict:
+    """The memory breakdown of Engine(model, device, n_ctx, n_batch, kv_type) with an expert cache of
     `n_slots` slots (None: every expert resident)."""
     cfg = model.config
     n_ctx = int(n_ctx or min(cfg.n_ctx_train or 4096, 4096))
     if n_slots is None:
-        arena = resident_expert_bytes(model, device)
+        arena = resident_expert_bytes(model, in_place=device == "cpu")
     else:
         arena = n_slots * StoreLayout.of(model).slot_bytes
-    out = {"resident": resident_bytes(model), "kv_cache": kv_cache_bytes(model, n_ctx), "expert_arena": arena,
-           "workspace": workspace_bytes(model, device, n_batch)}
+    out = {"resident": resident_bytes(model), "kv_cache": kv_cache_bytes(model, n_ctx, device, kv_type),
+           "expert_arena": arena, "workspace": workspace_bytes(model, device, n_batch)}
     out["total"] = sum(out.values())
     return out
-
-
-GPU_MEM_MARGIN = 0.10            # of the device's total memory (at least 1 GiB) left to CUDA itself
 
 
 def default_gpu_mem(device) -> int:
@@ -77,11 +83,10 @@ def default_gpu_mem(device) -> int:
     return int(free - max(GPU_MEM_MARGIN * total, 1 << 30))
 
 
-def fit_cache(model, device: str, n_ctx: int | None, n_batch: int, gpu_mem: int) -> int | None:
+def fit_cache(model, device: str, n_ctx: int | None, n_batch: int, gpu_mem: int, kv_type: str | None = None) -> int | None:
     """Expert cache bytes that fit in `gpu_mem` after residents, KV cache and workspace; None when
     every expert fits too (no cache needed)."""
-    from .errors import ModelError
-    full = plan(model, device, n_ctx, n_batch, None)
+    full = plan(model, device, n_ctx, n_batch, None, kv_type)
     if full["total"] <= gpu_mem:
         return None
     fixed = full["resident"] + full["kv_cache"] + full["workspace"]
@@ -91,3 +96,42 @@ def fit_cache(model, device: str, n_ctx: int | None, n_batch: int, gpu_mem: int)
                          f"KV cache ({full['kv_cache']:,}) and workspace ({full['workspace']:,}) need "
                          f"({fixed:,} bytes), before any expert")
     return left
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for a new allocation on `device` (None: unknown). On the CPU: the system's available
+    memory, or less when this process runs under an address-space limit (ulimit -v)."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no driver answer: do not guess
+            return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            free = min(free if free is not None else soft, max(0, soft - used))
+    except (ImportError, OSError, ValueError):
+        pass
+    return free
+
+
+def check_kv_cache(model, n_ctx: int, device, backend_kind: str, kv_type: str | None = None) -> int:
+    """Refuse a KV cache that cannot fit before allocating it; returns its size in bytes."""
+    need = kv_cache_bytes(model, n_ctx, backend_kind, kv_type)
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ModelError(f"{model.path}: a KV cache of {n_ctx} positions needs {need / 2**30:.2f} GiB "
+                         f"({model.config.n_layers} layers), more than the {free / 2**30:.2f} GiB free on {device}; "
+                         f"pass a smaller n_ctx (--n-ctx)")
+    return need

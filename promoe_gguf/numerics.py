@@ -11,6 +11,7 @@ Engine attaches a `Numerics` to the decoder and the expert seam.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import ModelError
@@ -43,7 +44,7 @@ def _first_row(t: torch.Tensor) -> int:
 class Numerics:
     """enabled: check every block (costs a device sync per check); the logits are always checked.
 
-    Also an observer of the expert seam (MoEExperts.observers): begin_step tells it the absolute
+    Also a listener of the expert seam (MoEExperts.listeners): begin_step tells it the absolute
     positions of the step's tokens, so messages name the position."""
 
     def __init__(self, enabled: bool = False, path: str = ""):
@@ -53,9 +54,6 @@ class Numerics:
 
     def begin_step(self, positions) -> None:
         self.positions = list(positions)
-
-    def observe(self, layer, x, ids, logits) -> None:
-        pass
 
     def _position(self, row: int) -> str:
         return f"position {self.positions[row]}" if row < len(self.positions) else f"token {row} of the step"
@@ -94,6 +92,12 @@ class Numerics:
         what = f"one of experts {unknown}" if unknown else "the routed experts' weighted sum"
         raise self._fail(f"layer {layer}, {what}", _what(out[t]), t)
 
+    def host_logits(self, logits: np.ndarray) -> None:
+        """A decode step's logits, already on the host: one numpy reduction, no device work."""
+        if np.isfinite(logits.sum()) or np.isfinite(logits).all():
+            return
+        self.logits(torch.from_numpy(logits).reshape(1, -1))
+
     def logits(self, logits: torch.Tensor) -> None:
         """Every step: NaN/inf logits are an error, never a result."""
         if all_finite(logits):
@@ -111,9 +115,9 @@ OFF = Numerics(enabled=False)
 
 
 def attach(decoder, experts, enabled: bool, path: str = "") -> Numerics:
-    """Give the decoder and the expert seam one checker (also observing steps, for positions)."""
+    """Give the decoder and the expert seam one checker (told each step's positions, for messages)."""
     n = Numerics(enabled, path)
     decoder.numerics = n
     experts.numerics = n
-    experts.observers.append(n)
+    experts.listeners.append(n)
     return n

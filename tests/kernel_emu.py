@@ -7,6 +7,7 @@ import ctypes
 import hashlib
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,9 @@ def build_emulator() -> Path:
 
 
 class Emu:
+    """The host build of the kernels behind the launcher's interface. `seconds`: wall time spent
+    running emulated kernels (the emulated device's busy time, for host-time accounting)."""
+
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
         L = self.lib
@@ -47,14 +51,11 @@ class Emu:
         L.emu_take_errors.restype = ctypes.c_longlong
         L.emu_has_kernel.argtypes = [ctypes.c_char_p]
         L.emu_traits.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
-        L.emu_matvec_rows_per_cta.argtypes = [ctypes.c_int]
-        L.emu_moe_combine.argtypes = [ctypes.c_uint, ctypes.c_uint] + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                                                      ctypes.c_int, ctypes.c_void_p]
-        L.emu_rms_norm.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float]
-        L.emu_add_rms_norm.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_float]
+        L.emu_matvec_rows_per_group.argtypes = [ctypes.c_int]
+        L.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                                 ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), ctypes.c_int]
         self.launched = 0
+        self.seconds = 0.0
 
     @staticmethod
     def _cargs(args) -> list:
@@ -86,27 +87,19 @@ class Emu:
         assert err is None, err
 
     def _launch_all(self, launches) -> None:
+        t0 = time.perf_counter()
         for ln in launches:
             self.launched += 1
-            name = ln.name.encode()
-            assert self.lib.emu_has_kernel(name), f"no entry point {ln.name}"
-            assert ln.grid[2] == 1 and ln.block[1:] == (1, 1)
-            a = self._cargs(ln.args)
-            if ln.op == "matvec":
-                rc = self.lib.emu_matvec(name, ln.grid[0], ln.block[0], *a)
-            elif ln.op == "dequant":
-                rc = self.lib.emu_dequant(name, ln.grid[0], ln.block[0], *a)
-            elif ln.name.startswith("moe_gate_up"):
-                rc = self.lib.emu_moe_gate_up(name, ln.grid[0], ln.grid[1], ln.block[0], *a)
-            elif ln.name.startswith("moe_matvec"):
-                rc = self.lib.emu_moe_matvec(name, ln.grid[0], ln.grid[1], ln.block[0], *a)
-            elif ln.name == "rms_norm_f32":
-                rc = self.lib.emu_rms_norm(ln.grid[0], ln.block[0], *a)
-            elif ln.name == "add_rms_norm_f32":
-                rc = self.lib.emu_add_rms_norm(ln.grid[0], ln.block[0], *a)
-            else:
-                rc = self.lib.emu_moe_combine(ln.grid[0], ln.block[0], *a)
-            assert rc == 0, f"emulated launch of {ln.name} failed"
+            assert self.lib.emu_has_kernel(ln.name.encode()), f"no entry point {ln.name}"
+            vals = self._cargs(ln.args)
+            n = len(vals)
+            ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(v) for v in vals])
+            sizes = (ctypes.c_int * n)(*[ctypes.sizeof(v) for v in vals])
+            rc = self.lib.emu_launch(ln.name.encode(), *ln.grid, ln.block[0], ptrs, sizes, n)
+            assert rc == 0, (f"emulated launch of {ln.name} failed ({rc}: -2 wrong argument count, -3 - i argument i "
+                             f"of the wrong size)")
+            assert ln.block[1:] == (1, 1)
+        self.seconds += time.perf_counter() - t0
 
     def take_errors(self) -> str | None:
         buf = ctypes.create_string_buffer(512)

@@ -104,7 +104,7 @@ def test_budget_never_exceeded_and_too_small_refused(model_path):
 
 
 def _three_ready(policy):
-    cache = ExpertCache(3, 16, "cpu", policy)
+    cache = ExpertCache(3, 16, "cpu", policy, moe_layers=(0,), n_experts=3)
     for i, key in enumerate([(0, 0), (0, 1), (0, 2)]):
         s = cache.allocate(key, lambda s: None)
         s.state, s.last_use = "ready", i

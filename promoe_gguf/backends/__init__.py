@@ -1,22 +1,14 @@
-"""Backends: the quantized math of one device behind the few calls the model makes.
-
-    linear(x, W)                     x [T, cols] float32 -> [T, rows] float32, W a QMatrix
-    embed(tokens, W)                 rows of the token embedding, dequantized
-    linears(x, [W...])               several products of one input (q, k, v) in one call
-    rms_norm(x, w, eps)              and add_rms_norm (residual add fused with the next norm)
-    rope_many(xs, spec, step)        RoPE of q and k; attention(q, cache, layer, step, scale)
-    router(x, W, gating)             the router's logits and probabilities (softmax or sigmoid)
-    moe(x, stack, index, weights)    all routed experts of one layer for a few tokens, one fused call
-    moe_rows(x_rows, stack, index)   some (token, expert) pairs (the device's share in hybrid mode)
-    ffn / expert_ffn(x, g, u, d)     a dense or shared FFN / one expert over its tokens (prefill)
+"""Backends: the quantized math of one device behind the calls the model makes (`Backend`).
 
 Weights never leave their GGUF encoding: a QMatrix is the file's bytes on the backend's device.
 `cpu.py` computes with llama.cpp's own CPU kernels (ggml, 8-bit activations as llama.cpp does);
-`cuda.py` with the CuPy kernels of kernels/ (fp32 activations). The model code never asks which.
+`cuda.py` with the CuPy kernels of kernels/ (8-bit or fp32 activations). The model code never asks
+which device it runs on: every difference lives behind this protocol.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,8 +26,7 @@ class QMatrix:
     """A weight in its GGUF encoding on a device: W [rows, cols], out = W @ x.
 
     `shape` is numpy order: (rows, cols), or (batch, rows, cols) for a stack of per-head matrices
-    (DeepSeek2's attn_k_b / attn_v_b). `data` holds the bytes: uint8, or the float dtype for
-    F32/F16/BF16 weights on CUDA."""
+    (DeepSeek2's attn_k_b / attn_v_b). `data` holds the bytes (uint8, as the GGUF stores them)."""
     name: str
     qtype: T
     shape: tuple[int, ...]
@@ -95,14 +86,96 @@ def matrix_at(owner: torch.Tensor, offset: int, name: str, qtype, shape) -> QMat
     return QMatrix(name, qt.ggml_type, tuple(shape), owner[offset:offset + n])
 
 
-class Backend:
-    """What every backend offers besides the math: counters the decode-step budget test reads."""
+@dataclass(frozen=True)
+class KVLayout:
+    """How a backend wants the KV cache: V transposed ([Hkv, Dv, n], ggml's non-flash layout) or
+    not, the length padded to a multiple of `pad` (the padded tail is masked), the element type."""
+    v_trans: bool
+    pad: int
+    dtype: torch.dtype
+
+    def n_alloc(self, n_ctx: int) -> int:
+        return -(-n_ctx // self.pad) * self.pad
+
+    def nbytes(self, n_layers: int, n_ctx: int, k_dims: tuple[int, int], v_dims: tuple[int, int]) -> int:
+        """Bytes of K and V for every layer (the planner and the allocation use this one formula)."""
+        (hk, dk), (hv, dv) = k_dims, v_dims
+        return n_layers * self.n_alloc(n_ctx) * (hk * dk + hv * dv) * torch.finfo(self.dtype).bits // 8
+
+
+CPU_KV_PAD = 32          # ggml attention spans are padded to this many positions (masked): see cpu.py
+KV_TYPES = {"f16": torch.float16, "f32": torch.float32}
+
+
+def kv_layout(kind: str, kv_type: str | None = None) -> KVLayout:
+    """The KV cache layout of a backend kind: the CPU's is llama.cpp's non-flash CPU layout (V
+    transposed, float32, padded); CUDA's is heads-first K and V, float16 unless kv_type says f32."""
+    if kind == "cpu":
+        if kv_type not in (None, "f32"):
+            raise ModelError(f"KV cache type {kv_type!r}: the CPU keeps llama.cpp's f32 cache (an oracle run's)")
+        return KVLayout(v_trans=True, pad=CPU_KV_PAD, dtype=torch.float32)
+    if (kv_type or "f16") not in KV_TYPES:
+        raise ModelError(f"KV cache type {kv_type!r}: one of {', '.join(KV_TYPES)}")
+    return KVLayout(v_trans=False, pad=1, dtype=KV_TYPES[kv_type or "f16"])
+
+
+class Backend(Protocol):
+    """Every call the model, the expert seam and the decode driver make on a device.
+
+    Shapes: T tokens, d = n_embd, H / Hkv heads, k experts per token. Activations are float32."""
     device: torch.device
-    kind: str                        # "cpu" (ggml) or "cuda" (the CuPy kernels)
+    kind: str                                   # "cpu" (ggml) or "cuda" (the CuPy kernels)
+    weights_in_place: bool                      # reads weights where the file maps them (else copies)
+    kv_layout: KVLayout
+    workspace_bytes: int                        # scratch memory held on the device
+    graphs: bool                                # can record device graphs (new_graph)
+    host_syncs: int                             # device -> host waits (counted: decode-step budgets)
+    launches: int                               # kernel launches / ggml graph computes made eagerly
+    device_s: float                             # device work timed on the host (the CPU emulation)
+
+    def reserve(self, nbytes: int) -> None: ...
+    # products and norms
+    def linear(self, x: torch.Tensor, w: QMatrix) -> torch.Tensor: ...                  # [T, cols] -> [T, rows]
+    def linears(self, x: torch.Tensor, ws) -> tuple: ...                                # several W, one x
+    def router(self, x: torch.Tensor, w: QMatrix, gating: str) -> tuple: ...           # (logits, probs) [T, E]
+    def embed(self, tokens: torch.Tensor, w: QMatrix) -> torch.Tensor: ...             # [T] -> [T, d]
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor: ...
+    def add_rms_norm(self, x, r, w, eps: float, scale: float = 1.0) -> tuple: ...      # (x + r*scale, norm of it)
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor: ...
+    def ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor: ...
+    def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor: ...
+    # attention over the KV cache (positions: the step's, on the device)
+    def positions(self, n_past: int, T: int) -> torch.Tensor: ...                      # [T] int32
+    def causal_mask(self, n_past: int, T: int): ...
+    def prepare(self, step, rope) -> None: ...
+    def rope(self, x: torch.Tensor, spec, step) -> torch.Tensor: ...
+    def rope_many(self, xs, spec, step) -> tuple: ...
+    def store_kv(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, step) -> None: ...
+    def attention(self, q: torch.Tensor, cache, layer: int, step, scale: float) -> torch.Tensor: ...
+    # routed experts, routed on the device: ids [T, k] from the router, table [E] expert -> stack position
+    def moe(self, x: torch.Tensor, stack: "ExpertStack", ids: torch.Tensor, weights: torch.Tensor,
+            table: torch.Tensor | None = None) -> torch.Tensor: ...
+    def moe_pairs(self, x: torch.Tensor, stack: "ExpertStack", ids: torch.Tensor, weights: torch.Tensor,
+                  table: torch.Tensor, skip: torch.Tensor | None) -> tuple: ...       # (y [T*k, d], done [T*k])
+    def moe_combine(self, y: torch.Tensor, done: torch.Tensor, ext: torch.Tensor | None,
+                    weights: torch.Tensor) -> torch.Tensor: ...
+    # host <-> device
+    def to_host(self, t: torch.Tensor) -> np.ndarray: ...
+    def host_buffer(self, shape, dtype) -> torch.Tensor: ...                           # page-locked where it matters
+    def sync(self) -> None: ...
+    def new_graph(self): ...                                                             # a DeviceGraph
+
+
+class BackendBase:
+    """What the backends share: the counters the decode-step budget tests read, and the one way the
+    forward pass reads device values on the host."""
+    graphs = False
 
     def __init__(self):
-        self.host_syncs = 0          # device -> host waits (routing ids), one helper counts them
-        self.launches = 0            # kernel launches (CUDA) / ggml graph computes (CPU)
+        self.host_syncs = 0          # device -> host waits
+        self.launches = 0            # kernel launches (CUDA) / ggml graph computes (CPU), made eagerly
+        self.capturing = False       # a device graph is recording: nothing may wait for the device
+        self.device_s = 0.0          # device work timed on the host: the CPU emulation's kernels and replays
 
     @property
     def workspace_bytes(self) -> int:
@@ -113,34 +186,46 @@ class Backend:
         """Allocate the scratch workspace up front (memory accounting sees it from the start)."""
 
     def prepare(self, step, rope) -> None:
-        """A forward step starts: build what every layer shares (RoPE tables, positions) once."""
+        """A forward step starts: build what every layer shares, once."""
 
     def to_host(self, t: torch.Tensor) -> np.ndarray:
-        """The one way the forward pass reads device values on the host (the routing ids)."""
+        self._may_wait("a device tensor copied to the host")
         self.host_syncs += 1
         return t.cpu().numpy()
 
-    def combine(self, slot_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """[T, k, d] expert outputs, [T, k] routing weights -> [T, d]: each slot scaled, then the slots
-        added in slot order (as llama.cpp's build_moe_ffn), so the sum never depends on compute order."""
-        scaled = slot_out * weights.unsqueeze(-1)
-        out = scaled[:, 0]
-        for j in range(1, scaled.shape[1]):
-            out = out + scaled[:, j]
-        return out
+    def host_buffer(self, shape, dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype)
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (the CPU backend computes synchronously)."""
+        self._may_wait("a wait for the device")
+
+    def new_graph(self):
+        raise ModelError(f"the {self.kind} backend records no device graphs")
+
+    def _may_wait(self, what: str) -> None:
+        if self.capturing:
+            from .graph import GraphCaptureError
+            raise GraphCaptureError(f"{what} while a device graph records")
 
 
-def make_backend(device, n_threads: int | None = None, launcher=None) -> Backend:
-    """CPU: ggml; CUDA: the CuPy kernels (`launcher` replaces CuPy for tests on machines without a GPU)."""
+def make_backend(device, n_threads: int | None = None, launcher=None, activations: str | None = None,
+                 kv_type: str | None = None) -> Backend:
+    """CPU: ggml; CUDA: the CuPy kernels (`launcher` replaces CuPy for tests on machines without a GPU).
+    activations ("q8" | "f32") and kv_type ("f16" | "f32") choose the CUDA arithmetic; ggml's is llama.cpp's."""
     device = torch.device(device)
     if device.type == "cpu" and launcher is None:
+        if activations is not None:
+            raise ModelError(f"activations={activations!r} chooses the CUDA kernels' arithmetic; the CPU computes "
+                             f"as llama.cpp's CPU kernels do (8-bit activations)")
+        kv_layout("cpu", kv_type)
         from .cpu import CpuBackend
         return CpuBackend(n_threads=n_threads)
     if device.type in ("cuda", "cpu"):
         from .cuda import CudaBackend
-        return CudaBackend(device, launcher=launcher)
+        return CudaBackend(device, launcher=launcher, activations=activations or "q8", kv_type=kv_type or "f16")
     raise ModelError(f"unsupported device {device} (cpu or cuda)")
 
 
-__all__ = ["QMatrix", "StackedMatrix", "ExpertStack", "Backend", "make_backend", "matrix_at", "FLOAT_TYPES",
-           "FUSED_MAX_TOKENS"]
+__all__ = ["QMatrix", "StackedMatrix", "ExpertStack", "Backend", "BackendBase", "KVLayout", "kv_layout", "make_backend",
+           "matrix_at", "FLOAT_TYPES", "FUSED_MAX_TOKENS", "KV_TYPES", "CPU_KV_PAD"]

@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
-from . import Backend, ExpertStack, QMatrix, StackedMatrix
+from . import CPU_KV_PAD as KV_PAD
+from . import BackendBase, ExpertStack, QMatrix, StackedMatrix
+from . import kv_layout as layout_of
+from . import torch_ops
 from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
 
 MAX_GRAPHS = 1024      # cached graphs (a few per op signature and token count)
 MEM_ALIGN = 64         # padding per tensor in a context (ggml aligns data to 16)
-KV_PAD = 32            # attention spans are padded to this many positions, masked (see attention())
 # types ggml's CPU_REPACK buffer may take on x86 (it declines shapes it has no kernel for: checked per weight)
 REPACKABLE = {"Q4_0", "Q4_K", "IQ4_NL", "Q8_0", "Q2_K", "Q5_K", "Q6_K", "MXFP4"}
 TORCH_TO_GGML = {torch.float32: GGML_TYPE_F32, torch.int32: GGML_TYPE_I32}
@@ -87,9 +89,10 @@ class _Graph:
     work: int = -1               # the work buffer address the plan holds
 
 
-class CpuBackend(Backend):
+class CpuBackend(BackendBase):
     kind = "cpu"
-    kv_layout = (True, KV_PAD)               # V transposed, spans padded: llama.cpp's non-flash layout
+    weights_in_place = True                  # the GGUF's memory map is the weights' memory
+    kv_layout = layout_of("cpu")             # llama.cpp's non-flash CPU layout: V transposed, spans padded
 
     def __init__(self, n_threads: int | None = None):
         super().__init__()
@@ -308,18 +311,41 @@ class CpuBackend(Backend):
                             for m in (gate, up, down)))
         return self._moe_slots(x, one, np.zeros((n, 1), dtype=np.int32))[:, 0]
 
-    def moe(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray, weights: torch.Tensor) -> torch.Tensor:
-        """All routed experts of a layer for T tokens: x [T, d], index [T, k] (positions in `stack`),
-        weights [T, k] -> [T, d]. One graph, llama.cpp's build_moe_ffn: mul_mat_id gate and up,
-        swiglu, mul_mat_id down; then the slots weighted and added in slot order."""
+    def moe(self, x: torch.Tensor, stack: ExpertStack, ids: torch.Tensor, weights: torch.Tensor,
+            table: torch.Tensor | None = None) -> torch.Tensor:
+        """All routed experts of a layer for T tokens: x [T, d], ids [T, k] (expert e at stack position
+        table[e]; None: e), weights [T, k] -> [T, d]. One graph, llama.cpp's build_moe_ffn: mul_mat_id
+        gate and up, swiglu, mul_mat_id down; then the slots weighted and added in slot order."""
         x = _f32(x)
-        if index.min() < 0 or index.max() >= stack.gate.count:
+        index = ids if table is None else table.long()[ids]
+        if int(index.min()) < 0 or int(index.max()) >= stack.gate.count:
             raise ModelError(f"expert index out of range 0..{stack.gate.count - 1}: {index.tolist()}")
-        return self.combine(self._moe_slots(x, stack, index), weights)
+        scaled = self._moe_slots(x, stack, index.numpy()) * weights.unsqueeze(-1)
+        out = scaled[:, 0]
+        for j in range(1, scaled.shape[1]):
+            out = out + scaled[:, j]
+        return out
 
-    def moe_rows(self, x_rows: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
-        """Expert index[i] of the stack on row i of x_rows: [n, d] -> [n, d] (unweighted)."""
-        return self._moe_slots(_f32(x_rows), stack, np.asarray(index).reshape(-1, 1))[:, 0]
+    def moe_pairs(self, x: torch.Tensor, stack: ExpertStack, ids: torch.Tensor, weights: torch.Tensor,
+                  table: torch.Tensor, skip: torch.Tensor | None):
+        """The pairs whose expert is in the table and not skipped, in one graph over those rows:
+        (y [T*k, d] weighted, done [T*k] int32)."""
+        x = _f32(x)
+        T, k = ids.shape
+        index = table.long()[ids]
+        present = index >= 0
+        if skip is not None:
+            present &= skip[ids] == 0
+        y = torch.zeros((T * k, stack.down.rows), dtype=torch.float32)
+        t, s = np.nonzero(present.numpy())
+        if len(t):
+            rows = self._moe_slots(x[torch.from_numpy(t)], stack, index.numpy()[t, s].reshape(-1, 1))[:, 0]
+            y[torch.from_numpy(t * k + s)] = rows * weights[torch.from_numpy(t), torch.from_numpy(s)].unsqueeze(-1)
+        return y, present.reshape(-1).to(torch.int32)
+
+    def moe_combine(self, y: torch.Tensor, done: torch.Tensor, ext: torch.Tensor | None,
+                    weights: torch.Tensor) -> torch.Tensor:
+        return torch_ops.moe_combine(y, done, ext, weights)
 
     def _moe_slots(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
         """[T, k, d]: expert index[t, s] of the stack applied to x[t]. A merged gate+up tensor (its
@@ -383,8 +409,11 @@ class CpuBackend(Backend):
         q = torch.arange(n_past, n_past + T)[:, None]
         return torch.where(torch.arange(span)[None, :] <= q, 0.0, float("-inf")).float()
 
-    def prepare(self, step, rope) -> None:
-        step.tables["pos_i32"] = step.pos.to(torch.int32).contiguous()
+    def positions(self, n_past: int, T: int) -> torch.Tensor:
+        return torch.arange(n_past, n_past + T, dtype=torch.int32)
+
+    def store_kv(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, step) -> None:
+        cache.append(layer, k, v, step.n_past)
 
     def rope(self, x: torch.Tensor, spec, step) -> torch.Tensor:
         """ggml_rope_ext over x [T, heads, D] (the first n_dims of each head rotate)."""
@@ -392,10 +421,7 @@ class CpuBackend(Backend):
 
     def rope_many(self, xs, spec, step) -> tuple:
         """ggml_rope_ext over each x [T, heads, D] (q and k): one graph, one call."""
-        pos = step.tables.get("pos_i32")
-        if pos is None:
-            self.prepare(step, spec)
-            pos = step.tables["pos_i32"]
+        pos = step.pos
         b = self.g.base
         args = (spec.n_dims, spec.mode, spec.n_ctx_orig, spec.base, spec.freq_scale, spec.ext_factor,
                 spec.attn_factor, spec.beta_fast, spec.beta_slow)

@@ -97,3 +97,16 @@ def attention(q, K, V, mask, scale: float) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def moe_combine(y: torch.Tensor, done: torch.Tensor, ext: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+    """[T, d]: each token's slots added in slot order (as llama.cpp's build_moe_ffn), a pair's output
+    y [T*k, d] (already weighted) where done [T*k], else w * ext (unweighted rows [T, k, d])."""
+    T, k = w.shape
+    y3 = y.view(T, k, -1)
+    other = torch.zeros_like(y3) if ext is None else w.unsqueeze(-1) * ext.view(T, k, -1)
+    parts = torch.where(done.view(T, k, 1).bool(), y3, other)
+    out = parts[:, 0]
+    for j in range(1, k):
+        out = out + parts[:, j]
+    return out

@@ -13,13 +13,11 @@ and the tensor or rule it contradicts. The rules:
                          from the values that determine it (attention per family, MLA ranks,
                          dense / routed / shared FFN widths)
 
-`check_kv_cache(model, n_ctx, device)` sizes the KV cache before it is allocated.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass
 
@@ -284,43 +282,3 @@ def checked_config(cfg: ModelConfig, shapes: dict, meta, path: str, origin: dict
             cfg = dataclasses.replace(cfg, n_ff_shexp=cfg.n_ff_exp * cfg.n_expert_shared)
     _Checker(cfg, shapes, meta, path, origin, labels).run()
     return cfg
-
-
-def available_memory(device) -> int | None:
-    """Bytes free for a new allocation on `device` (None: unknown). On the CPU: the system's available
-    memory, or less when this process runs under an address-space limit (ulimit -v)."""
-    import torch
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:  # noqa: BLE001 - no driver answer: do not guess
-            return None
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            free = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
-    except OSError:
-        pass
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft != resource.RLIM_INFINITY:
-            with open("/proc/self/statm") as f:
-                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-            free = min(free if free is not None else soft, max(0, soft - used))
-    except (ImportError, OSError, ValueError):
-        pass
-    return free
-
-
-def check_kv_cache(model, n_ctx: int, device) -> int:
-    """Refuse a KV cache that cannot fit before allocating it; returns its size in bytes."""
-    from ..memory import kv_cache_bytes            # the model families' own cache layout
-    need = kv_cache_bytes(model, n_ctx)
-    free = available_memory(device)
-    if free is not None and need > free:
-        raise ModelError(f"{model.path}: a KV cache of {n_ctx} positions needs {need / 2**30:.2f} GiB "
-                         f"({model.config.n_layers} layers), more than the {free / 2**30:.2f} GiB free on {device}; "
-                         f"pass a smaller n_ctx (--n-ctx)")
-    return need

@@ -1,24 +1,5 @@
-"""CUDA dequant-matmul kernels for quantized experts (sources in the repository's kernels/ directory).
+"""CUDA kernels for quantized models, compiled at run time by CuPy's NVRTC (sources in cuda/).
 
-Importing this package needs neither CuPy nor a GPU; the first launch compiles the kernels with
-CuPy's NVRTC. See kernels/README.md for the design and launch shapes.
+Importing this package needs neither CuPy nor a GPU. `plans` says which kernel, grid and arguments
+each call takes (pure Python); `launch` compiles and enqueues them. See cuda/README.md for the design.
 """
-from .launch import (
-    ALIGNMENT,
-    SUPPORTED,
-    ExpertLayout,
-    dequantize_cuda,
-    kernels_dir,
-    linear,
-    matvec,
-    moe_combine,
-    moe_decode,
-    moe_down,
-    moe_gate_up,
-    module_source,
-)
-
-__all__ = [
-    "ALIGNMENT", "SUPPORTED", "ExpertLayout", "dequantize_cuda", "kernels_dir", "linear", "matvec",
-    "moe_combine", "moe_decode", "moe_down", "moe_gate_up", "module_source",
-]

@@ -6,13 +6,14 @@ H = query heads, Hkv = kv heads, Dk/Dv = head dims, E = experts, k = experts per
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from gguf import GGMLQuantizationType as T
 
-from ..backends import FLOAT_TYPES, QMatrix
+from ..backends import KVLayout, QMatrix
 from ..backends.torch_ops import RopeSpec
 from ..errors import ModelError
 
@@ -20,26 +21,24 @@ from ..errors import ModelError
 class ResidentWeights:
     """Every non-expert tensor of a model on the backend's device, placed once at load.
 
-    Matrices keep their GGUF encoding (QMatrix: on the CPU the file's memory map itself, on CUDA a
-    device copy of the same bytes); 1-D tensors (norms, biases, gate vectors) become float32."""
+    Matrices keep their GGUF encoding as bytes (QMatrix: where the backend reads weights in place,
+    the CPU, the file's memory map itself; else a device copy of the same bytes); 1-D tensors
+    (norms, biases, gate vectors) become float32."""
 
-    def __init__(self, model, device):
-        self.model, self.device = model, torch.device(device)
+    def __init__(self, model, backend):
+        self.model, self.device = model, backend.device
         self.mats: dict[str, QMatrix] = {}
         self.vecs: dict[str, torch.Tensor] = {}
-        file = None
+        file = torch.from_numpy(model.resident_data) if backend.weights_in_place else None
         for name in model.resident_names:
             ref = model.tensor_ref(name)
             if len(ref.shape) == 1:
                 self.vecs[name] = torch.from_numpy(model.tensor_f32(name).copy()).to(self.device)
                 continue
-            if self.device.type == "cpu":
-                file = file if file is not None else torch.from_numpy(model.resident_data)
+            if file is not None:
                 data = file[ref.offset:ref.offset + ref.nbytes]
             else:
-                data = torch.from_numpy(np.ascontiguousarray(model.tensor_raw(name))).to(self.device)
-                if ref.qtype in FLOAT_TYPES:                 # cuBLAS runs F32/F16/BF16 in their dtype
-                    data = data.view(FLOAT_TYPES[ref.qtype]).view(ref.shape)
+                data = torch.from_numpy(np.ascontiguousarray(model.tensor_raw(name)).reshape(-1)).to(self.device)
             self.mats[name] = QMatrix(name, ref.qtype, ref.shape, data)
 
     @property
@@ -56,8 +55,7 @@ class ResidentWeights:
         m = self.mats.get(name)
         if m is None and name in self.vecs:
             v = self.vecs[name]
-            data = v.view(torch.uint8) if self.device.type == "cpu" else v
-            m = self.mats[name] = QMatrix(name, T.F32, (1, v.numel()), data)
+            m = self.mats[name] = QMatrix(name, T.F32, (1, v.numel()), v.view(torch.uint8))
         if m is None and not optional:
             raise ModelError(f"{self.model.path}: matrix {name!r} is missing")
         return m
@@ -93,20 +91,23 @@ def rope_spec(cfg) -> RopeSpec:
 
 class KVCache:
     """Per layer K [Hkv, n, Dk] and V [Hkv, n, Dv] (heads first, so attention reads views), or V
-    transposed [Hkv, Dv, n] where the backend wants it (ggml, as llama.cpp's non-flash attention).
-    Allocated once, zeroed (the CPU backend reads `pad`-aligned spans whose tail is masked out),
-    for n = n_ctx rounded up to `pad`; `reset()` starts a new sequence in place."""
+    transposed [Hkv, Dv, n] where the backend wants it (ggml, as llama.cpp's non-flash attention),
+    in the backend's element type (fp16 on CUDA, as llama.cpp's default). Allocated once, zeroed
+    (the CPU backend reads `pad`-aligned spans whose tail is masked out), for n = n_ctx rounded up
+    to the layout's padding; `reset()` starts a new sequence in place. The positions written so
+    far, n_past, live on the host: a decode step reads its position from a device buffer."""
 
     def __init__(self, n_layers: int, n_ctx: int, k_dims: tuple[int, int], v_dims: tuple[int, int], device,
-                 v_trans: bool = False, pad: int = 1, dtype=torch.float32):
-        self.n_ctx, self.device, self.dtype, self.v_trans, self.pad = n_ctx, torch.device(device), dtype, v_trans, pad
-        self.n_alloc = -(-n_ctx // pad) * pad
+                 layout: KVLayout):
+        self.n_ctx, self.device, self.layout = n_ctx, torch.device(device), layout
+        self.dtype, self.v_trans = layout.dtype, layout.v_trans
+        self.n_alloc = layout.n_alloc(n_ctx)
         (hk, dk), (hv, dv) = k_dims, v_dims
-        nbytes = n_layers * self.n_alloc * (hk * dk + hv * dv) * torch.finfo(dtype).bits // 8
-        vshape = (hv, dv, self.n_alloc) if v_trans else (hv, self.n_alloc, dv)
+        nbytes = layout.nbytes(n_layers, n_ctx, k_dims, v_dims)
+        vshape = (hv, dv, self.n_alloc) if self.v_trans else (hv, self.n_alloc, dv)
         try:
-            self.k = [torch.zeros((hk, self.n_alloc, dk), dtype=dtype, device=self.device) for _ in range(n_layers)]
-            self.v = [torch.zeros(vshape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+            self.k = [torch.zeros((hk, self.n_alloc, dk), dtype=self.dtype, device=self.device) for _ in range(n_layers)]
+            self.v = [torch.zeros(vshape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
         except (torch.OutOfMemoryError, RuntimeError) as e:
             raise ModelError(f"cannot allocate a KV cache of {n_ctx} positions ({nbytes:,} bytes): {e}") from e
         self.nbytes = nbytes
@@ -115,26 +116,45 @@ class KVCache:
     def reset(self) -> None:
         self.n_past = 0
 
-    def append(self, layer: int, k, v) -> None:
-        """Store this step's k [T, Hkv, Dk] / v [T, Hkv, Dv] at positions n_past..n_past+T."""
+    def append(self, layer: int, k, v, start: int) -> None:
+        """Store k [T, Hkv, Dk] / v [T, Hkv, Dv] at positions start..start+T (host positions)."""
         T = k.shape[0]
-        end = self.n_past + T
+        end = start + T
         if end > self.n_ctx:
             raise ModelError(f"context of {end} tokens exceeds the KV cache's {self.n_ctx}")
-        self.k[layer][:, self.n_past:end] = k.transpose(0, 1)
+        self.k[layer][:, start:end] = k.transpose(0, 1)
         if self.v_trans:
-            self.v[layer][:, :, self.n_past:end] = v.permute(1, 2, 0)
+            self.v[layer][:, :, start:end] = v.permute(1, 2, 0)
         else:
-            self.v[layer][:, self.n_past:end] = v.transpose(0, 1)
+            self.v[layer][:, start:end] = v.transpose(0, 1)
+
+
+class StepDriver(Protocol):
+    """Where a forward step hands control to the host (the expert seam with a cache): `action` runs
+    once the device work queued so far has landed (`sync`) or been queued. Eagerly that is now; in a
+    recorded decode step it is a graph boundary and the action runs between replays."""
+
+    def cut(self, action, sync: bool) -> None: ...
+
+
+class EagerDriver:
+    def __init__(self, backend):
+        self.backend = backend
+
+    def cut(self, action, sync: bool) -> None:
+        if sync:
+            self.backend.sync()
+        action()
 
 
 @dataclass
 class Step:
-    """What every layer of one forward step shares: positions, the attention mask, the cache, and
-    per-step tables a backend builds once (RoPE)."""
-    pos: torch.Tensor             # [T] absolute positions (long, on the device)
-    n_past: int
+    """What every layer of one forward step shares: positions, the attention mask, the cache, where
+    control passes to the host, and per-step tables a backend builds once."""
+    pos: torch.Tensor             # [T] absolute positions (int32, on the device)
+    n_past: int | None            # positions already in the cache (None in a recorded decode step)
     cache: KVCache
+    driver: StepDriver
     mask: object = None           # the backend's causal mask for this step
     tables: dict = field(default_factory=dict)
 

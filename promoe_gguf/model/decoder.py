@@ -1,9 +1,14 @@
 """The decoder skeleton every family shares: embed -> [attention -> FFN] x L -> logits.
 
 A family file subclasses Decoder and writes `attention(layer, h, step)` and, where it differs,
-`ffn(layer, h)`; the loop, residuals (with Granite's scales) and output head live here once.
+`ffn(layer, h, step)`; the loop, residuals (with Granite's scales) and output head live here once.
 Every matrix product goes through the backend (`self.linear`), which computes on the weights in
 their GGUF encoding; the residual add and the next norm are one backend call (`add_rms_norm`).
+
+`run(tokens, step)` is the step itself, device work only: token ids and positions are device
+tensors and nothing in it reads the device on the host (the expert seam hands control to the host
+through `step.driver`), so a decode step can be recorded once as device graphs and replayed
+(model/decode.py). `forward(tokens, cache)` wraps it with the host's checks and bookkeeping.
 """
 from __future__ import annotations
 
@@ -12,19 +17,19 @@ import torch
 
 from ..errors import ModelError
 from ..numerics import OFF as NUMERICS_OFF
-from .common import KVCache, ResidentWeights, Step, check_tokens, rope_spec, route
+from .common import EagerDriver, KVCache, ResidentWeights, Step, check_tokens, rope_spec, route
 from .experts import MoEExperts
 
 
 class Decoder:
     archs: tuple[str, ...] = ()
-    numerics = NUMERICS_OFF     # issue 13: non-finite checks per block (numerics.py); the Engine attaches one
+    numerics = NUMERICS_OFF     # non-finite checks per block (numerics.py); the Engine attaches one
 
     def __init__(self, model, experts: MoEExperts, backend):
         self.model, self.cfg, self.experts, self.backend = model, model.config, experts, backend
         self.device = backend.device
         self._check_tensors()
-        self.W = ResidentWeights(model, self.device)
+        self.W = ResidentWeights(model, backend)
         self.rope = rope_spec(self.cfg)
         c, f32 = self.cfg, np.float32
         # scales in float32, as llama.cpp computes them
@@ -45,16 +50,15 @@ class Decoder:
         return (c.n_head_kv, c.head_dim_k), (c.n_head_kv, c.head_dim_v)
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        v_trans, pad = self.backend.kv_layout
-        return KVCache(self.cfg.n_layers, n_ctx, *self.cache_dims(self.model), self.device, v_trans=v_trans, pad=pad)
+        return KVCache(self.cfg.n_layers, n_ctx, *self.cache_dims(self.model), self.device, self.backend.kv_layout)
 
     # ---- the pieces a family writes ------------------------------------------------------
     def attention(self, layer: int, h, step: Step):
         raise NotImplementedError
 
-    def ffn(self, layer: int, h):
+    def ffn(self, layer: int, h, step: Step):
         """Routed experts plus the shared expert where the file has one (override for dense layers)."""
-        out = self.routed_experts(layer, h)
+        out = self.routed_experts(layer, h, step)
         shared = self.shared_expert(layer, h)
         return out if shared is None else out + shared
 
@@ -86,17 +90,17 @@ class Decoder:
         """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] before RoPE -> attn_output projection [T, d]."""
         be = self.backend
         q, k = be.rope_many((q, k), self.rope, step)
-        step.cache.append(layer, k, v)
+        be.store_kv(step.cache, layer, k, v, step)
         a = be.attention(q, step.cache, layer, step, self.kq_scale)
         return self.linear(a, f"blk.{layer}.attn_output")
 
-    def routed_experts(self, layer: int, h):
-        """Router -> top-k -> the expert seam. h [T, d] -> [T, d]."""
+    def routed_experts(self, layer: int, h, step: Step):
+        """Router -> top-k (on the device) -> the expert seam. h [T, d] -> [T, d]."""
         p = f"blk.{layer}."
         logits, probs = self.backend.router(h, self.W.mat(p + "ffn_gate_inp.weight"), self.cfg.gating)   # [T, E]
-        self.numerics.check(logits, layer, "router")                       # issue 13
+        self.numerics.check(logits, layer, "router")
         ids, w = route(probs, self.cfg, self.W.vec(p + "exp_probs_b.bias", optional=True))
-        return self.experts(layer, h, ids, w, logits)
+        return self.experts(layer, h, ids, w, step, logits)
 
     def shared_expert(self, layer: int, h):
         """Shared expert (no gate unless the file has ffn_gate_inp_shexp, as Qwen2-MoE)."""
@@ -106,7 +110,7 @@ class Decoder:
         out = self.swiglu_ffn(h, p, suffix="_shexp")
         if self.W.has(p + "_gate_inp_shexp.weight"):                     # a [1, d] row: one gate per token
             out = out * self.backend.sigmoid(self.linear(h, p + "_gate_inp_shexp"))
-        self.numerics.check(out, layer, "shared expert")                   # issue 13
+        self.numerics.check(out, layer, "shared expert")
         return out
 
     # ---- the forward pass ----------------------------------------------------------------
@@ -114,19 +118,26 @@ class Decoder:
     def forward(self, tokens, cache: KVCache, last_only: bool = False):
         """tokens [T] appended after cache.n_past -> logits [T, n_vocab] (float32); with last_only, of
         the last position alone [1, n_vocab] (what generation reads, as llama.cpp computes it)."""
-        c, be, W = self.cfg, self.backend, self.W
+        c, be = self.cfg, self.backend
         tokens = check_tokens(tokens, c.n_vocab)
         T = tokens.numel()
         if cache.n_past + T > cache.n_ctx:
             raise ModelError(f"sequence of {cache.n_past + T} tokens is longer than the context ({cache.n_ctx})")
-        pos = torch.arange(cache.n_past, cache.n_past + T, device=self.device)
-        step = Step(pos, cache.n_past, cache, be.causal_mask(cache.n_past, T))
-        be.prepare(step, self.rope)
+        step = Step(be.positions(cache.n_past, T), cache.n_past, cache, EagerDriver(be), be.causal_mask(cache.n_past, T))
         self.experts.begin_step(list(range(cache.n_past, cache.n_past + T)))
-        x = be.embed(tokens.to(self.device), W.mat("token_embd.weight"))          # [T, d]
+        logits = self.run(tokens.to(device=self.device, dtype=torch.int32), step, last_only)
+        cache.n_past += T
+        self.numerics.logits(logits)                                       # always on
+        return logits
+
+    def run(self, tokens, step: Step, last_only: bool = False):
+        """The step's device work: token ids [T] int32 on the device -> logits ([T] or [1], n_vocab)."""
+        c, be, W = self.cfg, self.backend, self.W
+        be.prepare(step, self.rope)
+        x = be.embed(tokens, W.mat("token_embd.weight"))                   # [T, d]
         if c.embedding_scale:
             x = x * float(np.float32(c.embedding_scale))
-        self.numerics.check(x, None, "the token embedding")                # issue 13: numerics checks
+        self.numerics.check(x, None, "the token embedding")
         h = be.rms_norm(x, W.vec("blk.0.attn_norm.weight"), c.rms_eps)
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
@@ -135,14 +146,12 @@ class Decoder:
             self.numerics.check(x, layer, "attention")
             self.numerics.check(h, layer, "the feed-forward norm")
             nxt = f"blk.{layer + 1}.attn_norm.weight" if layer + 1 < c.n_layers else "output_norm.weight"
-            x, h = be.add_rms_norm(x, self.ffn(layer, h), W.vec(nxt), c.rms_eps, self.residual_scale)
+            x, h = be.add_rms_norm(x, self.ffn(layer, h, step), W.vec(nxt), c.rms_eps, self.residual_scale)
             self.numerics.check(x, layer, "feed-forward")
-        cache.n_past += T
         if last_only:
             h = h[-1:]
         head = W.mat("output.weight", optional=True) or W.mat("token_embd.weight")
         logits = be.linear(h, head)
         if c.logit_scale:
             logits = logits * float(np.float32(1.0) / np.float32(c.logit_scale))    # ggml_scale(1/s)
-        self.numerics.logits(logits)                                       # issue 13: always on
         return logits

@@ -84,18 +84,18 @@ class DeepSeek(Decoder):
         if self.absorbed:
             q_abs = be.linear(q[..., :self.nope].transpose(0, 1), self.W.mat(p + "attn_k_b.weight"))  # [H, T, kv_lora]
             qq = torch.cat((q_abs.transpose(0, 1), q_pe), dim=-1)              # [T, H, kv_lora + rope]
-            cache.append(layer, torch.cat((c_kv, k_pe[:, 0]), -1)[:, None], c_kv[:, None])
+            be.store_kv(cache, layer, torch.cat((c_kv, k_pe[:, 0]), -1)[:, None], c_kv[:, None], step)
             a = be.attention(qq, cache, layer, step, self.kq_scale).view(T, H, c.kv_lora_rank)
             a = be.linear(a.transpose(0, 1), self.W.mat(p + "attn_v_b.weight"))                   # [H, T, dv]
             return self.linear(a.transpose(0, 1).reshape(T, H * self.dv), p + "attn_output")
         kv = self.linear(c_kv, p + "attn_kv_b").view(T, H, self.nope + self.dv)
         k = torch.cat((kv[..., :self.nope], k_pe.expand(T, H, self.n_rot)), dim=-1)
         qq = torch.cat((q[..., :self.nope], q_pe), dim=-1)
-        cache.append(layer, k, kv[..., self.nope:])
+        be.store_kv(cache, layer, k, kv[..., self.nope:], step)
         a = be.attention(qq, cache, layer, step, self.kq_scale)
         return self.linear(a, p + "attn_output")
 
-    def ffn(self, layer, h):
+    def ffn(self, layer, h, step):
         if layer < self.cfg.n_leading_dense:
             return self.swiglu_ffn(h, f"blk.{layer}.ffn")
-        return super().ffn(layer, h)
+        return super().ffn(layer, h, step)

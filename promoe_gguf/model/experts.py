@@ -1,19 +1,28 @@
 """The expert seam: every routed expert is computed here, on bytes a source puts on the device.
 
-Model code calls `MoEExperts(layer, x, ids, weights)`. The routing ids are read on the host once
-per layer (`backend.to_host`: the layer's only host synchronisation; the cache needs them). Then:
+Model code calls `MoEExperts(layer, x, ids, weights, step)` with the router's choice still on the
+device. Three routes:
 
-  few tokens (decode, <= FUSED_MAX_TOKENS): the source makes every chosen expert resident and says
-      where they are (an ExpertStack and each (token, slot)'s position in it); the backend computes
-      the whole layer in one fused call (CPU: ggml mul_mat_id; CUDA: the fused MoE kernels).
-  more tokens (prefill): expert by expert, in the order the source gives (a cache computes the
-      resident ones first), each over the tokens routed to it; a cache may evict between experts.
+  every expert resident (ResidentSource), few tokens: one fused call routed on the device (the
+      kernels read the ids and the layer's slot table); nothing is read on the host, so a decode
+      step with it is one device graph.
+  an expert cache (CachedExpertSource), few tokens: the ids and the router input go to static host
+      buffers and control passes to the host (`step.driver.cut`): the source makes the chosen
+      experts resident or sends misses to the CPU pool; the device computes its pairs
+      (`moe_pairs`), control passes to the host again to collect the CPU's rows, and `moe_combine`
+      adds every slot in slot order. Recorded as graphs, each cut is a segment boundary.
+  more tokens (prefill): expert by expert on the host's routing, in the order the source gives (a
+      cache computes the resident ones first), each over the tokens routed to it.
 
 Either way each (token, slot) output lands in its place and the slots are weighted and added in
-slot order, so the result depends only on which path the step size selects, never on the source,
-the cache or timing: outputs are bitwise identical whatever the source does.
+slot order, so the result depends only on which route the step takes and where each expert ran,
+never on the cache's state or timing: with misses copied, outputs are bitwise identical whatever
+the source does.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,19 +37,44 @@ def _align(n: int, a: int = 256) -> int:
     return -(-n // a) * a
 
 
-class ExpertSource:
+class ExpertSource(Protocol):
+    """Where a model's routed experts are, for the seam. `resident`: every expert always on the
+    device (nothing to place). `fuse_any`: every step in one fused call, however many tokens."""
+    model: object                                  # the open model (format.open_model)
+    resident: bool
+    fuse_any: bool
+    stacks: dict                                   # MoE layer -> ExpertStack (where the slots are)
+    nbytes: int                                    # device bytes the experts take
+
+    def table(self, layer: int) -> torch.Tensor: ...              # [E] int32 on the device: expert -> slot
+    def begin_step(self, positions: list[int]) -> None: ...
+    def reset_sequence(self) -> None: ...
+    def acquire(self, layer: int, x, ids: np.ndarray): ...        # (stack, index, cpu jobs) or None
+    def release(self, layer: int) -> None: ...
+    def cpu_result(self, layer: int, expert: int, job, backend) -> torch.Tensor: ...
+    def order(self, layer: int, x, ids: np.ndarray): ...
+    def matrices(self, layer: int, expert: int) -> tuple: ...
+    def done(self, layer: int, expert: int) -> None: ...
+    def end_layer(self, layer: int) -> None: ...
+    def stats(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+class ResidentSource:
     """Every routed expert resident on the device, one stack per MoE layer.
 
     CPU: the model's own memory map, addressed in place when a layer's experts sit at a uniform
     stride (stacked or merged GGUF tensors); otherwise, and on CUDA, one packed device buffer per
-    layer (expert e's gate, up and down at e * stride)."""
+    layer (expert e's gate, up and down at e * stride). The slot table is the identity."""
 
-    fuse_any = False      # every step in one fused call, however many tokens (set for the CPU's repacked stacks)
+    resident = True
 
-    def __init__(self, model, device="cpu"):
+    def __init__(self, model, device="cpu", in_place: bool | None = None):
         self.model, self.device = model, torch.device(device)
+        self.fuse_any = False      # set for the CPU's repacked stacks (Engine._repack)
         self.stacks: dict[int, ExpertStack] = {}
-        file = torch.from_numpy(model.expert_data) if self.device.type == "cpu" else None
+        in_place = self.device.type == "cpu" if in_place is None else in_place
+        file = torch.from_numpy(model.expert_data) if in_place else None
         for layer in model.config.moe_layers:
             mats = [model.expert_matrices(layer, e) for e in range(model.config.n_experts)]
             for e in range(len(mats)):
@@ -49,7 +83,8 @@ class ExpertSource:
             if stack is None:
                 stack = self._packed(layer, mats)
             self.stacks[layer] = stack
-        self.nbytes = resident_expert_bytes(model, self.device.type)
+        self.nbytes = resident_expert_bytes(model, in_place)
+        self._identity = torch.arange(model.config.n_experts, dtype=torch.int32, device=self.device)
 
     def _packed(self, layer: int, mats) -> ExpertStack:
         offs, stride = _packed_layout(mats[0])
@@ -64,20 +99,25 @@ class ExpertSource:
               for m, off in zip(mats[0], offs)]
         return ExpertStack(*sm, owners=(buf, buf, buf))
 
-    # ---- the interface the seam calls --------------------------------------------------------
+    def table(self, layer: int) -> torch.Tensor:
+        return self._identity
+
     def begin_step(self, positions: list[int]) -> None:
-        """A forward step (prefill chunk or decoded token) at these absolute positions starts."""
+        pass
+
+    def reset_sequence(self) -> None:
+        pass
 
     def acquire(self, layer: int, x, ids: np.ndarray):
-        """Fused path: (stack, index [T, k] into it, CPU jobs) once every chosen expert the device
-        computes is on it; index -1 marks a (token, slot) whose expert runs on the CPU (its job)."""
         return self.stacks[layer], ids, {}
 
     def release(self, layer: int) -> None:
-        """The fused call has been issued: the experts of `layer` may be evicted after it."""
+        pass
+
+    def cpu_result(self, layer: int, expert: int, job, backend) -> torch.Tensor:
+        raise ModelError("every expert is resident: nothing runs on the CPU pool")
 
     def order(self, layer: int, x, ids: np.ndarray):
-        """Per-expert path: this layer's needed experts in the order to compute them."""
         yield from np.unique(ids).tolist()
 
     def matrices(self, layer: int, expert: int):
@@ -88,7 +128,7 @@ class ExpertSource:
                      for o, m, name in zip(st.owners, (st.gate, st.up, st.down), MATRICES))
 
     def done(self, layer: int, expert: int) -> None:
-        """The expert's bytes are no longer read (a cache may now evict it)."""
+        pass
 
     def end_layer(self, layer: int) -> None:
         pass
@@ -97,6 +137,9 @@ class ExpertSource:
         """All experts resident: nothing is ever missed or copied."""
         return {"hits": 0, "misses": 0, "bytes_h2d": 0, "stall_s": 0.0, "prefetch_useful": 0,
                 "prefetch_wasted": 0, "per_layer": {}}
+
+    def close(self) -> None:
+        pass
 
 
 def _packed_layout(matrices) -> tuple[list[int], int]:
@@ -118,13 +161,13 @@ def _uniform_stride(mats, j: int) -> int | None:
     return stride
 
 
-def resident_expert_bytes(model, device: str) -> int:
-    """Bytes ExpertSource holds on `device`: the mapped expert bytes where the CPU reads the file in
-    place, else packed buffers (n_experts x stride per layer)."""
+def resident_expert_bytes(model, in_place: bool) -> int:
+    """Bytes ResidentSource holds: the mapped expert bytes where it reads the file in place (the
+    CPU), else packed buffers (n_experts x stride per layer)."""
     total = 0
     for layer in model.config.moe_layers:
         mats = [model.expert_matrices(layer, e) for e in range(model.config.n_experts)]
-        if device == "cpu" and all(_uniform_stride(mats, j) for j in range(3)):
+        if in_place and all(_uniform_stride(mats, j) for j in range(3)):
             total += sum(m.nbytes for ms in mats for m in ms)
         else:
             total += len(mats) * _packed_layout(mats[0])[1]
@@ -142,44 +185,129 @@ def _in_place(file: torch.Tensor, mats) -> ExpertStack | None:
     return ExpertStack(*sm, owners=(file, file, file))
 
 
+@dataclass
+class _LayerIO:
+    """A cached layer's static buffers for one step size: what crosses between device and host at
+    the seam (the same memory at every step, so a recorded graph reads and writes them)."""
+    ids_h: torch.Tensor          # [T, k] int64, host: the router's choice
+    x_h: torch.Tensor            # [T, d] float32, host: the router input (CPU experts, the predictor)
+    skip_h: torch.Tensor         # [E] int32, host: experts the CPU computes this step
+    skip: torch.Tensor           # the same on the device
+    ext_h: torch.Tensor          # [T, k, d] float32, host: the CPU's rows
+    ext: torch.Tensor            # the same on the device
+    jobs: dict = field(default_factory=dict)
+    refused: bool = False        # the source cannot hold every chosen expert at once: per-expert route
+
+
 class MoEExperts:
     """Computes routed experts through a source and a backend.
 
     `observers` (tracers, routing recorders) get `begin_step(positions)` at each forward step and
     `observe(layer, x, ids, logits)` at each MoE layer, on the compute thread (ids on the host);
-    they must not modify their arguments.
+    they must not modify their arguments. With an observer, decoding runs eagerly (a graph step
+    has no host hand-off at a resident layer). `listeners` only get begin_step.
     """
 
-    numerics = NUMERICS_OFF     # issue 13: names the expert whose output is not finite (numerics.py)
+    numerics = NUMERICS_OFF     # names the expert whose output is not finite (numerics.py)
 
     def __init__(self, source: ExpertSource, backend=None):
         self.source, self.backend = source, backend
         self.observers = []
+        self.listeners = []
+        self._io: dict = {}
 
     def begin_step(self, positions: list[int]) -> None:
         self.source.begin_step(positions)
-        for ob in self.observers:
+        for ob in (*self.listeners, *self.observers):
             ob.begin_step(positions)
 
-    def __call__(self, layer: int, x, ids, weights, logits=None):
-        """x [T, d]; ids [T, k] long; weights [T, k] -> [T, d] = sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
-        be = self.backend
-        ids_host = be.to_host(ids)                                   # the layer's one host sync
-        if self.observers:
-            ids_t = torch.from_numpy(ids_host)
+    def __call__(self, layer: int, x, ids, weights, step, logits=None):
+        """x [T, d]; ids [T, k] long (on the device); weights [T, k] -> [T, d] =
+        sum_j weights[:, j] * expert_{ids[:, j]}(x)."""
+        be, src = self.backend, self.source
+        T = ids.shape[0]
+        ids_host = None
+        if self.observers or self.numerics.enabled:
+            ids_host = be.to_host(ids)
             for ob in self.observers:
-                ob.observe(layer, x, ids_t, logits)
+                ob.observe(layer, x, torch.from_numpy(ids_host), logits)
+        if T <= FUSED_MAX_TOKENS or src.fuse_any:
+            if src.resident:
+                out = be.moe(x, src.stacks[layer], ids, weights, src.table(layer))
+                self.numerics.fused_experts(layer, out, ids_host, lambda t, j: self._one(layer, x, t, int(ids_host[t, j])))
+                return out
+            out = self._cached(layer, x, ids, weights, step)
+            if out is not None:
+                self.numerics.fused_experts(layer, out, ids_host, lambda t, j: None)
+                return out
+        if ids_host is None:
+            ids_host = be.to_host(ids)
+        return self._per_expert(layer, x, ids_host, weights)
+
+    def _one(self, layer: int, x, t: int, expert: int):
+        """Expert `expert`'s own output for token t (only to name the expert behind a non-finite
+        fused result)."""
+        try:
+            return self.backend.expert_ffn(x[t:t + 1], *self.source.matrices(layer, expert))[0]
+        finally:
+            self.source.done(layer, expert)
+
+    # ---- an expert cache: the host places, the device computes its pairs ----------------------
+    def _layer_io(self, layer: int, T: int, k: int, d: int) -> _LayerIO:
+        io = self._io.get((layer, T))
+        if io is None:
+            be, E = self.backend, self.source.model.config.n_experts
+            io = self._io[(layer, T)] = _LayerIO(
+                ids_h=be.host_buffer((T, k), torch.int64), x_h=be.host_buffer((T, d), torch.float32),
+                skip_h=be.host_buffer((E,), torch.int32), skip=torch.zeros(E, dtype=torch.int32, device=be.device),
+                ext_h=be.host_buffer((T, k, d), torch.float32),
+                ext=torch.zeros((T, k, d), dtype=torch.float32, device=be.device))
+        return io
+
+    def _cached(self, layer: int, x, ids, weights, step):
+        """The cached route; None when the source cannot hold every chosen expert at once (then the
+        per-expert route takes the step)."""
+        be, src = self.backend, self.source
+        T, k = ids.shape
+        io = self._layer_io(layer, T, k, x.shape[1])
+        io.ids_h.copy_(ids, non_blocking=True)
+        io.x_h.copy_(x, non_blocking=True)
+        step.driver.cut(lambda: self._place(layer, io), sync=True)
+        if io.refused:                                   # eager only: a recorded step has one token
+            io.refused = False
+            return None
+        io.skip.copy_(io.skip_h, non_blocking=True)
+        y, done = be.moe_pairs(x, src.stacks[layer], ids, weights, src.table(layer), io.skip)
+        step.driver.cut(lambda: self._collect(layer, io), sync=False)
+        io.ext.copy_(io.ext_h, non_blocking=True)
+        return be.moe_combine(y, done, io.ext, weights)
+
+    def _place(self, layer: int, io: _LayerIO) -> None:
+        """Host, after the routing landed: every chosen expert resident (pinned) or given to the CPU."""
+        placed = self.source.acquire(layer, io.x_h, io.ids_h.numpy())
+        if placed is None:
+            io.refused = True
+            return
+        io.jobs = placed[2]
+        skip = io.skip_h.numpy()
+        skip[:] = 0
+        skip[list(io.jobs)] = 1
+
+    def _collect(self, layer: int, io: _LayerIO) -> None:
+        """Host, once the device's pairs are queued: the CPU's rows into ext, the layer's slots released."""
+        try:
+            ext = io.ext_h.numpy()
+            for e, job in io.jobs.items():
+                rows = self.source.cpu_result(layer, e, job, self.backend)
+                ext[job.rows, job.cols] = rows.cpu().numpy()
+        finally:
+            io.jobs = {}
+            self.source.release(layer)
+
+    # ---- prefill: expert by expert ----------------------------------------------------------------
+    def _per_expert(self, layer: int, x, ids_host: np.ndarray, weights):
+        be = self.backend
         T, k = ids_host.shape
-        if T <= FUSED_MAX_TOKENS or self.source.fuse_any:
-            placed = self.source.acquire(layer, x, ids_host)
-            if placed is not None:
-                try:
-                    out = self._fused(layer, x, weights, *placed)
-                    self.numerics.fused_experts(layer, out, ids_host,                # issue 13
-                                                lambda t, j: self._slot_output(x, t, j, *placed))
-                    return out
-                finally:
-                    self.source.release(layer)
         slot_out = torch.empty((T, k, x.shape[1]), dtype=torch.float32, device=x.device)
         for e in self.source.order(layer, x, ids_host):
             rows, cols = np.nonzero(ids_host == e)
@@ -191,29 +319,6 @@ class MoEExperts:
             finally:
                 self.source.done(layer, e)
         self.source.end_layer(layer)
-        self.numerics.experts(layer, ids_host, slot_out)                     # issue 13
-        return be.combine(slot_out, weights)
-
-    def _slot_output(self, x, t, j, stack, index, cpu_jobs):
-        """Expert (t, j)'s own output for token t, recomputed on the device (issue 13: only to name
-        the expert behind a non-finite fused result); None for an expert computed on the CPU."""
-        if index[t, j] < 0:
-            return None
-        return self.backend.moe_rows(x[t:t + 1], stack, index[t:t + 1, j])[0]
-
-    def _fused(self, layer, x, weights, stack, index, cpu_jobs):
-        """All of a layer's (token, slot) pairs in one fused call, or, with experts on the CPU, the
-        device's pairs in one call while the CPU computes the others, the results placed by pair."""
-        be = self.backend
-        if not cpu_jobs:
-            return be.moe(x, stack, index, weights)
-        T, k = index.shape
-        slot_out = torch.empty((T, k, x.shape[1]), dtype=torch.float32, device=x.device)
-        t, s = np.nonzero(index >= 0)
-        if len(t):
-            tt, ss = torch.from_numpy(t).to(x.device), torch.from_numpy(s).to(x.device)
-            slot_out[tt, ss] = be.moe_rows(x[tt], stack, index[t, s])
-        for e, job in cpu_jobs.items():
-            rows = self.source.cpu_result(layer, e, job, be)
-            slot_out[torch.from_numpy(job.rows).to(x.device), torch.from_numpy(job.cols).to(x.device)] = rows
-        return be.combine(slot_out, weights)
+        self.numerics.experts(layer, ids_host, slot_out)
+        done = torch.ones(T * k, dtype=torch.int32, device=x.device)
+        return be.moe_combine((slot_out * weights.unsqueeze(-1)).view(T * k, -1), done, None, weights)

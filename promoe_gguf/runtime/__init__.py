@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from ..backends import ExpertStack, StackedMatrix
 from ..errors import ModelError
-from ..model.experts import ExpertSource
+from ..model.experts import ExpertSource, ResidentSource
 from ..predict import make_predictor
 from .cache import READY, ExpertCache, StaticPolicy, make_policy, slots_for_budget
 from .cost import CostModel, measure
@@ -30,8 +29,9 @@ log = logging.getLogger("promoe.runtime")
 def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", predictor="none", link=None,
                 lookahead: int = 1, profile=None, routes=None, progress: bool = False,
                 wait_timeout: float = 60.0, fault=None, cpu_experts: str = "auto", cpu_threads: int = 1,
-                cpu_fault=None) -> ExpertSource:
-    """Every expert resident when no budget is given; else the cache runtime.
+                cpu_fault=None, in_place: bool | None = None) -> ExpertSource:
+    """Every expert resident when no budget is given (read where the file maps them when
+    `in_place`, the CPU backend's way); else the cache runtime.
 
     cpu_experts: "auto" (the cost model sends misses to the CPU pool when that is faster than a
     copy), "all" (every miss on the CPU), "off" (misses are copied: the ProMoE runtime).
@@ -43,14 +43,14 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     if cache_rate is None and cache_mem is None:
         if predictor not in (None, "none") or policy != "lru" or link:
             log.info("every expert is resident: policy, predictor and link are not used")
-        return ExpertSource(model, device)
+        return ResidentSource(model, device, in_place)
     device = torch.device(device)
     cfg = model.config
     pred = make_predictor(predictor, model, lookahead, routes)  # first: a bad predictor file leaves no copy thread
     store = HostStore(model, pin=device.type == "cuda", progress=progress)
     n_slots = slots_for_budget(store, cfg.n_experts_used, cache_rate, cache_mem)
     cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, profile),
-                        len(cfg.moe_layers))
+                        cfg.moe_layers, cfg.n_experts)
     spec = parse_link(link)
     stats = Stats()
     transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0), spec.get("jitter", 0.0)),
@@ -90,7 +90,7 @@ def calibrate_link_ratio(source: CachedExpertSource, decoder, experts, ratio: fl
 
     Decode compute is measured here, all experts resident, on this machine. Returns bytes/s.
     """
-    resident = ExpertSource(source.model, source.device)
+    resident = ResidentSource(source.model, source.device, decoder.backend.weights_in_place)
     experts.source = resident
     try:
         cache = decoder.new_cache(steps + 2)
@@ -144,7 +144,9 @@ def measure_costs(source: CachedExpertSource, backend) -> CostModel:
         offs = [off for _, off in store.layout[key]]
         one = ExpertStack(*(StackedMatrix(m.qtype, m.shape[0], m.shape[1], tmp.data_ptr() + o, store.slot_bytes, 1)
                             for m, o in zip(mats, offs)), owners=(tmp, tmp, tmp))
-        backend.moe_rows(x.to(source.device), one, np.zeros(x.shape[0], dtype=np.int64))
+        T = x.shape[0]
+        ids = torch.zeros((T, 1), dtype=torch.int64, device=source.device)
+        backend.moe(x.to(source.device), one, ids, torch.ones((T, 1), device=source.device))
         torch.cuda.synchronize(source.device)
     cost = measure(store, source.cpu_pool, link, on_device)
     nbytes, secs = sum(n for n, _ in timing["copy"]), sum(t for _, t in timing["copy"])

@@ -141,8 +141,15 @@ def slots_for_budget(store, n_used: int, cache_rate=None, cache_mem=None) -> int
 
 
 class ExpertCache:
-    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, n_moe_layers: int = 1):
+    """The arena of slots, the residency map and, for the device, one slot table per MoE layer:
+    tables[i, e] = the slot holding expert e of the i-th MoE layer, -1 when absent. A slot's entry
+    turns -1 when its expert is evicted (before the copy that overwrites it) and becomes the slot
+    once the copy has landed (before the expert is READY), so a kernel that finds a slot in the
+    table reads a whole expert."""
+
+    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, moe_layers=(0,), n_experts: int = 1):
         self.device = torch.device(device)
+        n_moe_layers = len(moe_layers)
         try:
             self.arena = torch.empty((n_slots, slot_bytes), dtype=torch.uint8, device=self.device)
         except torch.OutOfMemoryError as e:
@@ -163,6 +170,15 @@ class ExpertCache:
         self.admitting = None           # key a speculative allocation is for (the policy weighs it)
         self.hold_needed = False        # a fused step waits for all of `needed` at once: none may go
         self.protected: set = set()     # promoe: experts the next layer is predicted to need
+        self.table_row = {layer: i for i, layer in enumerate(moe_layers)}
+        self.tables = torch.full((n_moe_layers, n_experts), -1, dtype=torch.int32, device=self.device)
+
+    def mark_present(self, slot: Slot) -> None:
+        """(cv held) slot's copy has landed: the device table points at it."""
+        self.tables[self.table_row[slot.key[0]], slot.key[1]] = slot.index
+
+    def _mark_absent(self, key) -> None:
+        self.tables[self.table_row[key[0]], key[1]] = -1
 
     @property
     def capacity_bytes(self) -> int:
@@ -206,6 +222,7 @@ class ExpertCache:
             return None
         if slot.key is not None:
             on_evict(slot)
+            self._mark_absent(slot.key)
             del self.where[slot.key]
             self.layer_count[slot.key[0]] -= 1
         self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1

@@ -3,8 +3,7 @@ store with llama.cpp's kernels (ggml), while the device computes the rest.
 
 One worker thread with its own CPU backend (ggml parallelizes each product over `threads`); jobs
 run in submission order. Tokens move, weights do not: a job gets the expert's hidden rows on the host
-(on CUDA, copied without the compute thread waiting: the worker waits for the copy's event) and
-returns its output rows. A job that raises, or a worker that hangs past the caller's bound or dies,
+(the seam copies a layer's router input to a page-locked buffer once) and returns its output rows. A job that raises, or a worker that hangs past the caller's bound or dies,
 turns the pool off with a warning; callers then copy the expert to the device instead.
 """
 from __future__ import annotations
@@ -22,8 +21,8 @@ log = logging.getLogger("promoe.runtime")
 class CpuJob:
     """One expert over its tokens: out = down(silu(gate x) * up x), x on the host."""
 
-    def __init__(self, key, x, mats, ready=None):
-        self.key, self.x, self.mats, self.ready = key, x, mats, ready
+    def __init__(self, key, x, mats):
+        self.key, self.x, self.mats = key, x, mats
         self.out: torch.Tensor | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -63,8 +62,6 @@ class CpuExpertPool:
             try:
                 if self.fault is not None:
                     self.fault()
-                if job.ready is not None:
-                    job.ready.synchronize()          # the hidden rows' copy to the host
                 t0 = time.perf_counter()
                 job.out = self.backend.expert_ffn(job.x, *job.mats)
                 job.seconds = time.perf_counter() - t0

@@ -53,7 +53,7 @@ class Prefetcher:
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             host.copy_(x, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(x.device))     # the engine's device, not the current one
             self._put(("layer", self.step, layer, host, ids_t, ready))
         else:
             self._put(("layer", self.step, layer, x.detach().clone(), ids_t, None))

@@ -13,7 +13,8 @@ Per MoE layer (compute thread), with the routing ids already on the host:
   order()    per-expert path (prefill): promoe yields resident experts first, then the most copied
              (reordered execution); the baselines yield plain order. matrices() waits for one expert.
   release() / done()  unpin (on CUDA after recording an event the next copy into the slot waits for).
-Waits on copies are stall time.
+Waits on copies are stall time. The device finds the resident experts through the cache's slot
+tables (ExpertCache.tables), kept by the copy thread.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import torch
 
 from ..backends import ExpertStack, StackedMatrix, matrix_at
 from ..format.expert_index import MATRICES
-from ..model.experts import ExpertSource
 from .cache import READY
 from .transfer import HIGH, LOW
 
@@ -36,7 +36,11 @@ CPU_EXPERTS = ("auto", "off", "all")
 CPU_MARGIN = 1.25       # the CPU path also moves rows and hands off to a thread: it must win clearly
 
 
-class CachedExpertSource(ExpertSource):
+class CachedExpertSource:
+    """An expert cache behind the seam (model.experts.ExpertSource)."""
+    resident = False
+    fuse_any = False
+
     def __init__(self, model, device, store, cache, transfer, stats, prefetcher=None, wait_timeout: float = 60.0,
                  cpu_pool=None, cpu_experts: str = "off", cost=None):
         self.model, self.device = model, torch.device(device)
@@ -57,6 +61,10 @@ class CachedExpertSource(ExpertSource):
         sm = [StackedMatrix(m.qtype, m.shape[0], m.shape[1], arena.data_ptr() + off, arena.shape[1], arena.shape[0])
               for m, off in mats]
         return ExpertStack(*sm, owners=(arena, arena, arena))
+
+    def table(self, layer: int):
+        """[E] int32 on the device: expert -> slot of the arena, -1 when absent."""
+        return self.cache.tables[self.cache.table_row[layer]]
 
     def begin_step(self, positions):
         now = time.perf_counter()
@@ -159,26 +167,15 @@ class CachedExpertSource(ExpertSource):
                    for task in t.queues[HIGH] if task.key != key)
 
     def _submit(self, key, x, ids):
-        """The expert's hidden rows to the host (on CUDA without waiting), then a CPU pool job."""
+        """A CPU pool job for `key` over its tokens' rows of x (the router input, on the host)."""
         from .cpu_pool import CpuJob
         rows, cols = np.nonzero(ids == key[1])
-        r = torch.from_numpy(rows).to(x.device)
-        xr = x[r]
-        ready = None
-        if xr.is_cuda:
-            host = torch.empty(xr.shape, dtype=xr.dtype, pin_memory=True)
-            host.copy_(xr, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            xr = host
-        else:
-            xr = xr.clone()
-        job = self.cpu_pool.submit(CpuJob(key, xr, self.store.matrices(key), ready))
+        job = self.cpu_pool.submit(CpuJob(key, x[torch.from_numpy(rows)].clone(), self.store.matrices(key)))
         job.rows, job.cols = rows, cols
         return job
 
     def cpu_result(self, layer: int, expert: int, job, backend) -> torch.Tensor:
-        """The job's output rows on the device; if the CPU failed or hung, the expert is copied and
+        """The job's output rows (on the host); if the CPU failed or hung, the expert is copied and
         computed on the device instead (with a warning, once: the pool is off from then on)."""
         key = (layer, expert)
         t0 = time.perf_counter()
@@ -194,7 +191,7 @@ class CachedExpertSource(ExpertSource):
             self.counters.add(layer, "cpu_s", job.seconds)
             self.counters.add(layer, "copies_avoided")
             self.transfer.request(key, LOW)          # admission: a valuable expert may take a slot in idle time
-            return out.to(backend.device, non_blocking=True)
+            return out
         if job.error is None:
             self.cpu_pool.mark_hung(job, waited)
         slot = self._wait(key)                        # fall back: copy it, compute on the device

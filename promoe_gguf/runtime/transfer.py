@@ -129,6 +129,7 @@ class TransferEngine:
         task.slot.ready_chunks = task.next_chunk
         self.stats.copied(task.key, nbytes, task.priority == LOW)
         if task.next_chunk == len(self.store.chunks(task.key)):
+            self.cache.mark_present(task.slot)
             task.slot.state = READY
             self.stats.add(task.key[0], "copies")
             if task.priority == LOW and self.cache.policy.prefetch_touches:
@@ -160,6 +161,7 @@ class TransferEngine:
                 slot.ready_chunks = i + 1
                 self.stats.copied(key, nbytes, False)
         with cv:
+            self.cache.mark_present(slot)
             slot.state = READY
             self.stats.add(key[0], "copies")
             cv.notify_all()

@@ -353,7 +353,7 @@ class OursSim:
         clock, stats = Clock(), Stats()
         cache = (IndexedCache if self.fast else ExpertCache)(
             self.n_slots, self.store.slot_bytes, "meta", make_policy(self.policy_name, m.k, self.profile),
-            len(m.moe_layers))
+            m.moe_layers, m.E)
         transfer = SimTransfer(self.store, cache, stats, clock, prof)
         prefetcher = None
         if self.predictor != "none" and not self.all_resident:

@@ -72,10 +72,10 @@ inline bool check_read(const void* p, size_t n) {
 }
 
 // --- fibers ---------------------------------------------------------------------------------------
+// On x86-64 a fiber switch saves the callee-saved registers and swaps stack pointers (no system
+// call: ucontext's swapcontext saves the signal mask with one, which made the emulation ~50x
+// slower); elsewhere ucontext.
 constexpr size_t kStackBytes = 256 * 1024;
-struct Fiber { ucontext_t ctx; bool done; int barrier; };
-inline ucontext_t sched_ctx;
-inline std::vector<Fiber> fibers;
 inline std::vector<std::unique_ptr<char[]>> stacks;
 inline std::function<void()> body_fn;
 inline int current = -1;
@@ -83,14 +83,88 @@ inline float shfl_buf[32][32];
 
 enum { BAR_SYNC = 1, BAR_SHFL_WRITE = 2, BAR_SHFL_READ = 3 };
 
+#if defined(__x86_64__)
+extern "C" void emu_fiber_switch(void** save_sp, void* load_sp);
+extern "C" void emu_fiber_trampoline();
+asm(R"(
+    .text
+    .globl emu_fiber_switch
+    .type emu_fiber_switch, @function
+emu_fiber_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_fiber_switch, .-emu_fiber_switch
+    .globl emu_fiber_trampoline
+    .type emu_fiber_trampoline, @function
+emu_fiber_trampoline:
+    movq %rbx, %rdi
+    call emu_fiber_entry
+    ud2
+    .size emu_fiber_trampoline, .-emu_fiber_trampoline
+)");
+
+struct Fiber { void* sp; bool done; int barrier; };
+inline void* sched_sp;
+inline std::vector<Fiber> fibers;
+
+extern "C" __attribute__((used)) void emu_fiber_entry(long idx) {
+    body_fn();
+    fibers[idx].done = true;
+    void* dead;
+    emu_fiber_switch(&dead, sched_sp);   // never resumed
+}
+
+inline void fiber_start(int t) {
+    // the new stack as emu_fiber_switch leaves a suspended one: six saved registers (rbx = t), then
+    // the return address (the trampoline), so that the trampoline's call is made from a 16-byte
+    // aligned rsp (the top of the stack)
+    char* top = stacks[t].get() + kStackBytes;
+    void** sp = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(top) & ~uintptr_t(15));
+    *--sp = reinterpret_cast<void*>(&emu_fiber_trampoline);
+    for (int r = 0; r < 6; ++r) *--sp = nullptr;           // rbp rbx r12 r13 r14 r15 (r15 on top)
+    sp[4] = reinterpret_cast<void*>(static_cast<intptr_t>(t));   // rbx
+    fibers[t].sp = sp;
+}
+inline void fiber_resume(int t) { emu_fiber_switch(&sched_sp, fibers[t].sp); }
+inline void fiber_yield() { emu_fiber_switch(&fibers[current].sp, sched_sp); }
+#else
+struct Fiber { ucontext_t ctx; bool done; int barrier; };
+inline ucontext_t sched_ctx;
+inline std::vector<Fiber> fibers;
+
 inline void fiber_main(int idx) {
     body_fn();
     fibers[idx].done = true;       // returns to sched_ctx through uc_link
 }
 
+inline void fiber_start(int t) {
+    Fiber& f = fibers[t];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stacks[t].get();
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &sched_ctx;
+    makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, t);
+}
+inline void fiber_resume(int t) { swapcontext(&sched_ctx, &fibers[t].ctx); }
+inline void fiber_yield() { swapcontext(&fibers[current].ctx, &sched_ctx); }
+#endif
+
 inline void barrier(int kind) {
     fibers[current].barrier = kind;
-    swapcontext(&fibers[current].ctx, &sched_ctx);
+    fiber_yield();
 }
 
 // Run `body` for every thread of every CTA of the grid, one CTA at a time.
@@ -105,14 +179,7 @@ void launch(emu_dim3 grid, unsigned threads, F&& body) {
             for (unsigned x = 0; x < grid.x; ++x) {
                 blockIdx = emu_dim3{x, y, z};
                 fibers.assign(threads, Fiber{});
-                for (unsigned t = 0; t < threads; ++t) {
-                    Fiber& f = fibers[t];
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = stacks[t].get();
-                    f.ctx.uc_stack.ss_size = kStackBytes;
-                    f.ctx.uc_link = &sched_ctx;
-                    makecontext(&f.ctx, reinterpret_cast<void (*)()>(fiber_main), 1, (int)t);
-                }
+                for (unsigned t = 0; t < threads; ++t) fiber_start((int)t);
                 for (;;) {                                   // one pass per barrier
                     unsigned waiting = 0, finished = 0;
                     int kind = 0;
@@ -121,7 +188,7 @@ void launch(emu_dim3 grid, unsigned threads, F&& body) {
                         threadIdx = emu_dim3{t, 0, 0};
                         current = (int)t;
                         fibers[t].barrier = 0;
-                        swapcontext(&sched_ctx, &fibers[t].ctx);
+                        fiber_resume((int)t);
                         if (fibers[t].done) { ++finished; continue; }
                         ++waiting;
                         if (kind == 0) kind = fibers[t].barrier;
@@ -171,6 +238,14 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float expf(float v) { return std::exp(v); }
 using std::fmaf;
+using std::fmaxf;
+using std::roundf;
+
+// PTX dp4a.s32.s32: c + the sum of the four products of the signed bytes of a and b
+inline int dp4a_s8(int a, int b, int c) {
+    for (int i = 0; i < 4; ++i) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
+    return c;
+}
 
 inline float f16_to_f32(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
 inline unsigned short f32_to_f16(float f) { _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h; }

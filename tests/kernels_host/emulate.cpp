@@ -1,42 +1,76 @@
-// emulate.cpp: the kernels of promoe_gguf/kernels/cuda/*.cu built for the CPU (with cuda_emu.h), behind a small C
-// ABI for tests/test_kernels_emulated.py. Every entry point is called by its extern "C" name,
-// the same name launch.py asks CuPy for, with the grid launch.py computes.
+// emulate.cpp: the kernels of promoe_gguf/kernels/cuda/*.cu built for the CPU (with cuda_emu.h), behind one
+// generic C entry point, emu_launch(name, grid, block, args, sizes, n): the arguments come as an
+// array of pointers to their values, as cuLaunchKernel takes them, and each one's size is checked
+// against the kernel's parameter type. Every entry point is registered by its extern "C" name, the
+// name the launcher asks CuPy for.
 //
-// Build: g++ -std=c++20 -O1 -ffp-contract=off -fPIC -shared -pthread -o libkemu.so emulate.cpp
+// Build: g++ -std=c++20 -O2 -ffp-contract=off -fPIC -shared -pthread -o libkemu.so emulate.cpp
 #include "cuda_emu.h"
 
 #include "../../promoe_gguf/kernels/cuda/matvec.cu"
 #include "../../promoe_gguf/kernels/cuda/moe_fused.cu"
+#include "../../promoe_gguf/kernels/cuda/moe_combine.cu"
 #include "../../promoe_gguf/kernels/cuda/dequant.cu"
 #include "../../promoe_gguf/kernels/cuda/norm.cu"
+#include "../../promoe_gguf/kernels/cuda/quantize.cu"
+#include "../../promoe_gguf/kernels/cuda/rope.cu"
+#include "../../promoe_gguf/kernels/cuda/attention.cu"
 
 #include <cstring>
+#include <utility>
 
 namespace {
 
-typedef void (*matvec_fn)(const u8*, long long, int, int, const float*, int, float*, int);
-typedef void (*gate_up_fn)(const u64*, int, int, int, long long, const float*, int, float*, int);
-typedef void (*moe_matvec_fn)(const u64*, int, int, int, long long, const float*, int, int, const float*, float*, int);
-typedef void (*dequant_fn)(const u8*, long long, int, int, void*, long long);
+typedef int (*invoker)(void* fn, emu_dim3 grid, unsigned threads, void* const* args, const int* sizes, int n);
 
-struct entry { const char* name; void* fn; };
+struct entry { const char* name; void* fn; invoker call; };
 
-#define EMU_MV(name, N) {"matvec_" #name "_ncols" #N, (void*)&matvec_##name##_ncols##N},
+template <class... A, size_t... I>
+void call_with(void (*fn)(A...), void* const* args, std::index_sequence<I...>) {
+    fn(*static_cast<A*>(args[I])...);
+}
+
+template <class... A>
+int invoke(void* f, emu_dim3 grid, unsigned threads, void* const* args, const int* sizes, int n) {
+    if (n != (int)sizeof...(A)) return -2;
+    const int want[] = {(int)sizeof(A)..., 0};
+    for (int i = 0; i < n; ++i)
+        if (sizes[i] != want[i]) return -3 - i;
+    auto fn = reinterpret_cast<void (*)(A...)>(f);
+    emu::launch(grid, threads, [&] { call_with(fn, args, std::index_sequence_for<A...>{}); });
+    return 0;
+}
+
+template <class... A>
+entry reg(const char* name, void (*fn)(A...)) { return entry{name, reinterpret_cast<void*>(fn), &invoke<A...>}; }
+
+#define EMU_MV(name, N) reg("matvec_" #name "_ncols" #N, &matvec_##name##_ncols##N), \
+                        reg("matvec_q8_" #name "_ncols" #N, &matvec_q8_##name##_ncols##N),
 #define EMU_ENTRIES(name, B)                                                                       \
     EMU_MV(name, 1) EMU_MV(name, 2) EMU_MV(name, 3) EMU_MV(name, 4)                                \
     EMU_MV(name, 5) EMU_MV(name, 6) EMU_MV(name, 7) EMU_MV(name, 8)                                \
-    {"moe_gate_up_" #name, (void*)&moe_gate_up_##name},                                             \
-    {"moe_matvec_" #name, (void*)&moe_matvec_##name},                                               \
-    {"dequant_" #name "_f32", (void*)&dequant_##name##_f32},                                        \
-    {"dequant_" #name "_f16", (void*)&dequant_##name##_f16},
+    reg("moe_gate_up_" #name, &moe_gate_up_##name), reg("moe_gate_up_" #name "_q8", &moe_gate_up_##name##_q8), \
+    reg("moe_matvec_" #name, &moe_matvec_##name), reg("moe_matvec_" #name "_q8", &moe_matvec_##name##_q8), \
+    reg("moe_down_combine_" #name, &moe_down_combine_##name),                                     \
+    reg("moe_down_combine_" #name "_q8", &moe_down_combine_##name##_q8),                          \
+    reg("dequant_" #name "_f32", &dequant_##name##_f32), reg("dequant_" #name "_f16", &dequant_##name##_f16), \
+    reg("get_rows_" #name "_f32", &get_rows_##name##_f32),
 
-const entry kEntries[] = {PROMOE_FOR_EACH_QTYPE(EMU_ENTRIES){"moe_combine", (void*)&moe_combine},
-                          {"rms_norm_f32", (void*)&rms_norm_f32},
-                          {"add_rms_norm_f32", (void*)&add_rms_norm_f32}};
+const entry kEntries[] = {PROMOE_FOR_EACH_QTYPE(EMU_ENTRIES)
+                          reg("moe_combine", &moe_combine),
+                          reg("rms_norm_f32", &rms_norm_f32),
+                          reg("add_rms_norm_f32", &add_rms_norm_f32),
+                          reg("quantize_q8_f32", &quantize_q8_f32),
+                          reg("rope_f32", &rope_f32),
+                          reg("kv_store_f16", &kv_store_f16),
+                          reg("kv_store_f32", &kv_store_f32),
+                          reg("attn_split_f16", &attn_split_f16),
+                          reg("attn_split_f32", &attn_split_f32),
+                          reg("attn_merge", &attn_merge)};
 
-void* lookup(const char* name) {
+const entry* lookup(const char* name) {
     for (const auto& e : kEntries)
-        if (std::strcmp(e.name, name) == 0) return e.fn;
+        if (std::strcmp(e.name, name) == 0) return &e;
     return nullptr;
 }
 
@@ -69,70 +103,26 @@ long long emu_take_errors(char* err, int errlen) {
 
 int emu_has_kernel(const char* name) { return lookup(name) != nullptr; }
 
+// 0 on success; -1 unknown kernel, -2 wrong argument count, -3 - i: argument i has the wrong size
+int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned threads, void* const* args,
+               const int* sizes, int n) {
+    const entry* e = lookup(name);
+    if (e == nullptr) return -1;
+    return e->call(e->fn, emu_dim3{gx, gy, gz}, threads, args, sizes, n);
+}
+
 int emu_traits(const char* qname, int* out) {
     PROMOE_FOR_EACH_QTYPE(EMU_TRAITS)
     return -1;
 }
 
-int emu_matvec_rows_per_cta(int ncols) { return matvec_rows_per_cta(ncols); }
+int emu_matvec_rows_per_group(int ncols) { return matvec_rows_per_group(ncols); }
 int emu_moe_gate_up_rows() { return MOE_GATE_UP_ROWS; }
 int emu_moe_matvec_rows() { return MOE_MATVEC_ROWS; }
 int emu_threads() { return PROMOE_THREADS; }
 int emu_dequant_threads() { return DEQUANT_THREADS; }
-
-int emu_matvec(const char* name, unsigned gx, unsigned threads, const u8* w, long long row_bytes,
-               int nrows, int nblocks, const float* x, int x_stride, float* y, int y_stride) {
-    auto fn = reinterpret_cast<matvec_fn>(lookup(name));
-    if (!fn) return -1;
-    emu::launch({gx, 1, 1}, threads, [&] { fn(w, row_bytes, nrows, nblocks, x, x_stride, y, y_stride); });
-    return 0;
-}
-
-int emu_moe_gate_up(const char* name, unsigned gx, unsigned gy, unsigned threads, const u64* table,
-                    int n_slots, int n_ff, int nblocks, long long row_bytes, const float* x, int x_stride,
-                    float* h, int h_stride) {
-    auto fn = reinterpret_cast<gate_up_fn>(lookup(name));
-    if (!fn) return -1;
-    emu::launch({gx, gy, 1}, threads,
-                [&] { fn(table, n_slots, n_ff, nblocks, row_bytes, x, x_stride, h, h_stride); });
-    return 0;
-}
-
-int emu_moe_matvec(const char* name, unsigned gx, unsigned gy, unsigned threads, const u64* table,
-                   int which, int nrows, int nblocks, long long row_bytes, const float* x, int x_stride,
-                   int x_div, const float* scale, float* y, int y_stride) {
-    auto fn = reinterpret_cast<moe_matvec_fn>(lookup(name));
-    if (!fn) return -1;
-    emu::launch({gx, gy, 1}, threads, [&] {
-        fn(table, which, nrows, nblocks, row_bytes, x, x_stride, x_div, scale, y, y_stride);
-    });
-    return 0;
-}
-
-int emu_moe_combine(unsigned gx, unsigned threads, const float* slot_out, int n_tokens, int n_slots,
-                    int n, float* out) {
-    emu::launch({gx, 1, 1}, threads, [&] { moe_combine(slot_out, n_tokens, n_slots, n, out); });
-    return 0;
-}
-
-int emu_rms_norm(unsigned gx, unsigned threads, const float* x, int x_stride, const float* w, float* y,
-                 int y_stride, int n, float eps) {
-    emu::launch({gx, 1, 1}, threads, [&] { rms_norm_f32(x, x_stride, w, y, y_stride, n, eps); });
-    return 0;
-}
-
-int emu_add_rms_norm(unsigned gx, unsigned threads, const float* x, const float* r, float r_scale, float* sum,
-                     const float* w, float* y, int n, float eps) {
-    emu::launch({gx, 1, 1}, threads, [&] { add_rms_norm_f32(x, r, r_scale, sum, w, y, n, eps); });
-    return 0;
-}
-
-int emu_dequant(const char* name, unsigned gx, unsigned threads, const u8* w, long long row_bytes,
-                int nrows, int nblocks, void* y, long long y_stride) {
-    auto fn = reinterpret_cast<dequant_fn>(lookup(name));
-    if (!fn) return -1;
-    emu::launch({gx, 1, 1}, threads, [&] { fn(w, row_bytes, nrows, nblocks, y, y_stride); });
-    return 0;
-}
+int emu_q8_block() { return PROMOE_Q8_BLOCK; }
+int emu_attn_split() { return ATTN_SPLIT; }
+int emu_attn_max_dk() { return ATTN_MAX_DK; }
 
 }  // extern "C"

@@ -8,23 +8,27 @@
 // promoe_gguf.format.quants.dequantize_torch; fp16 is that value rounded to nearest even.
 // Grid: ceil(nrows * nblocks * nchunk / 256), block 256.
 //
-// Entry points: dequant_<type>_f32, dequant_<type>_f16.
+// get_rows_<type>_f32 is the same with row r of y taken from row ids[r] of W (int32, on the device):
+// the token embedding of a decode step, reading the token id where the step's inputs were copied.
+//
+// Entry points: dequant_<type>_f32, dequant_<type>_f16, get_rows_<type>_f32.
 #include "blocks.cuh"
 
 #define DEQUANT_THREADS 256   // mirrored by launch.py
 
 template <class B, bool F16>
 PROMOE_DEV void dequant_kernel(const u8* __restrict__ w, long long row_bytes, int nrows, int nblocks,
-                               void* __restrict__ y, long long y_stride) {
+                               void* __restrict__ y, long long y_stride, const int* __restrict__ ids = nullptr) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)nrows * nblocks * B::nchunk) return;
     const int c = (int)(i % B::nchunk);
     const long long blk = i / B::nchunk;
     const long long row = blk / nblocks;
     const int ib = (int)(blk % nblocks);
+    const long long src = ids != nullptr ? (long long)__ldg(ids + row) : row;
 
     typename B::chunk ch;
-    B::decode(w + row * row_bytes + (long long)ib * B::type_size, c, ch);
+    B::decode(w + src * row_bytes + (long long)ib * B::type_size, c, ch);
     const long long e0 = row * y_stride + (long long)ib * B::qk + B::chunk_base(c);
 #pragma unroll
     for (int r = 0; r < B::nrun; ++r) {
@@ -52,6 +56,11 @@ PROMOE_DEV void dequant_kernel(const u8* __restrict__ w, long long row_bytes, in
         const u8* __restrict__ w, long long row_bytes, int nrows, int nblocks,                     \
         u16* __restrict__ y, long long y_stride) {                                                 \
         dequant_kernel<B, true>(w, row_bytes, nrows, nblocks, y, y_stride);                        \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(DEQUANT_THREADS) get_rows_##name##_f32(           \
+        const u8* __restrict__ w, long long row_bytes, const int* __restrict__ ids, int n_ids,     \
+        int nblocks, float* __restrict__ y, long long y_stride) {                                  \
+        dequant_kernel<B, false>(w, row_bytes, n_ids, nblocks, y, y_stride, ids);                  \
     }
 
 PROMOE_FOR_EACH_QTYPE(PROMOE_DEQUANT_ENTRIES)

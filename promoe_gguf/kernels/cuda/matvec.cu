@@ -1,46 +1,86 @@
-// matvec.cu: y[t, r] = sum_k W[r, k] * x[t, k] for 1..8 tokens (decode), W in GGUF quant blocks.
+// matvec.cu: y[t, r] = sum_k W[r, k] * x[t, k] for 1..8 tokens (decode), W in GGUF quant blocks,
+// for up to three matrices of one quant type that share their input (q, k and v in one launch).
 //
-// W is row-major: row r starts at w + r * row_bytes and is nblocks quant blocks. x is fp32,
-// [ncols][x_stride] with x_stride a multiple of 4 and a 16-byte aligned base; y is fp32,
-// [ncols][y_stride]. One CTA = 4 warps computes matvec_rows_per_cta(NCOLS) consecutive rows; all
-// 128 threads stride along the rows (vecdot.cuh), then one CTA-wide reduction.
-// Grid: (ceil(nrows / rows_per_cta), 1, 1), block: (128, 1, 1), no dynamic shared memory.
+// Each W is row-major: row r starts at w + r * row_bytes and is nblocks quant blocks. A CTA is
+// PROMOE_THREADS / tpr groups of tpr threads (vecdot.cuh); group g computes NROWS consecutive rows,
+// so a CTA covers rows_per_cta = (PROMOE_THREADS / tpr) * NROWS rows of one matrix. CTAs
+// [0, nb0) take matrix 0, [nb0, nb0 + nb1) matrix 1, the rest matrix 2 (nb_i = ceil(rows_i /
+// rows_per_cta); unused matrices have rows 0).
+// Activations: fp32 x [ncols][x_stride] (16-byte aligned, x_stride a multiple of 4), or q8
+// (quantize.cu) xq [ncols][xq_stride] int8 + xd [ncols][xd_stride] scales. y_i fp32 [ncols][y_stride_i].
+// Grid: (nb0 + nb1 + nb2), block PROMOE_THREADS, no dynamic shared memory.
 //
-// Entry points: matvec_<type>_ncols<N>, N = 1..8, e.g. matvec_q4_k_ncols1.
+// Entry points: matvec_<type>_ncols<N> (fp32 x), matvec_q8_<type>_ncols<N> (q8 x), N = 1..8.
 #include "vecdot.cuh"
 
-// Rows per CTA: each activation load is reused for this many rows; fewer rows for more columns
-// keep the accumulators and the loaded x in registers. Mirrored by launch.py (MATVEC_ROWS).
-__host__ __device__ constexpr int matvec_rows_per_cta(int ncols) { return ncols <= 2 ? 4 : 2; }
+// Rows per group: each activation load is reused for this many rows; fewer rows for more columns
+// keep the accumulators and the loaded x in registers. Mirrored by plans.py.
+__host__ __device__ constexpr int matvec_rows_per_group(int ncols) { return ncols <= 2 ? 4 : 2; }
 
-template <class B, int NCOLS>
-PROMOE_DEV void matvec_kernel(const u8* __restrict__ w, long long row_bytes, int nrows, int nblocks,
-                              const float* __restrict__ x, int x_stride,
-                              float* __restrict__ y, int y_stride) {
-    constexpr int NROWS = matvec_rows_per_cta(NCOLS);
-    const int row0 = blockIdx.x * NROWS;
+struct matvec_targets {
+    const u8* w[3];
+    int rows[3];
+    float* y[3];
+    int y_stride[3];
+};
+
+// Which matrix this CTA serves, and its first row.
+PROMOE_DEV int matvec_pick(int nb0, int nb1, int rows_per_cta, int& row0) {
+    int b = blockIdx.x, m = 0;
+    if (b >= nb0) { b -= nb0; m = 1; if (b >= nb1) { b -= nb1; m = 2; } }
+    row0 = b * rows_per_cta;
+    return m;
+}
+
+template <class B, int NCOLS, bool Q8>
+PROMOE_DEV void matvec_kernel(const matvec_targets& tg, int nb0, int nb1, long long row_bytes, int nblocks,
+                              const void* __restrict__ x, int x_stride, const float* __restrict__ xd,
+                              int xd_stride, int tpr) {
+    constexpr int NROWS = matvec_rows_per_group(NCOLS);
+    const int groups = PROMOE_THREADS / tpr, g = threadIdx.x / tpr, lane = threadIdx.x % tpr;
+    int cta_row0;
+    const int m = matvec_pick(nb0, nb1, groups * NROWS, cta_row0);
+    const int nrows = tg.rows[m], row0 = cta_row0 + g * NROWS;
     const u8* rows[NROWS];
 #pragma unroll
     for (int i = 0; i < NROWS; ++i)   // rows past the end re-read the last row; never stored
-        rows[i] = w + (long long)imin(row0 + i, nrows - 1) * row_bytes;
+        rows[i] = tg.w[m] + (long long)imin(row0 + i, nrows - 1) * row_bytes;
 
     float acc[NROWS * NCOLS];
 #pragma unroll
     for (int i = 0; i < NROWS * NCOLS; ++i) acc[i] = 0.0f;
-    vecdot_partial<B, NCOLS, NROWS>(rows, nblocks, x, x_stride, threadIdx.x, acc);
-    const float* tot = block_sum(acc);
+    if constexpr (Q8)
+        vecdot_q8_partial<B, NCOLS, NROWS>(rows, nblocks, static_cast<const signed char*>(x), x_stride, xd,
+                                           xd_stride, lane, tpr, acc);
+    else
+        vecdot_partial<B, NCOLS, NROWS>(rows, nblocks, static_cast<const float*>(x), x_stride, lane, tpr, acc);
+    const float* tot = group_sum(acc, tpr);
 
-    if (threadIdx.x < NROWS * NCOLS) {
-        const int i = threadIdx.x / NCOLS, t = threadIdx.x % NCOLS;
-        if (row0 + i < nrows) y[(long long)t * y_stride + row0 + i] = tot[threadIdx.x];
+    for (int o = lane; o < NROWS * NCOLS; o += tpr) {
+        const int i = o / NCOLS, t = o % NCOLS;
+        if (row0 + i < nrows) tg.y[m][(long long)t * tg.y_stride[m] + row0 + i] = tot[o];
     }
 }
 
+#define PROMOE_MATVEC_PARAMS                                                                       \
+    const u8* __restrict__ w0, const u8* __restrict__ w1, const u8* __restrict__ w2, int rows0,    \
+        int rows1, int rows2, int nb0, int nb1, long long row_bytes, int nblocks
+#define PROMOE_MATVEC_OUT                                                                          \
+    float* __restrict__ y0, float* __restrict__ y1, float* __restrict__ y2, int y_stride0,         \
+        int y_stride1, int y_stride2, int tpr
+#define PROMOE_MATVEC_TARGETS {{w0, w1, w2}, {rows0, rows1, rows2}, {y0, y1, y2}, {y_stride0, y_stride1, y_stride2}}
+
 #define PROMOE_MATVEC_ENTRY(name, B, N)                                                            \
     extern "C" __global__ void __launch_bounds__(PROMOE_THREADS) matvec_##name##_ncols##N(         \
-        const u8* __restrict__ w, long long row_bytes, int nrows, int nblocks,                     \
-        const float* __restrict__ x, int x_stride, float* __restrict__ y, int y_stride) {          \
-        matvec_kernel<B, N>(w, row_bytes, nrows, nblocks, x, x_stride, y, y_stride);               \
+        PROMOE_MATVEC_PARAMS, const float* __restrict__ x, int x_stride, PROMOE_MATVEC_OUT) {      \
+        const matvec_targets tg = PROMOE_MATVEC_TARGETS;                                           \
+        matvec_kernel<B, N, false>(tg, nb0, nb1, row_bytes, nblocks, x, x_stride, nullptr, 0, tpr); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(PROMOE_THREADS) matvec_q8_##name##_ncols##N(      \
+        PROMOE_MATVEC_PARAMS, const signed char* __restrict__ xq, int xq_stride,                   \
+        const float* __restrict__ xd, int xd_stride, PROMOE_MATVEC_OUT) {                          \
+        const matvec_targets tg = PROMOE_MATVEC_TARGETS;                                           \
+        matvec_kernel<B, N, true>(tg, nb0, nb1, row_bytes, nblocks, xq, xq_stride, xd, xd_stride, tpr); \
     }
 
 #define PROMOE_MATVEC_ENTRIES(name, B)                                                             \
