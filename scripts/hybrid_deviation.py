@@ -4,20 +4,16 @@ misses run on the CPU) and greedy-token agreement against the all-resident run, 
 
     python scripts/hybrid_deviation.py [--tokens 24] [--decode 16] [--launcher emu]
 
-Without a GPU the CUDA backend's code path runs with its kernels built for the host (tests/kernels_host,
-slow: minutes); on a GPU pass --launcher cuda to use the real device.
+Without a GPU the CUDA backend's code path runs with its kernels built for the host
+(promoe_gguf/kernels/emulator.py); on a GPU pass --launcher cuda to use the real device.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def main(argv=None) -> int:
@@ -29,7 +25,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from promoe_gguf import DEFAULT_MODEL, Engine
     if args.launcher == "emu":
-        from kernel_emu import Emu, build_emulator
+        from promoe_gguf.kernels.emulator import Emu, build_emulator
         kw = {"launcher": Emu(build_emulator()).launcher}
     else:
         kw = {"device": "cuda"}

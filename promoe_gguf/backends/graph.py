@@ -32,6 +32,7 @@ class GraphCaptureError(ModelError):
 class DeviceGraph(Protocol):
     replays: int
     replay_s: float                 # time spent replaying (the emulation's device time; 0 on a GPU)
+    kernels: int | None             # device kernels in the graph (counted by the emulation; None on a GPU)
 
     def begin(self) -> None: ...
     def end(self) -> None: ...
@@ -46,6 +47,7 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
         self.pool = pool
         self.replays, self.replay_s = 0, 0.0
+        self.kernels = None             # the profiler counts them on a GPU (scripts/gpu_e2e.py)
 
     def begin(self) -> None:
         # thread_local: the copy and CPU-pool threads keep using their own streams while this records
@@ -74,6 +76,7 @@ class EmulatedGraph:
         self.nodes: list = []
         self.memory: list = []           # every tensor made while recording: the graph's private pool
         self.replays, self.replay_s = 0, 0.0
+        self._launches = 0
         self._mode = None
         self._launcher = None
 
@@ -85,6 +88,7 @@ class EmulatedGraph:
         def recording(launches, device):
             launcher(launches, device)
             nodes.append(lambda: launcher(launches, device))
+            self._launches += len(launches) - 1          # a node per call, a kernel per launch
         be.launcher = recording
         self._mode = _Recorder(self.nodes, self.memory)
         self._mode.__enter__()
@@ -93,6 +97,11 @@ class EmulatedGraph:
         self._mode.__exit__(None, None, None)
         self.backend.launcher = self._launcher
         self._mode = None
+
+    @property
+    def kernels(self) -> int:
+        """Device kernels a replay runs: one per aten node (a torch kernel on a GPU), one per launch."""
+        return len(self.nodes) + self._launches
 
     def replay(self) -> None:
         t0 = time.perf_counter()

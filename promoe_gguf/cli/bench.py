@@ -13,6 +13,12 @@ its offload modes, -ngl N and --n-cpu-moe N fitted to the same device memory); "
 a row's decode speed by llama.cpp's fastest mode that needs no more device memory (on the CPU machine:
 its all-CPU row). Writes OUT/bench.json, bench.md, bench.png and profile.json (this machine's measured rates as a
 `promoe simulate --profile` file).
+
+Every row also reports what a decode token costs the host, counted on the code path it ran: device
+graph replays, kernel launches made outside replays, host waits, and the host's time per layer
+(wall time minus device work). `--device cuda-emulated` runs the CUDA backend's code path on the CPU
+(the kernels' host build, graphs recorded and replayed in emulation): its counts are those a GPU
+sees and its host time is the Python that paces a GPU; its speeds are not a GPU's.
 """
 from __future__ import annotations
 
@@ -32,12 +38,24 @@ MODES = {            # name -> Engine options (with a cache)
 }
 
 
+GRAPH_KERNEL_US = 69.0 / 25       # llama.cpp CUDA decode: ~25 kernels per layer in a graph cost 69 us (MODEL.md)
+
+
+def _engine_device(device: str) -> dict:
+    """Engine options for --device: cuda-emulated is the CUDA backend on the kernels' CPU build."""
+    if device == "cuda-emulated":
+        from ..kernels.emulator import Emu, build_emulator
+        return {"device": "cpu", "launcher": Emu(build_emulator()).launcher}
+    return {"device": device}
+
+
 def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
     from ..engine import Engine
     n_ctx = max(len(p) for p in prompts) + n_decode + 8
     cached = kw.get("cache_rate") or kw.get("gpu_mem")
-    eng = Engine(path, device=device, n_threads=threads, n_ctx=n_ctx, n_batch=512,
-                 link=link if cached and device == "cpu" else None, **kw)
+    on = _engine_device(device)
+    eng = Engine(path, n_threads=threads, n_ctx=n_ctx, n_batch=512,
+                 link=link if cached and on["device"] == "cpu" else None, **on, **kw)
     try:
         list(eng.generate(prompts[0][:8], max_tokens=2, temperature=0, ignore_eos=True))           # warm-up
         out = {"prefill": []}
@@ -49,11 +67,10 @@ def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
             ttft = time.perf_counter() - t0
             out["prefill"].append({"tokens": len(p), "ttft_s": ttft, "tok_s": len(p) / ttft,
                                    "stall_s": eng.stats["stall_s"] - before["stall_s"]})
-        before = eng.stats
-        eng.timing.__init__()
-        gen = eng.generate(prompts[-1][:16], max_tokens=n_decode + 1, temperature=0, ignore_eos=True)
-        next(gen)
+        gen = eng.generate(prompts[-1][:16], max_tokens=n_decode + 3, temperature=0, ignore_eos=True)
+        next(gen), next(gen), next(gen)            # decode warmed up (graphs recorded)
         mid = eng.stats
+        counts = eng.decoding.counts.copy()
         t0 = time.perf_counter()
         for _ in gen:
             pass
@@ -64,6 +81,14 @@ def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
         out["decode"] = {"tokens": n_decode, "tok_s": n_decode / dt, **d,
                          "wait_copy_share": st.get("decode_wait_copy_share", 0.0),
                          "wait_cpu_share": st.get("decode_wait_cpu_share", 0.0)}
+        kernels = eng.decoding.kernels_per_token
+        L = eng.config.n_layers
+        dispatch = eng.decoding.counts.since(counts, L)
+        # host work: the host's time less its waits for copies and CPU experts (reported as stall shares)
+        waits = sum(st.get(k, 0.0) - mid.get(k, 0.0) for k in ("stall_s", "wait_cpu_s"))
+        dispatch["host_work_us_per_layer"] = max(0.0, dispatch["host_us_per_layer"] - waits / n_decode / L * 1e6)
+        dispatch["kernels_per_layer"] = None if kernels is None else kernels / L
+        out["dispatch"] = dispatch
         out["memory"] = eng.memory
         out["cost_model"] = st.get("cost_model")
         out["link"] = st.get("link", "none (all resident)")
@@ -200,9 +225,10 @@ def run(args) -> int:
     if args.vs_llamacpp:       # the same device memory: the budget given, else what each cached row used
         budgets = ([parse_mem(args.gpu_mem, "--gpu-mem")] if args.gpu_mem else
                    sorted({r["memory"]["total"] for r in rows if r["budget"] != "-"}) or [None])
-        rows += _llamacpp_rows(path, prompts, args.tokens, args.threads, args.device, budgets)
+        rows += _llamacpp_rows(path, prompts, args.tokens, args.threads, "cuda" if args.device == "cuda" else "cpu",
+                               budgets)
     res = {"model": os.path.basename(path), "device": args.device, "threads": args.threads, "link": args.link,
-           "emulated": args.device == "cpu", "prompt_lengths": lengths, "decode_tokens": args.tokens,
+           "emulated": args.device != "cuda", "prompt_lengths": lengths, "decode_tokens": args.tokens,
            "rates_GBps": {"device": device_gbs, "cpu": cpu_gbs, "link": link_gbs},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
@@ -231,6 +257,11 @@ def _measured_profile(res: dict, ref: dict, cm: dict | None):
         device_gbs = ref["expert_bytes"] / (ms * 1e-3) / 1e9
     used = ref["k"] * ref["moe_layers"] * ref["expert_bytes"] + ref["resident_bytes"]
     layer_s = (1 / ref["decode"]["tok_s"] - used / (device_gbs * 1e9)) / ref["n_layers"]
+    dispatch = ref.get("dispatch") or {}
+    if res["device"] == "cuda-emulated" and dispatch.get("kernels_per_layer"):
+        # speeds here are the emulation's: our fixed cost per layer on a GPU is the host work measured
+        # here plus the recorded kernels at llama.cpp's calibrated cost per graph kernel
+        layer_s = (dispatch["host_work_us_per_layer"] + dispatch["kernels_per_layer"] * GRAPH_KERNEL_US) * 1e-6
     threads = res["threads"]
     cpu_gbs = rate["cpu"] or device_gbs
     return Profile(
@@ -239,13 +270,18 @@ def _measured_profile(res: dict, ref: dict, cm: dict | None):
         cpu_gbs=cpu_gbs, cpu_eff=1.0, cpu_threads=threads, cpu_thread_gbs=cpu_gbs / threads,
         ours_layer_us=max(0.0, layer_s * 1e6), emulated=res["emulated"],
         source=f"promoe bench {res['model']} {res['date']}: device matvec, CPU pool and link rates and our per-layer "
-               "decode cost as measured" + (" (the device is this CPU, the link emulated)" if res["emulated"] else ""))
+               "decode cost as measured" + (" (the device is this CPU, the link emulated)" if res["emulated"] else "")
+               + ("; per-layer cost: host work measured on the CUDA code path in emulation + its recorded kernels "
+                  f"x {GRAPH_KERNEL_US:.2f} us" if res["device"] == "cuda-emulated" else ""))
 
 
 def _markdown(res: dict) -> str:
     rate = res["rates_GBps"]
     where = (f"CPU machine: the device is the CPU and the link is emulated (--link {res['link']})"
-             if res["emulated"] else f"device {res['device']}")
+             if res["device"] == "cpu" else
+             f"the CUDA code path on this CPU (kernels' host build, graphs emulated; --link {res['link']}): dispatch "
+             "counts and host time are a GPU's, speeds are not" if res["device"] == "cuda-emulated"
+             else f"device {res['device']}")
     head = [f"# promoe bench {res['model']} ({res['date']})", "",
             f"{where}; {res['threads']} thread(s); decode {res['decode_tokens']} tokens; measured rates: device "
             f"{rate['device']:.2f} GB/s (all-resident decode), CPU {rate['cpu'] or 0:.2f} GB/s (ggml probe), link "
@@ -253,7 +289,8 @@ def _markdown(res: dict) -> str:
     lens = res["prompt_lengths"]
     cols = " | ".join(f"prefill {n} tok/s (TTFT s)" for n in lens)
     head += [f"| mode | budget | {cols} | decode tok/s | vs llama.cpp | hit rate | on CPU | copied | wait copies | "
-             "wait CPU | gap to bound |", "|" + "---|" * (len(lens) + 10)]
+             "wait CPU | gap to bound | decode: graphs replayed / launches outside / host waits per token | "
+             "host work us per layer |", "|" + "---|" * (len(lens) + 12)]
     llama = [r for r in res["rows"] if r["mode"].startswith("llama.cpp")]
     for r in res["rows"]:
         dec = r["decode"]
@@ -267,13 +304,21 @@ def _markdown(res: dict) -> str:
         head.append(f"| {r['mode']} | {r['budget']} | {pre} | {dec['tok_s']:.1f} | {vs} | "
                     f"{(dec.get('hits', 0) / lookups) if lookups else 1.0:.2f} | {dec.get('cpu_experts', '-')} | "
                     f"{dec.get('copies', '-')} | {dec.get('wait_copy_share', 0):.0%} | {dec.get('wait_cpu_share', 0):.0%} | "
-                    + (f"{r['gap_to_bound']:.1f}x |" if "gap_to_bound" in r else "- |"))
+                    + (f"{r['gap_to_bound']:.1f}x |" if "gap_to_bound" in r else "- |") + _dispatch_cells(r))
     src = sorted({r["source"] for r in llama})
     if src:
         head += ["", f"llama.cpp rows: {', '.join(src)}; prefill from llama-bench is prompt processing alone "
                  "(TTFT = tokens / tok/s)." if any(x.startswith("llama-bench") for x in src) else
                  f"llama.cpp rows: {', '.join(src)}."]
     return "\n".join(head) + "\n"
+
+
+def _dispatch_cells(r: dict) -> str:
+    d = r.get("dispatch")
+    if not d:
+        return " - | - |"
+    return (f" {d['mode']}: {d['replays_per_token']:.0f} / {d['launches_outside_replays_per_token']:.0f} / "
+            f"{d['host_syncs_per_token']:.0f} | {d['host_work_us_per_layer']:.0f} |")
 
 
 def _plot(res: dict, path: str) -> None:
@@ -306,7 +351,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--gpu-mem", default=None, help="one device memory budget instead of cache rates")
     s.add_argument("--tokens", type=int, default=128, help="decode tokens")
     s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    s.add_argument("--device", default="cpu", choices=("cpu", "cuda", "cuda-emulated"),
+                   help="cuda-emulated: the CUDA code path on this CPU (counts and host time a GPU would see)")
     s.add_argument("--link", default="ratio=10", help="CPU only: the emulated link (see promoe run --help)")
     s.add_argument("--vs-llamacpp", action="store_true",
                    help="add stock llama.cpp's rows, same GGUF, threads and device memory (llama-bench from "

@@ -2,7 +2,7 @@
 
 A plan validates shapes and alignment and returns the :class:`~.launch.Launch` list that
 ``launch.run`` enqueues on a GPU, or that the host build of the same kernels runs in tests
-(tests/kernel_emu.py), so the CUDA backend's whole code path is exercised without a GPU.
+(kernels/emulator.py), so the CUDA backend's whole code path is exercised without a GPU.
 Pointers are plain ints (``tensor.data_ptr()``); nothing here touches a device.
 """
 from __future__ import annotations

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,21 +44,28 @@ class Segment:
 
 @dataclass
 class DecodeCounts:
+    """Totals over the decode steps taken (diff two `copy()`s for a stretch of them)."""
     tokens: int = 0
     replays: int = 0
     host_syncs: int = 0
-    eager_launches: int = 0
-    host_s: float = 0.0
+    eager_launches: int = 0           # kernel launches (CUDA) / ggml graph computes (CPU) made outside replays
+    host_s: float = 0.0               # wall time minus the device work the CPU emulation measured
     wall_s: float = 0.0
     mode: str = "eager"
     why_eager: str = ""
 
-    def summary(self, n_layers: int) -> dict:
-        n = max(1, self.tokens)
-        return {"mode": self.mode, "tokens": self.tokens, "replays_per_token": self.replays / n,
-                "host_syncs_per_token": self.host_syncs / n, "launches_outside_replays_per_token": self.eager_launches / n,
-                "host_us_per_layer": self.host_s / n / max(1, n_layers) * 1e6,
-                "wall_us_per_layer": self.wall_s / n / max(1, n_layers) * 1e6,
+    def copy(self) -> "DecodeCounts":
+        return dataclasses.replace(self)
+
+    def since(self, before: "DecodeCounts", n_layers: int) -> dict:
+        """Per token over the steps since `before`, and per layer for the host time."""
+        n = max(1, self.tokens - before.tokens)
+        return {"mode": self.mode, "tokens": self.tokens - before.tokens,
+                "replays_per_token": (self.replays - before.replays) / n,
+                "host_syncs_per_token": (self.host_syncs - before.host_syncs) / n,
+                "launches_outside_replays_per_token": (self.eager_launches - before.eager_launches) / n,
+                "host_us_per_layer": (self.host_s - before.host_s) / n / max(1, n_layers) * 1e6,
+                "wall_us_per_layer": (self.wall_s - before.wall_s) / n / max(1, n_layers) * 1e6,
                 **({"why_eager": self.why_eager} if self.why_eager else {})}
 
 
@@ -145,6 +153,13 @@ class Decoding:
         c.wall_s += wall
         c.host_s += wall - (be.device_s - device0)
         return self.logits_h
+
+    @property
+    def kernels_per_token(self) -> int | None:
+        """Device kernels of one recorded token (known in the emulation; None eager or on a GPU)."""
+        if not self.segments or any(seg.graph.kernels is None for seg in self.segments):
+            return None
+        return sum(seg.graph.kernels for seg in self.segments)
 
     def _replay(self) -> None:
         be = self.backend

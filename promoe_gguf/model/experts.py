@@ -198,6 +198,9 @@ class _LayerIO:
     jobs: dict = field(default_factory=dict)
     refused: bool = False        # the source cannot hold every chosen expert at once: per-expert route
 
+    def __post_init__(self):
+        self.ids_np, self.skip_np, self.ext_np = self.ids_h.numpy(), self.skip_h.numpy(), self.ext_h.numpy()
+
 
 class MoEExperts:
     """Computes routed experts through a source and a backend.
@@ -284,22 +287,20 @@ class MoEExperts:
 
     def _place(self, layer: int, io: _LayerIO) -> None:
         """Host, after the routing landed: every chosen expert resident (pinned) or given to the CPU."""
-        placed = self.source.acquire(layer, io.x_h, io.ids_h.numpy())
+        placed = self.source.acquire(layer, io.x_h, io.ids_np)
         if placed is None:
             io.refused = True
             return
         io.jobs = placed[2]
-        skip = io.skip_h.numpy()
-        skip[:] = 0
-        skip[list(io.jobs)] = 1
+        io.skip_np[:] = 0
+        io.skip_np[list(io.jobs)] = 1
 
     def _collect(self, layer: int, io: _LayerIO) -> None:
         """Host, once the device's pairs are queued: the CPU's rows into ext, the layer's slots released."""
         try:
-            ext = io.ext_h.numpy()
             for e, job in io.jobs.items():
                 rows = self.source.cpu_result(layer, e, job, self.backend)
-                ext[job.rows, job.cols] = rows.cpu().numpy()
+                io.ext_np[job.rows, job.cols] = rows.cpu().numpy()
         finally:
             io.jobs = {}
             self.source.release(layer)

@@ -84,7 +84,7 @@ class CachedExpertSource:
         self._step_t0 = None
 
     def _admit(self, layer: int, x, ids: np.ndarray, on_cpu=lambda needed, ids: set()) -> tuple[list, set]:
-        needed = [(layer, int(e)) for e in np.unique(ids)]
+        needed = [(layer, e) for e in sorted(set(ids.ravel().tolist()))]
         with self.cache.cv:
             self.cache.needed = set(needed)
             for key in needed:
@@ -104,33 +104,59 @@ class CachedExpertSource:
     # ---- fused path ----------------------------------------------------------------------------
     def acquire(self, layer, x, ids):
         """None (take the per-expert path) when the step needs more experts than one token's top-k:
-        pinned together they might not fit the layer's share of a small cache."""
-        if len(np.unique(ids)) > self.model.config.n_experts_used and len(self.cache.slots) < len(self.store.keys):
+        pinned together they might not fit the layer's share of a small cache. Resident experts are
+        pinned at once, under one lock; misses are all queued before the first wait."""
+        if len(set(ids.ravel().tolist())) > self.model.config.n_experts_used and len(self.cache.slots) < len(self.store.keys):
             return None
         needed, cpu = self._admit(layer, x, ids, self._place)
-        with self.cache.cv:
-            self.cache.hold_needed = True             # co-resident for one launch: no needed expert evicts another
-        jobs = {key[1]: self._submit(key, x, ids) for key in cpu}
         device = [key for key in needed if key not in cpu]
-        slot_of = {e: -1 for e in jobs}
-        for key in device:                            # every copy queued before the first wait
+        cache = self.cache
+        lut = np.full(self.model.config.n_experts, -1, dtype=np.int64)
+        missing = []
+        with cache.cv:
+            cache.hold_needed = True                  # co-resident for one launch: no needed expert evicts another
+            for key in device:
+                slot = cache.where.get(key)
+                if slot is not None and slot.state == READY:
+                    self._pin(slot)
+                    self._pinned.append(key)
+                    lut[key[1]] = slot.index
+                else:
+                    missing.append(key)
+        jobs = {key[1]: self._submit(key, x, ids) for key in cpu}
+        for key in missing:                           # every copy queued before the first wait
             self.transfer.request(key, HIGH)
         try:
-            for key in device:
+            for key in missing:
                 slot = self._wait(key)
                 self._pinned.append(key)
-                slot_of[key[1]] = slot.index
+                lut[key[1]] = slot.index
         except BaseException:
             self.release(layer)
             raise
-        index = np.vectorize(slot_of.__getitem__, otypes=[np.int64])(ids)
-        return self.stacks[layer], index, jobs
+        return self.stacks[layer], lut[ids], jobs
 
     def release(self, layer):
-        for key in self._pinned:
-            self._unpin(key)
-        self._pinned = []
-        self.end_layer(layer)
+        """The layer's pinned experts may go once the work queued so far has read them (CUDA: an
+        event the next copy into their slots waits for)."""
+        cache = self.cache
+        event = None
+        if self._pinned and cache.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(cache.device))
+        with cache.cv:
+            freed = False
+            for key in self._pinned:
+                slot = cache.where[key]
+                if event is not None:
+                    slot.free_event = event
+                slot.pins -= 1
+                freed |= slot.pins == 0
+            self._pinned = []
+            cache.needed = set()
+            cache.hold_needed = False
+            if freed and self.transfer.starved:
+                cache.cv.notify_all()                 # a copy was waiting for a slot
 
     # ---- CPU experts ---------------------------------------------------------------------------
     def _place(self, needed: list, ids: np.ndarray) -> set:
@@ -267,16 +293,20 @@ class CachedExpertSource:
             self.transfer.load_now(key)
             slot = self.cache.where[key]
         with cv:
-            slot.pins += 1
-            if slot.speculative:
-                slot.speculative = False
-                self.counters.add(key[0], "prefetch_useful")
-            self.cache.touch(slot)
+            self._pin(slot)
         waited = time.perf_counter() - t0
         self.counters.add(key[0], "stall_s", waited)
         if self._step_tokens == 1:
             self.counters.decode_wait_copy_s += waited
         return slot
+
+    def _pin(self, slot) -> None:
+        """(cv held) The compute thread reads `slot` from now on: a use (and a useful prefetch)."""
+        slot.pins += 1
+        if slot.speculative:
+            slot.speculative = False
+            self.counters.add(slot.key[0], "prefetch_useful")
+        self.cache.touch(slot)
 
     def _unpin(self, key) -> None:
         with self.cache.cv:

@@ -36,6 +36,7 @@ class TransferEngine:
         self.tasks: dict[tuple, Task] = {}           # pending or running, by expert
         self.stopping = False
         self.alive = True
+        self.starved = False                         # a precise copy waits for a slot to come free
         self.fault = fault                           # tests: callable raising inside the thread
         self.thread = threading.Thread(target=self._run, name="promoe-copy", daemon=True)
         self.thread.start()
@@ -56,6 +57,8 @@ class TransferEngine:
                 task.priority = HIGH
                 self.queues[LOW].remove(task)
                 self.queues[HIGH].append(task)
+            else:
+                return                                # already queued as it is: nobody to wake
             cv.notify_all()
 
     def drop_speculative(self, layer: int) -> int:
@@ -78,6 +81,7 @@ class TransferEngine:
     # ---- the copy thread ----------------------------------------------------------------------
     def _next(self):
         """(cv held) The task to advance next and its slot, or None."""
+        self.starved = False
         for priority in (HIGH, LOW):
             q = self.queues[priority]
             while q:
@@ -90,6 +94,7 @@ class TransferEngine:
                             task.dropped = True
                             del self.tasks[task.key]
                             continue
+                        self.starved = True
                         break                             # precise: wait for a slot to come free
                     task.slot.speculative = priority == LOW
                 return task

@@ -33,7 +33,7 @@ from ..runtime.transfer import HIGH, LOW, TransferEngine
 from .clock import Clock
 from .costs import SimModel, cpu_expert_s, gpu_expert_s, layer_gpu_s, roofline
 
-KV_BYTES = 4               # our KV cache is float32 (memory.kv_cache_bytes)
+KV_BYTES = 2               # our CUDA KV cache is float16, as llama.cpp's (memory.kv_cache_bytes)
 
 
 class SimStore:
@@ -231,11 +231,12 @@ class SimSource:
     done = CachedExpertSource.done
     end_layer = CachedExpertSource.end_layer
     _unpin = CachedExpertSource._unpin
+    _pin = CachedExpertSource._pin
 
     def __init__(self, m: SimModel, prof, store, cache, transfer, stats, prefetcher, pool, cpu_experts, cost, clock):
-        # acquire() reads model.config.n_experts_used
+        # acquire() reads model.config.n_experts_used and n_experts
         self.m, self.prof, self.store, self.cache = m, prof, store, cache
-        self.model = SimpleNamespace(config=SimpleNamespace(n_experts_used=m.k))
+        self.model = SimpleNamespace(config=SimpleNamespace(n_experts_used=m.k, n_experts=m.E))
         self.transfer, self.counters, self.prefetcher, self.cpu_pool = transfer, stats, prefetcher, pool
         self.cpu_experts, self.cost, self.clock = cpu_experts, cost, clock
         self.stacks = {layer: None for layer in m.moe_layers}
@@ -259,11 +260,7 @@ class SimSource:
                 raise ModelError(f"simulation stuck: expert {key[1]} of layer {key[0]} can never be copied "
                                  f"(every slot is pinned; the cache is smaller than one step's experts)")
         with self.cache.cv:
-            slot.pins += 1
-            if slot.speculative:
-                slot.speculative = False
-                self.counters.add(key[0], "prefetch_useful")
-            self.cache.touch(slot)
+            self._pin(slot)
         waited = self.clock.now - t0
         self.counters.add(key[0], "stall_s", waited)
         self.wait_copy += waited

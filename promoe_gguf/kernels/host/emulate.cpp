@@ -7,14 +7,14 @@
 // Build: g++ -std=c++20 -O2 -ffp-contract=off -fPIC -shared -pthread -o libkemu.so emulate.cpp
 #include "cuda_emu.h"
 
-#include "../../promoe_gguf/kernels/cuda/matvec.cu"
-#include "../../promoe_gguf/kernels/cuda/moe_fused.cu"
-#include "../../promoe_gguf/kernels/cuda/moe_combine.cu"
-#include "../../promoe_gguf/kernels/cuda/dequant.cu"
-#include "../../promoe_gguf/kernels/cuda/norm.cu"
-#include "../../promoe_gguf/kernels/cuda/quantize.cu"
-#include "../../promoe_gguf/kernels/cuda/rope.cu"
-#include "../../promoe_gguf/kernels/cuda/attention.cu"
+#include "../cuda/matvec.cu"
+#include "../cuda/moe_fused.cu"
+#include "../cuda/moe_combine.cu"
+#include "../cuda/dequant.cu"
+#include "../cuda/norm.cu"
+#include "../cuda/quantize.cu"
+#include "../cuda/rope.cu"
+#include "../cuda/attention.cu"
 
 #include <cstring>
 #include <utility>
