@@ -245,8 +245,14 @@ class Engine:
     # ---- runtime -----------------------------------------------------------------------------
     @property
     def stats(self) -> dict:
-        """Contract: hits, misses, bytes_h2d, stall_s, prefetch_useful, prefetch_wasted (+ per layer)."""
-        return self.source.stats()
+        """Contract: hits, misses, bytes_h2d, stall_s, prefetch_useful, prefetch_wasted (+ per layer);
+        decode_dispatch: what decode steps cost the host, per token (graphs replayed, launches made
+        outside them, host waits) and its time per layer."""
+        from .model.decode import DecodeCounts
+        out = self.source.stats()
+        out["decode_dispatch"] = self.decoding.counts.since(DecodeCounts(mode=self.decoding.counts.mode),
+                                                            self.config.n_layers)
+        return out
 
     def close(self) -> None:
         source = getattr(self, "source", None)       # None when the constructor failed before it

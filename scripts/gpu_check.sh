@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the CUDA kernels: scripts/gpu_check.sh OUT_DIR [ARCHIVE.tar.gz]
+# One-shot GPU check: scripts/gpu_check.sh OUT_DIR [ARCHIVE.tar.gz]
 #
-# On the lent machine only 8 files come back from $OUT, so give an archive there and the results
-# folder elsewhere: `bash scripts/gpu_check.sh /tmp/gpu $OUT/gpu_check.tar.gz` (the archive is written
-# however the script ends, early exits included).
+# Everything a GPU can tell the project, in one device call (all steps together 9 minutes; a call may
+# run 10, and the lease has room for one rerun). Results are written as they come: a crash late keeps
+# what ran early. On the lent machine only 8 files come back from $OUT, so give an archive there and
+# the results folder elsewhere: `bash scripts/gpu_check.sh /tmp/gpu $OUT/gpu_check.tar.gz` (the archive
+# is written however the script ends, early exits included).
 #
 # For a machine with an NVIDIA GPU, CUDA 13, PyTorch (cu130), cupy-cuda13x and Python 3.12, without
-# network access; each step has a timeout, all together 9.5 minutes (a device call may run 10). Python packages missing there (gguf, ...) come as wheel files
-# in .whl/ next to this checkout. The repo's .venv is not used: set PYTHON to choose an interpreter.
-#   1. records the GPU name, driver and date (nvidia-smi)            -> OUT_DIR/env.txt
-#   2. checks that PyTorch sees a CUDA device and CuPy imports        -> OUT_DIR/preflight.txt
-#   3. python3 -m pytest -m gpu -q                                    -> OUT_DIR/pytest.txt
-#   4. scripts/gpu_bench.py: bandwidths, matvec GB/s, uploads         -> OUT_DIR/bench.{json,md}
-#   5. scripts/gpu_e2e.py: Engine(device="cuda") end to end: cache, copy stream, fused decode;
-#      tokens vs the all-resident run; launches and syncs per token   -> OUT_DIR/e2e.{json,txt}
-#   6. promoe bench --vs-llamacpp on a 2-layer Mixtral-8x7B-shaped Q4_K_M model with a 1.2 GB device
-#      budget: our lru / promoe / hybrid rows beside stock llama.cpp all on the CPU, -ngl N and
-#      --n-cpu-moe N (the committed CUDA bundle, bench/llamacpp-cuda/)  -> OUT_DIR/vs-llamacpp/
+# network access. Python packages missing there (gguf, diskcache, the AVX2 llama-cpp-python) come as
+# wheel files in .whl/ next to this checkout (scripts/gpu_wheels.sh). The repo's .venv is not used:
+# set PYTHON to choose an interpreter.
+#   1. the GPU name, driver and date (nvidia-smi)                       -> OUT_DIR/env.txt
+#   2. PyTorch sees a CUDA device, CuPy imports                         -> OUT_DIR/preflight.txt
+#   3. scripts/gpu_e2e.py: decode through Engine(device="cuda") on real-shape Mixtral-8x7B (2 layers),
+#      Qwen3-30B-A3B (4), Qwen1.5-MoE-A2.7B (qwen2moe) and DeepSeek-V2-Lite (deepseek2): us per decode
+#      layer eager vs graphs, kernels per token (torch.profiler), syncs (sync debug mode), replays and
+#      host waits per token; graphs == eager bitwise; cache tokens == resident; hybrid with
+#      cpu_experts="all" ran CPU experts; llama-bench (the committed CUDA bundle) on the same files,
+#      all on the GPU, beside ours                                       -> OUT_DIR/e2e.{json,txt}
+#      and our measured per-layer cost as a simulate profile             -> OUT_DIR/h200-measured.json
+#   4. the consumer-GPU comparison re-simulated at the per-layer cost step 3 measured
+#                                                                        -> OUT_DIR/sim/consumer.{md,json}
+#   5. python3 -m pytest -m gpu: the backend's calls on the GPU          -> OUT_DIR/pytest.txt
+#   6. scripts/gpu_bench.py: copy bandwidths; CudaBackend.linear per quant type (q8 and fp32
+#      activations, Mixtral and Qwen3-30B-A3B expert shapes, 1 and 8 tokens) as a share of the copy
+#      bandwidth; CudaBackend.moe routed on the device              -> OUT_DIR/bench.{json,md}, copies.json
+#   7. promoe bench --vs-llamacpp on the 2-layer Mixtral with a 1.2 GB device budget: lru / promoe /
+#      hybrid beside llama.cpp's -ngl N and --n-cpu-moe N          -> OUT_DIR/vs-llamacpp/
 #      (GPU_CHECK_VS_LLAMACPP=0 skips it)
-# Exit status: 0 all passed; 2 usage or setup error; 3 no CUDA device / CuPy; 1 any test, the bench or
-# the end-to-end run failed (each step's exit status is printed at the end).
+# Exit status: 0 all passed; 2 usage or setup error; 3 no CUDA device / CuPy; 1 any step failed (each
+# step's exit status is printed at the end and written to OUT_DIR/status.txt).
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -37,6 +48,8 @@ cd "$(dirname "$0")/.." || exit 2
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+status() { echo "$1 exit $2 at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/status.txt"; }
 
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
@@ -56,6 +69,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
     else
         echo "nvidia-smi: not found"
     fi
+    nproc
 } > "$OUT/env.txt" 2>&1
 head -n 5 "$OUT/env.txt"
 
@@ -75,6 +89,11 @@ except ImportError:
 import gguf  # noqa: F401  (the kernels' Python side needs it)
 print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
       f"cupy {cupy.__version__}; CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}")
+try:
+    import llama_cpp  # noqa: F401
+    print("llama-cpp-python: importable (CPU experts run ggml)")
+except ImportError as e:
+    print(f"llama-cpp-python: missing ({e}): hybrid rows turn CPU experts off")
 PYEOF
 rc=$?
 cat "$OUT/preflight.txt"
@@ -83,38 +102,53 @@ if [ $rc -ne 0 ]; then
     exit 3
 fi
 
-# 3. GPU tests (kernels compile on first use; CuPy caches them for the benchmark)
-timeout 120 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels_gpu.py tests/test_backend_gpu.py 2>&1 | tee "$OUT/pytest.txt"
+LC=/tmp/gpu-check-lc/llamacpp-cuda
+mkdir -p /tmp/gpu-check-lc && tar xJf bench/llamacpp-cuda/llamacpp-cuda.tar.xz -C /tmp/gpu-check-lc \
+    && "$LC/run.sh" llama-bench --list-devices > "$OUT/llamacpp-devices.txt" 2>&1 || LC=""
+[ -n "$LC" ] && LCARG="--llamacpp $LC" || LCARG=""
+
+# 3. decode end to end (first: the numbers the project needs most)
+timeout 330 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --tokens 32 $LCARG --profile-out "$OUT/h200-measured.json" \
+    2>&1 | tee "$OUT/e2e.txt"
+e2e_rc=${PIPESTATUS[0]}
+status e2e "$e2e_rc"
+
+# 4. the consumer comparison at the per-layer cost measured in step 3
+sim_rc=0
+if [ -f "$OUT/h200-measured.json" ]; then
+    timeout 90 "$PY" scripts/sim_results.py --out "$OUT/sim" --skip-sweeps --layer-cost "$OUT/h200-measured.json" \
+        > "$OUT/sim.txt" 2>&1
+    sim_rc=$?
+fi
+status simulate "$sim_rc"
+
+# 5. GPU tests (kernels compile on first use; CuPy caches them for the benchmark)
+timeout 100 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_kernels_gpu.py tests/test_backend_gpu.py 2>&1 \
+    | tee "$OUT/pytest.txt"
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" -eq 5 ] && test_rc=0        # no gpu tests collected is not a failure of this check
+status pytest "$test_rc"
 
-# 4. benchmark
-timeout 120 "$PY" scripts/gpu_bench.py "$OUT" 2>&1 | tee "$OUT/bench.txt"
+# 6. kernel benchmark
+timeout 80 "$PY" scripts/gpu_bench.py "$OUT" --types Q4_0,Q8_0,Q4_K,Q5_K,Q6_K,IQ4_XS --iters 30 2>&1 | tee "$OUT/bench.txt"
 bench_rc=${PIPESTATUS[0]}
+status bench "$bench_rc"
 
-# 5. end to end through the Engine (uses the bandwidths step 4 measured, if it got that far)
-D2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['d2d_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 4000)
-H2D=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['h2d_pinned_GBps'])" "$OUT/copies.json" 2>/dev/null || echo 50)
-timeout 160 "$PY" scripts/gpu_e2e.py "$OUT/e2e.json" --tokens 24 --d2d "$D2D" --h2d "$H2D" 2>&1 | tee "$OUT/e2e.txt"
-e2e_rc=${PIPESTATUS[0]}
-
-# 6. side by side with stock llama.cpp (CUDA sm_90 bundle) on a real-shape model, same device memory
+# 7. side by side with stock llama.cpp (CUDA sm_90 bundle) on a real-shape model, same device memory
 vs_rc=0
-if [ "${GPU_CHECK_VS_LLAMACPP:-1}" != 0 ]; then
-    {
-        set -e
-        mkdir -p /tmp/gpu-check-lc /tmp/gpu-check-models "$OUT/vs-llamacpp"
-        tar xJf bench/llamacpp-cuda/llamacpp-cuda.tar.xz -C /tmp/gpu-check-lc
-        /tmp/gpu-check-lc/llamacpp-cuda/run.sh llama-bench --list-devices
-        M=$("$PY" scripts/make_test_model.py /tmp/gpu-check-models --real-shape mixtral-8x7b --layers 2 | grep '\.gguf$')
-        PROMOE_LLAMACPP_BIN=/tmp/gpu-check-lc/llamacpp-cuda timeout 150 "$PY" -m promoe_gguf.cli.main bench "$M" \
-            --device cuda --vs-llamacpp --gpu-mem 1.2G --tokens 32 --threads 8 --out "$OUT/vs-llamacpp"
-    } 2>&1 | tee "$OUT/vs-llamacpp.txt"
-    vs_rc=${PIPESTATUS[0]}
+if [ "${GPU_CHECK_VS_LLAMACPP:-1}" != 0 ] && [ -n "$LC" ]; then
+    M=$(ls /tmp/promoe-e2e/mixtral-8x7b*2l*.gguf 2>/dev/null | head -n 1)
+    if [ -n "$M" ]; then
+        PROMOE_LLAMACPP_BIN="$LC" timeout 90 "$PY" -m promoe_gguf.cli.main bench "$M" \
+            --device cuda --vs-llamacpp --gpu-mem 1.2G --tokens 32 --threads 8 --out "$OUT/vs-llamacpp" \
+            > "$OUT/vs-llamacpp.txt" 2>&1
+        vs_rc=$?
+    fi
 fi
+status vs-llamacpp "$vs_rc"
 
-echo "gpu_check: pytest exit $test_rc, bench exit $bench_rc, e2e exit $e2e_rc, vs-llamacpp exit $vs_rc; results in $OUT"
-if [ "$test_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$e2e_rc" -ne 0 ] || [ "$vs_rc" -ne 0 ]; then
+echo "gpu_check: e2e $e2e_rc, simulate $sim_rc, pytest $test_rc, bench $bench_rc, vs-llamacpp $vs_rc; results in $OUT"
+if [ "$e2e_rc" -ne 0 ] || [ "$sim_rc" -ne 0 ] || [ "$test_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ] || [ "$vs_rc" -ne 0 ]; then
     echo "gpu_check: FAILED" >&2
     exit 1
 fi

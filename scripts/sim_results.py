@@ -39,7 +39,7 @@ def llamacpp_best(inp) -> dict:
     return sorted(rows, key=lambda r: -r["decode_tok_s"])
 
 
-def comparison(progress=True) -> list[dict]:
+def comparison(progress=True, layer_cost: float | None = None) -> list[dict]:
     out = []
     jobs = [(m, g) for m in MODELS for g in GPUS]
     for model, gpu in tqdm(jobs, desc="compare", disable=not progress):
@@ -55,6 +55,10 @@ def comparison(progress=True) -> list[dict]:
         slow = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={AS_BUILT_LAYER_US}", sequences=2)
         r = simulate(engine="promoe", inputs=slow, n_batch=N_BATCH, warm=True, **OURS[2][1])
         row["hybrid_python_bound"] = _brief(r)
+        if layer_cost is not None:
+            meas = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={layer_cost}", sequences=2)
+            row["hybrid_measured_cost"] = _brief(simulate(engine="promoe", inputs=meas, n_batch=N_BATCH, warm=True,
+                                                          **OURS[2][1]))
         out.append(row)
     return out
 
@@ -68,7 +72,7 @@ def _brief(r: dict) -> dict:
             "decode_cpu_experts_per_token": round(r["decode_cpu_experts_per_token"], 2)}
 
 
-def render_comparison(rows, path):
+def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
     lines = ["# Consumer GPUs: llama.cpp's best mode vs our runtime (SIMULATED)", "",
              "**Simulated with `promoe simulate`, never measured on a GPU.** Profiles (promoe_gguf/sim/profile.py): "
              + "; ".join(f"`{g}` = {PROFILES[g].source}" for g in GPUS) + ". Q4_K_M as llama.cpp lays it out; "
@@ -82,22 +86,29 @@ def render_comparison(rows, path):
              "- **lru**: per-layer LRU, every miss copied; **promoe**: promoe policy + gate predictor, misses copied; "
              "**hybrid**: promoe + gate, misses on the CPU when the cost model says so (`--cpu-experts auto`).",
              f"- Our per-layer decode cost is set to llama.cpp's (69 us: the design's target); the 'hybrid, Python-bound' "
-             f"column is hybrid at {AS_BUILT_LAYER_US} us/layer, a Python-bound dispatch (no GPU run of ours exists to say which).",
+             f"column is hybrid at {AS_BUILT_LAYER_US} us/layer, a Python-bound dispatch"
+             + (f"; the 'hybrid, measured cost' column is hybrid at {layer_cost:.0f} us/layer, the cost {layer_cost_source}."
+                if layer_cost is not None else " (no GPU run of ours exists to say which)."),
              "- Validation of the model: bench/results/sim/validation.md (llama.cpp decode within 15% of published "
              "runs; GPU prefill has no published check).", "",
              f"- Our prefill runs in chunks of {N_BATCH} tokens (`--n-batch {N_BATCH}`, llama.cpp's ubatch); the "
              "Engine's default, 64, re-reads (and on a miss re-copies) every expert each 64 tokens: the 'hybrid, --n-batch 64' column.",
              "",
-             "| model | GPU | llama.cpp best (mode) | lru | promoe | hybrid | hybrid / llama.cpp | hybrid, Python-bound | hybrid, --n-batch 64 | hybrid, cold |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | GPU | llama.cpp best (mode) | lru | promoe | hybrid | hybrid / llama.cpp | hybrid, Python-bound | "
+             + ("hybrid, measured cost | measured / llama.cpp | " if layer_cost is not None else "")
+             + "hybrid, --n-batch 64 | hybrid, cold |",
+             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if layer_cost is not None else "") + "---:|---:|"]
     for phase in ("decode", "prefill"):
-        lines.append(f"| **{phase} tok/s** | | | | | | | | | |")
+        lines.append(f"| **{phase} tok/s** | | | | | | | |" + (" | |" if layer_cost is not None else "") + " | |")
         for r in rows:
             best = r["llamacpp"][r["llamacpp_best"]]
             key = f"{phase}_tok_s"
+            meas = (f"{r['hybrid_measured_cost'][key]:.1f} | {r['hybrid_measured_cost'][key] / best[key]:.2f}x | "
+                    if layer_cost is not None else "")
             lines.append(f"| {r['model']} | {r['gpu']} | {best[key]:.1f} ({r['llamacpp_best']}) | {r['lru'][key]:.1f} | "
                          f"{r['promoe'][key]:.1f} | {r['hybrid'][key]:.1f} | {r['hybrid'][key] / best[key]:.2f}x | "
-                         f"{r['hybrid_python_bound'][key]:.1f} | {r['hybrid_batch64'][key]:.1f} | {r['hybrid_cold'][key]:.1f} |")
+                         f"{r['hybrid_python_bound'][key]:.1f} | {meas}{r['hybrid_batch64'][key]:.1f} | "
+                         f"{r['hybrid_cold'][key]:.1f} |")
     lines += ["", "Details (decode): cache slots, hit rate, share of decode waiting for copies, experts computed on "
               "the CPU and bytes copied per token.", "",
               "| model | GPU | engine | device GiB | slots (rate) | hit rate | stall | CPU experts/tok | copied MB/tok |",
@@ -133,15 +144,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/sim")
     ap.add_argument("--skip-sweeps", action="store_true")
+    ap.add_argument("--layer-cost", default=None, metavar="US|PROFILE.json",
+                    help="also simulate hybrid at this per-layer decode cost (a number, or the ours_layer_us of a "
+                         "profile written by promoe bench or scripts/gpu_e2e.py)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cal = calibration_rows()
     render_calibration(cal, os.path.join(args.out, "routing_calibration.md"))
-    rows = comparison()
-    render_comparison(rows, os.path.join(args.out, "consumer.md"))
+    cost, source = None, ""
+    if args.layer_cost is not None:
+        from promoe_gguf.sim.profile import layer_cost, parse_profile
+        cost = layer_cost(args.layer_cost)
+        try:
+            source = f"measured: {parse_profile(args.layer_cost).source}"
+        except ModelError:
+            source = "given"
+    rows = comparison(layer_cost=cost)
+    render_comparison(rows, os.path.join(args.out, "consumer.md"), cost, source)
     with open(os.path.join(args.out, "consumer.json"), "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "simulated": True, "rows": rows,
-                   "routing_calibration": cal}, f, indent=1)
+        json.dump({"date": time.strftime("%Y-%m-%d"), "simulated": True, "rows": rows, "layer_cost_us": cost,
+                   "layer_cost_source": source, "routing_calibration": cal}, f, indent=1)
     if not args.skip_sweeps:
         for model, gpu in (("qwen3-30b-a3b", "rtx4070ti-12g"), ("mixtral-8x7b", "rtx4090-24g")):
             inp = load_inputs(shape=model, profile=gpu)

@@ -257,11 +257,17 @@ def _measured_profile(res: dict, ref: dict, cm: dict | None):
         device_gbs = ref["expert_bytes"] / (ms * 1e-3) / 1e9
     used = ref["k"] * ref["moe_layers"] * ref["expert_bytes"] + ref["resident_bytes"]
     layer_s = (1 / ref["decode"]["tok_s"] - used / (device_gbs * 1e9)) / ref["n_layers"]
-    dispatch = ref.get("dispatch") or {}
-    if res["device"] == "cuda-emulated" and dispatch.get("kernels_per_layer"):
+    extra = {}
+    if res["device"] == "cuda-emulated":
         # speeds here are the emulation's: our fixed cost per layer on a GPU is the host work measured
-        # here plus the recorded kernels at llama.cpp's calibrated cost per graph kernel
-        layer_s = (dispatch["host_work_us_per_layer"] + dispatch["kernels_per_layer"] * GRAPH_KERNEL_US) * 1e-6
+        # here plus the recorded kernels at llama.cpp's calibrated cost per graph kernel; the simulator
+        # takes one cost for every mode, so the dearest mode's (a cache's hand-offs cost host work)
+        costs = {f"{r['mode']} {r['budget']}": r["dispatch"]["host_work_us_per_layer"]
+                 + r["dispatch"]["kernels_per_layer"] * GRAPH_KERNEL_US
+                 for r in res["rows"] if (r.get("dispatch") or {}).get("kernels_per_layer")}
+        if costs:
+            layer_s = max(costs.values()) * 1e-6
+            extra = {"layer_us_by_mode": {k: round(v, 1) for k, v in costs.items()}}
     threads = res["threads"]
     cpu_gbs = rate["cpu"] or device_gbs
     return Profile(
@@ -272,7 +278,8 @@ def _measured_profile(res: dict, ref: dict, cm: dict | None):
         source=f"promoe bench {res['model']} {res['date']}: device matvec, CPU pool and link rates and our per-layer "
                "decode cost as measured" + (" (the device is this CPU, the link emulated)" if res["emulated"] else "")
                + ("; per-layer cost: host work measured on the CUDA code path in emulation + its recorded kernels "
-                  f"x {GRAPH_KERNEL_US:.2f} us" if res["device"] == "cuda-emulated" else ""))
+                  f"x {GRAPH_KERNEL_US:.2f} us, the dearest mode's" if res["device"] == "cuda-emulated" else ""),
+        extra=extra)
 
 
 def _markdown(res: dict) -> str:

@@ -46,7 +46,14 @@ def add_cache_flags(p) -> None:
                    help="CPU threads of ggml and torch (default 1: the tiny default model decodes fastest on one)")
     p.add_argument("--check-numerics", action="store_true",
                    help="check every layer's blocks for NaN/inf and name the first that produced one "
-                        "(the logits are always checked)")
+                        "(the logits are always checked; decoding then runs eagerly)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="CUDA: decode every step eagerly instead of replaying it as recorded device graphs "
+                        "(the same kernels, bitwise the same logits)")
+    p.add_argument("--activations", default=None, choices=("q8", "f32"),
+                   help="CUDA: 8-bit activations and dp4a as llama.cpp's kernels (q8, default) or exact fp32")
+    p.add_argument("--kv-type", default=None, choices=("f16", "f32"),
+                   help="CUDA: KV cache element type (default f16, as llama.cpp's)")
 
 
 def add_sampling_flags(p, repeat_penalty: float = 1.0) -> None:
@@ -72,6 +79,10 @@ def parse_mem(text, flag: str = "--cache-mem"):
 
 def engine_from_args(args, model=None):
     from ..engine import Engine
+    if args.no_graphs and args.device == "cpu":
+        import logging
+        logging.getLogger("promoe").warning("--no-graphs: the CPU backend records no device graphs; every step "
+                                            "runs eagerly anyway")
     if args.predictor == "oracle":
         raise ModelError("--predictor oracle replays a recorded routing of the same prompt: it exists for "
                          "benchmarks (Python API, routes=...), not the command line")
@@ -79,7 +90,8 @@ def engine_from_args(args, model=None):
                   cache_mem=parse_mem(args.cache_mem), gpu_mem=parse_mem(args.gpu_mem, "--gpu-mem"),
                   policy=args.policy, predictor=args.predictor, link=args.link, n_ctx=args.n_ctx,
                   n_batch=args.n_batch, n_threads=args.threads, cpu_experts=args.cpu_experts,
-                  cpu_threads=args.cpu_threads, check_numerics=args.check_numerics)
+                  cpu_threads=args.cpu_threads, check_numerics=args.check_numerics, graphs=not args.no_graphs,
+                  activations=args.activations, kv_type=args.kv_type)
 
 
 def run(args) -> int:

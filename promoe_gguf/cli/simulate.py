@@ -16,6 +16,9 @@ def add_parsers(sub) -> None:
                                                     "| olmoe-1b-7b (Q4_K_M; ':f16' for F16) or a GGUF / cache dir")
     src.add_argument("--profile", required=True, help="rtx3060-12g | rtx4070ti-12g | rtx4090-24g | h200 | a JSON file "
                                                        "| 'gpu_gbs=448,gpu_mem_gb=8,h2d_gbs=12,cpu_gbs=102,cpu_threads=10'")
+    src.add_argument("--layer-cost", default=None, metavar="US|PROFILE.json",
+                     help="our fixed decode cost per layer: microseconds, or the ours_layer_us of a profile file "
+                          "written by `promoe bench` (profile.json) or scripts/gpu_e2e.py")
     src.add_argument("--prompt", type=int, default=512, help="synthetic routing: prompt tokens (prefill)")
     src.add_argument("--decode", type=int, default=128, help="synthetic routing: decoded tokens")
     src.add_argument("--sequences", type=int, default=1, help="synthetic routing: independent sequences")
@@ -54,7 +57,11 @@ def run(args) -> int:
     from .run import parse_mem
     if args.trace is None and args.shape is None:
         raise ModelError("give --shape NAME|MODEL.gguf (synthetic routing) or --trace TRACE")
-    inp = load_inputs(args.shape, args.trace, args.profile, args.prompt, args.decode,
+    profile = args.profile
+    if args.layer_cost is not None:
+        from ..sim.profile import layer_cost, parse_profile
+        profile = parse_profile(profile).with_(ours_layer_us=layer_cost(args.layer_cost))
+    inp = load_inputs(args.shape, args.trace, profile, args.prompt, args.decode,
                       args.sequences + (1 if args.warm and args.trace is None else 0), args.routing, args.seed)
     r = simulate(engine=args.engine, policy=args.policy, predictor=args.predictor, cpu_experts=args.cpu_experts,
                  cache_rate=args.cache_rate, gpu_mem=parse_mem(args.gpu_mem, "--gpu-mem"), ngl=args.ngl,

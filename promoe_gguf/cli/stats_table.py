@@ -6,9 +6,19 @@ def _kib(n) -> str:
     return f"{n / 1024:,.0f} KiB" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
 
 
+def _dispatch(st: dict) -> str:
+    d = st.get("decode_dispatch")
+    if not d or not d["tokens"]:
+        return ""
+    why = f" ({d['why_eager']})" if d.get("why_eager") else ""
+    return (f"decode dispatch ({d['mode']}{why}): per token {d['replays_per_token']:.1f} graph replays, "
+            f"{d['launches_outside_replays_per_token']:.1f} launches outside them, {d['host_syncs_per_token']:.1f} "
+            f"host waits; host {d['host_us_per_layer']:.0f} us per layer")
+
+
 def format_stats(st: dict) -> str:
     if "policy" not in st:
-        return "all experts resident on the device: no cache statistics"
+        return "\n".join(x for x in ("all experts resident on the device: no cache statistics", _dispatch(st)) if x)
     lines = [f"expert cache: {st['policy']} policy, predictor {st['predictor']}, {st['cache_slots']} slots x "
              f"{_kib(st['slot_bytes'])}, CPU experts {st.get('cpu_experts_mode', 'off')}; link: {st['link']}",
              f"{'layer':>6} {'hits':>6} {'misses':>6} {'on CPU':>6} {'copied':>6} {'stall s':>8} {'CPU wait s':>10}"]
@@ -26,4 +36,6 @@ def format_stats(st: dict) -> str:
         cpu = ", ".join(f"{sig} {gbs:g} GB/s" for sig, gbs in cm["cpu_GBps_1tok"].items())
         link = f"{cm['link_GBps']:g} GB/s" if cm["link_GBps"] else "unthrottled"
         lines.append(f"cost model: CPU {cpu} (one token); link {link}")
+    if _dispatch(st):
+        lines.append(_dispatch(st))
     return "\n".join(lines)

@@ -154,3 +154,16 @@ def parse_profile(spec) -> Profile:
     if kw and named:
         prof = prof.with_(name=f"{base.name}+" + ",".join(f"{k}={v}" for k, v in kw.items()))
     return prof
+
+
+def layer_cost(spec) -> float:
+    """Our fixed decode cost per layer in us: a number, or the ours_layer_us of a profile file (what
+    `promoe bench` or scripts/gpu_e2e.py measured)."""
+    text = str(spec).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = parse_profile(text).ours_layer_us
+    if not 0 <= value < 1e6:
+        raise ModelError(f"--layer-cost {text!r}: a per-layer cost of {value} us is outside 0..1e6")
+    return value
