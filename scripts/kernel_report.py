@@ -28,7 +28,7 @@ THREADS = {"matvec_": 128, "moe_gate_up_": 128, "moe_matvec_": 128, "moe_down_co
 
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?(?:, \d+ bytes cumulative stack size)?(?:, (\d+) bytes smem)?")
 
 
 TYPE_ORDER = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")

@@ -17,34 +17,25 @@
 // keep the accumulators and the loaded x in registers. Mirrored by plans.py.
 __host__ __device__ constexpr int matvec_rows_per_group(int ncols) { return ncols <= 2 ? 4 : 2; }
 
-struct matvec_targets {
-    const u8* w[3];
-    int rows[3];
-    float* y[3];
-    int y_stride[3];
+// One of the launch's three matrices (selected without indexing an array: no local memory).
+struct matvec_target {
+    const u8* w;
+    int rows;
+    float* y;
+    int y_stride;
 };
 
-// Which matrix this CTA serves, and its first row.
-PROMOE_DEV int matvec_pick(int nb0, int nb1, int rows_per_cta, int& row0) {
-    int b = blockIdx.x, m = 0;
-    if (b >= nb0) { b -= nb0; m = 1; if (b >= nb1) { b -= nb1; m = 2; } }
-    row0 = b * rows_per_cta;
-    return m;
-}
-
 template <class B, int NCOLS, bool Q8>
-PROMOE_DEV void matvec_kernel(const matvec_targets& tg, int nb0, int nb1, long long row_bytes, int nblocks,
+PROMOE_DEV void matvec_kernel(const matvec_target& tg, int cta_row0, long long row_bytes, int nblocks,
                               const void* __restrict__ x, int x_stride, const float* __restrict__ xd,
                               int xd_stride, int tpr) {
     constexpr int NROWS = matvec_rows_per_group(NCOLS);
-    const int groups = PROMOE_THREADS / tpr, g = threadIdx.x / tpr, lane = threadIdx.x % tpr;
-    int cta_row0;
-    const int m = matvec_pick(nb0, nb1, groups * NROWS, cta_row0);
-    const int nrows = tg.rows[m], row0 = cta_row0 + g * NROWS;
+    const int g = threadIdx.x / tpr, lane = threadIdx.x % tpr;
+    const int nrows = tg.rows, row0 = cta_row0 + g * NROWS;
     const u8* rows[NROWS];
 #pragma unroll
     for (int i = 0; i < NROWS; ++i)   // rows past the end re-read the last row; never stored
-        rows[i] = tg.w[m] + (long long)imin(row0 + i, nrows - 1) * row_bytes;
+        rows[i] = tg.w + (long long)imin(row0 + i, nrows - 1) * row_bytes;
 
     float acc[NROWS * NCOLS];
 #pragma unroll
@@ -58,8 +49,20 @@ PROMOE_DEV void matvec_kernel(const matvec_targets& tg, int nb0, int nb1, long l
 
     for (int o = lane; o < NROWS * NCOLS; o += tpr) {
         const int i = o / NCOLS, t = o % NCOLS;
-        if (row0 + i < nrows) tg.y[m][(long long)t * tg.y_stride[m] + row0 + i] = tot[o];
+        if (row0 + i < nrows) tg.y[(long long)t * tg.y_stride + row0 + i] = tot[o];
     }
+}
+
+// The matrix of this CTA ([0, nb0) the first, [nb0, nb0 + nb1) the second, the rest the third) and
+// its first row.
+PROMOE_DEV matvec_target matvec_pick(const u8* w0, const u8* w1, const u8* w2, int rows0, int rows1, int rows2,
+                                     float* y0, float* y1, float* y2, int ys0, int ys1, int ys2, int nb0, int nb1,
+                                     int rows_per_cta, int& row0) {
+    const int b = blockIdx.x;
+    if (b < nb0) { row0 = b * rows_per_cta; return matvec_target{w0, rows0, y0, ys0}; }
+    if (b < nb0 + nb1) { row0 = (b - nb0) * rows_per_cta; return matvec_target{w1, rows1, y1, ys1}; }
+    row0 = (b - nb0 - nb1) * rows_per_cta;
+    return matvec_target{w2, rows2, y2, ys2};
 }
 
 #define PROMOE_MATVEC_PARAMS                                                                       \
@@ -68,19 +71,22 @@ PROMOE_DEV void matvec_kernel(const matvec_targets& tg, int nb0, int nb1, long l
 #define PROMOE_MATVEC_OUT                                                                          \
     float* __restrict__ y0, float* __restrict__ y1, float* __restrict__ y2, int y_stride0,         \
         int y_stride1, int y_stride2, int tpr
-#define PROMOE_MATVEC_TARGETS {{w0, w1, w2}, {rows0, rows1, rows2}, {y0, y1, y2}, {y_stride0, y_stride1, y_stride2}}
+#define PROMOE_MATVEC_PICK(N)                                                                      \
+    int row0;                                                                                      \
+    const matvec_target tg = matvec_pick(w0, w1, w2, rows0, rows1, rows2, y0, y1, y2, y_stride0, y_stride1, \
+                                         y_stride2, nb0, nb1, PROMOE_THREADS / tpr * matvec_rows_per_group(N), row0);
 
 #define PROMOE_MATVEC_ENTRY(name, B, N)                                                            \
     extern "C" __global__ void __launch_bounds__(PROMOE_THREADS) matvec_##name##_ncols##N(         \
         PROMOE_MATVEC_PARAMS, const float* __restrict__ x, int x_stride, PROMOE_MATVEC_OUT) {      \
-        const matvec_targets tg = PROMOE_MATVEC_TARGETS;                                           \
-        matvec_kernel<B, N, false>(tg, nb0, nb1, row_bytes, nblocks, x, x_stride, nullptr, 0, tpr); \
+        PROMOE_MATVEC_PICK(N)                                                                      \
+        matvec_kernel<B, N, false>(tg, row0, row_bytes, nblocks, x, x_stride, nullptr, 0, tpr);    \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(PROMOE_THREADS) matvec_q8_##name##_ncols##N(      \
         PROMOE_MATVEC_PARAMS, const signed char* __restrict__ xq, int xq_stride,                   \
         const float* __restrict__ xd, int xd_stride, PROMOE_MATVEC_OUT) {                          \
-        const matvec_targets tg = PROMOE_MATVEC_TARGETS;                                           \
-        matvec_kernel<B, N, true>(tg, nb0, nb1, row_bytes, nblocks, xq, xq_stride, xd, xd_stride, tpr); \
+        PROMOE_MATVEC_PICK(N)                                                                      \
+        matvec_kernel<B, N, true>(tg, row0, row_bytes, nblocks, xq, xq_stride, xd, xd_stride, tpr); \
     }
 
 #define PROMOE_MATVEC_ENTRIES(name, B)                                                             \
