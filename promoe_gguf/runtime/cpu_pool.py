@@ -46,9 +46,9 @@ class CpuExpertPool:
         self.thread = threading.Thread(target=self._run, name="promoe-cpu-experts", daemon=True)
         self.thread.start()
 
-    def submit(self, job: CpuJob) -> CpuJob:
-        self.q.put(job)
-        return job
+    def submit(self, jobs: list[CpuJob]) -> None:
+        """Queue a layer's jobs at once (one wake-up of the worker, which runs them in order)."""
+        self.q.put(jobs)
 
     def run_now(self, x, mats) -> torch.Tensor:
         """Synchronous, on the caller's thread (start-up probes, before the worker gets jobs)."""
@@ -56,23 +56,27 @@ class CpuExpertPool:
 
     def _run(self) -> None:
         while True:
-            job = self.q.get()
-            if job is None:
+            jobs = self.q.get()
+            if jobs is None:
                 return
-            try:
-                if self.fault is not None:
-                    self.fault()
-                t0 = time.perf_counter()
-                job.out = self.backend.expert_ffn(job.x, *job.mats)
-                job.seconds = time.perf_counter() - t0
-            except BaseException as e:  # noqa: BLE001 - reported to the waiting caller, pool turned off
-                job.error = e
-                if self.alive:
-                    self.alive = False
-                    log.warning("CPU expert worker failed on expert %s of layer %s (%s: %s); misses are copied "
-                                "to the device from now on", job.key[1], job.key[0], type(e).__name__, e)
-            finally:
-                job.done.set()
+            for job in jobs:
+                self._one(job)
+
+    def _one(self, job: CpuJob) -> None:
+        try:
+            if self.fault is not None:
+                self.fault()
+            t0 = time.perf_counter()
+            job.out = self.backend.expert_ffn(job.x, *job.mats)
+            job.seconds = time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - reported to the waiting caller, pool turned off
+            job.error = e
+            if self.alive:
+                self.alive = False
+                log.warning("CPU expert worker failed on expert %s of layer %s (%s: %s); misses are copied "
+                            "to the device from now on", job.key[1], job.key[0], type(e).__name__, e)
+        finally:
+            job.done.set()
 
     def mark_hung(self, job: CpuJob, waited: float) -> None:
         if self.alive:

@@ -68,6 +68,7 @@ class HostStore:
             for m, off in self.layout[key]:
                 view[base + off:base + off + m.nbytes] = model.matrix_bytes(key[0], key[1], m.matrix)
         self.pinned = pin and self._register()
+        self._views: dict = {}
 
     def _register(self) -> bool:
         """Page-lock the store in place; pageable memory (with a warning) if CUDA refuses."""
@@ -95,9 +96,14 @@ class HostStore:
         return self.buf[start:start + n]
 
     def matrices(self, key):
-        """(gate, up, down) of an expert as QMatrix views of the store (the CPU computes from these)."""
-        start = self._region[key][0]
-        return tuple(matrix_at(self.buf, start + off, m.matrix, m.qtype, m.shape) for m, off in self.layout[key])
+        """(gate, up, down) of an expert as QMatrix views of the store (the CPU computes from these);
+        made once per expert (the CPU pool asks for them at every miss)."""
+        mats = self._views.get(key)
+        if mats is None:
+            start = self._region[key][0]
+            mats = self._views[key] = tuple(matrix_at(self.buf, start + off, m.matrix, m.qtype, m.shape)
+                                            for m, off in self.layout[key])
+        return mats
 
     def close(self) -> None:
         if self.pinned:

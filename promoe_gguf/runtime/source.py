@@ -124,6 +124,8 @@ class CachedExpertSource:
                 else:
                     missing.append(key)
         jobs = {key[1]: self._submit(key, x, ids) for key in cpu}
+        if jobs:
+            self.cpu_pool.submit(list(jobs.values()))  # one hand-off to the worker for the layer
         for key in missing:                           # every copy queued before the first wait
             self.transfer.request(key, HIGH)
         try:
@@ -193,10 +195,14 @@ class CachedExpertSource:
                    for task in t.queues[HIGH] if task.key != key)
 
     def _submit(self, key, x, ids):
-        """A CPU pool job for `key` over its tokens' rows of x (the router input, on the host)."""
+        """A CPU pool job for `key` over its tokens' rows of x (the router input, on the host); the
+        caller hands a layer's jobs to the pool together."""
         from .cpu_pool import CpuJob
         rows, cols = np.nonzero(ids == key[1])
-        job = self.cpu_pool.submit(CpuJob(key, x[torch.from_numpy(rows)].clone(), self.store.matrices(key)))
+        # one token (decode): its row as it is (the seam's buffer is not rewritten before the job is
+        # collected); more: the tokens' rows gathered
+        xr = x[:1] if ids.shape[0] == 1 else x[torch.from_numpy(rows)]
+        job = CpuJob(key, xr, self.store.matrices(key))
         job.rows, job.cols = rows, cols
         return job
 

@@ -213,11 +213,14 @@ class SimJob:
 
 
 class SimPool:
-    """The CPU expert pool: one worker, jobs in submission order."""
+    """The CPU expert pool: one worker, jobs in submission order (SimSource._submit times them)."""
     alive = True
 
     def __init__(self):
         self.free_at = 0.0
+
+    def submit(self, jobs) -> None:
+        pass
 
 
 class SimSource:
