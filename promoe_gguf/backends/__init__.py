@@ -132,6 +132,7 @@ class Backend(Protocol):
     host_syncs: int                             # device -> host waits (counted: decode-step budgets)
     launches: int                               # kernel launches / ggml graph computes made eagerly
     device_s: float                             # device work timed on the host (the CPU emulation)
+    device_cpu_s: float                         # ... and the CPU time this thread spent on it
 
     def reserve(self, nbytes: int) -> None: ...
     # products and norms
@@ -176,6 +177,7 @@ class BackendBase:
         self.launches = 0            # kernel launches (CUDA) / ggml graph computes (CPU), made eagerly
         self.capturing = False       # a device graph is recording: nothing may wait for the device
         self.device_s = 0.0          # device work timed on the host: the CPU emulation's kernels and replays
+        self.device_cpu_s = 0.0      # the calling thread's CPU time in that work
 
     @property
     def workspace_bytes(self) -> int:

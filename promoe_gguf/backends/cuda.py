@@ -123,7 +123,7 @@ class CudaBackend(BackendBase):
         key = (op, None if qtype is None else int(qtype))
         if key in self.failed:
             return False
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             self.launcher(launches, self.device)
         except Exception as e:  # noqa: BLE001 - any compile or launch failure degrades to torch
@@ -135,6 +135,7 @@ class CudaBackend(BackendBase):
         finally:
             if self.emulated:                   # the emulation runs kernels on this thread: device time
                 self.device_s += time.perf_counter() - t0
+                self.device_cpu_s += time.thread_time() - c0
         self.launches += len(launches)
         return True
 

@@ -104,7 +104,7 @@ class EmulatedGraph:
         return len(self.nodes) + self._launches
 
     def replay(self) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         with torch.inference_mode(), _disable_current_modes():     # the device runs it, not the host
             for node in self.nodes:
                 node()
@@ -112,6 +112,7 @@ class EmulatedGraph:
         dt = time.perf_counter() - t0
         self.replay_s += dt
         self.backend.device_s += dt            # the emulated device's busy time, not host work
+        self.backend.device_cpu_s += time.thread_time() - c0
 
 
 def _storages(ts) -> set:

@@ -262,7 +262,7 @@ def _measured_profile(res: dict, ref: dict, cm: dict | None):
         # speeds here are the emulation's: our fixed cost per layer on a GPU is the host work measured
         # here plus the recorded kernels at llama.cpp's calibrated cost per graph kernel; the simulator
         # takes one cost for every mode, so the dearest mode's (a cache's hand-offs cost host work)
-        costs = {f"{r['mode']} {r['budget']}": r["dispatch"]["host_work_us_per_layer"]
+        costs = {f"{r['mode']} {r['budget']}": r["dispatch"]["host_cpu_us_per_layer"]
                  + r["dispatch"]["kernels_per_layer"] * GRAPH_KERNEL_US
                  for r in res["rows"] if (r.get("dispatch") or {}).get("kernels_per_layer")}
         if costs:
@@ -297,7 +297,7 @@ def _markdown(res: dict) -> str:
     cols = " | ".join(f"prefill {n} tok/s (TTFT s)" for n in lens)
     head += [f"| mode | budget | {cols} | decode tok/s | vs llama.cpp | hit rate | on CPU | copied | wait copies | "
              "wait CPU | gap to bound | decode: graphs replayed / launches outside / host waits per token | "
-             "host work us per layer |", "|" + "---|" * (len(lens) + 12)]
+             "host us per layer: work (CPU) |", "|" + "---|" * (len(lens) + 12)]
     llama = [r for r in res["rows"] if r["mode"].startswith("llama.cpp")]
     for r in res["rows"]:
         dec = r["decode"]
@@ -325,7 +325,7 @@ def _dispatch_cells(r: dict) -> str:
     if not d:
         return " - | - |"
     return (f" {d['mode']}: {d['replays_per_token']:.0f} / {d['launches_outside_replays_per_token']:.0f} / "
-            f"{d['host_syncs_per_token']:.0f} | {d['host_work_us_per_layer']:.0f} |")
+            f"{d['host_syncs_per_token']:.0f} | {d['host_work_us_per_layer']:.0f} ({d['host_cpu_us_per_layer']:.0f}) |")
 
 
 def _plot(res: dict, path: str) -> None:

@@ -50,6 +50,8 @@ class DecodeCounts:
     host_syncs: int = 0
     eager_launches: int = 0           # kernel launches (CUDA) / ggml graph computes (CPU) made outside replays
     host_s: float = 0.0               # wall time minus the device work the CPU emulation measured
+    host_cpu_s: float = 0.0           # the decoding thread's CPU time minus the device work's (no waits, no
+                                      # time other threads had the CPU)
     wall_s: float = 0.0
     mode: str = "eager"
     why_eager: str = ""
@@ -65,6 +67,7 @@ class DecodeCounts:
                 "host_syncs_per_token": (self.host_syncs - before.host_syncs) / n,
                 "launches_outside_replays_per_token": (self.eager_launches - before.eager_launches) / n,
                 "host_us_per_layer": (self.host_s - before.host_s) / n / max(1, n_layers) * 1e6,
+                "host_cpu_us_per_layer": (self.host_cpu_s - before.host_cpu_s) / n / max(1, n_layers) * 1e6,
                 "wall_us_per_layer": (self.wall_s - before.wall_s) / n / max(1, n_layers) * 1e6,
                 **({"why_eager": self.why_eager} if self.why_eager else {})}
 
@@ -131,8 +134,8 @@ class Decoding:
             raise ModelError(f"token id {token} is out of range (vocabulary {dec.cfg.n_vocab})")
         if cache.n_past + 1 > cache.n_ctx:
             raise ModelError(f"sequence of {cache.n_past + 1} tokens is longer than the context ({cache.n_ctx})")
-        t0 = time.perf_counter()
-        syncs0, launches0, device0 = be.host_syncs, be.launches, be.device_s
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        syncs0, launches0, device0, device_cpu0 = be.host_syncs, be.launches, be.device_s, be.device_cpu_s
         dec.experts.begin_step([cache.n_past])
         self._inputs_np[:] = (int(token), cache.n_past)
         if self.segments is None and self.graphs and self._eager_steps >= 1:
@@ -152,6 +155,7 @@ class Decoding:
         wall = time.perf_counter() - t0
         c.wall_s += wall
         c.host_s += wall - (be.device_s - device0)
+        c.host_cpu_s += time.thread_time() - cpu0 - (be.device_cpu_s - device_cpu0)
         return self.logits_h
 
     @property

@@ -119,7 +119,8 @@ class TransferEngine:
                                self.store.region(task.key)[offset:offset + nbytes], after)
                 with cv:
                     self._landed(task, nbytes)
-                    cv.notify_all()
+                    if task.slot.state == READY:      # waiters want whole experts: wake them once per copy
+                        cv.notify_all()
         except BaseException as e:  # noqa: BLE001 - any failure degrades to reactive loading
             log.warning("expert copy thread died (%s: %s); loading experts reactively from now on",
                         type(e).__name__, e)
