@@ -178,13 +178,17 @@ def measured_profile(results: list[dict], d2d_GBps: float):
     """The H200 profile with our fixed cost per decode layer as measured: the all-resident graphs
     step's wall time per layer less its bytes at the device bandwidth (mean over the models)."""
     from promoe_gguf.sim.profile import PROFILES
-    costs = []
+    costs, cached = [], []
     for r in results:
-        row = r["rows"].get("resident, graphs")
-        if row:
-            bw_us = r["bytes_per_token"] / (d2d_GBps * 1e9 * PROFILES["h200"].gpu_eff) / r["n_layers"] * 1e6
-            costs.append(max(0.0, row["wall_us_per_layer"] - bw_us))
-    prof = PROFILES["h200"].with_(ours_layer_us=sum(costs) / len(costs))
+        bw_us = r["bytes_per_token"] / (d2d_GBps * 1e9 * PROFILES["h200"].gpu_eff) / r["n_layers"] * 1e6
+        if "resident, graphs" in r["rows"]:
+            costs.append(max(0.0, r["rows"]["resident, graphs"]["wall_us_per_layer"] - bw_us))
+        if "hybrid, cpu_experts=all" in r["rows"]:          # hand-offs and CPU experts included: an upper bound
+            cached.append(max(0.0, r["rows"]["hybrid, cpu_experts=all"]["wall_us_per_layer"] - bw_us))
+    resident = sum(costs) / len(costs)
+    hybrid = sum(cached) / len(cached) if cached else resident
+    prof = PROFILES["h200"].with_(ours_layer_us=hybrid,
+                                  extra={"layer_us_by_mode": {"all resident": resident, "hybrid": hybrid}})
     return prof, costs
 
 
