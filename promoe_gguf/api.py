@@ -9,18 +9,16 @@ does; a model without one gets llama.cpp's fallback, ChatML (common/chat.cpp, CH
 from __future__ import annotations
 
 import codecs
-import math
 import threading
 import time
 import uuid
 from typing import Iterator
 
-from .errors import ModelError
+from . import limits
+from .errors import ModelError, ParameterError, clip
+from .sampling import DEFAULTS, check_sampling
 
-# llama-server's sampling defaults (common/common.h); max_tokens defaults to the rest of the context.
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
-            "repeat_last_n": 64, "seed": None}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")   # developer: OpenAI's newer name for system
 MAX_STOPS = 16
 CHATML_TEMPLATE = ("{%- for message in messages -%}\n"
                    "  {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}\n"
@@ -35,38 +33,12 @@ NEUTRAL = {"suffix": None, "logprobs": (None, False), "top_logprobs": None, "ech
            "response_format": None, "logits_processor": None, "stopping_criteria": None, "n": 1, "best_of": (None, 1)}
 
 
-class InvalidRequest(ModelError):
+class InvalidRequest(ParameterError):
     """A request the engine cannot serve; `param` names the offending field (OpenAI's error.param)."""
 
     def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-# ---- validation ------------------------------------------------------------------------------
-def _number(name, value, lo=-math.inf, hi=math.inf, integer=False, lo_open=False):
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)):
-        raise InvalidRequest(name, f"{name} must be {kind}, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
-        bound = f"> {lo}" if lo_open else f">= {lo}"
-        rng = f"{bound}" + (f" and <= {hi}" if hi != math.inf else "")
-        raise InvalidRequest(name, f"{name} must be {rng}, got {value!r}")
-    return value
-
-
-def check_sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed) -> dict:
-    """Sampling parameters as Engine.generate takes them; InvalidRequest names the first bad one."""
-    out = {"temperature": float(_number("temperature", temperature, 0.0)),
-           "top_k": _number("top_k", top_k, integer=True),  # <= 0: no top-k
-           "top_p": float(_number("top_p", top_p, 0.0, 1.0)),
-           "min_p": float(_number("min_p", min_p, 0.0, 1.0)),
-           "repeat_penalty": float(_number("repeat_penalty", repeat_penalty, 0.0, lo_open=True)),
-           "repeat_last_n": _number("repeat_last_n", repeat_last_n, -1, integer=True),
-           "seed": None}
-    if seed is not None:  # torch.Generator.manual_seed's range
-        out["seed"] = _number("seed", seed, -2**63, 2**64 - 1, integer=True)
-    return out
+        ModelError.__init__(self, message)
+        self.param, self.detail = param, message
 
 
 def check_stop(stop) -> list[str]:
@@ -79,7 +51,7 @@ def check_stop(stop) -> list[str]:
         raise InvalidRequest("stop", f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed")
     for i, s in enumerate(stops):
         if not isinstance(s, str) or not s:
-            raise InvalidRequest("stop", f"stop[{i}] must be a non-empty string, got {s!r}")
+            raise InvalidRequest("stop", f"stop[{i}] must be a non-empty string, got {clip(s)}")
     return list(stops)
 
 
@@ -89,7 +61,7 @@ def check_unsupported(options: dict) -> None:
             raise TypeError(f"unexpected keyword argument {name!r}")
         neutral = NEUTRAL[name] if isinstance(NEUTRAL[name], tuple) else (NEUTRAL[name],)
         if value not in neutral:
-            raise InvalidRequest(name, f"{name}={value!r} is not supported by promoe-gguf")
+            raise InvalidRequest(name, f"{name}={clip(value)} is not supported by promoe-gguf")
 
 
 def _max_tokens(max_tokens, n_prompt: int, n_ctx: int, prompt_param: str) -> int:
@@ -100,7 +72,7 @@ def _max_tokens(max_tokens, n_prompt: int, n_ctx: int, prompt_param: str) -> int
                                        "which leaves no room to generate")
     if max_tokens is None:
         return room
-    _number("max_tokens", max_tokens, 1, integer=True)
+    limits.check("max_tokens", max_tokens)
     if max_tokens > room:
         raise InvalidRequest("max_tokens", f"max_tokens {max_tokens} plus the prompt's {n_prompt} tokens exceeds "
                                            f"the context of {n_ctx} tokens (at most {room})")
@@ -119,7 +91,7 @@ def check_messages(messages) -> list[dict]:
             raise InvalidRequest(where, f"{where} must be an object with role and content")
         role = m.get("role")
         if role not in ROLES:
-            raise InvalidRequest(f"{where}.role", f"{where}.role {role!r} is not one of {', '.join(ROLES)}")
+            raise InvalidRequest(f"{where}.role", f"{where}.role {clip(role)} is not one of {', '.join(ROLES)}")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: text only
             texts = []
@@ -132,7 +104,7 @@ def check_messages(messages) -> list[dict]:
         if not isinstance(content, str):
             raise InvalidRequest(f"{where}.content", f"{where}.content must be a string, got "
                                                      f"{type(content).__name__}")
-        out.append({"role": role, "content": content})
+        out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
 
@@ -260,7 +232,7 @@ def _check_prompt_ids(engine, ids) -> list[int]:
     n_vocab = engine.config.n_vocab
     for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
-            raise InvalidRequest("prompt", f"prompt[{i}] = {t!r} is not a token id in [0, {n_vocab})")
+            raise InvalidRequest("prompt", f"prompt[{i}] = {clip(t)} is not a token id in [0, {n_vocab})")
     if not ids:
         raise InvalidRequest("prompt", "prompt is empty")
     return list(ids)
@@ -347,19 +319,22 @@ def chat_response(gen: Generation) -> dict:
 
 
 # ---- the llama-cpp-python-shaped entry points (Engine.create_completion / create_chat_completion) ----
-def create_completion(engine, prompt, max_tokens=16, temperature=0.8, top_p=0.95, min_p=0.05, stop=None,
-                      stream=False, seed=None, repeat_penalty=1.0, top_k=40, model=None, **options):
+def create_completion(engine, prompt, max_tokens=16, temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
+                      min_p=DEFAULTS["min_p"], stop=None, stream=False, seed=None,
+                      repeat_penalty=DEFAULTS["repeat_penalty"], top_k=DEFAULTS["top_k"], model=None, **options):
     """As llama_cpp.Llama.create_completion: a dict, or an iterator of chunks with stream=True.
-    max_tokens=None runs to the end of the context."""
+    max_tokens=None runs to the end of the context. Sampling defaults are llama-server's (sampling.DEFAULTS)."""
     gen = prepare_completion(engine, prompt, max_tokens=max_tokens, stop=stop, model=model,
                              temperature=temperature, top_p=top_p, min_p=min_p, seed=seed,
                              repeat_penalty=repeat_penalty, top_k=top_k, **options)
     return completion_chunks(gen) if stream else completion_response(gen)
 
 
-def create_chat_completion(engine, messages, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, stream=False,
-                           stop=None, seed=None, max_tokens=None, repeat_penalty=1.0, model=None, **options):
-    """As llama_cpp.Llama.create_chat_completion (same defaults): a dict, or chunks with stream=True."""
+def create_chat_completion(engine, messages, temperature=DEFAULTS["temperature"], top_p=DEFAULTS["top_p"],
+                           top_k=DEFAULTS["top_k"], min_p=DEFAULTS["min_p"], stream=False, stop=None, seed=None,
+                           max_tokens=None, repeat_penalty=DEFAULTS["repeat_penalty"], model=None, **options):
+    """As llama_cpp.Llama.create_chat_completion: a dict, or chunks with stream=True. Sampling defaults are
+    llama-server's (sampling.DEFAULTS), as everywhere in promoe (llama-cpp-python's chat uses temperature 0.2)."""
     gen = prepare_chat(engine, messages, max_tokens=max_tokens, stop=stop, model=model, temperature=temperature,
                        top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, repeat_penalty=repeat_penalty, **options)
     return chat_chunks(gen) if stream else chat_response(gen)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import limits
 from .errors import ModelError
 from .format import open_model
 from .model import build_decoder
@@ -16,7 +17,7 @@ from .model.common import check_tokens
 from .model.decode import Decoding
 from .model.experts import MoEExperts
 from .numerics import attach as attach_numerics
-from .sampling import Sampler
+from .sampling import Sampler, check_sampling
 from .tokenizer import Tokenizer
 
 
@@ -42,7 +43,7 @@ class Engine:
     """Contract: Engine(model_path, device, cache_rate, cache_mem, policy, predictor, ...).
 
     `n_ctx`: KV cache length (default: the model's training context, at most 4096).
-    `n_batch`: prefill chunk size in tokens. `link`: emulated host-to-device link on CPU
+    `n_batch`: prefill chunk size in tokens, 1..n_ctx (default 64, at most n_ctx). `link`: emulated host-to-device link on CPU
     (see runtime.link). `n_threads`: CPU threads of ggml's kernels, and of torch (process-wide; small
     models decode fastest with 1, since per-op threading overhead dominates); default one per
     physical core for ggml, torch's own default for torch. `cpu_experts`: with an expert cache,
@@ -66,24 +67,36 @@ class Engine:
     """
 
     def __init__(self, model_path=None, device="cpu", cache_rate=None, cache_mem=None, policy="lru",
-                 predictor="none", n_ctx=None, n_batch=64, link=None, n_threads=None, launcher=None,
+                 predictor="none", n_ctx=None, n_batch=None, link=None, n_threads=None, launcher=None,
                  cpu_experts="auto", cpu_threads=None, gpu_mem=None, cpu_repack=True, check_numerics=False,
                  graphs=True, activations=None, kv_type=None, **runtime_options):
         from . import DEFAULT_MODEL
-        from .backends import make_backend
+        from .backends import make_backend, parse_device
         from .runtime import make_source
-        if n_threads:
-            torch.set_num_threads(int(n_threads))
+        for name, value in (("n_threads", n_threads), ("cpu_threads", cpu_threads)):
+            if value is not None:
+                limits.check(name, value)
         self.model_path = str(model_path or DEFAULT_MODEL)
         self.model = open_model(self.model_path)
         self.config = self.model.config
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("device 'cuda' requested but torch sees no CUDA device")
         train_ctx = self.config.n_ctx_train or 4096
+        if n_ctx is not None:
+            limits.check("n_ctx", n_ctx, hi=train_ctx, why=" (up to the model's context length)")
         self.n_ctx = int(n_ctx or min(train_ctx, 4096))
-        if self.n_ctx > train_ctx:
-            raise ModelError(f"n_ctx {self.n_ctx} exceeds the model's context length {train_ctx}")
+        if n_batch is not None:
+            ctx = ("n_ctx" if n_ctx is not None else f"by default {self.model_path}'s "
+                   f"{self.config.arch}.context_length = {self.config.n_ctx_train}, capped at 4096")
+            limits.check("n_batch", n_batch, hi=self.n_ctx, why=f" (up to the context: {ctx})")
+        n_batch = int(n_batch or min(64, self.n_ctx))
+        fitted = cache_rate is None and cache_mem is None
+        limits.check_cache_budget(cache_rate, cache_mem, gpu_mem)
+        from .runtime.link import parse_link
+        parse_link(link)                            # a malformed link is an error whatever else is given
+        if n_threads:
+            torch.set_num_threads(int(n_threads))
         self.backend = make_backend(self.device, n_threads=n_threads or default_threads(), launcher=launcher,
                                     activations=activations, kv_type=kv_type)
         from .memory import check_kv_cache
@@ -95,6 +108,12 @@ class Engine:
             if gpu_mem is not None:
                 cache_mem = fit_cache(self.model, self.backend.kind, self.n_ctx, int(n_batch), int(gpu_mem), kv_type)
         self.gpu_mem = gpu_mem
+        resident = cache_rate is None and cache_mem is None
+        if resident and predictor not in (None, "none"):    # a bad one is named as such, cache or not
+            from .predict import make_predictor
+            make_predictor(predictor, self.model, routes=runtime_options.get("routes"))
+        limits.check_cache_options(resident, fitted and gpu_mem is not None, policy=policy, predictor=predictor,
+                                   link=link, cpu_experts=cpu_experts, cpu_threads=cpu_threads)
         self.source = make_source(self.model, self.device, cache_rate=cache_rate, cache_mem=cache_mem,
                                   policy=policy, predictor=predictor, link=link, cpu_experts=cpu_experts,
                                   cpu_threads=int(cpu_threads or n_threads or default_threads()),
@@ -150,7 +169,7 @@ class Engine:
             self._tokenizer = Tokenizer(self.model)
         return self._tokenizer
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str | bytes, add_bos: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_bos=add_bos)
 
     def detokenize(self, ids) -> str:
@@ -193,12 +212,14 @@ class Engine:
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed=None,
                  stop=None, repeat_last_n: int = 64, ignore_eos: bool = False):
         """Stream generated token ids after `prompt` (text or ids). Stops at EOS, a stop string or max_tokens."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids or (isinstance(prompt, str) and not prompt):
+        limits.check("max_tokens", max_tokens)
+        sampling = check_sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        ids = self.tokenize(prompt) if isinstance(prompt, (str, bytes)) else list(prompt)
+        if not ids or (isinstance(prompt, (str, bytes)) and not prompt):
             raise ModelError("empty prompt")
         tokens = check_tokens(ids, self.config.n_vocab)
         self._check_length(len(tokens) + max_tokens)
-        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        sampler = Sampler(**sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         eos = None if ignore_eos else self.tokenizer.eos_id
         seq, cache = self._new_sequence(), self.cache

@@ -15,6 +15,23 @@ import math
 
 import torch
 
+from .limits import check
+
+# llama-server's defaults (common/common.h): `promoe run`, `chat`, the server and the Python API all use them.
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
+            "repeat_last_n": 64, "seed": None}
+
+
+def check_sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed) -> dict:
+    """Sampling parameters as Sampler takes them; ParameterError names the first bad one (limits.SETTINGS)."""
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                 repeat_last_n=repeat_last_n)
+    out = {k: check(k, v) for k, v in given.items()}
+    for k in ("temperature", "top_p", "min_p", "repeat_penalty"):
+        out[k] = float(out[k])
+    out["seed"] = None if seed is None else check("seed", seed)
+    return out
+
 
 class Sampler:
     def __init__(self, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,

@@ -27,11 +27,17 @@ class Tokenizer:
                                  f"metadata): {one_line(e)}") from e
         return self._llama
 
-    def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
-        """special=True parses control-token text (e.g. a chat template's markers) into those tokens."""
+    def encode(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """`text`: a str, or its UTF-8 bytes (llama.cpp's tokenizer replaces invalid sequences with U+FFFD).
+        special=True parses control-token text (e.g. a chat template's markers) into those tokens."""
         if not text:
             raise ModelError("empty prompt")
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+        if isinstance(text, str):
+            try:
+                text = text.encode("utf-8")
+            except UnicodeEncodeError as e:          # a lone surrogate: not text any encoding can carry
+                raise ModelError(f"the prompt is not valid Unicode text: {e.reason} at character {e.start}") from None
+        return self.llama.tokenize(bytes(text), add_bos=add_bos, special=special)
 
     def decode(self, ids) -> bytes:
         return self.llama.detokenize(list(ids))

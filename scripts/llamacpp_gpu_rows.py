@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="also run the all-CPU row")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
-    from promoe_gguf.cli.run import parse_mem
+    from promoe_gguf.cli.flags import parse_mem
     budgets = []
     for text in args.gpu_mem:
         try:

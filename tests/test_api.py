@@ -10,6 +10,7 @@ from llama_cpp import llama_types
 
 from promoe_gguf import DEFAULT_MODEL, Engine
 from promoe_gguf.api import ChatTemplate, InvalidRequest
+from promoe_gguf.errors import ParameterError
 from promoe_gguf.tokenizer import Tokenizer
 
 
@@ -180,7 +181,7 @@ def test_chat_prompt_tokens(engine):
     (dict(frequency_penalty=0.5), "frequency_penalty"),
 ])
 def test_bad_completion_arguments_name_the_field(engine, kwargs, param):
-    with pytest.raises(InvalidRequest) as e:
+    with pytest.raises(ParameterError) as e:
         engine.create_completion("def f(", **kwargs)
     assert e.value.param == param and param in str(e.value)
 

@@ -1,6 +1,5 @@
 """Routing traces, predictors (gate, mlp, history, freq, oracle), training and GOODPRED evaluation."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -409,4 +408,4 @@ def test_cli_smoke(models, prompts_file, tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert main(["eval-predictor", models["a"], "--trace", str(tr), "--predictors", "psychic",
                  "--layer-time", "0.001", "-q"]) == 2
-    assert "unknown predictor" in capsys.readouterr().err
+    assert "--predictors: 'psychic' is not one of none, gate" in capsys.readouterr().err

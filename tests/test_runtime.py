@@ -7,7 +7,6 @@ pool has its own tests (tests/test_hybrid.py).
 """
 import gc
 import logging
-import random
 import threading
 import time
 
@@ -99,7 +98,7 @@ def test_budget_never_exceeded_and_too_small_refused(model_path):
     k = eng.config.n_experts_used
     with pytest.raises(ModelError, match=f"top-{k} working set"):
         Engine(model_path, cache_mem=(k - 1) * store.slot_bytes + 1)
-    with pytest.raises(ModelError, match="cache rate"):
+    with pytest.raises(ModelError, match="cache_rate must be a number in"):
         Engine(model_path, cache_rate=1.5)
 
 

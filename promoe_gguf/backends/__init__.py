@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ..errors import ModelError
+from ..errors import ModelError, ParameterError, clip
 from ..format.quants import quant_type
 
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
@@ -112,10 +112,10 @@ def kv_layout(kind: str, kv_type: str | None = None) -> KVLayout:
     transposed, float32, padded); CUDA's is heads-first K and V, float16 unless kv_type says f32."""
     if kind == "cpu":
         if kv_type not in (None, "f32"):
-            raise ModelError(f"KV cache type {kv_type!r}: the CPU keeps llama.cpp's f32 cache (an oracle run's)")
+            raise ParameterError("kv_type", f"{clip(kv_type)}: the CPU keeps llama.cpp's f32 cache (an oracle run's)")
         return KVLayout(v_trans=True, pad=CPU_KV_PAD, dtype=torch.float32)
     if (kv_type or "f16") not in KV_TYPES:
-        raise ModelError(f"KV cache type {kv_type!r}: one of {', '.join(KV_TYPES)}")
+        raise ParameterError("kv_type", f"{clip(kv_type)} is not one of {', '.join(KV_TYPES)}")
     return KVLayout(v_trans=False, pad=1, dtype=KV_TYPES[kv_type or "f16"])
 
 
@@ -211,23 +211,32 @@ class BackendBase:
             raise GraphCaptureError(f"{what} while a device graph records")
 
 
+def parse_device(device) -> torch.device:
+    """A device we run on (cpu, cuda, cuda:N); ParameterError names anything else."""
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ParameterError("device", f"{clip(device)} is not a device (cpu, cuda or cuda:N)") from None
+    if out.type not in ("cpu", "cuda"):
+        raise ParameterError("device", f"{clip(device)} is not supported (cpu, cuda or cuda:N)")
+    return out
+
+
 def make_backend(device, n_threads: int | None = None, launcher=None, activations: str | None = None,
                  kv_type: str | None = None) -> Backend:
     """CPU: ggml; CUDA: the CuPy kernels (`launcher` replaces CuPy for tests on machines without a GPU).
     activations ("q8" | "f32") and kv_type ("f16" | "f32") choose the CUDA arithmetic; ggml's is llama.cpp's."""
-    device = torch.device(device)
+    device = parse_device(device)
     if device.type == "cpu" and launcher is None:
         if activations is not None:
-            raise ModelError(f"activations={activations!r} chooses the CUDA kernels' arithmetic; the CPU computes "
-                             f"as llama.cpp's CPU kernels do (8-bit activations)")
+            raise ParameterError("activations", f"{clip(activations)} chooses the CUDA kernels' arithmetic; the CPU "
+                                                "computes as llama.cpp's CPU kernels do (8-bit activations)")
         kv_layout("cpu", kv_type)
         from .cpu import CpuBackend
         return CpuBackend(n_threads=n_threads)
-    if device.type in ("cuda", "cpu"):
-        from .cuda import CudaBackend
-        return CudaBackend(device, launcher=launcher, activations=activations or "q8", kv_type=kv_type or "f16")
-    raise ModelError(f"unsupported device {device} (cpu or cuda)")
+    from .cuda import CudaBackend
+    return CudaBackend(device, launcher=launcher, activations=activations or "q8", kv_type=kv_type or "f16")
 
 
 __all__ = ["QMatrix", "StackedMatrix", "ExpertStack", "Backend", "BackendBase", "KVLayout", "kv_layout", "make_backend",
-           "matrix_at", "FLOAT_TYPES", "FUSED_MAX_TOKENS", "KV_TYPES", "CPU_KV_PAD"]
+           "parse_device", "matrix_at", "FLOAT_TYPES", "FUSED_MAX_TOKENS", "KV_TYPES", "CPU_KV_PAD"]

@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..errors import ModelError
+from ..errors import ModelError, ParameterError, clip
 from ..format.quants import dequantize_torch
 from ..kernels import launch as L
 from ..kernels import plans as P
@@ -75,7 +75,7 @@ class CudaBackend(BackendBase):
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if activations not in ACTIVATIONS:
-            raise ModelError(f"activations {activations!r}: one of {', '.join(ACTIVATIONS)}")
+            raise ParameterError("activations", f"{clip(activations)} is not one of {', '.join(ACTIVATIONS)}")
         self.launcher = launcher or L.run
         self.emulated = launcher is not None and self.device.type == "cpu"   # tests: the kernels' CPU build
         self.activations = activations

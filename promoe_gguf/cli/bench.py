@@ -22,6 +22,7 @@ sees and its host time is the Python that paces a GPU; its speeds are not a GPU'
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -29,7 +30,9 @@ import time
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ModelError, clip
+from ..util import cannot_write
+from .flags import ranged, setting, size
 
 MODES = {            # name -> Engine options (with a cache)
     "lru": dict(policy="lru", predictor="none", cpu_experts="off"),
@@ -54,7 +57,7 @@ def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
     n_ctx = max(len(p) for p in prompts) + n_decode + 8
     cached = kw.get("cache_rate") or kw.get("gpu_mem")
     on = _engine_device(device)
-    eng = Engine(path, n_threads=threads, n_ctx=n_ctx, n_batch=512,
+    eng = Engine(path, n_threads=threads, n_ctx=n_ctx, n_batch=min(512, n_ctx),
                  link=link if cached and on["device"] == "cpu" else None, **on, **kw)
     try:
         list(eng.generate(prompts[0][:8], max_tokens=2, temperature=0, ignore_eos=True))           # warm-up
@@ -196,16 +199,21 @@ def _llamacpp_python_rows(path, prompts, n_decode, threads) -> list[dict]:
 def run(args) -> int:
     from tqdm import tqdm
     from ..format import open_model
-    from .run import parse_mem
     path = args.model
+    if args.rates is not None and args.gpu_mem is not None:
+        raise ModelError("--rates and --gpu-mem both choose the cache budgets: give one of them")
+    if args.link is not None and args.device == "cuda":
+        raise ModelError("--link emulates the link on the CPU; with --device cuda the real one is measured")
+    args.rates = args.rates or [0.25, 0.5, 0.75]
+    args.link = args.link or "ratio=10"
+    out_dir = _make_out_dir(args.out)             # before the work: a folder we cannot create fails at once
     model = open_model(path)
     n_ctx_max = min(model.config.n_ctx_train or 4096, 4096)
     lengths = [n for n in (32, 256, 1024) if n + args.tokens + 8 <= n_ctx_max] or [min(32, n_ctx_max // 2)]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, min(model.config.n_vocab, 256), n).tolist() for n in lengths]
     modes = {m: _mode(m) for m in args.modes.split(",")}
-    budgets = ([("gpu_mem", parse_mem(args.gpu_mem, "--gpu-mem"))] if args.gpu_mem else
-               [("cache_rate", float(r)) for r in args.rates.split(",")])
+    budgets = [("gpu_mem", args.gpu_mem)] if args.gpu_mem else [("cache_rate", r) for r in args.rates]
     jobs = [("all resident", "-", {})] + [(m, f"{k}={v}", {k: v, **modes[m]}) for k, v in budgets for m in modes]
     rows = []
     for mode, budget, kw in tqdm(jobs, desc="bench", unit="config"):
@@ -223,7 +231,7 @@ def run(args) -> int:
         r["bound_s_per_token"] = _bound(r, device_gbs, cpu_gbs or 0.0, link_gbs or 0.0)
         r["gap_to_bound"] = (1 / r["decode"]["tok_s"]) / r["bound_s_per_token"]
     if args.vs_llamacpp:       # the same device memory: the budget given, else what each cached row used
-        budgets = ([parse_mem(args.gpu_mem, "--gpu-mem")] if args.gpu_mem else
+        budgets = ([args.gpu_mem] if args.gpu_mem else
                    sorted({r["memory"]["total"] for r in rows if r["budget"] != "-"}) or [None])
         rows += _llamacpp_rows(path, prompts, args.tokens, args.threads, "cuda" if args.device == "cuda" else "cpu",
                                budgets)
@@ -231,18 +239,40 @@ def run(args) -> int:
            "emulated": args.device != "cuda", "prompt_lengths": lengths, "decode_tokens": args.tokens,
            "rates_GBps": {"device": device_gbs, "cpu": cpu_gbs, "link": link_gbs},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
-    with open(os.path.join(args.out, "profile.json"), "w") as f:
+    with open(os.path.join(out_dir, "profile.json"), "w") as f:
         json.dump(_measured_profile(res, ref, cm).to_json(), f, indent=1)
     md = _markdown(res)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(md)
-    _plot(res, os.path.join(args.out, "bench.png"))
+    _plot(res, os.path.join(out_dir, "bench.png"))
     print(md)
-    print(f"wrote {args.out}/bench.json, bench.md, bench.png", file=sys.stderr)
+    print(f"wrote {out_dir}/: bench.json, bench.md, bench.png, profile.json (for promoe simulate --profile)",
+          file=sys.stderr)
     return 0
+
+
+def _make_out_dir(path: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(e, f"--out {path}") from None
+    if not os.access(path, os.W_OK):
+        raise ModelError(f"--out {path}: the folder is not writable")
+    return os.path.abspath(path)
+
+
+def _rates(text: str) -> list[float]:
+    """--rates: comma-separated cache rates, each in (0, 1]."""
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(setting("cache_rate")(part.strip()))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated cache rates, each in (0, 1], got "
+                                             f"{clip(part.strip())} in {clip(text)}") from None
+    return out
 
 
 def _measured_profile(res: dict, ref: dict, cm: dict | None):
@@ -354,15 +384,17 @@ def add_parsers(sub) -> None:
     s.add_argument("model", help="GGUF file or cache directory")
     s.add_argument("--modes", default="lru,promoe,hybrid", help="comma-separated: lru, promoe, hybrid, or POLICY/PREDICTOR/CPU_EXPERTS "
                                                           "(e.g. static/none/off, promoe/mlp:FILE/auto)")
-    s.add_argument("--rates", default="0.25,0.5,0.75", help="cache rates (ignored with --gpu-mem)")
-    s.add_argument("--gpu-mem", default=None, help="one device memory budget instead of cache rates")
-    s.add_argument("--tokens", type=int, default=128, help="decode tokens")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--rates", type=_rates, default=None, help="cache rates, each in (0, 1] (default 0.25,0.5,0.75)")
+    s.add_argument("--gpu-mem", type=size, default=None, help="one device memory budget instead of --rates")
+    s.add_argument("--tokens", type=ranged(1), default=128, help="decode tokens, >= 1")
+    s.add_argument("--threads", type=setting("n_threads"), default=1, help="CPU threads")
     s.add_argument("--device", default="cpu", choices=("cpu", "cuda", "cuda-emulated"),
                    help="cuda-emulated: the CUDA code path on this CPU (counts and host time a GPU would see)")
-    s.add_argument("--link", default="ratio=10", help="CPU only: the emulated link (see promoe run --help)")
+    s.add_argument("--link", default=None,
+                   help="CPU only: the emulated link, default ratio=10 (see promoe run --help)")
     s.add_argument("--vs-llamacpp", action="store_true",
                    help="add stock llama.cpp's rows, same GGUF, threads and device memory (llama-bench from "
                         "scripts/build_llamacpp.sh or $PROMOE_LLAMACPP_BIN; else llama-cpp-python, CPU only)")
-    s.add_argument("--out", default="bench/results/bench", help="output directory")
+    s.add_argument("--out", default="promoe-bench",
+                   help="output directory (created): bench.json, bench.md, bench.png and profile.json")
     s.set_defaults(func=run)

@@ -11,8 +11,8 @@ import json
 import sys
 
 from .. import api
-from ..errors import ModelError
-from .run import add_cache_flags, add_sampling_flags, engine_from_args
+from ..errors import ParameterError
+from .flags import add_cache_flags, add_sampling_flags, engine_from_args, sampling_args, setting
 
 HELP = "commands: /reset (forget the conversation), /stats (engine statistics), /quit"
 
@@ -42,8 +42,7 @@ class Chat:
 
     def prepare(self, user_text: str) -> api.Generation:
         """The next reply's generation; drops the oldest exchanges while the prompt does not fit."""
-        sampling = dict(temperature=self.args.temp, top_k=self.args.top_k, top_p=self.args.top_p,
-                        min_p=self.args.min_p, repeat_penalty=self.args.repeat_penalty, seed=self.args.seed)
+        sampling = sampling_args(self.args)
         self.turns.append({"role": "user", "content": user_text})
         while True:
             messages = self.system + self.turns
@@ -61,7 +60,7 @@ class Chat:
     def reply(self, user_text: str) -> None:
         try:
             gen = self.prepare(user_text)
-        except api.InvalidRequest as e:
+        except ParameterError as e:
             print(f"error: {e}", file=self.err, flush=True)
             return
         before = self.engine.stats
@@ -115,8 +114,6 @@ class Chat:
 
 
 def chat(args) -> int:
-    if args.n < 1:
-        raise ModelError(f"-n must be >= 1, got {args.n}")
     engine = engine_from_args(args)
     try:
         Chat(engine, args).loop()
@@ -129,7 +126,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("chat", help="interactive terminal chat with the model's chat template")
     s.add_argument("model", nargs="?", default=None, help="GGUF file or cache directory (default: embedded model)")
     s.add_argument("--system", default=None, help="system prompt")
-    s.add_argument("-n", type=int, default=256, help="most tokens per reply")
+    s.add_argument("-n", type=setting("max_tokens"), default=256, help="most tokens per reply, >= 1")
     add_sampling_flags(s)
     add_cache_flags(s)
     s.set_defaults(func=chat)

@@ -132,8 +132,10 @@ def gpu_plan(model, gpu_mem: int, device: str, n_ctx, n_batch: int = 64, trace=N
 
 
 def run(args) -> int:
-    from .run import parse_mem
-    model = open_model(args.model)
+    from .. import DEFAULT_MODEL
+    if getattr(args, "trace", None) and not getattr(args, "gpu_mem", None):
+        raise ModelError("--trace gives the expected hit rate of a --gpu-mem plan: add --gpu-mem")
+    model = open_model(args.model or DEFAULT_MODEL)
     info = model_info(model, getattr(args, "device", "cuda"), getattr(args, "n_ctx", None))
     if getattr(args, "gpu_mem", None):
         trace = None
@@ -141,15 +143,17 @@ def run(args) -> int:
             from ..predict.trace import Trace
             trace = Trace(args.trace)
             trace.check_model(model)
-        p = info["gpu_plan"] = gpu_plan(model, parse_mem(args.gpu_mem, "--gpu-mem"), args.device, args.n_ctx, trace=trace)
+        p = info["gpu_plan"] = gpu_plan(model, args.gpu_mem, args.device, args.n_ctx, trace=trace)
         if not args.json:
             hit = p.get("expected_hit_rate")
+            on, total = p["experts_on_device"], p["experts_total"]
+            where = (f"all {total} experts resident on the device, none in host memory" if on == total else
+                     f"{on} of {total} experts on the device ({on / total:.0%}), the other {total - on} in host "
+                     "memory (computed on the CPU or copied, as the cost model decides)")
             print(format_info(info))
-            print(f"with --gpu-mem {args.gpu_mem}: resident {_mib(p['resident'])}, KV cache {_mib(p['kv_cache'])}, "
-                  f"workspace {_mib(p['workspace'])}, expert cache {_mib(p['expert_arena'])} = "
-                  f"{p['experts_on_device']} of {p['experts_total']} experts on the device "
-                  f"({p['experts_on_device'] / p['experts_total']:.0%}), the rest in host memory (computed on the "
-                  f"CPU or copied, as the cost model decides); total {_mib(p['total'])}"
+            print(f"with --gpu-mem {_mib(args.gpu_mem)}: resident {_mib(p['resident'])}, KV cache "
+                  f"{_mib(p['kv_cache'])}, workspace {_mib(p['workspace'])}, expert cache {_mib(p['expert_arena'])}: "
+                  f"{where}; total {_mib(p['total'])}"
                   + (f"; expected decode hit rate {hit:.2f} (LRU replay of the trace)" if hit is not None and trace
                      else ""))
             return 0

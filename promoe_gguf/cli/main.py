@@ -6,7 +6,8 @@ import signal
 import sys
 import traceback
 
-from ..errors import ModelError, one_line
+from ..errors import ModelError, ParameterError, one_line
+from .flags import Parser, describe, setting, size
 
 
 def _convert(args) -> int:
@@ -22,15 +23,17 @@ def _info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="promoe", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="promoe", description=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("info", help="architecture, experts, quant types, sizes, GPU memory per cache rate")
-    s.add_argument("model", help="GGUF file or converted cache directory")
+    s.add_argument("model", nargs="?", default=None,
+                   help="GGUF file or converted cache directory (default: the embedded model)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="device the memory plan is for")
-    s.add_argument("--n-ctx", type=int, default=None, help="KV cache length (default: the Engine's)")
-    s.add_argument("--gpu-mem", default=None, help="print what lives where with this much device memory (e.g. 12G)")
+    s.add_argument("--n-ctx", type=setting("n_ctx"), default=None, help="KV cache length (default: the Engine's)")
+    s.add_argument("--gpu-mem", type=size, default=None,
+                   help="print what lives where with this much device memory (e.g. 12G)")
     s.add_argument("--trace", default=None, help="a routing trace (promoe trace): adds the expected hit rate")
     s.set_defaults(func=_info)
 
@@ -72,6 +75,9 @@ def report_error(e: BaseException, debug: bool) -> int:
     """Print `promoe: error: ...` (bad input, exit 2) or `promoe: internal error: ...` (exit 1)."""
     if debug:
         traceback.print_exception(type(e), e, e.__traceback__)
+    if isinstance(e, ParameterError):               # a setting: named by its flag
+        print(f"promoe: error: {one_line(describe(e))}", file=sys.stderr)
+        return 2
     if isinstance(e, ModelError):
         print(f"promoe: error: {one_line(e)}", file=sys.stderr)
         return 2

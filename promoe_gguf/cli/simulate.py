@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import ModelError
+from .flags import ranged, setting, size
 
 
 def add_parsers(sub) -> None:
@@ -19,29 +20,33 @@ def add_parsers(sub) -> None:
     src.add_argument("--layer-cost", default=None, metavar="US|PROFILE.json",
                      help="our fixed decode cost per layer: microseconds, or the ours_layer_us of a profile file "
                           "written by `promoe bench` (profile.json) or scripts/gpu_e2e.py")
-    src.add_argument("--prompt", type=int, default=512, help="synthetic routing: prompt tokens (prefill)")
-    src.add_argument("--decode", type=int, default=128, help="synthetic routing: decoded tokens")
-    src.add_argument("--sequences", type=int, default=1, help="synthetic routing: independent sequences")
+    src.add_argument("--prompt", type=ranged(1), default=512, help="synthetic routing: prompt tokens (prefill)")
+    src.add_argument("--decode", type=ranged(1), default=128, help="synthetic routing: decoded tokens")
+    src.add_argument("--sequences", type=ranged(1, 10_000), default=1, help="synthetic routing: independent sequences")
     src.add_argument("--warm", action="store_true",
                      help="our cache carries over between sequences (a server); an extra first sequence warms it")
     src.add_argument("--routing", default=None,
                      help="synthetic routing statistics over the shape's preset, e.g. 'reuse=0.2,skew=0.8,locality=0.3'")
-    src.add_argument("--seed", type=int, default=0)
+    src.add_argument("--seed", type=setting("seed"), default=0, help="synthetic routing's seed")
     e = s.add_argument_group("engine")
     e.add_argument("--engine", default="promoe", choices=("promoe", "llamacpp"))
-    e.add_argument("--policy", default="lru", choices=("lru", "static", "promoe"))
-    e.add_argument("--predictor", default="none", choices=("none", "gate", "oracle"),
-                   help="oracle = the true future from the routing")
-    e.add_argument("--cpu-experts", default="auto", choices=("auto", "off", "all"))
-    e.add_argument("--cache-rate", type=float, default=None, help="fraction of routed experts the cache holds")
-    e.add_argument("--gpu-mem", default=None, help="device memory for everything (e.g. 10G); default: fit the profile")
-    e.add_argument("--lookahead", type=int, default=1, help="layers ahead a predictor scores")
-    e.add_argument("--n-batch", type=int, default=64, help="our prefill chunk (tokens)")
+    e.add_argument("--policy", default=None, choices=("lru", "static", "promoe"), help="ours: cache policy (default lru)")
+    e.add_argument("--predictor", default=None, choices=("none", "gate", "oracle"),
+                   help="ours: expert predictor (default none; oracle = the true future from the routing)")
+    e.add_argument("--cpu-experts", default=None, choices=("auto", "off", "all"),
+                   help="ours: misses on the CPU (default auto)")
+    e.add_argument("--cache-rate", type=setting("cache_rate"), default=None,
+                   help="ours: fraction of routed experts the cache holds, in (0, 1]")
+    e.add_argument("--gpu-mem", type=size, default=None, help="device memory for everything (e.g. 10G); default: fit the profile")
+    e.add_argument("--lookahead", type=ranged(1, 16), default=None, help="ours: layers ahead a predictor scores (default 1)")
+    e.add_argument("--n-batch", type=setting("n_batch"), default=None,
+                   help="ours: prefill chunk in tokens (default 64, the Engine's; the README's tables use 512, "
+                        "llama.cpp's n_batch, with --warm)")
     e.add_argument("--ngl", default=None, help="llama.cpp: layers on the GPU (the last N), or 'auto' (most that fit)")
     e.add_argument("--n-cpu-moe", default=None,
                    help="llama.cpp: experts of the first N layers on the CPU, or 'auto' (fewest that fit)")
-    e.add_argument("--n-ubatch", type=int, default=512, help="llama.cpp: prefill micro-batch")
-    e.add_argument("--n-ctx", type=int, default=4096, help="KV cache length (memory)")
+    e.add_argument("--n-ubatch", type=ranged(1), default=None, help="llama.cpp: prefill micro-batch (default 512)")
+    e.add_argument("--n-ctx", type=setting("n_ctx"), default=4096, help="KV cache length (memory)")
     o = s.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="one JSON object (decode_tok_s, prefill_tok_s, ...)")
     o.add_argument("--sweep", default=None, metavar="PNG",
@@ -54,24 +59,31 @@ def add_parsers(sub) -> None:
 def run(args) -> int:
     from ..sim import load_inputs, simulate, sweep
     from ..sim.report import format_result, plot_sweep
-    from .run import parse_mem
     if args.trace is None and args.shape is None:
         raise ModelError("give --shape NAME|MODEL.gguf (synthetic routing) or --trace TRACE")
+    ours = {"--policy": args.policy, "--predictor": args.predictor, "--cpu-experts": args.cpu_experts,
+            "--cache-rate": args.cache_rate, "--lookahead": args.lookahead, "--n-batch": args.n_batch}
+    theirs = {"--ngl": args.ngl, "--n-cpu-moe": args.n_cpu_moe, "--n-ubatch": args.n_ubatch}
+    n_batch, n_ubatch = args.n_batch or 64, args.n_ubatch or 512
+    unused = [f for f, v in (ours if args.engine == "llamacpp" else theirs).items() if v is not None
+              and not (args.sweep and f in ("--n-batch", "--n-ubatch"))]      # a sweep runs both engines
+    if unused:
+        raise ModelError(f"{unused[0]} does not apply to --engine {args.engine}")
     profile = args.profile
     if args.layer_cost is not None:
         from ..sim.profile import layer_cost, parse_profile
         profile = parse_profile(profile).with_(ours_layer_us=layer_cost(args.layer_cost))
     inp = load_inputs(args.shape, args.trace, profile, args.prompt, args.decode,
                       args.sequences + (1 if args.warm and args.trace is None else 0), args.routing, args.seed)
-    r = simulate(engine=args.engine, policy=args.policy, predictor=args.predictor, cpu_experts=args.cpu_experts,
-                 cache_rate=args.cache_rate, gpu_mem=parse_mem(args.gpu_mem, "--gpu-mem"), ngl=args.ngl,
-                 n_cpu_moe=args.n_cpu_moe, n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
-                 lookahead=args.lookahead, inputs=inp, progress=not args.quiet and not args.json, warm=args.warm)
+    r = simulate(engine=args.engine, policy=args.policy or "lru", predictor=args.predictor or "none",
+                 cpu_experts=args.cpu_experts or "auto", cache_rate=args.cache_rate, gpu_mem=args.gpu_mem, ngl=args.ngl,
+                 n_cpu_moe=args.n_cpu_moe, n_ctx=args.n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                 lookahead=args.lookahead or 1, inputs=inp, progress=not args.quiet and not args.json, warm=args.warm)
     if args.sweep:
         configs = [dict(policy="lru", predictor="none", cpu_experts="off"),
                    dict(policy="promoe", predictor="gate", cpu_experts="off"),
                    dict(policy="promoe", predictor="gate", cpu_experts="auto")]
-        rows = sweep(inp, configs, n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
+        rows = sweep(inp, configs, n_ctx=args.n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
                      progress=not args.quiet)
         plot_sweep(rows, args.sweep, f"{inp.model.name} on {inp.profile.name}")
         with open(args.sweep.rsplit(".", 1)[0] + ".json", "w") as f:

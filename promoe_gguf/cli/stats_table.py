@@ -28,7 +28,8 @@ def format_stats(st: dict) -> str:
                      f"{r['stall_s']:>8.3f} {r.get('wait_cpu_s', 0.0):>10.3f}")
     lookups = st["hits"] + st["misses"]
     lines.append(f"hit rate {st['hits'] / lookups if lookups else 0:.3f}; {_kib(st['bytes_h2d'])} copied; prefetches "
-                 f"useful {st['prefetch_useful']}, wasted {st['prefetch_wasted']}; decode {st.get('decode_steps', 0)} steps, "
+                 f"useful {st['prefetch_useful']}, wasted {st['prefetch_wasted']}; in the "
+                 f"{st.get('decode_steps', 0)} decode steps timed (each up to the next's start: the last is not), "
                  f"waiting for copies {st.get('decode_wait_copy_share', 0):.1%}, for the CPU "
                  f"{st.get('decode_wait_cpu_share', 0):.1%} of their time")
     cm = st.get("cost_model")

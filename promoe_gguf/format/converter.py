@@ -26,6 +26,7 @@ from gguf.quants import quant_shape_to_byte_shape
 from tqdm import tqdm
 
 from ..errors import ModelError
+from ..util import cannot_write, output_folder
 from .expert_index import MATRICES
 from .model_file import GGUFModel
 
@@ -106,15 +107,17 @@ def _write_experts(model: GGUFModel, path: str, progress: bool) -> list[dict]:
 
 def convert(model_path: str, out_dir: str, progress: bool = True) -> str:
     """Convert `model_path` (GGUF) into `out_dir` (must not exist). Returns out_dir."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    given = os.fspath(out_dir)
+    out_dir = os.path.abspath(given)
     if os.path.exists(out_dir):
-        raise ModelError(f"{out_dir}: output directory already exists (refusing to overwrite)")
-    parent = os.path.dirname(out_dir)
-    if not os.path.isdir(parent):
-        raise ModelError(f"{parent}: parent directory of the output does not exist")
+        raise ModelError(f"{given}: output directory already exists (refusing to overwrite)")
+    parent = output_folder(out_dir, given)
     model = GGUFModel(model_path)
     st = os.stat(model.path)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    except OSError as e:
+        raise cannot_write(e, given) from None
     try:
         experts = _write_experts(model, os.path.join(tmp, "experts.bin"), progress)
         _write_resident(model, os.path.join(tmp, "resident.gguf"))
@@ -139,5 +142,7 @@ def convert(model_path: str, out_dir: str, progress: bool = True) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (ModelError, KeyboardInterrupt)):
             raise
+        if isinstance(e, OSError):                  # disk full, no access: named as given, not our temp dir
+            raise ModelError(f"{cannot_write(e, given)}; nothing was written") from e
         raise ModelError(f"converting {model_path} failed ({type(e).__name__}: {e}); nothing was written") from e
     return out_dir

@@ -8,6 +8,7 @@ Every failure is a ModelError that names the file and the field or tensor.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGMLQuantizationType
@@ -152,12 +153,33 @@ def validate_gguf(path: str) -> None:
                                f"runs past the end of the file ({size} bytes; truncated?)")
 
 
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_model_path(path: str, directory_ok: bool = True) -> None:
+    """A model path must name a regular file (or a converted cache directory): a missing path, a
+    device or a pipe gets its own message (opening a FIFO would block; /dev/zero reads forever)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ModelError(f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        if not directory_ok:
+            raise ModelError(f"{path}: is a directory, not a GGUF file")
+        return
+    for test, kind in _SPECIAL:
+        if test(st.st_mode):
+            raise ModelError(f"{path}: is {kind}, not a model file")
+
+
 def read_gguf(path: str) -> GGUFReader:
     """Validated GGUFReader over `path`, memory-mapped copy-on-write: the compute backends address
     the mapped tensors in place (torch needs a writable buffer); nothing is ever written back."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such file")
+    check_model_path(path, directory_ok=False)
     validate_gguf(path)
     try:
         return GGUFReader(path, "c")

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ModelError
 from .config import ModelConfig, config_from_metadata
 from .expert_index import MATRICES, MatrixSlice, build_expert_index, is_expert_tensor
-from .gguf_file import field_value, read_gguf
+from .gguf_file import check_model_path, field_value, read_gguf
 from .quants import dequantize, quant_type
 from .validate import checked_config
 
@@ -161,6 +161,7 @@ class GGUFModel(MoEModel):
 def open_model(path, **kw) -> MoEModel:
     """Contract: open a GGUF file or a converted cache directory."""
     path = os.fspath(path)
+    check_model_path(path)
     if os.path.isdir(path):
         from .cache_dir import CachedModel
         return CachedModel(path, **kw)

@@ -1,7 +1,7 @@
 """Expert predictors. `make_predictor(spec, model)` turns a --predictor value into one."""
 from __future__ import annotations
 
-from ..errors import ModelError
+from ..errors import ParameterError, clip
 from .base import Predictor
 
 
@@ -19,12 +19,12 @@ def make_predictor(spec, model, lookahead: int = 1, routes=None) -> Predictor | 
     if kind == "oracle":
         from .oracle import OraclePredictor
         if routes is None:
-            raise ModelError("the oracle predictor needs a recorded routing trace (routes=...)")
+            raise ParameterError("predictor", "'oracle' needs a recorded routing trace (routes=...)")
         return OraclePredictor(model, routes, lookahead)
     if kind == "mlp":
         from .mlp import load_mlp_predictor
         if not arg:
-            raise ModelError("the mlp predictor needs a file: mlp:PATH (made by `promoe train-predictor`)")
+            raise ParameterError("predictor", "'mlp' needs a file: mlp:PATH (made by `promoe train-predictor`)")
         return load_mlp_predictor(arg, model, lookahead)
     if kind in ("history", "freq"):
         from .history import FreqPredictor, HistoryPredictor, trace_counts
@@ -37,4 +37,5 @@ def make_predictor(spec, model, lookahead: int = 1, routes=None) -> Predictor | 
         if kind == "freq":
             return FreqPredictor(model, lookahead, counts)
         return HistoryPredictor(model, lookahead, eams)
-    raise ModelError(f"unknown predictor {spec!r} (none, gate, oracle, mlp:PATH, history[:TRACE], freq[:TRACE])")
+    raise ParameterError("predictor", f"{clip(spec)} is not one of none, gate, oracle, mlp:PATH, history[:TRACE], "
+                                      "freq[:TRACE]")

@@ -311,11 +311,12 @@ def read_predictor_file(path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"predictor file {path} does not exist")
+    _check_archive(p)
     try:
         rec = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ModelError(f"predictor file {path} is not a promoe predictor "
-                         f"({type(e).__name__}: {one_line(e)})") from None
+        raise ModelError(f"predictor file {path} is damaged: its archive is intact but its contents cannot be "
+                         f"read back ({type(e).__name__}: {one_line(e, 120)})") from None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise ModelError(f"predictor file {path} is not a promoe predictor")
     if rec.get("version") != VERSION:
@@ -325,6 +326,23 @@ def read_predictor_file(path) -> dict:
         raise ModelError(f"predictor file {path}: kind {rec.get('kind')!r} is not 'mlp'")
     check_record(rec, path)
     return rec
+
+
+def _check_archive(p: Path) -> None:
+    """torch.save writes a zip archive with a CRC-32 per member: check them all before unpickling, so a
+    damaged file is named as damaged (and where) rather than failing somewhere inside the unpickler."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(p) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile as e:
+        raise ModelError(f"predictor file {p} is not a promoe predictor, or is truncated: not a readable zip "
+                         f"archive as torch.save writes ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged directory entry fails in zipfile's own parsing
+        raise ModelError(f"predictor file {p} is damaged: its zip directory is unreadable "
+                         f"({type(e).__name__}: {one_line(e, 120)})") from None
+    if bad is not None:
+        raise ModelError(f"predictor file {p} is damaged: archive member {bad!r} fails its CRC-32 check")
 
 
 def record_digest(record: dict) -> str:

@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..backends import ExpertStack, StackedMatrix
-from ..errors import ModelError
+from ..errors import ModelError, ParameterError, clip
 from ..model.experts import ExpertSource, ResidentSource
 from ..predict import make_predictor
 from .cache import READY, ExpertCache, StaticPolicy, make_policy, slots_for_budget
@@ -39,7 +39,7 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     oracle predictor; fault / cpu_fault: tests only, called in the copy thread / CPU worker.
     """
     if cpu_experts not in CPU_EXPERTS:
-        raise ModelError(f"cpu_experts {cpu_experts!r}: one of {', '.join(CPU_EXPERTS)}")
+        raise ParameterError("cpu_experts", f"{clip(cpu_experts)} is not one of {', '.join(CPU_EXPERTS)}")
     if cache_rate is None and cache_mem is None:
         if predictor not in (None, "none") or policy != "lru" or link:
             log.info("every expert is resident: policy, predictor and link are not used")
@@ -117,7 +117,7 @@ def attach(source, decoder, experts) -> None:
     ratio = getattr(source, "link_ratio", None)
     if ratio:
         if source.device.type != "cpu":
-            raise ModelError("link=ratio=R is a CPU emulation; on a GPU the real link is used")
+            raise ParameterError("link", "ratio=R is a CPU emulation; on a GPU the real link is used")
         calibrate_link_ratio(source, decoder, experts, ratio)
     if getattr(source, "cpu_pool", None) is not None:
         source.cost = measure_costs(source, decoder.backend)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ModelError
+from .. import limits
+from ..errors import ModelError, ParameterError, clip
 
 EMPTY, LOADING, READY = "empty", "loading", "ready"
 USE_DECAY = 0.9            # per step: a use 10 tokens ago counts about a third of a use now
@@ -120,23 +121,20 @@ def make_policy(name: str, n_used: int, profile=None) -> Policy:
         return PromoePolicy()
     if name == "static":
         return StaticPolicy(profile, n_buffer=max(2, n_used))
-    raise ModelError(f"unknown cache policy {name!r} (lru, static, promoe)")
+    raise ParameterError("policy", f"{clip(name)} is not one of lru, static, promoe")
 
 
 def slots_for_budget(store, n_used: int, cache_rate=None, cache_mem=None) -> int:
     """Number of slots a budget buys; refuses budgets below one layer's top-k working set."""
     total = len(store.keys)
     if cache_mem is not None:
-        n = int(cache_mem) // store.slot_bytes
-        what = f"cache budget of {int(cache_mem):,} bytes"
+        name, value, n = "cache_mem", f"{int(cache_mem):,} bytes", int(cache_mem) // store.slot_bytes
     else:
-        if not 0 < float(cache_rate) <= 1:
-            raise ModelError(f"cache rate {cache_rate} must be in (0, 1]")
-        n = math.ceil(float(cache_rate) * total)
-        what = f"cache rate {cache_rate}"
+        limits.check("cache_rate", cache_rate)
+        name, value, n = "cache_rate", f"{cache_rate}", math.ceil(float(cache_rate) * total)
     if n < n_used:
-        raise ModelError(f"{what} holds {n} expert(s) of {store.slot_bytes:,} bytes, fewer than one layer's "
-                         f"top-{n_used} working set ({n_used * store.slot_bytes:,} bytes)")
+        raise ParameterError(name, f"{value} holds {n} expert(s) of {store.slot_bytes:,} bytes, fewer than one "
+                                   f"layer's top-{n_used} working set ({n_used * store.slot_bytes:,} bytes)")
     return min(n, total)
 
 

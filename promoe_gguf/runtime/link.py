@@ -6,33 +6,48 @@ Everything it reports is labelled as emulation.
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ParameterError, clip
+from ..limits import LINK_RATIO_MAX
+
+
+_NUM = r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
+LINK_FORMAT = "'NGB/s[,Lus][,jitter=Jus]' or 'ratio=R'"
 
 
 def parse_link(spec) -> dict:
-    """'25GB/s', '25GB/s,10us', 'ratio=10' -> {'bandwidth': bytes/s} / {'ratio': 10.0}; None -> {}."""
+    """'25GB/s', '25GB/s,10us', '1.5e3MB/s', 'ratio=10' -> {'bandwidth': bytes/s} / {'ratio': 10.0};
+    None -> {}. A rate must be > 0 and a ratio within what the emulation can run (ParameterError)."""
     if spec is None or spec == "":
         return {}
     if isinstance(spec, dict):
         return dict(spec)
     text = str(spec).replace(" ", "")
-    m = re.fullmatch(r"ratio=([0-9.]+)", text)
+    m = re.fullmatch(r"ratio=" + _NUM, text, re.I)
     if m:
-        return {"ratio": float(m.group(1))}
-    m = re.fullmatch(r"([0-9.]+)([KMG]?)B/s(?:,([0-9.]+)(us|ms))?(?:,jitter=([0-9.]+)(us|ms))?", text, re.I)
+        ratio = float(m.group(1))
+        if not 0 < ratio <= LINK_RATIO_MAX:
+            raise ParameterError("link", f"ratio {m.group(1)} must be in (0, {LINK_RATIO_MAX:g}]: the copy of one "
+                                         "expert takes ratio x one layer's decode compute")
+        return {"ratio": ratio}
+    m = re.fullmatch(_NUM + r"([KMG]?)B/s(?:," + _NUM + r"(us|ms))?(?:,jitter=" + _NUM + r"(us|ms))?", text, re.I)
     if not m:
-        raise ModelError(f"link {spec!r} is not 'NGB/s[,Lus][,jitter=Jus]' or 'ratio=R'")
+        raise ParameterError("link", f"{clip(spec)} is not {LINK_FORMAT}")
     scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2).upper()]
     out = {"bandwidth": float(m.group(1)) * scale}
+    if not 0 < out["bandwidth"] < math.inf:
+        raise ParameterError("link", f"rate {m.group(1)}{m.group(2)}B/s must be > 0 and finite")
     for key, value, unit in (("latency", m.group(3), m.group(4)), ("jitter", m.group(5), m.group(6))):
         if value:
             out[key] = float(value) * (1e-6 if unit.lower() == "us" else 1e-3)
+            if not out[key] < 60:
+                raise ParameterError("link", f"{key} {value}{unit} must be under a minute")
     return out
 
 

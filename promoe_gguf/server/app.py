@@ -1,8 +1,15 @@
-"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions (stream: true as
-server-sent events), /health and /metrics. Errors are OpenAI-shaped: {"error": {message, type, param, code}}.
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models[/{id}], /v1/completions, /v1/chat/completions (stream:
+true as server-sent events), /health and /metrics. Errors are OpenAI-shaped: {"error": {message, type, param,
+code}}, and never echo more than 200 characters of a value.
+
+As strict as llama-server: every route but /health needs the key when one is set (the OpenAPI schema is
+then not served); request bodies must be declared JSON (415 otherwise); on loopback the Host header must
+name a loopback host, so a web page whose domain resolves to 127.0.0.1 cannot drive the server (DNS
+rebinding). Every error response is counted in /metrics by status.
 
 Generation runs on the scheduler's engine thread; handlers only validate, queue and relay. A client that
 disconnects (while queued, waiting or streaming) cancels its job, which stops generating at the next token.
+At shutdown a running stream ends with an error event and [DONE].
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import json
 import os
 import secrets
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -18,12 +26,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import api
+from ..errors import ParameterError, clip, one_line
 from .metrics import CONTENT_TYPE, Usage, make_registry, render
 from .scheduler import Job, QueueFull, Scheduler, ServerClosing
 
 MAX_BODY_BYTES = 4 << 20        # a prompt is bounded by the context; bodies past this are refused (413)
 DISCONNECT_POLL_S = 0.25        # how often a waiting handler checks that its client is still there
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MESSAGE_LIMIT = 1000            # an error message is ours plus clipped values; this bounds it whatever happens
 
 
 class ApiError(Exception):
@@ -39,6 +50,8 @@ class ClientGone(Exception):
 
 
 def error_body(message: str, err_type: str = "invalid_request_error", param=None, code=None) -> dict:
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT] + "..."
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
@@ -46,10 +59,21 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.err_type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
+def host_name(header: str) -> str:
+    """The host of a Host header, without the port: "[::1]:8080" -> "::1", "localhost:8080" -> "localhost"."""
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 async def read_json(request: Request) -> dict:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", "body")
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' (got "
+                            f"{clip(media) if media else 'no Content-Type'})", "Content-Type")
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
@@ -75,13 +99,15 @@ def generation_args(body: dict) -> dict:
 
 
 def build_app(engine, model_id: str | None = None, api_key: str | None = None, max_queue: int = 8,
-              close_engine: bool = True) -> FastAPI:
-    """The app serving `engine`. Its shutdown stops the engine thread and (close_engine) closes the engine."""
+              close_engine: bool = True, loopback: bool = True) -> FastAPI:
+    """The app serving `engine`. Its shutdown stops the engine thread and (close_engine) closes the engine.
+    `loopback`: the server listens on a loopback address only, so requests must name a loopback Host."""
     model_id = model_id or os.path.basename(str(engine.model_path))
     served_names = {model_id, os.path.basename(str(engine.model_path)), str(engine.model_path)}
     scheduler = Scheduler(max_queue)
     usage = Usage()
-    registry = make_registry(engine, scheduler, usage, model_id)
+    errors: Counter = Counter()          # error responses by HTTP status
+    registry = make_registry(engine, scheduler, usage, model_id, errors)
     created = int(time.time())
 
     @asynccontextmanager
@@ -93,25 +119,36 @@ def build_app(engine, model_id: str | None = None, api_key: str | None = None, m
             if close_engine:
                 engine.close()
 
-    app = FastAPI(title="promoe-gguf", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine, app.state.scheduler = engine, scheduler
+    def check_host(request: Request) -> None:
+        if loopback and host_name(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
+            raise ApiError(400, f"Host {clip(request.headers.get('host', ''))} is not this server's: it listens on "
+                                "loopback only, for clients on this machine (a DNS rebinding guard)", "Host")
+
+    app = FastAPI(title="promoe-gguf", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if api_key else "/openapi.json", dependencies=[Depends(check_host)])
+    app.state.engine, app.state.scheduler, app.state.errors = engine, scheduler, errors
+
+    def counted(response: JSONResponse) -> JSONResponse:
+        errors[response.status_code] += 1
+        return response
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error_response(e)
+        return counted(error_response(e))
 
-    @app.exception_handler(api.InvalidRequest)
-    async def _invalid(request, e: api.InvalidRequest):
-        return error_response(ApiError(400, str(e), e.param))
+    @app.exception_handler(ParameterError)
+    async def _invalid(request, e: ParameterError):
+        return counted(error_response(ApiError(400, str(e), e.param)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))
+        return counted(JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
+                                    headers=getattr(e, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+        return counted(JSONResponse(error_body(f"internal error: {type(e).__name__}: {one_line(e, 200)}",
+                                               "server_error"), status_code=500))
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -131,23 +168,36 @@ def build_app(engine, model_id: str | None = None, api_key: str | None = None, m
     async def metrics():
         return Response(render(registry), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict:
+        cfg = engine.config
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "promoe-gguf",
+                "meta": {"arch": cfg.arch, "n_ctx": engine.n_ctx, "n_vocab": cfg.n_vocab, "n_layers": cfg.n_layers,
+                         "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
+                         "device": str(engine.device)}}
+
     @router.get("/v1/models")
     @router.get("/models")
     async def models():
-        cfg = engine.config
-        return {"object": "list", "data": [{
-            "id": model_id, "object": "model", "created": created, "owned_by": "promoe-gguf",
-            "meta": {"arch": cfg.arch, "n_ctx": engine.n_ctx, "n_vocab": cfg.n_vocab, "n_layers": cfg.n_layers,
-                     "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used, "device": str(engine.device)}}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/v1/models/{name:path}")
+    @router.get("/models/{name:path}")
+    async def model(name: str):
+        if name not in served_names:
+            raise ApiError(404, f"model {clip(name)} is not served here; this server serves {model_id!r}", "model",
+                           code="model_not_found")
+        return model_card()
 
     def check_common(body: dict) -> tuple[bool, bool]:
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"model must be a string, got {type(model).__name__}", "model")
         if model is not None and model not in served_names:
-            raise ApiError(400, f"model {model!r} is not served here; this server serves {model_id!r}", "model",
+            raise ApiError(400, f"model {clip(model)} is not served here; this server serves {model_id!r}", "model",
                            code="model_not_found")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
+            raise ApiError(400, f"stream must be true or false, got {clip(stream)}", "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", "stream_options")
@@ -196,6 +246,7 @@ def build_app(engine, model_id: str | None = None, api_key: str | None = None, m
             kind, value = await next_event(job, request)
         except ClientGone:  # while queued or running: nobody will read the answer
             job.cancel.set()
+            errors[499] += 1                # nginx's "client closed request"
             return Response(status_code=499)
         except BaseException:  # the handler itself was cancelled
             job.cancel.set()
@@ -219,8 +270,9 @@ def build_app(engine, model_id: str | None = None, api_key: str | None = None, m
                 elif kind == "end":
                     yield "data: [DONE]\n\n"
                     return
-                else:
+                else:               # failed, or the server is shutting down: say so, then end the stream
                     yield f"data: {json.dumps(error_body(str(value), 'server_error'))}\n\n"
+                    yield "data: [DONE]\n\n"
                     return
         except ClientGone:
             return

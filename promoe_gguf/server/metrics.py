@@ -7,6 +7,7 @@ exported, and any other numeric statistic appears as promoe_engine_stat{name=...
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (the app's /metrics uses it)
 from prometheus_client import CollectorRegistry, generate_latest
@@ -39,8 +40,9 @@ class Usage:
 
 
 class EngineCollector:
-    def __init__(self, engine, scheduler, usage: Usage, model_id: str):
+    def __init__(self, engine, scheduler, usage: Usage, model_id: str, errors: Counter):
         self.engine, self.scheduler, self.usage, self.model_id = engine, scheduler, usage, model_id
+        self.errors = errors
 
     def collect(self):
         sched, eng = self.scheduler, self.engine
@@ -55,6 +57,11 @@ class EngineCollector:
         for outcome in ("completed", "failed", "cancelled", "rejected"):
             requests.add_metric([outcome], sched.outcomes[outcome])
         yield requests
+        http = CounterMetricFamily("promoe_http_errors", "error responses by HTTP status (4xx: the client's "
+                                   "request, 499: the client left, 5xx: ours)", labels=["code"])
+        for code, n in sorted(self.errors.items()):
+            http.add_metric([str(code)], n)
+        yield http
         yield CounterMetricFamily("promoe_engine_busy_seconds", "time the engine spent on requests",
                                   value=sched.busy_s)
         yield CounterMetricFamily("promoe_prompt_tokens", "prompt tokens of finished requests",
@@ -99,9 +106,9 @@ class EngineCollector:
         yield other
 
 
-def make_registry(engine, scheduler, usage: Usage, model_id: str) -> CollectorRegistry:
+def make_registry(engine, scheduler, usage: Usage, model_id: str, errors: Counter) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine, scheduler, usage, model_id))
+    registry.register(EngineCollector(engine, scheduler, usage, model_id, errors))
     return registry
 
 

@@ -109,7 +109,10 @@ class Scheduler:
                 if not job.emit("item", item) or job.cancel.is_set() or self._closing.is_set():
                     break
             outcome = "cancelled" if job.cancel.is_set() else "completed"
-            job.emit("end", None)
+            if self._closing.is_set():      # cut short by shutdown: the client gets an error, not a clean end
+                job.emit("error", ServerClosing("the server is shutting down"))
+            else:
+                job.emit("end", None)
         except Exception as e:  # the request failed; the engine thread carries on with the next one
             log.exception("request failed")
             outcome = "failed"
@@ -128,12 +131,17 @@ class Scheduler:
                 log.exception("on_done hook failed")
         self.outcomes[outcome] += 1  # last: whoever sees the count sees the job's usage too
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop taking jobs, cancel the running one, and join the engine thread (bounded wait)."""
+    def begin_close(self) -> None:
+        """Stop taking jobs and cancel the running one; returns at once (safe in a signal handler). The
+        running and queued jobs end with a ServerClosing error."""
         self._closing.set()
         running = self.running
         if running is not None:
             running.cancel.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """begin_close(), then join the engine thread (bounded wait)."""
+        self.begin_close()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("engine thread still busy after %.0f s", timeout)
