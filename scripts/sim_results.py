@@ -1,5 +1,5 @@
-"""The simulator's committed results (bench/results/sim/): the consumer-GPU comparison (issue 11,
-item 6), tok/s-vs-memory sweeps as PNG, and the synthetic routing's calibration table.
+"""The simulator's committed results (bench/results/sim/): the consumer-GPU comparison (ours against
+llama.cpp's every mode, its expert cache included, and a FreeToken-like design), tok/s-vs-memory sweeps as PNG, and the synthetic routing's calibration table.
 ALL FIGURES ARE SIMULATED (promoe simulate), never measured on a GPU.
 
     python scripts/sim_results.py [--out bench/results/sim] [--skip-sweeps]
@@ -18,6 +18,7 @@ from promoe_gguf.sim import load_inputs, simulate, sweep
 from promoe_gguf.sim.profile import PROFILES
 from promoe_gguf.sim.report import plot_sweep
 from promoe_gguf.sim.routing import calibration_rows
+from promoe_gguf.sim.run import best, llamacpp_modes
 
 MODELS = ["mixtral-8x7b", "qwen3-30b-a3b"]
 GPUS = ["rtx4070ti-12g", "rtx3060-12g", "rtx4090-24g"]
@@ -28,15 +29,7 @@ N_BATCH = 512                # our prefill chunk in the comparison (llama.cpp's 
 AS_BUILT_LAYER_US = 400      # sensitivity: a Python-bound dispatch (24 device ops x ~15 us + 1 sync)
 
 
-def llamacpp_best(inp) -> dict:
-    """llama.cpp's modes that fit (all on the CPU, --ngl auto, --n-cpu-moe auto), best decode first."""
-    rows = []
-    for kw in ({}, {"ngl": "auto"}, {"n_cpu_moe": "auto"}):
-        try:
-            rows.append(simulate(engine="llamacpp", inputs=inp, **kw))
-        except ModelError:
-            pass
-    return sorted(rows, key=lambda r: -r["decode_tok_s"])
+PROMPTS = (2048, 4096)       # longer prompts: prefill only (llama.cpp at -ub 512, 2048, 4096)
 
 
 def comparison(progress=True, layer_cost: tuple[float, float] | None = None) -> list[dict]:
@@ -44,10 +37,16 @@ def comparison(progress=True, layer_cost: tuple[float, float] | None = None) -> 
     out = []
     jobs = [(m, g) for m in MODELS for g in GPUS]
     for model, gpu in tqdm(jobs, desc="compare", disable=not progress):
-        inp = load_inputs(shape=model, profile=gpu, sequences=2)      # ours: the first warms the cache
-        modes = llamacpp_best(inp)
+        inp = load_inputs(shape=model, profile=gpu, sequences=2)      # the first warms every cache
+        modes = llamacpp_modes(inp, warm=True)
+        stock = [r for r in modes if not r["moe_cache_mib"]]
+        cached = [r for r in modes if r["moe_cache_mib"]]
         row = {"model": model, "gpu": gpu, "profile": PROFILES[gpu].source, "calibrated_routing": inp.calibrated,
-               "llamacpp": {r["mode"]: _brief(r) for r in modes}, "llamacpp_best": modes[0]["mode"]}
+               "llamacpp": {r["mode"]: _brief(r) for r in modes},
+               "llamacpp_best": {ph: best(modes, ph)["mode"] for ph in ("decode", "prefill")},
+               "llamacpp_stock_best": best(stock, "decode")["mode"],
+               "llamacpp_cache_best": best(cached, "decode")["mode"] if cached else None,
+               "freetoken": _brief(simulate(engine="freetoken", inputs=inp, warm=True))}
         for name, kw in OURS:
             r = simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, warm=True, **kw)
             row[name] = _brief(r) | {"slots": r["slots"], "cache_rate": r["cache_rate"]}
@@ -61,6 +60,16 @@ def comparison(progress=True, layer_cost: tuple[float, float] | None = None) -> 
             meas = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={cost}", sequences=2)
             row["hybrid_measured_cost"] = _brief(simulate(engine="promoe", inputs=meas, n_batch=N_BATCH, warm=True,
                                                           **OURS[2][1])) | {"layer_us": round(cost, 1)}
+        row["long_prompts"] = {}
+        for n in PROMPTS:
+            longer = load_inputs(shape=model, profile=gpu, prompt=n, decode=1, sequences=2)
+            theirs = llamacpp_modes(longer, warm=True)
+            top = best(theirs, "prefill")
+            row["long_prompts"][n] = {
+                "llamacpp": {"mode": top["mode"], "prefill_tok_s": round(top["prefill_tok_s"], 1)},
+                "freetoken": round(simulate(engine="freetoken", inputs=longer, warm=True)["prefill_tok_s"], 1),
+                "hybrid": round(simulate(engine="promoe", inputs=longer, n_batch=N_BATCH, warm=True,
+                                         **OURS[2][1])["prefill_tok_s"], 1)}
         out.append(row)
     return out
 
@@ -69,9 +78,14 @@ def _brief(r: dict) -> dict:
     return {"decode_tok_s": round(r["decode_tok_s"], 2), "prefill_tok_s": round(r["prefill_tok_s"], 1),
             "decode_hit_rate": None if r["decode_hit_rate"] is None else round(r["decode_hit_rate"], 3),
             "decode_stall_share": round(r["decode_stall_share"], 3),
+            "decode_bound_tok_s": None if r["decode_bound_tok_s"] is None else round(r["decode_bound_tok_s"], 2),
             "device_gib": round(r["device_memory"]["total"] / 2**30, 2), "mode": r["mode"],
             "decode_h2d_mb_per_token": round(r["decode_bytes_per_token"]["h2d"] / 1e6, 1),
             "decode_cpu_experts_per_token": round(r["decode_cpu_experts_per_token"], 2)}
+
+
+def _x(a, b) -> str:
+    return f"{a / b:.2f}x" if b else "-"
 
 
 def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
@@ -80,49 +94,91 @@ def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
              + "; ".join(f"`{g}` = {PROFILES[g].source}" for g in GPUS) + ". Q4_K_M as llama.cpp lays it out; "
              "synthetic routing (Qwen3-30B-A3B: the preset calibrated to published traces; Mixtral: the same "
              "preset, no public trace statistics), a request = a 512-token prompt then 128 decoded tokens, context "
-             "4096; our cache is warm (a server: a previous, independent request ran first; 'cold' column: the first "
-             "request after start-up). Every engine "
-             "gets the whole GPU: llama.cpp the placements that fit (all on the CPU, the most layers with `--ngl`, "
-             "the fewest CPU expert layers with `--n-cpu-moe`; best decode shown), ours the largest expert cache "
-             "`Engine(gpu_mem=default)` fits (10% / 1 GiB left to CUDA).", "",
+             "4096; every cache is warm (a server: a previous, independent request ran first; 'cold' column: the "
+             "first request after start-up).", "",
+             "Every engine gets the whole GPU. **llama.cpp**: every mode that fits (all on the CPU, the most layers "
+             "with `--ngl`, the fewest CPU expert layers with `--n-cpu-moe`, and its own expert cache "
+             "`--n-cpu-moe N --moe-cache-mib M` with M all the memory left, at five splits from the fewest CPU "
+             "layers to all of them; `-ub` 512, 2048 and 4096 for the longer prompts), the best per phase shown; "
+             "'stock' is the best without the expert cache. **FreeToken-like**: the strongest published design "
+             "(promoe_gguf/sim/freetoken.py: one LRU per expert layout, misses split between the link and the CPU "
+             "by their bandwidths, whole-layer double-buffered prefill, llama.cpp's per-layer graph cost). "
+             "**Ours**: the largest expert cache `Engine(gpu_mem=default)` fits (10% / 1 GiB left to CUDA, where "
+             "llama.cpp is given all but 512 MiB).", "",
              "- **lru**: per-layer LRU, every miss copied; **promoe**: promoe policy + gate predictor, misses copied; "
              "**hybrid**: promoe + gate, misses on the CPU when the cost model says so (`--cpu-experts auto`).",
-             f"- Our per-layer decode cost is set to llama.cpp's (69 us: the design's target); the 'hybrid, Python-bound' "
-             f"column is hybrid at {AS_BUILT_LAYER_US} us/layer, a Python-bound dispatch"
-             + (f"; the 'hybrid, measured cost' column is hybrid at the per-layer cost {layer_cost_source}: "
+             "- **bound**: the fastest decode hybrid's own hits and misses allow, max(device bytes / device "
+             "bandwidth, missed bytes / (link + CPU bandwidth)) per token; '/ bound' is how much of it we reach.",
+             "- Our per-layer decode cost is set to llama.cpp's (69 us: the design's target); the sensitivity table "
+             f"has hybrid at {AS_BUILT_LAYER_US} us/layer (a Python-bound dispatch)"
+             + (f" and at the per-layer cost {layer_cost_source}: "
                 f"{layer_cost[1]:.0f} us with an expert cache, {layer_cost[0]:.0f} us where every expert fits."
-                if layer_cost is not None else " (no GPU run of ours exists to say which)."),
+                if layer_cost is not None else "."),
              "- Validation of the model: bench/results/sim/validation.md (llama.cpp decode within 15% of published "
-             "runs; GPU prefill has no published check).", "",
+             "runs; GPU prefill and llama.cpp's expert cache have no published check).",
              f"- Our prefill runs in chunks of {N_BATCH} tokens (`--n-batch {N_BATCH}`, llama.cpp's ubatch); the "
-             "Engine's default, 64, re-reads (and on a miss re-copies) every expert each 64 tokens: the 'hybrid, --n-batch 64' column.",
-             "",
-             "| model | GPU | llama.cpp best (mode) | lru | promoe | hybrid | hybrid / llama.cpp | hybrid, Python-bound | "
-             + ("hybrid, measured cost | measured / llama.cpp | " if layer_cost is not None else "")
-             + "hybrid, --n-batch 64 | hybrid, cold |",
-             "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if layer_cost is not None else "") + "---:|---:|"]
-    for phase in ("decode", "prefill"):
-        lines.append(f"| **{phase} tok/s** | | | | | | | |" + (" | |" if layer_cost is not None else "") + " | |")
-        for r in rows:
-            best = r["llamacpp"][r["llamacpp_best"]]
-            key = f"{phase}_tok_s"
-            meas = (f"{r['hybrid_measured_cost'][key]:.1f} | {r['hybrid_measured_cost'][key] / best[key]:.2f}x | "
-                    if layer_cost is not None else "")
-            lines.append(f"| {r['model']} | {r['gpu']} | {best[key]:.1f} ({r['llamacpp_best']}) | {r['lru'][key]:.1f} | "
-                         f"{r['promoe'][key]:.1f} | {r['hybrid'][key]:.1f} | {r['hybrid'][key] / best[key]:.2f}x | "
-                         f"{r['hybrid_python_bound'][key]:.1f} | {meas}{r['hybrid_batch64'][key]:.1f} | "
-                         f"{r['hybrid_cold'][key]:.1f} |")
-    lines += ["", "Details (decode): cache slots, hit rate, share of decode waiting for copies, experts computed on "
-              "the CPU and bytes copied per token.", "",
-              "| model | GPU | engine | device GiB | slots (rate) | hit rate | stall | CPU experts/tok | copied MB/tok |",
-              "|---|---|---|---:|---|---:|---:|---:|---:|"]
+             "Engine's default, 64, re-reads (and on a miss re-copies) every expert each 64 tokens: the sensitivity "
+             "table's '--n-batch 64' column.", "",
+             "## Decode tok/s", "",
+             "| model | GPU | llama.cpp stock best | llama.cpp expert cache best | FreeToken-like | lru | promoe | hybrid "
+             "| hybrid bound | hybrid / bound | hybrid / llama.cpp best | hybrid / FreeToken-like |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        st = r["llamacpp"][r["llamacpp_stock_best"]]
+        ca = r["llamacpp"].get(r["llamacpp_cache_best"]) if r["llamacpp_cache_best"] else None
+        top = r["llamacpp"][r["llamacpp_best"]["decode"]]
+        h, ft = r["hybrid"], r["freetoken"]
+        cache_cell = f"{ca['decode_tok_s']:.1f} ({r['llamacpp_cache_best']})" if ca else "-"
+        lines.append(f"| {r['model']} | {r['gpu']} | {st['decode_tok_s']:.1f} ({r['llamacpp_stock_best']}) | {cache_cell} | "
+                     f"{ft['decode_tok_s']:.1f} | {r['lru']['decode_tok_s']:.1f} | {r['promoe']['decode_tok_s']:.1f} | "
+                     f"{h['decode_tok_s']:.1f} | {h['decode_bound_tok_s']:.1f} | "
+                     f"{h['decode_tok_s'] / h['decode_bound_tok_s']:.0%} | {_x(h['decode_tok_s'], top['decode_tok_s'])} | "
+                     f"{_x(h['decode_tok_s'], ft['decode_tok_s'])} |")
+    lines += ["", "## Prefill tok/s", "",
+              "| model | GPU | prompt | llama.cpp best (mode) | FreeToken-like | hybrid | hybrid / llama.cpp best |",
+              "|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        top = r["llamacpp"][r["llamacpp_best"]["prefill"]]
+        lines.append(f"| {r['model']} | {r['gpu']} | 512 | {top['prefill_tok_s']:.1f} ({r['llamacpp_best']['prefill']}) | "
+                     f"{r['freetoken']['prefill_tok_s']:.1f} | {r['hybrid']['prefill_tok_s']:.1f} | "
+                     f"{_x(r['hybrid']['prefill_tok_s'], top['prefill_tok_s'])} |")
+        for n, lp in r["long_prompts"].items():
+            lines.append(f"| {r['model']} | {r['gpu']} | {n} | {lp['llamacpp']['prefill_tok_s']:.1f} "
+                         f"({lp['llamacpp']['mode']}) | {lp['freetoken']:.1f} | {lp['hybrid']:.1f} | "
+                         f"{_x(lp['hybrid'], lp['llamacpp']['prefill_tok_s'])} |")
+    lines += ["", "## Sensitivity of hybrid (decode tok/s; prefill for --n-batch 64)", "",
+              "| model | GPU | hybrid | Python-bound | " + ("measured cost | measured / llama.cpp best | "
+                                                         if layer_cost is not None else "")
+              + "--n-batch 64 prefill | cold |",
+              "|---|---|---:|---:|" + ("---:|---:|" if layer_cost is not None else "") + "---:|---:|"]
+    for r in rows:
+        top = r["llamacpp"][r["llamacpp_best"]["decode"]]
+        meas = (f"{r['hybrid_measured_cost']['decode_tok_s']:.1f} | "
+                f"{_x(r['hybrid_measured_cost']['decode_tok_s'], top['decode_tok_s'])} | " if layer_cost is not None else "")
+        lines.append(f"| {r['model']} | {r['gpu']} | {r['hybrid']['decode_tok_s']:.1f} | "
+                     f"{r['hybrid_python_bound']['decode_tok_s']:.1f} | {meas}{r['hybrid_batch64']['prefill_tok_s']:.1f} | "
+                     f"{r['hybrid_cold']['decode_tok_s']:.1f} |")
+    lines += ["", "## Details (decode)", "",
+              "Cache slots, hit rate, share of decode waiting for copies, experts computed on the CPU and bytes "
+              "copied per token; every llama.cpp mode simulated.", "",
+              "| model | GPU | engine | device GiB | decode tok/s | bound | slots (rate) | hit rate | stall | CPU experts/tok | copied MB/tok |",
+              "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+
+    def hit(b):
+        return "" if b["decode_hit_rate"] is None else f"{b['decode_hit_rate']:.3f}"
     for r in rows:
         for mode, b in r["llamacpp"].items():
-            lines.append(f"| {r['model']} | {r['gpu']} | llama.cpp {mode} | {b['device_gib']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['gpu']} | llama.cpp {mode} | {b['device_gib']} | {b['decode_tok_s']:.1f} | "
+                         f"{b['decode_bound_tok_s']:.1f} | | {hit(b)} | | | {b['decode_h2d_mb_per_token']} |")
+        b = r["freetoken"]
+        lines.append(f"| {r['model']} | {r['gpu']} | FreeToken-like | {b['device_gib']} | {b['decode_tok_s']:.1f} | "
+                     f"{b['decode_bound_tok_s']:.1f} | | {hit(b)} | | {b['decode_cpu_experts_per_token']} | "
+                     f"{b['decode_h2d_mb_per_token']} |")
         for name in ("lru", "promoe", "hybrid"):
             b = r[name]
-            lines.append(f"| {r['model']} | {r['gpu']} | {name} | {b['device_gib']} | {b['slots']} ({b['cache_rate']:.0%}) | "
-                         f"{b['decode_hit_rate']:.3f} | {b['decode_stall_share']:.0%} | {b['decode_cpu_experts_per_token']} | "
+            lines.append(f"| {r['model']} | {r['gpu']} | {name} | {b['device_gib']} | {b['decode_tok_s']:.1f} | "
+                         f"{b['decode_bound_tok_s']:.1f} | {b['slots']} ({b['cache_rate']:.0%}) | "
+                         f"{hit(b)} | {b['decode_stall_share']:.0%} | {b['decode_cpu_experts_per_token']} | "
                          f"{b['decode_h2d_mb_per_token']} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..errors import ModelError
+from ..errors import ModelError, ParameterError
 from .flags import ranged, setting, size
 
 
@@ -29,7 +29,9 @@ def add_parsers(sub) -> None:
                      help="synthetic routing statistics over the shape's preset, e.g. 'reuse=0.2,skew=0.8,locality=0.3'")
     src.add_argument("--seed", type=setting("seed"), default=0, help="synthetic routing's seed")
     e = s.add_argument_group("engine")
-    e.add_argument("--engine", default="promoe", choices=("promoe", "llamacpp"))
+    e.add_argument("--engine", default="promoe", choices=("promoe", "llamacpp", "freetoken"),
+                   help="promoe: our runtime; llamacpp: stock llama.cpp's offload modes; freetoken: a FreeToken-like "
+                        "design (LRU per layout, link/CPU split of misses, double-buffered prefill)")
     e.add_argument("--policy", default=None, choices=("lru", "static", "promoe"), help="ours: cache policy (default lru)")
     e.add_argument("--predictor", default=None, choices=("none", "gate", "oracle"),
                    help="ours: expert predictor (default none; oracle = the true future from the routing)")
@@ -45,7 +47,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--ngl", default=None, help="llama.cpp: layers on the GPU (the last N), or 'auto' (most that fit)")
     e.add_argument("--n-cpu-moe", default=None,
                    help="llama.cpp: experts of the first N layers on the CPU, or 'auto' (fewest that fit)")
-    e.add_argument("--n-ubatch", type=ranged(1), default=None, help="llama.cpp: prefill micro-batch (default 512)")
+    e.add_argument("--moe-cache-mib", default=None, metavar="MIB|auto",
+                   help="llama.cpp: its expert cache over the layers --n-cpu-moe leaves in host memory, in MiB, or "
+                        "'auto' (all the device memory left)")
+    e.add_argument("--n-ubatch", type=ranged(1), default=None,
+                   help="llama.cpp, freetoken: prefill micro-batch (default 512)")
     e.add_argument("--n-ctx", type=setting("n_ctx"), default=4096, help="KV cache length (memory)")
     o = s.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="one JSON object (decode_tok_s, prefill_tok_s, ...)")
@@ -56,6 +62,18 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=run)
 
 
+def _mib(value):
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ParameterError("--moe-cache-mib", f"{value!r}: a whole number of MiB >= 1, or auto")
+    return n
+
+
 def run(args) -> int:
     from ..sim import load_inputs, simulate, sweep
     from ..sim.report import format_result, plot_sweep
@@ -63,9 +81,11 @@ def run(args) -> int:
         raise ModelError("give --shape NAME|MODEL.gguf (synthetic routing) or --trace TRACE")
     ours = {"--policy": args.policy, "--predictor": args.predictor, "--cpu-experts": args.cpu_experts,
             "--cache-rate": args.cache_rate, "--lookahead": args.lookahead, "--n-batch": args.n_batch}
-    theirs = {"--ngl": args.ngl, "--n-cpu-moe": args.n_cpu_moe, "--n-ubatch": args.n_ubatch}
+    theirs = {"--ngl": args.ngl, "--n-cpu-moe": args.n_cpu_moe, "--moe-cache-mib": args.moe_cache_mib,
+              "--n-ubatch": args.n_ubatch}
     n_batch, n_ubatch = args.n_batch or 64, args.n_ubatch or 512
-    unused = [f for f, v in (ours if args.engine == "llamacpp" else theirs).items() if v is not None
+    applies = {"promoe": ours, "llamacpp": theirs, "freetoken": {"--n-ubatch": args.n_ubatch}}[args.engine]
+    unused = [f for f, v in {**ours, **theirs}.items() if v is not None and f not in applies
               and not (args.sweep and f in ("--n-batch", "--n-ubatch"))]      # a sweep runs both engines
     if unused:
         raise ModelError(f"{unused[0]} does not apply to --engine {args.engine}")
@@ -77,7 +97,7 @@ def run(args) -> int:
                       args.sequences + (1 if args.warm and args.trace is None else 0), args.routing, args.seed)
     r = simulate(engine=args.engine, policy=args.policy or "lru", predictor=args.predictor or "none",
                  cpu_experts=args.cpu_experts or "auto", cache_rate=args.cache_rate, gpu_mem=args.gpu_mem, ngl=args.ngl,
-                 n_cpu_moe=args.n_cpu_moe, n_ctx=args.n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                 n_cpu_moe=args.n_cpu_moe, moe_cache_mib=_mib(args.moe_cache_mib), n_ctx=args.n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
                  lookahead=args.lookahead or 1, inputs=inp, progress=not args.quiet and not args.json, warm=args.warm)
     if args.sweep:
         configs = [dict(policy="lru", predictor="none", cpu_experts="off"),

@@ -22,7 +22,7 @@ USE_DECAY = 0.9            # per step: a use 10 tokens ago counts about a third 
 PREDICTED_BONUS = 1.0      # a fresh prediction counts as one use
 
 
-@dataclass
+@dataclass(eq=False)                 # a slot is itself: kept in sets by identity
 class Slot:
     index: int
     key: tuple | None = None
@@ -61,27 +61,29 @@ class Policy:
         return slot
 
     def _victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
-        rank = lambda s: self.rank(cache, s)  # noqa: E731
-        free = [s for s in cache.slots if not (s.state == LOADING or s.pins or s.permanent
-                                                or (s.key is not None and s.key in protected))]
-        if speculative:   # a guess never displaces an expert already used in this step
-            free = [s for s in free if s.state == EMPTY or s.last_use <= cache.step_tick]
-        empty = next((s for s in free if s.state == EMPTY), None)
+        """An empty slot while `layer` is under its share (else a slot of a layer over its share), then
+        the layer's own lowest-ranked slot; a precise request may then take any slot. Reads the cache's
+        per-layer index, so a search looks at one layer's slots, not the whole arena."""
+        def usable(s):
+            return not (s.state == LOADING or s.pins or s.permanent or s.key in protected) and (
+                not speculative or s.last_use <= cache.step_tick)   # a guess never displaces this step's experts
+
+        def lowest(slots):
+            return min(slots, key=lambda s: (self.rank(cache, s), s.index), default=None)
+        empty = cache.first_empty()
         if not self.partitioned:
-            return empty or min(free, key=rank, default=None)
-        count = cache.layer_count
-        if count.get(layer, 0) < cache.layer_quota:
+            return empty or lowest(s for s in cache.slots if s.key is not None and usable(s))
+        count, quota = cache.layer_count, cache.layer_quota
+        if count.get(layer, 0) < quota:
             if empty is not None:
                 return empty
-            over = [s for s in free if count.get(s.key[0], 0) > cache.layer_quota]
-            if over:
-                return min(over, key=rank)
-        own = [s for s in free if s.key is not None and s.key[0] == layer]
-        if own:
-            return min(own, key=rank)
-        if speculative:
-            return None
-        return empty or min(free, key=rank, default=None)
+            over = lowest(s for other, n in count.items() if n > quota for s in cache.by_layer[other] if usable(s))
+            if over is not None:
+                return over
+        own = lowest(s for s in cache.by_layer.get(layer, ()) if usable(s))
+        if own is not None or speculative:
+            return own
+        return empty or lowest(s for s in cache.slots if s.key is not None and usable(s))
 
 
 class PromoePolicy(Policy):
@@ -154,6 +156,8 @@ class ExpertCache:
             raise ModelError(f"out of device memory allocating the expert cache "
                              f"({n_slots} slots x {slot_bytes:,} bytes): {e}") from e
         self.slots = [Slot(i) for i in range(n_slots)]
+        self.filled = 0                 # slots below this index hold an expert; the rest are EMPTY
+        self.by_layer: dict[int, set] = {}                # the slots each layer holds
         self.where: dict[tuple, Slot] = {}
         self.layer_count: dict[int, int] = {}             # slots held per layer
         self.layer_quota = max(1, n_slots // max(1, n_moe_layers))
@@ -174,6 +178,10 @@ class ExpertCache:
     def mark_present(self, slot: Slot) -> None:
         """(cv held) slot's copy has landed: the device table points at it."""
         self.tables[self.table_row[slot.key[0]], slot.key[1]] = slot.index
+
+    def first_empty(self) -> Slot | None:
+        """(cv held) The lowest EMPTY slot (slots fill in index order and are never emptied)."""
+        return self.slots[self.filled] if self.filled < len(self.slots) else None
 
     def _mark_absent(self, key) -> None:
         self.tables[self.table_row[key[0]], key[1]] = -1
@@ -223,7 +231,11 @@ class ExpertCache:
             self._mark_absent(slot.key)
             del self.where[slot.key]
             self.layer_count[slot.key[0]] -= 1
+            self.by_layer[slot.key[0]].discard(slot)
+        else:
+            self.filled = slot.index + 1
         self.layer_count[key[0]] = self.layer_count.get(key[0], 0) + 1
+        self.by_layer.setdefault(key[0], set()).add(slot)
         slot.key, slot.state, slot.ready_chunks, slot.speculative = key, LOADING, 0, False
         self.where[key] = slot
         return slot

@@ -21,14 +21,58 @@ log = logging.getLogger("promoe.runtime")
 MAX_BACKLOG = 64
 
 
-class Prefetcher:
+class Predictions:
+    """What a layer's predictions change, with no thread: the next layer's predicted experts protected,
+    every predicted expert valued until its step has run and requested as a speculative copy. The
+    Prefetcher runs it on its thread; promoe simulate on its clock."""
+
     def __init__(self, predictor, transfer, cache, stats, n_layers: int, n_used: int):
         self.predictor, self.transfer, self.cache, self.stats = predictor, transfer, cache, stats
         self.n_layers, self.n_used = n_layers, n_used
-        self.q: queue.Queue = queue.Queue()
         self.step = 0                     # compute thread's step counter
         self.progress = (0, -1)           # (step, layer) the compute thread has reached
         self.enabled = True
+
+    def apply(self, step: int, layer: int, x, ids, ready) -> None:
+        if ready is not None:
+            ready.synchronize()               # this thread waits for the copy of x, not the compute thread
+        t0 = time.perf_counter()
+        scores = self.predictor.predict(layer, x)
+        self.predictor.observe(layer, x, ids)
+        self.stats.predictor_calls += 1
+        self.stats.predictor_s += time.perf_counter() - t0
+        cur_step, cur_layer = self.progress
+        protect, expected = set(), {}
+        for target, s in sorted(scores.items()):
+            t_step, t_layer = step + target // self.n_layers, target % self.n_layers
+            if (t_step, t_layer) <= (cur_step, cur_layer):
+                continue                       # that layer has already run: too late
+            experts = self.pick(s)
+            if target == layer + 1:
+                protect.update((t_layer, e) for e in experts)
+            expected.update(((t_layer, e), t_step) for e in experts)
+        with self.cache.cv:
+            self.cache.protected = protect
+            for key, t_step in expected.items():      # valued by the cache until that step has run
+                self.cache.predicted[key] = max(t_step, self.cache.predicted.get(key, 0))
+        for key in expected:
+            self.transfer.request(key, LOW)
+
+    def pick(self, scores: torch.Tensor) -> list[int]:
+        """Experts to fetch from scores [T, E]: each token's top-k, most-voted first."""
+        k = min(self.n_used, scores.shape[-1])
+        top = scores.float().topk(k, dim=-1).indices.reshape(-1)
+        votes = torch.bincount(top, minlength=scores.shape[-1])
+        order = torch.argsort(votes, descending=True, stable=True)
+        return [int(e) for e in order if votes[e] > 0]
+
+
+class Prefetcher(Predictions):
+    """Predictions on the predictor thread, fed by a queue from the compute thread."""
+
+    def __init__(self, predictor, transfer, cache, stats, n_layers: int, n_used: int):
+        super().__init__(predictor, transfer, cache, stats, n_layers, n_used)
+        self.q: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="promoe-predict", daemon=True)
         self.thread.start()
 
@@ -81,45 +125,12 @@ class Prefetcher:
                 elif item[0] == "step":
                     self.predictor.begin_step(item[2])
                 else:
-                    self._layer(*item[1:])
+                    self.apply(*item[1:])
             except Exception as e:  # noqa: BLE001 - a broken predictor must not break inference
                 self.enabled = False
                 self.stats.predictor_errors += 1
                 log.warning("predictor %s failed (%s: %s); prefetching is off, experts load on demand",
                             getattr(self.predictor, "name", "?"), type(e).__name__, e)
-
-    def _layer(self, step: int, layer: int, x, ids, ready) -> None:
-        if ready is not None:
-            ready.synchronize()               # this thread waits for the copy of x, not the compute thread
-        t0 = time.perf_counter()
-        scores = self.predictor.predict(layer, x)
-        self.predictor.observe(layer, x, ids)
-        self.stats.predictor_calls += 1
-        self.stats.predictor_s += time.perf_counter() - t0
-        cur_step, cur_layer = self.progress
-        protect, expected = set(), {}
-        for target, s in sorted(scores.items()):
-            t_step, t_layer = step + target // self.n_layers, target % self.n_layers
-            if (t_step, t_layer) <= (cur_step, cur_layer):
-                continue                       # that layer has already run: too late
-            experts = self._pick(s)
-            if target == layer + 1:
-                protect.update((t_layer, e) for e in experts)
-            expected.update(((t_layer, e), t_step) for e in experts)
-        with self.cache.cv:
-            self.cache.protected = protect
-            for key, t_step in expected.items():      # valued by the cache until that step has run
-                self.cache.predicted[key] = max(t_step, self.cache.predicted.get(key, 0))
-        for key in expected:
-            self.transfer.request(key, LOW)
-
-    def _pick(self, scores: torch.Tensor) -> list[int]:
-        """Experts to fetch from scores [T, E]: each token's top-k, most-voted first."""
-        k = min(self.n_used, scores.shape[-1])
-        top = scores.float().topk(k, dim=-1).indices.reshape(-1)
-        votes = torch.bincount(top, minlength=scores.shape[-1])
-        order = torch.argsort(votes, descending=True, stable=True)
-        return [int(e) for e in order if votes[e] > 0]
 
     def close(self) -> None:
         self.q.put(None)

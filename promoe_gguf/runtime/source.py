@@ -27,13 +27,13 @@ import torch
 from ..backends import ExpertStack, StackedMatrix, matrix_at
 from ..format.expert_index import MATRICES
 from .cache import READY
+from .placement import Miss, cpu_share
 from .transfer import HIGH, LOW
 
 log = logging.getLogger("promoe.runtime")
 
 
 CPU_EXPERTS = ("auto", "off", "all")
-CPU_MARGIN = 1.25       # the CPU path also moves rows and hands off to a thread: it must win clearly
 
 
 class CachedExpertSource:
@@ -123,14 +123,14 @@ class CachedExpertSource:
                     lut[key[1]] = slot.index
                 else:
                     missing.append(key)
-        jobs = {key[1]: self._submit(key, x, ids) for key in cpu}
+        jobs = {key[1]: self.cpu_job(key, x, ids) for key in cpu}
         if jobs:
             self.cpu_pool.submit(list(jobs.values()))  # one hand-off to the worker for the layer
         for key in missing:                           # every copy queued before the first wait
             self.transfer.request(key, HIGH)
         try:
             for key in missing:
-                slot = self._wait(key)
+                slot = self.wait_until_copied(key)
                 self._pinned.append(key)
                 lut[key[1]] = slot.index
         except BaseException:
@@ -162,39 +162,28 @@ class CachedExpertSource:
 
     # ---- CPU experts ---------------------------------------------------------------------------
     def _place(self, needed: list, ids: np.ndarray) -> set:
-        """The misses to compute on the CPU: all of them ("all"), or those the cost model says the CPU
-        finishes before their copy would land and be computed ("auto"). Both sides keep a backlog, so
-        when the CPU and the link are about as fast the misses split between them."""
+        """The misses to compute on the CPU (placement.cpu_share), from the cache's and the link's state."""
         pool = self.cpu_pool
         if pool is None or not pool.alive or self.cpu_experts == "off":
             return set()
         everything = self.cpu_experts == "all" or not self.transfer.alive    # no copy thread: the CPU it is
-        out, backlog, ahead = set(), 0.0, 0      # CPU seconds queued / bytes this call sent to the link
+        misses = []
         with self.cache.cv:
             for key in needed:
                 slot = self.cache.where.get(key)
                 if slot is not None and slot.state == READY:
                     continue
-                if not everything:
-                    T = int((ids == key[1]).sum())
-                    sig = self.cost.signature(m for m, _ in self.store.layout[key])
-                    left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
-                    copy = self.cost.copy_seconds(left + ahead + self._queued_bytes(key)) + self.cost.device_seconds(sig, T)
-                    cpu = backlog + CPU_MARGIN * self.cost.cpu_seconds(sig, T)
-                    if cpu >= copy:
-                        ahead += left                 # the link carries it: later misses queue behind it
-                        continue
-                    backlog = cpu
-                out.add(key)
-        return out
+                if everything:
+                    misses.append(Miss(key, 0.0, 0, 0.0, 0))
+                    continue
+                T = int((ids == key[1]).sum())
+                sig = self.cost.signature(m for m, _ in self.store.layout[key])
+                left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
+                misses.append(Miss(key, self.cost.cpu_seconds(sig, T), left, self.cost.device_seconds(sig, T),
+                                   self.transfer.queued_bytes(HIGH, but=key)))
+        return cpu_share(misses, None if everything else self.cost.copy_seconds, everything)
 
-    def _queued_bytes(self, key) -> int:
-        """(cv held) Bytes of precise copies queued ahead of a new request for `key`."""
-        t = self.transfer
-        return sum(sum(n for _, n in self.store.chunks(task.key)[task.next_chunk:])
-                   for task in t.queues[HIGH] if task.key != key)
-
-    def _submit(self, key, x, ids):
+    def cpu_job(self, key, x, ids):
         """A CPU pool job for `key` over its tokens' rows of x (the router input, on the host); the
         caller hands a layer's jobs to the pool together."""
         from .cpu_pool import CpuJob
@@ -226,7 +215,7 @@ class CachedExpertSource:
             return out
         if job.error is None:
             self.cpu_pool.mark_hung(job, waited)
-        slot = self._wait(key)                        # fall back: copy it, compute on the device
+        slot = self.wait_until_copied(key)                        # fall back: copy it, compute on the device
         try:
             base = slot.index * self.cache.arena.shape[1]
             mats = tuple(matrix_at(self.cache.arena.view(-1), base + off, name, m.qtype, m.shape)
@@ -257,7 +246,7 @@ class CachedExpertSource:
 
     def matrices(self, layer, expert):
         key = (layer, expert)
-        slot = self._wait(key)
+        slot = self.wait_until_copied(key)
         arena = self.cache.arena
         base = slot.index * arena.shape[1]
         return tuple(matrix_at(arena.view(-1), base + off, name, m.qtype, m.shape)
@@ -272,7 +261,7 @@ class CachedExpertSource:
             self.cache.hold_needed = False
 
     # ---- waiting and pinning -------------------------------------------------------------------
-    def _wait(self, key):
+    def wait_until_copied(self, key):
         """Block until every chunk of `key` is on the device; returns its slot, pinned."""
         cv = self.cache.cv
         t0 = time.perf_counter()

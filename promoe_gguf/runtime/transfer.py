@@ -29,17 +29,17 @@ class Task:
     dropped: bool = False
 
 
-class TransferEngine:
-    def __init__(self, store, cache, link, stats, fault=None):
-        self.store, self.cache, self.link, self.stats = store, cache, link, stats
+class CopyQueue:
+    """The copy requests and their order, with no thread: what to copy next (`next_task`), and what a
+    landed chunk changes (`landed`). TransferEngine drives it with its copy thread; promoe simulate
+    drives it with its virtual clock."""
+
+    def __init__(self, store, cache, stats):
+        self.store, self.cache, self.stats = store, cache, stats
         self.queues = (deque(), deque())             # HIGH, LOW
         self.tasks: dict[tuple, Task] = {}           # pending or running, by expert
-        self.stopping = False
-        self.alive = True
+        self.alive = True                            # False: nothing copies any more (the caller loads)
         self.starved = False                         # a precise copy waits for a slot to come free
-        self.fault = fault                           # tests: callable raising inside the thread
-        self.thread = threading.Thread(target=self._run, name="promoe-copy", daemon=True)
-        self.thread.start()
 
     # ---- requests (any thread; they take cache.cv) ------------------------------------------
     def request(self, key, priority: int) -> None:
@@ -78,8 +78,12 @@ class TransferEngine:
         with self.cache.cv:
             return len(self.queues[LOW])
 
-    # ---- the copy thread ----------------------------------------------------------------------
-    def _next(self):
+    def queued_bytes(self, priority: int, but=None) -> int:
+        """(cv held) Bytes still to copy for the tasks queued at `priority`, `but` one expert."""
+        return sum(sum(n for _, n in self.store.chunks(task.key)[task.next_chunk:])
+                   for task in self.queues[priority] if task.key != but)
+
+    def next_task(self):
         """(cv held) The task to advance next and its slot, or None."""
         self.starved = False
         for priority in (HIGH, LOW):
@@ -100,37 +104,9 @@ class TransferEngine:
                 return task
         return None
 
-    def _run(self) -> None:
-        cv = self.cache.cv
-        try:
-            while True:
-                with cv:
-                    task = None
-                    while not self.stopping and (task := self._next()) is None:
-                        cv.wait(0.05)
-                    if self.stopping:
-                        return
-                    slot, i = task.slot, task.next_chunk
-                    offset, nbytes = self.store.chunks(task.key)[i]
-                    after = slot.free_event
-                if self.fault is not None:
-                    self.fault()
-                self.link.copy(self.cache.view(slot, offset, nbytes),
-                               self.store.region(task.key)[offset:offset + nbytes], after)
-                with cv:
-                    self._landed(task, nbytes)
-                    if task.slot.state == READY:      # waiters want whole experts: wake them once per copy
-                        cv.notify_all()
-        except BaseException as e:  # noqa: BLE001 - any failure degrades to reactive loading
-            log.warning("expert copy thread died (%s: %s); loading experts reactively from now on",
-                        type(e).__name__, e)
-            with cv:
-                self.alive = False
-                cv.notify_all()
-
-    def _landed(self, task: Task, nbytes: int) -> None:
+    def landed(self, task: Task, nbytes: int) -> None:
         """(cv held) The task's next chunk is on the device: count it; its last chunk makes the slot
-        READY and retires the task. (promoe simulate calls this too, from its virtual clock.)"""
+        READY and retires the task."""
         task.next_chunk += 1
         task.slot.ready_chunks = task.next_chunk
         self.stats.copied(task.key, nbytes, task.priority == LOW)
@@ -142,6 +118,47 @@ class TransferEngine:
                 self.cache.touch(task.slot)
             self.queues[task.priority].remove(task)
             del self.tasks[task.key]
+
+
+
+class TransferEngine(CopyQueue):
+    """CopyQueue with its copy thread, over a link (runtime/link.py)."""
+
+    def __init__(self, store, cache, link, stats, fault=None):
+        super().__init__(store, cache, stats)
+        self.link = link
+        self.stopping = False
+        self.fault = fault                           # tests: callable raising inside the thread
+        self.thread = threading.Thread(target=self._run, name="promoe-copy", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        cv = self.cache.cv
+        try:
+            while True:
+                with cv:
+                    task = None
+                    while not self.stopping and (task := self.next_task()) is None:
+                        cv.wait(0.05)
+                    if self.stopping:
+                        return
+                    slot, i = task.slot, task.next_chunk
+                    offset, nbytes = self.store.chunks(task.key)[i]
+                    after = slot.free_event
+                if self.fault is not None:
+                    self.fault()
+                self.link.copy(self.cache.view(slot, offset, nbytes),
+                               self.store.region(task.key)[offset:offset + nbytes], after)
+                with cv:
+                    self.landed(task, nbytes)
+                    if task.slot.state == READY:      # waiters want whole experts: wake them once per copy
+                        cv.notify_all()
+        except BaseException as e:  # noqa: BLE001 - any failure degrades to reactive loading
+            log.warning("expert copy thread died (%s: %s); loading experts reactively from now on",
+                        type(e).__name__, e)
+            with cv:
+                self.alive = False
+                cv.notify_all()
 
     def load_now(self, key) -> None:
         """Reactive fallback on the caller's thread (copy thread dead): copy `key` synchronously."""

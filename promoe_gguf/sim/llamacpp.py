@@ -5,6 +5,15 @@ Placement (as llama.cpp's loader does it):
   --ngl N          the LAST N layers on the GPU with their experts and KV cache; the output layer too
                    when N > n_layers; token_embd always stays on the CPU (a row lookup)
   --n-cpu-moe N    every layer on the GPU, the routed experts of the FIRST N layers on the CPU
+  --moe-cache-mib M  (with --n-cpu-moe) llama.cpp's expert cache over the layers whose experts live in host
+                   memory: one device bank and one strict LRU per group of layers with the same expert
+                   layout (types and shapes), the budget split in proportion to expert bytes (every group
+                   caches the same fraction), one spare slot per bank. A batch of at most 32 tokens reads
+                   the chosen ids back (one hand-off per layer), uploads its misses into LRU slots (evicting
+                   from the front) and computes every expert of the layer on the GPU; no CPU compute. A larger
+                   batch uses the cache read-only: cached experts copied device to device, the rest from
+                   host memory as op offload does. (llama.cpp PR #29887, src/llama-moe-cache.cpp, as read in
+                   shared/reference/peers.md; no published run of it is in the validation table.)
 Decode (one token): a GPU layer streams its weights at gpu_bw + gpu_layer_us; experts on the CPU cost
 two hand-offs (split_us each) and k experts at cpu_bw; a CPU layer streams everything at cpu_bw plus
 cpu_layer_ops ggml ops. Prefill (ubatches of n_ubatch tokens): a batch of >= 32 tokens runs every
@@ -26,33 +35,93 @@ from .ours import Phase
 KV_BYTES = 2                    # llama.cpp's default KV cache type is f16
 OP_OFFLOAD_MIN_BATCH = 32       # GGML_OP_OFFLOAD_MIN_BATCH default
 LLAMA_RESERVE = 512 * 2**20     # CUDA context, cuBLAS handles, driver: not available to llama.cpp's buffers
+MOE_CACHE_MAX_BATCH = 32        # llama-moe-cache.cpp: larger batches read the cache without changing it
+MiB = 2**20
 MOE_CPU_OPS = 6                 # ggml ops of a MoE block on the CPU (3 mul_mat_id, swiglu, weights, sum)
 GiB = 2**30
 
 
-@dataclass
+@dataclass(frozen=True)
 class Placement:
     ngl: int                    # layers on the GPU (the last ones); > n_layers: the output layer too
     n_cpu_moe: int              # of those, the first n_cpu_moe layers keep their experts on the CPU
+    moe_cache_mib: int = 0      # llama.cpp's expert cache over those layers (0: off)
+    n_ubatch: int = 512         # prefill micro-batch (-ub)
 
     def label(self, n_layers: int) -> str:
+        ub = "" if self.n_ubatch == 512 else f" -ub {self.n_ubatch}"
         if self.ngl == 0:
-            return "all on the CPU"
+            return "all on the CPU" + ub
         if self.n_cpu_moe:
-            return f"--n-cpu-moe {self.n_cpu_moe}" + ("" if self.ngl > n_layers else f" --ngl {self.ngl}")
-        return "all on the GPU" if self.ngl > n_layers else f"--ngl {self.ngl}"
+            return (f"--n-cpu-moe {self.n_cpu_moe}" + ("" if self.ngl > n_layers else f" --ngl {self.ngl}")
+                    + (f" --moe-cache-mib {self.moe_cache_mib}" if self.moe_cache_mib else "") + ub)
+        return ("all on the GPU" if self.ngl > n_layers else f"--ngl {self.ngl}") + ub
+
+
+class ExpertBank:
+    """One group's device bank and strict LRU (llama-moe-cache.cpp): keys (layer, expert)."""
+
+    def __init__(self, layers: list, slots: int):
+        self.layers, self.slots = layers, slots
+        self.lru: dict = {}                  # insertion order = LRU order (front = least recent)
+
+    def lookup(self, key, admit: bool) -> bool:
+        """True on a hit (the key moves to the back when `admit`); a miss is uploaded into the front slot
+        when `admit`."""
+        if key in self.lru:
+            if admit:
+                self.touch(key)
+            return True
+        if admit:
+            self.admit(key)
+        return False
+
+    def touch(self, key) -> bool:
+        """A hit moves to the back; False (nothing changes) on a miss."""
+        if key not in self.lru:
+            return False
+        self.lru[key] = self.lru.pop(key)
+        return True
+
+    def admit(self, key) -> None:
+        if self.slots:
+            if len(self.lru) >= self.slots:
+                del self.lru[next(iter(self.lru))]
+            self.lru[key] = None
+
+
+def layout_groups(m: SimModel, layers) -> list:
+    """`layers` grouped by their experts' layout (types and shapes): one bank each."""
+    groups: dict = {}
+    for i in layers:
+        groups.setdefault(tuple((ms.qtype, ms.shape) for ms, _ in m.layout.matrices[(i, 0)]), []).append(i)
+    return list(groups.values())
+
+
+def banks_for(m: SimModel, layers, budget: int, spare: int = 1) -> list:
+    """One bank per layout group of `layers`, each caching the same fraction of its experts."""
+    groups = layout_groups(m, layers)
+    total = sum(m.E * m.expert_bytes[i] for g in groups for i in g)
+    frac = min(1.0, budget / total) if total else 0.0
+    return [ExpertBank(g, max(0, int(frac * len(g) * m.E) - spare)) for g in groups]
 
 
 class LlamaCppSim:
-    def __init__(self, m: SimModel, prof, routing, placement: Placement, n_ctx: int = 4096, n_ubatch: int = 512):
+    def __init__(self, m: SimModel, prof, routing, placement: Placement, n_ctx: int = 4096):
         self.m, self.prof, self.routing, self.p = m, prof, routing, placement
-        self.n_ctx, self.n_ubatch = int(n_ctx), int(n_ubatch)
+        self.n_ctx, self.n_ubatch = int(n_ctx), int(placement.n_ubatch)
         if placement.ngl and not prof.has_gpu:
             raise ModelError(f"--ngl / --n-cpu-moe need a GPU; profile {prof.name} has none (gpu_gbs=0)")
         L = m.n_layers
         self.gpu_layer = [placement.ngl > 0 and i >= L - min(placement.ngl, L) for i in range(L)]
         self.cpu_experts = [not g or i < placement.n_cpu_moe for i, g in enumerate(self.gpu_layer)]
         self.out_on_gpu = placement.ngl > L
+        if placement.moe_cache_mib and not placement.n_cpu_moe:
+            raise ModelError("--moe-cache-mib caches the experts --n-cpu-moe leaves in host memory: give --n-cpu-moe N > 0")
+        cached = [i for i in m.moe_layers if self.gpu_layer[i] and self.cpu_experts[i]]
+        self.banks = banks_for(m, cached, placement.moe_cache_mib * MiB) if placement.moe_cache_mib else []
+        self._ids: dict = {}                 # decode: layer -> the token's experts
+        self.bank_of = {i: b for b in self.banks for i in b.layers}
 
     # ---- memory ---------------------------------------------------------------------------------
     def memory(self) -> dict:
@@ -66,6 +135,7 @@ class LlamaCppSim:
                     weights += m.E * m.expert_bytes[i]
         if self.out_on_gpu:
             weights += m.out_bytes
+        cache = self.p.moe_cache_mib * MiB
         compute = 0
         if self.p.ngl:
             # activations of one ubatch (hidden states, the MoE intermediates, logits if the head is here)
@@ -73,16 +143,18 @@ class LlamaCppSim:
             compute = self.n_ubatch * 4 * (8 * m.d + 2 * m.k * ff + (m.vocab if self.out_on_gpu else 0))
             host = [m.E * m.expert_bytes[i] // 3 for i in m.moe_layers if self.cpu_experts[i]]
             compute += max(host, default=0)          # op offload stages one host weight tensor at a time
-        total = weights + kv + compute
-        return {"weights": weights, "kv_cache": kv, "compute": compute, "reserve": LLAMA_RESERVE if self.p.ngl else 0,
+        total = weights + kv + cache + compute
+        return {"weights": weights, "kv_cache": kv, "expert_cache": cache, "compute": compute,
+                "reserve": LLAMA_RESERVE if self.p.ngl else 0,
                 "total": total + (LLAMA_RESERVE if self.p.ngl else 0)}
 
     def check_fit(self) -> dict:
         mem = self.memory()
         if self.p.ngl and mem["total"] > self.prof.gpu_mem:
             over = mem["total"] - self.prof.gpu_mem
+            cache = f"{mem['expert_cache'] / GiB:.2f} expert cache, " if mem["expert_cache"] else ""
             raise ModelError(f"llama.cpp {self.p.label(self.m.n_layers)} needs {mem['total'] / GiB:.2f} GiB of device "
-                             f"memory ({mem['weights'] / GiB:.2f} weights, {mem['kv_cache'] / GiB:.2f} KV cache, "
+                             f"memory ({mem['weights'] / GiB:.2f} weights, {mem['kv_cache'] / GiB:.2f} KV cache, {cache}"
                              f"{mem['compute'] / GiB:.2f} compute buffers, {mem['reserve'] / GiB:.2f} CUDA context): "
                              f"{over / GiB:.2f} GiB ({over / 2**20:,.0f} MiB) more than the profile's "
                              f"{self.prof.gpu_mem_gb:g} GiB")
@@ -102,21 +174,43 @@ class LlamaCppSim:
             if g:
                 t += layer_gpu_s(m, prof, i, 1, ctx, KV_BYTES) + prof.gpu_layer_us * 1e-6
                 ph.gpu_bytes += m.layer_bytes[i]
-                if moe and self.cpu_experts[i]:
+                bank = self.bank_of.get(i)
+                if moe and bank is not None and bank.slots >= m.k:
+                    t += self._cached_moe(bank, i, self._ids[i], ph)
+                elif moe and self.cpu_experts[i]:
                     t += 2 * prof.split_us * 1e-6 + eb / m.cpu_bw(prof) + MOE_CPU_OPS * prof.cpu_op_us * 1e-6
                     ph.cpu_bytes += eb
+                    ph.miss_bytes += eb
                 elif moe:
                     t += eb / prof.gpu_bw
                     ph.gpu_bytes += eb
             else:
                 t += layer_cpu_s(m, prof, i, 1, ctx, KV_BYTES) + eb / m.cpu_bw(prof) + prof.cpu_layer_ops * prof.cpu_op_us * 1e-6
                 ph.cpu_bytes += m.layer_bytes[i] + eb
+                ph.miss_bytes += m.layer_bytes[i] + eb
         if self.out_on_gpu:
             t += m.out_bytes / prof.gpu_bw
             ph.gpu_bytes += m.out_bytes
         else:
             t += (prof.split_us * 1e-6 if on_gpu else 0) + m.out_bytes / m.cpu_bw(prof)
             ph.cpu_bytes += m.out_bytes
+        return t
+
+    def _cached_moe(self, bank: ExpertBank, i: int, experts, ph: Phase) -> float:
+        """A small batch through the expert cache: the ids read back, misses uploaded, all on the GPU."""
+        m, prof = self.m, self.prof
+        eb = m.expert_bytes[i]
+        t = prof.split_us * 1e-6                         # the ids read back to the host
+        for e in experts:
+            if bank.lookup((i, int(e)), admit=True):
+                ph.hits += 1
+            else:
+                ph.misses += 1
+                t += prof.h2d_latency_us * 1e-6 + eb / prof.h2d_bw
+                ph.h2d_bytes += eb
+                ph.miss_bytes += eb
+        t += len(experts) * eb / prof.gpu_bw
+        ph.gpu_bytes += len(experts) * eb
         return t
 
     def _prefill_ubatch(self, ids: np.ndarray, pos0: int, ph: Phase) -> float:
@@ -149,12 +243,20 @@ class LlamaCppSim:
                 ph.cpu_bytes += m.layer_bytes[i]
             if not moe:
                 continue
+            bank = self.bank_of.get(i)
             if not self.cpu_experts[i]:
                 t += roofline(ebytes, eflops, prof.gpu_bw, prof.gpu_flops)
                 ph.gpu_bytes += ebytes
+            elif bank is not None and bank.slots >= m.k and T <= MOE_CACHE_MAX_BATCH:
+                t += self._cached_moe(bank, i, np.unique(ids[:, j]), ph) + roofline(0, eflops, prof.gpu_bw, prof.gpu_flops)
             elif offload:                     # op offload: the used experts cross the link, then the GPU computes
-                t += ebytes / prof.h2d_bw + 3 * prof.h2d_latency_us * 1e-6 + roofline(ebytes, eflops, prof.gpu_bw, prof.gpu_flops)
-                ph.h2d_bytes += ebytes
+                # the expert cache, read-only: cached experts copied device to device, the rest from host memory
+                held = 0 if bank is None else sum(bank.lookup((i, int(e)), admit=False) for e in np.unique(ids[:, j]))
+                ph.hits, ph.misses = ph.hits + held, ph.misses + (used - held if bank is not None else 0)
+                hb = held * m.expert_bytes[i]
+                t += (ebytes - hb) / prof.h2d_bw + 3 * prof.h2d_latency_us * 1e-6 + 2 * hb / prof.gpu_bw
+                t += roofline(ebytes, eflops, prof.gpu_bw, prof.gpu_flops)
+                ph.h2d_bytes += ebytes - hb
             else:
                 t += roofline(ebytes, eflops, m.cpu_bw(prof), prof.cpu_flops) + MOE_CPU_OPS * prof.cpu_op_us * 1e-6
                 t += 2 * prof.split_us * 1e-6 if g else 0
@@ -163,36 +265,68 @@ class LlamaCppSim:
         t += m.out_bytes / (prof.gpu_bw if self.out_on_gpu else m.cpu_bw(prof))
         return t
 
-    def run(self, progress=None) -> dict:
+    def run(self, progress=None, warm: bool = False) -> dict:
+        """`warm`: the first sequence only warms the expert cache (a server), as for our runtime."""
         self.check_fit()
         pre, dec = Phase(), Phase()
-        for seq in self.routing.sequences:
+        for n, seq in enumerate(self.routing.sequences):
+            if warm and n == 0:
+                pre_, dec_ = Phase(), Phase()
+            else:
+                pre_, dec_ = pre, dec
             for lo in range(0, seq.n_prompt, self.n_ubatch):
                 hi = min(lo + self.n_ubatch, seq.n_prompt)
-                pre.seconds += self._prefill_ubatch(seq.ids[lo:hi], lo, pre)
-            pre.tokens += seq.n_prompt
+                pre_.seconds += self._prefill_ubatch(seq.ids[lo:hi], lo, pre_)
+            pre_.tokens += seq.n_prompt
             for pos in range(seq.n_prompt, len(seq.ids)):
-                dec.seconds += self._decode_token(pos, dec)
-            dec.tokens += seq.n_decode
+                self._ids = {layer: seq.ids[pos, j] for j, layer in enumerate(self.m.moe_layers)}
+                dec_.seconds += self._decode_token(pos, dec_)
+            dec_.tokens += seq.n_decode
             if progress is not None:
                 progress.update(1)
         return {"prefill": pre, "decode": dec}
 
 
-def placements(m: SimModel, prof, n_ctx: int, n_ubatch: int, routing) -> dict:
+def fits(m: SimModel, prof, p: Placement, n_ctx: int) -> bool:
+    return LlamaCppSim(m, prof, None, p, n_ctx).memory()["total"] <= prof.gpu_mem
+
+
+def free_mib(m: SimModel, prof, p: Placement, n_ctx: int) -> int:
+    """Device memory a placement leaves unused, in whole MiB (what --moe-cache-mib can take)."""
+    return max(0, int((prof.gpu_mem - LlamaCppSim(m, prof, None, p, n_ctx).memory()["total"]) // MiB))
+
+
+def placements(m: SimModel, prof, n_ctx: int, n_ubatch: int = 512) -> dict:
     """llama.cpp's modes that fit the profile: all on the CPU, the most layers (--ngl), and the fewest
     expert layers on the CPU (--n-cpu-moe); None where a mode does not fit at all."""
     L = m.n_layers
-    out = {"cpu": Placement(0, 0)}
+    out = {"cpu": Placement(0, 0, n_ubatch=n_ubatch)}
     if not prof.has_gpu:
         return out
-
-    def fits(p):
-        return LlamaCppSim(m, prof, routing, p, n_ctx, n_ubatch).memory()["total"] <= prof.gpu_mem
-    full = Placement(L + 1, 0)
-    if fits(full):
+    full = Placement(L + 1, 0, n_ubatch=n_ubatch)
+    if fits(m, prof, full, n_ctx):
         out["gpu"] = full
         return out
-    out["ngl"] = next((Placement(n, 0) for n in range(L, 0, -1) if fits(Placement(n, 0))), None)
-    out["n_cpu_moe"] = next((Placement(L + 1, n) for n in range(0, L + 1) if fits(Placement(L + 1, n))), None)
+    out["ngl"] = next((p for n in range(L, 0, -1) if fits(m, prof, p := Placement(n, 0, n_ubatch=n_ubatch), n_ctx)), None)
+    out["n_cpu_moe"] = next((p for n in range(0, L + 1)
+                             if fits(m, prof, p := Placement(L + 1, n, n_ubatch=n_ubatch), n_ctx)), None)
     return out
+
+
+def with_moe_cache(m: SimModel, prof, p: Placement, n_ctx: int) -> Placement | None:
+    """`p` with an expert cache of all the device memory it leaves (--moe-cache-mib at its largest)."""
+    mib = free_mib(m, prof, p, n_ctx)
+    return Placement(p.ngl, p.n_cpu_moe, mib, p.n_ubatch) if p.n_cpu_moe and mib else None
+
+
+def moe_cache_placements(m: SimModel, prof, n_ctx: int, n_ubatch: int = 512, steps: int = 4) -> list:
+    """Candidates for llama.cpp's expert cache: from the fewest CPU expert layers that fit to all of them,
+    each with the rest of the device memory as cache (more CPU layers free memory for a larger cache
+    over more layers); `steps` + 1 points."""
+    first = placements(m, prof, n_ctx, n_ubatch).get("n_cpu_moe")
+    if first is None:
+        return []
+    L, lo = m.n_layers, first.n_cpu_moe
+    ns = sorted({max(1, lo + (L - lo) * s // steps) for s in range(steps + 1)})
+    out = [with_moe_cache(m, prof, Placement(L + 1, n, n_ubatch=n_ubatch), n_ctx) for n in ns]
+    return [p for p in out if p is not None]

@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as T
 
 from ..runtime.cost import _timed
 from .profile import Profile
@@ -119,14 +118,14 @@ def _engine_overheads(model, threads: int, tokens: int, probe: dict, prompt: str
 
 def _predictor_us(m) -> float:
     from ..predict.gate import GatePredictor
-    from ..runtime.prefetcher import Prefetcher
+    from ..runtime.prefetcher import Predictions
     p = GatePredictor(m, 1)
     x = torch.randn(1, m.config.n_embd)
     voter = type("Voter", (), {"n_used": m.config.n_experts_used})()
 
     def call():
         for s in p.predict(m.config.moe_layers[0], x).values():
-            Prefetcher._pick(voter, s)
+            Predictions.pick(voter, s)
     return _timed(call, repeats=200) * 1e6
 
 

@@ -1,11 +1,12 @@
 """Our runtime on a virtual clock: the REAL cache, policies, admission, placement and prefetch logic.
 
-What is reused unchanged (promoe_gguf.runtime): ExpertCache and its policies (victims, values,
-protection), TransferEngine's queues (`request`, `drop_speculative`, `_next`: two priorities, a slot
-taken at a copy's first chunk), CachedExpertSource's `_admit` (hit/miss, early preemption), `_place`
-(the cost-model rule for CPU experts), `acquire` (the fused decode path), `order` (reordered
-per-expert prefill), `release` / `done` / `end_layer`, Prefetcher's `_layer` (protection, prediction
-values, speculative requests), CostModel, Stats, and memory.fit_cache for the budget.
+What is reused unchanged (promoe_gguf.runtime), as subclasses that call their base's constructor:
+ExpertCache and its policies (victims, values, protection); CopyQueue (two priorities, a slot taken at
+a copy's first chunk; TransferEngine is it plus the copy thread); CachedExpertSource whole (hit/miss,
+early preemption, placement.cpu_share for CPU experts, the fused decode path, reordered prefill),
+with its two hooks, `wait_until_copied` and `cpu_job`, run on the clock; Predictions (protection,
+prediction values, speculative requests; Prefetcher is it plus the predictor thread); CostModel,
+Stats, and memory.fit_cache for the budget.
 
 What is simulated: time. Copies take latency + bytes / h2d per chunk on one link; device work and CPU
 experts take their roofline time (costs.py); the predictor answers predictor_us after a layer's
@@ -14,7 +15,6 @@ The arena is a `meta` tensor: no memory is allocated for slots.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -24,12 +24,12 @@ import torch
 from ..backends import FUSED_MAX_TOKENS
 from ..errors import ModelError
 from ..predict.base import Predictor
-from ..runtime.cache import LOADING, READY, ExpertCache, StaticPolicy, make_policy
+from ..runtime.cache import READY, ExpertCache, StaticPolicy, make_policy
 from ..runtime.cost import CostModel
-from ..runtime.prefetcher import Prefetcher
+from ..runtime.prefetcher import Predictions
 from ..runtime.source import CPU_EXPERTS, CachedExpertSource
 from ..runtime.stats import Stats
-from ..runtime.transfer import HIGH, LOW, TransferEngine
+from ..runtime.transfer import HIGH, LOW, CopyQueue
 from .clock import Clock
 from .costs import SimModel, cpu_expert_s, gpu_expert_s, layer_gpu_s, roofline
 
@@ -47,58 +47,6 @@ class SimStore:
         return [(off, m.nbytes) for m, off in self.layout[key]]
 
 
-class IndexedCache(ExpertCache):
-    """ExpertCache with an index of slots by layer, so the partitioned policies' victim search
-    (`Policy._victim`: the same filters, the same order, the same ties) looks at one layer's slots
-    instead of scanning the whole arena per allocation. Anything else falls through to the real search;
-    tests/test_simulate.py checks both give identical runs."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.by_layer: dict = {}
-        self.slot_layer: dict = {}
-        self.taken = 0                       # slots are EMPTY from here on (an empty slot is taken lowest first)
-        real = self.policy._victim
-        self.policy._victim = lambda cache, protected, layer, speculative: (
-            self._fast_victim(real, protected, layer, speculative))
-
-    def allocate(self, key, on_evict, speculative: bool = False):
-        slot = super().allocate(key, on_evict, speculative)
-        if slot is not None:
-            old = self.slot_layer.get(slot.index)
-            if old is not None:
-                self.by_layer[old].remove(slot)
-            else:
-                self.taken = max(self.taken, slot.index + 1)
-            self.slot_layer[slot.index] = key[0]
-            self.by_layer.setdefault(key[0], []).append(slot)
-        return slot
-
-    def _fast_victim(self, real, protected, layer, speculative):
-        pol = self.policy
-        if not pol.partitioned:
-            return real(self, protected, layer, speculative)
-
-        def usable(s):
-            return not (s.state == LOADING or s.pins or s.permanent or s.key in protected) and (
-                not speculative or s.last_use <= self.step_tick)
-
-        def lowest(slots):
-            return min(slots, key=lambda s: (pol.rank(self, s), s.index), default=None)
-        empty = self.slots[self.taken] if self.taken < len(self.slots) else None
-        count, quota = self.layer_count, self.layer_quota
-        if count.get(layer, 0) < quota:
-            if empty is not None:
-                return empty
-            over = [s for l, c in count.items() if c > quota for s in self.by_layer.get(l, ()) if usable(s)]
-            if over:
-                return lowest(over)
-        own = lowest([s for s in self.by_layer.get(layer, ()) if usable(s)])
-        if own is not None or speculative:
-            return own
-        return real(self, protected, layer, speculative)
-
-
 class SimLink:
     def __init__(self, prof):
         self.bandwidth, self.latency = prof.h2d_bw, prof.h2d_latency_us * 1e-6
@@ -107,14 +55,12 @@ class SimLink:
         return f"simulated link: {self.bandwidth / 1e9:.3g} GB/s, {self.latency * 1e6:.0f} us per copy"
 
 
-class SimTransfer(TransferEngine):
-    """TransferEngine's queues and slot allocation; the copy thread replaced by clock events."""
+class SimTransfer(CopyQueue):
+    """The runtime's copy queue, its copy thread replaced by clock events."""
 
     def __init__(self, store, cache, stats, clock: Clock, prof):
-        self.store, self.cache, self.stats, self.clock = store, cache, stats, clock
-        self.link = SimLink(prof)
-        self.queues, self.tasks = (deque(), deque()), {}
-        self.stopping, self.alive, self.fault, self.busy = False, True, None, False
+        super().__init__(store, cache, stats)
+        self.clock, self.link, self.busy = clock, SimLink(prof), False
 
     def request(self, key, priority: int) -> None:
         super().request(key, priority)
@@ -125,7 +71,7 @@ class SimTransfer(TransferEngine):
         if self.busy:
             return
         with self.cache.cv:
-            task = self._next()
+            task = self.next_task()
         if task is None:
             return
         nbytes = self.store.chunks(task.key)[task.next_chunk][1]
@@ -136,7 +82,7 @@ class SimTransfer(TransferEngine):
     def _land(self, task, nbytes: int) -> None:
         self.busy = False
         with self.cache.cv:
-            self._landed(task, nbytes)
+            self.landed(task, nbytes)
         self.kick()
 
     def close(self) -> None:
@@ -165,14 +111,12 @@ class SimPredictor(Predictor):
         return out
 
 
-class SimPrefetcher(Prefetcher):
-    """Prefetcher's `_layer` run on the clock, predictor_us after each router (one predictor thread)."""
+class SimPrefetcher(Predictions):
+    """The runtime's predictions, answered on the clock predictor_us after each router (one predictor thread)."""
 
     def __init__(self, predictor, transfer, cache, stats, n_layers: int, n_used: int, clock: Clock, prof):
-        self.predictor, self.transfer, self.cache, self.stats = predictor, transfer, cache, stats
-        self.n_layers, self.n_used, self.clock = n_layers, n_used, clock
-        self.cost, self.free_at = prof.predictor_us * 1e-6, 0.0
-        self.step, self.progress, self.enabled, self.rows = 0, (0, -1), True, []
+        super().__init__(predictor, transfer, cache, stats, n_layers, n_used)
+        self.clock, self.cost, self.free_at, self.rows = clock, prof.predictor_us * 1e-6, 0.0, []
 
     def reset(self) -> None:
         self.predictor.reset()
@@ -189,11 +133,11 @@ class SimPrefetcher(Prefetcher):
 
         def answer():
             self.predictor.begin_step(rows)
-            self._layer(step, layer, x, ids, None)
+            self.apply(step, layer, x, ids, None)
         self.clock.at(self.free_at, answer)
 
-    def _pick(self, scores: torch.Tensor) -> list[int]:
-        """Prefetcher._pick on numpy (same sets and order for top-k one-hot scores, 50x faster)."""
+    def pick(self, scores: torch.Tensor) -> list[int]:
+        """Predictions.pick on numpy (same sets and order for top-k one-hot scores, 50x faster)."""
         a = scores.numpy()
         k = min(self.n_used, a.shape[-1])
         top = np.argsort(-a, axis=-1, kind="stable")[:, :k].reshape(-1)
@@ -213,7 +157,7 @@ class SimJob:
 
 
 class SimPool:
-    """The CPU expert pool: one worker, jobs in submission order (SimSource._submit times them)."""
+    """The CPU expert pool: one worker, jobs in submission order (SimSource.cpu_job times them)."""
     alive = True
 
     def __init__(self):
@@ -223,32 +167,19 @@ class SimPool:
         pass
 
 
-class SimSource:
-    """CachedExpertSource's decisions, with waiting and CPU jobs on the clock."""
-    _admit = CachedExpertSource._admit
-    _place = CachedExpertSource._place
-    _queued_bytes = CachedExpertSource._queued_bytes
-    acquire = CachedExpertSource.acquire
-    release = CachedExpertSource.release
-    order = CachedExpertSource.order
-    done = CachedExpertSource.done
-    end_layer = CachedExpertSource.end_layer
-    _unpin = CachedExpertSource._unpin
-    _pin = CachedExpertSource._pin
+class SimSource(CachedExpertSource):
+    """CachedExpertSource itself; waiting for a copy and running a CPU job happen on the clock."""
 
     def __init__(self, m: SimModel, prof, store, cache, transfer, stats, prefetcher, pool, cpu_experts, cost, clock):
-        # acquire() reads model.config.n_experts_used and n_experts
-        self.m, self.prof, self.store, self.cache = m, prof, store, cache
-        self.model = SimpleNamespace(config=SimpleNamespace(n_experts_used=m.k, n_experts=m.E))
-        self.transfer, self.counters, self.prefetcher, self.cpu_pool = transfer, stats, prefetcher, pool
-        self.cpu_experts, self.cost, self.clock = cpu_experts, cost, clock
-        self.stacks = {layer: None for layer in m.moe_layers}
-        self._pinned, self._step_tokens = [], 0
+        model = SimpleNamespace(config=SimpleNamespace(n_experts_used=m.k, n_experts=m.E, moe_layers=m.moe_layers))
+        super().__init__(model, "meta", store, cache, transfer, stats, prefetcher, cpu_pool=pool,
+                         cpu_experts=cpu_experts, cost=cost)
+        self.m, self.prof, self.clock = m, prof, clock
         self.handoff = 2 * prof.h2d_latency_us * 1e-6      # hidden rows down, outputs up
         self.wait_copy = self.wait_cpu = self.cpu_bytes = 0.0
 
-    def _wait(self, key):
-        """Step the clock until every chunk of `key` has landed; pin it (as the real _wait)."""
+    def wait_until_copied(self, key):
+        """Step the clock until every chunk of `key` has landed; pin it (as the runtime does)."""
         t0, n = self.clock.now, len(self.store.chunks(key))
         self.transfer.request(key, HIGH)
         missed = False
@@ -271,7 +202,7 @@ class SimSource:
             self.clock.advance(self.clock.now + self.prof.miss_us * 1e-6)
         return slot
 
-    def _submit(self, key, x, ids):
+    def cpu_job(self, key, x, ids):
         T = int((ids == key[1]).sum())
         secs = cpu_expert_s(self.m, self.prof, key[0], T) + self.prof.expert_call_us * 1e-6
         start = max(self.clock.now + self.handoff / 2, self.cpu_pool.free_at)
@@ -302,6 +233,7 @@ class Phase:
     cpu_bytes: float = 0.0           # expert weights the CPU read
     gpu_bytes: float = 0.0           # weights the device read
     cpu_experts: int = 0
+    miss_bytes: float = 0.0          # experts needed that were not on the device (the bound's host side)
     prefetch_useful: int = 0
     prefetch_wasted: int = 0
 
@@ -326,7 +258,7 @@ class OursSim:
         self.all_resident = self.n_slots >= len(self.store.keys)
         self.lookahead, self.n_batch = int(lookahead), int(n_batch)
         self.profile = routing.use_counts() if policy == "static" else None
-        self.fast = True                     # IndexedCache (tests compare it with the plain ExpertCache)
+        self.mean_expert_bytes = float(np.mean([m.expert_bytes[i] for i in m.moe_layers]))
 
     def run(self, progress=None, warm: bool = False) -> dict:
         """Every sequence from a cold cache; or `warm`: one cache for all (a server), the first sequence
@@ -351,7 +283,7 @@ class OursSim:
         """A fresh runtime: empty cache (the static hot set, or everything when all fit, preloaded)."""
         m, prof = self.m, self.prof
         clock, stats = Clock(), Stats()
-        cache = (IndexedCache if self.fast else ExpertCache)(
+        cache = ExpertCache(
             self.n_slots, self.store.slot_bytes, "meta", make_policy(self.policy_name, m.k, self.profile),
             m.moe_layers, m.E)
         transfer = SimTransfer(self.store, cache, stats, clock, prof)
@@ -376,6 +308,7 @@ class OursSim:
                 ph.gpu_bytes += self._step(seq, rows[i:min(i + step, hi)])
             ph.tokens, ph.seconds = hi - lo, clock.now - t0
             self._diff(ph, snap0, self._snap(src))
+            ph.miss_bytes = ph.misses * self.mean_expert_bytes
             phases.append(ph)
         return phases[0], phases[1]
 
@@ -411,11 +344,7 @@ class OursSim:
     def _step(self, seq, rows) -> float:
         m, prof, src = self.m, self.prof, self.src
         clock, T = src.clock, len(rows)
-        src._step_tokens = T
-        with src.cache.cv:
-            src.cache.begin_step()
-        if src.prefetcher is not None:
-            src.prefetcher.begin_step(rows)
+        src.begin_step(rows)
         overhead = (prof.ours_layer_us if T == 1 else prof.ours_prefill_layer_us) * 1e-6
         ctx = rows[0] + T / 2
         gpu_bytes = 0.0
@@ -457,7 +386,7 @@ class OursSim:
         nbytes = 0.0
         call = prof.expert_call_us * 1e-6
         for e in src.order(layer, rows, ids):        # per-expert path: resident first (promoe), each waited for
-            src._wait((layer, e))
+            src.wait_until_copied((layer, e))
             nbytes += m.expert_bytes[layer]
             clock.advance(clock.now + gpu_expert_s(m, prof, layer, int((ids == e).sum())) + call)
             src.done(layer, e)

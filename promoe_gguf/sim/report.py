@@ -22,6 +22,9 @@ def format_result(r: dict) -> str:
         f"engine    {r['engine']}: {r['mode']}" + (f"; device memory {mem['total'] / GiB:.2f} GiB" if mem.get("total") else ""),
         f"{'':22}{'decode':>12}{'prefill':>12}",
         f"{'tokens/s':22}{r['decode_tok_s']:>12.1f}{r['prefill_tok_s']:>12.1f}",
+        f"{'decode bound':22}" + ("-".rjust(12) if r.get("decode_bound_tok_s") is None else
+                                   f"{r['decode_bound_tok_s']:>12.1f}  (max(device bytes / its bandwidth, missed "
+                                   f"bytes / (link + CPU bandwidth)); reached {r['decode_of_bound']:.0%})"),
         f"{'tokens':22}{r['decode_tokens']:>12}{r['prefill_tokens']:>12}",
         f"{'expert hit rate':22}{_pct(r['decode_hit_rate']):>12}{_pct(r['prefill_hit_rate']):>12}",
         f"{'waiting for copies':22}{_pct(r['decode_stall_share']):>12}{_pct(r['prefill_stall_share']):>12}",
@@ -41,7 +44,7 @@ def plot_sweep(rows: list[dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     groups: dict = {}
     for r in rows:
-        name = (f"llama.cpp --n-cpu-moe" if r["engine"] == "llamacpp" else
+        name = ("llama.cpp --n-cpu-moe" if r["engine"] == "llamacpp" else "FreeToken-like" if r["engine"] == "freetoken" else
                 f"promoe {r['policy']}+{r['predictor']}, cpu-experts {r['cpu_experts']}")
         groups.setdefault(name, []).append(r)
     for name, rs in groups.items():

@@ -7,7 +7,7 @@ from ..errors import ModelError
 from ..memory import fit_cache, plan
 from ..runtime.cache import slots_for_budget
 from .costs import SimModel
-from .llamacpp import LlamaCppSim, Placement, placements
+from .llamacpp import LlamaCppSim, Placement, free_mib, moe_cache_placements, placements
 from .ours import OursSim
 from .profile import GiB, Profile, parse_profile
 from .routing import SyntheticRouting, TraceRouting, parse_synth, preset
@@ -103,32 +103,75 @@ def ours_budget(inp: Inputs, cache_rate=None, gpu_mem=None, n_ctx: int = 4096, n
     return {"slots": n, "cache_rate": n / len(layout.keys), "memory": mem}
 
 
-def _placement(inp: Inputs, ngl, n_cpu_moe, n_ctx: int, n_ubatch: int) -> Placement:
-    m, L = inp.model, inp.model.n_layers
+def _placement(inp: Inputs, ngl, n_cpu_moe, n_ctx: int, n_ubatch: int, moe_cache_mib=None) -> Placement:
+    m, prof, L = inp.model, inp.profile, inp.model.n_layers
     if "auto" in (str(ngl), str(n_cpu_moe)):
-        found = placements(m, inp.profile, n_ctx, n_ubatch, inp.routing)
-        if "gpu" in found:
+        found = placements(m, prof, n_ctx, n_ubatch)
+        if "gpu" in found and moe_cache_mib is None:
             return found["gpu"]
         p = found.get("n_cpu_moe" if str(n_cpu_moe) == "auto" else "ngl")
         if p is None:
-            raise ModelError(f"no llama.cpp placement of that kind fits the profile's {inp.profile.gpu_mem_gb:g} GiB")
-        return p
-    if n_cpu_moe is not None:
+            raise ModelError(f"no llama.cpp placement of that kind fits the profile's {prof.gpu_mem_gb:g} GiB")
+    elif n_cpu_moe is not None:
         n = int(n_cpu_moe)
         if not 0 <= n <= L:
             raise ModelError(f"--n-cpu-moe {n}: 0..{L}")
-        return Placement(L + 1 if ngl is None else int(ngl), n)
-    if ngl is not None:
+        p = Placement(L + 1 if ngl is None else int(ngl), n, n_ubatch=n_ubatch)
+    elif ngl is not None:
         n = int(ngl)
         if n < 0:
             raise ModelError(f"--ngl {n} is negative")
-        return Placement(min(n, L + 1), 0)
-    return Placement(0, 0)
+        p = Placement(min(n, L + 1), 0, n_ubatch=n_ubatch)
+    else:
+        p = Placement(0, 0, n_ubatch=n_ubatch)
+    if moe_cache_mib is None:
+        return p
+    if not p.n_cpu_moe:
+        raise ModelError("--moe-cache-mib caches the experts --n-cpu-moe leaves in host memory: give --n-cpu-moe N > 0 "
+                         "(or auto)")
+    mib = free_mib(m, prof, p, n_ctx) if str(moe_cache_mib) == "auto" else int(moe_cache_mib)
+    if mib < 1:
+        raise ModelError(f"--moe-cache-mib {moe_cache_mib}: {p.label(L)} leaves no device memory for an expert cache")
+    return Placement(p.ngl, p.n_cpu_moe, mib, n_ubatch)
+
+
+def llamacpp_modes(inp: Inputs, n_ctx: int = 4096, ubatches=(512, 2048, 4096), warm: bool = False) -> list[dict]:
+    """Every llama.cpp mode that fits the profile, simulated: all on the CPU, --ngl and --n-cpu-moe at their
+    most, --n-cpu-moe with --moe-cache-mib (a few splits between resident experts and cache), each at
+    every -ub in `ubatches` whose compute buffers fit (an -ub longer than every prompt adds nothing)."""
+    longest = max(s.n_prompt for s in inp.routing.sequences)
+    ubs = sorted({min(u, max(longest, 1)) for u in ubatches})
+    seen, rows = set(), []
+    for ub in ubs:
+        found = [p for p in placements(inp.model, inp.profile, n_ctx, ub).values() if p is not None]
+        found += moe_cache_placements(inp.model, inp.profile, n_ctx, ub)
+        for p in found:
+            if p in seen:
+                continue
+            seen.add(p)
+            rows.append(_run_llamacpp(inp, p, n_ctx, warm=warm))
+    return rows
+
+
+def best(rows: list[dict], phase: str) -> dict:
+    """The fastest row for `phase` (decode or prefill)."""
+    return max(rows, key=lambda r: r[f"{phase}_tok_s"])
+
+
+def _run_llamacpp(inp: Inputs, place: Placement, n_ctx: int, progress=None, warm: bool = False) -> dict:
+    m = inp.model
+    sim = LlamaCppSim(m, inp.profile, inp.routing, place, n_ctx)
+    mem = sim.check_fit()
+    res = sim.run(progress, warm=warm)
+    extra = {"ngl": place.ngl, "n_cpu_moe": place.n_cpu_moe, "moe_cache_mib": place.moe_cache_mib,
+             "n_ubatch": place.n_ubatch, "device_memory": mem, "warm": warm}
+    return summarize(inp, "llamacpp", place.label(m.n_layers) + (", warm cache" if warm and place.moe_cache_mib else ""),
+                     res, extra)
 
 
 def simulate(shape=None, trace=None, profile=None, engine: str = "promoe", policy: str = "lru",
              predictor: str = "none", cpu_experts: str = "auto", cache_rate=None, gpu_mem=None, ngl=None,
-             n_cpu_moe=None, n_ctx: int = 4096, n_batch: int = 64, n_ubatch: int = 512, lookahead: int = 1,
+             n_cpu_moe=None, moe_cache_mib=None, n_ctx: int = 4096, n_batch: int = 64, n_ubatch: int = 512, lookahead: int = 1,
              prompt: int = 512, decode: int = 128, sequences: int = 1, routing: str | None = None, seed: int = 0,
              inputs: Inputs | None = None, progress: bool = False, warm: bool = False) -> dict:
     """One configuration; returns the summary dict (decode_tok_s, prefill_tok_s, ...). `warm`: our cache
@@ -141,8 +184,8 @@ def simulate(shape=None, trace=None, profile=None, engine: str = "promoe", polic
         bar = tqdm(total=len(inp.routing.sequences), desc="simulate", unit="seq", leave=False)
     try:
         if engine == "promoe":
-            if ngl is not None or n_cpu_moe is not None:
-                raise ModelError("--ngl / --n-cpu-moe are llama.cpp's: use them with --engine llamacpp")
+            if ngl is not None or n_cpu_moe is not None or moe_cache_mib is not None:
+                raise ModelError("--ngl / --n-cpu-moe / --moe-cache-mib are llama.cpp's: use them with --engine llamacpp")
             budget = ours_budget(inp, cache_rate, gpu_mem, n_ctx, n_batch)
             sim = OursSim(m, prof, inp.routing, policy, predictor, cpu_experts, budget["slots"], lookahead, n_batch)
             res = sim.run(bar, warm=warm)
@@ -153,18 +196,36 @@ def simulate(shape=None, trace=None, profile=None, engine: str = "promoe", polic
                      "device_memory": budget["memory"], "policy": policy, "predictor": predictor,
                      "cpu_experts": cpu_experts, "warm": warm}
         elif engine == "llamacpp":
-            place = _placement(inp, ngl, n_cpu_moe, n_ctx, n_ubatch)
-            sim = LlamaCppSim(m, prof, inp.routing, place, n_ctx, n_ubatch)
-            mem = sim.check_fit()
-            res = sim.run(bar)
-            mode = place.label(m.n_layers)
-            extra = {"ngl": place.ngl, "n_cpu_moe": place.n_cpu_moe, "device_memory": mem}
+            place = _placement(inp, ngl, n_cpu_moe, n_ctx, n_ubatch, moe_cache_mib)
+            return _run_llamacpp(inp, place, n_ctx, bar, warm)
+        elif engine == "freetoken":
+            from .freetoken import FreeTokenSim
+            if prof.emulated or not prof.has_gpu:
+                raise ModelError(f"--engine freetoken needs a profile with a GPU; {prof.name} has none")
+            sim = FreeTokenSim(m, prof, inp.routing, n_ctx, n_ubatch)
+            res = sim.run(bar, warm=warm)
+            mem = sim.memory()
+            mode = (f"FreeToken-like: LRU per layout ({mem['expert_cache'] / GiB:.2f} GiB), link/CPU split, "
+                    f"double-buffered prefill" + (", warm cache" if warm else ""))
+            extra = {"device_memory": mem, "n_ubatch": n_ubatch, "warm": warm}
         else:
-            raise ModelError(f"--engine {engine!r}: promoe or llamacpp")
+            raise ModelError(f"--engine {engine!r}: promoe, llamacpp or freetoken")
     finally:
         if bar is not None:
             bar.close()
     return summarize(inp, engine, mode, res, extra)
+
+
+def decode_bound(prof: Profile, ph, m: SimModel) -> float | None:
+    """The fastest decode the same hits and misses allow: the device streams what it reads while the
+    link and the CPU share the missed bytes, both busy all the time:
+    max(device bytes / device bandwidth, missed bytes / (link + CPU bandwidth)) per token."""
+    if not ph.tokens:
+        return None
+    device = ph.gpu_bytes / ph.tokens / prof.gpu_bw if prof.has_gpu else 0.0
+    host = ph.miss_bytes / ph.tokens / ((prof.h2d_bw if prof.has_gpu else 0.0) + m.cpu_bw(prof))
+    t = max(device, host)
+    return 1 / t if t > 0 else None
 
 
 def summarize(inp: Inputs, engine: str, mode: str, res: dict, extra: dict) -> dict:
@@ -184,6 +245,8 @@ def summarize(inp: Inputs, engine: str, mode: str, res: dict, extra: dict) -> di
            "decode_stall_share": dec.wait_copy_s / dec.seconds if dec.seconds else 0.0,
            "decode_cpu_wait_share": dec.wait_cpu_s / dec.seconds if dec.seconds else 0.0,
            "prefill_stall_share": pre.wait_copy_s / pre.seconds if pre.seconds else 0.0}
+    out["decode_bound_tok_s"] = decode_bound(inp.profile, dec, inp.model)
+    out["decode_of_bound"] = out["decode_tok_s"] / out["decode_bound_tok_s"] if out["decode_bound_tok_s"] else None
     for name, ph in (("decode", dec), ("prefill", pre)):
         n = max(ph.tokens, 1)
         out[f"{name}_bytes_per_token"] = {"h2d": ph.h2d_bytes / n, "cpu_read": ph.cpu_bytes / n,

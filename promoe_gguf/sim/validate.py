@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 
 PROMPTS = ["def parse_args(argv=None):\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self"]
 CONFIGS = [("lru", "lru", "none", "off"), ("static", "static", "none", "off"), ("promoe", "promoe", "none", "off"),
