@@ -1,10 +1,7 @@
 """promoe-gguf: GGUF MoE models on GPUs too small for all their experts (ProMoE-style prefetching)."""
-import os as _os
-
 from .errors import ModelError
 from .format import ModelConfig, dequantize, open_model
-
-DEFAULT_MODEL = _os.path.join(_os.path.dirname(__file__), "data", "default-moe-q4_k_m.gguf")
+from .paths import DEFAULT_MODEL
 
 __all__ = ["ModelError", "ModelConfig", "dequantize", "open_model", "DEFAULT_MODEL", "Engine"]
 

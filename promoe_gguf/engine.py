@@ -43,7 +43,8 @@ class Engine:
     """Contract: Engine(model_path, device, cache_rate, cache_mem, policy, predictor, ...).
 
     `n_ctx`: KV cache length (default: the model's training context, at most 4096).
-    `n_batch`: prefill chunk size in tokens, 1..n_ctx (default 64, at most n_ctx). `link`: emulated host-to-device link on CPU
+    `n_batch`: prefill chunk size in tokens, 1..n_ctx (default: 512 on the CPU; on CUDA the longest of
+    4096..64 whose activations take at most a tenth of the device budget; never above n_ctx). `link`: emulated host-to-device link on CPU
     (see runtime.link). `n_threads`: CPU threads of ggml's kernels, and of torch (process-wide; small
     models decode fastest with 1, since per-op threading overhead dominates); default one per
     physical core for ggml, torch's own default for torch. `cpu_experts`: with an expert cache,
@@ -70,7 +71,7 @@ class Engine:
                  predictor="none", n_ctx=None, n_batch=None, link=None, n_threads=None, launcher=None,
                  cpu_experts="auto", cpu_threads=None, gpu_mem=None, cpu_repack=True, check_numerics=False,
                  graphs=True, activations=None, kv_type=None, **runtime_options):
-        from . import DEFAULT_MODEL
+        from .paths import DEFAULT_MODEL
         from .backends import make_backend, parse_device
         from .runtime import make_source
         for name, value in (("n_threads", n_threads), ("cpu_threads", cpu_threads)):
@@ -90,7 +91,6 @@ class Engine:
             ctx = ("n_ctx" if n_ctx is not None else f"by default {self.model_path}'s "
                    f"{self.config.arch}.context_length = {self.config.n_ctx_train}, capped at 4096")
             limits.check("n_batch", n_batch, hi=self.n_ctx, why=f" (up to the context: {ctx})")
-        n_batch = int(n_batch or min(64, self.n_ctx))
         fitted = cache_rate is None and cache_mem is None
         limits.check_cache_budget(cache_rate, cache_mem, gpu_mem)
         from .runtime.link import parse_link
@@ -101,10 +101,11 @@ class Engine:
                                     activations=activations, kv_type=kv_type)
         from .memory import check_kv_cache
         check_kv_cache(self.model, self.n_ctx, self.device, self.backend.kind, kv_type)   # before allocating it
+        from .memory import default_gpu_mem, default_n_batch, fit_cache
+        if cache_rate is None and cache_mem is None and gpu_mem is None and self.device.type == "cuda":
+            gpu_mem = default_gpu_mem(self.device)
+        n_batch = int(n_batch or default_n_batch(self.model, self.backend.kind, self.n_ctx, gpu_mem))
         if cache_rate is None and cache_mem is None:
-            from .memory import default_gpu_mem, fit_cache
-            if gpu_mem is None and self.device.type == "cuda":
-                gpu_mem = default_gpu_mem(self.device)
             if gpu_mem is not None:
                 cache_mem = fit_cache(self.model, self.backend.kind, self.n_ctx, int(n_batch), int(gpu_mem), kv_type)
         self.gpu_mem = gpu_mem
@@ -156,9 +157,12 @@ class Engine:
     def memory(self) -> dict:
         """Contract: bytes this Engine holds on its device. resident: non-expert weights (on the CPU,
         the mapped file bytes they are read from); kv_cache; expert_arena: the expert cache's slots,
-        or every routed expert when there is no cache; workspace: the backend's scratch buffers."""
+        or every routed expert when there is no cache; workspace: the backend's scratch buffers;
+        activations: the room kept for one prefill chunk's intermediates (CUDA; torch allocates them)."""
+        from .memory import activation_bytes
         out = {"resident": self.decoder.W.nbytes, "kv_cache": self.cache.nbytes,
-               "expert_arena": self.source.nbytes, "workspace": self.backend.workspace_bytes}
+               "expert_arena": self.source.nbytes, "workspace": self.backend.workspace_bytes,
+               "activations": activation_bytes(self.model, self.backend.kind, self.n_batch, self.n_ctx)}
         out["total"] = sum(out.values())
         return out
 

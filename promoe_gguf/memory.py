@@ -11,6 +11,9 @@ reports what the Engine actually allocated, and a test checks the two agree. Eve
                   expert when there is no cache
     workspace     the backend's scratch: CUDA, one dequantized tile of the largest matrix for prefill;
                   CPU, ggml's work buffer for n_batch tokens
+    activations   CUDA: the largest intermediate tensors of one prefill chunk of n_batch tokens (torch
+                  allocates them per step; the plan keeps room for them so the expert cache does not
+                  take it); CPU: 0 (host memory)
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import os
 import numpy as np
 
 from .backends import kv_layout
+from .backends.cuda import ATTN_QUERY_BLOCK
 from .backends.cuda import tile_bytes as cuda_tile_bytes
 from .errors import ModelError
 from .model import FAMILIES
@@ -27,6 +31,8 @@ from .runtime.host_store import StoreLayout
 
 GGML_WORK_SLACK = 64 << 10     # ggml's per-op bookkeeping (mul_mat_id row maps, cache-line padding)
 GPU_MEM_MARGIN = 0.10          # of the device's total memory (at least 1 GiB) left to CUDA itself
+ACTIVATION_SHARE = 0.10        # the default prefill chunk is the largest whose activations fit this share
+N_BATCH_CHOICES = (4096, 2048, 1024, 512, 256, 128, 64)
 
 
 def resident_bytes(model) -> int:
@@ -59,18 +65,53 @@ def workspace_bytes(model, device: str, n_batch: int) -> int:
     return n_batch * max(cols for _, _, cols in shapes) * 4 + GGML_WORK_SLACK
 
 
-def plan(model, device: str = "cuda", n_ctx: int | None = None, n_batch: int = 64, n_slots: int | None = None,
+def activation_bytes(model, device: str, n_batch: int, n_ctx: int) -> int:
+    """CUDA: the intermediates of one prefill chunk of n_batch tokens, at their largest (fp32): hidden
+    states and attention projections (8 x [T, d]), the queries' scores against the whole context one
+    block at a time and the cache read as float, a layer's expert outputs [T, k, d], and one expert's (or a
+    dense FFN's) gate, up and product over every token of the chunk (3 x [T, ff]). CPU: 0."""
+    if device != "cuda":
+        return 0
+    cfg = model.config
+    T = int(n_batch)
+    ff = max(cfg.n_ff_exp, cfg.n_ff, cfg.n_ff_shexp)
+    heads = cfg.n_head * max(cfg.head_dim_k, cfg.head_dim_v)
+    floats = (8 * T * max(cfg.n_embd, heads) + cfg.n_head * min(T, ATTN_QUERY_BLOCK) * n_ctx
+              + 2 * cfg.n_head_kv * n_ctx * max(cfg.head_dim_k, cfg.head_dim_v)
+              + T * cfg.n_experts_used * cfg.n_embd + 3 * T * ff + cfg.n_vocab)
+    return 4 * floats
+
+
+def default_n_batch(model, device: str, n_ctx: int, gpu_mem: int | None) -> int:
+    """The prefill chunk when none is given: CPU (or no device budget) 512 tokens, llama.cpp's ubatch;
+    CUDA the largest of 4096..64 tokens whose activations take at most ACTIVATION_SHARE of the device
+    budget (a longer chunk copies each missed expert once for more tokens); never above n_ctx."""
+    if device != "cuda" or gpu_mem is None:
+        return min(512, n_ctx)
+    for n in N_BATCH_CHOICES:
+        if n <= n_ctx and activation_bytes(model, device, n, n_ctx) <= ACTIVATION_SHARE * gpu_mem:
+            return n
+    return min(N_BATCH_CHOICES[-1], n_ctx)
+
+
+def context(model, n_ctx: int | None) -> int:
+    """The KV cache length an Engine takes by default: the model's, capped at 4096."""
+    return int(n_ctx or min(model.config.n_ctx_train or 4096, 4096))
+
+
+def plan(model, device: str = "cuda", n_ctx: int | None = None, n_batch: int | None = None, n_slots: int | None = None,
          kv_type: str | None = None) -> dict:
     """The memory breakdown of Engine(model, device, n_ctx, n_batch, kv_type) with an expert cache of
-    `n_slots` slots (None: every expert resident)."""
-    cfg = model.config
-    n_ctx = int(n_ctx or min(cfg.n_ctx_train or 4096, 4096))
+    `n_slots` slots (None: every expert resident); n_batch None: the default without a device budget."""
+    n_ctx = context(model, n_ctx)
+    n_batch = int(n_batch or default_n_batch(model, device, n_ctx, None))
     if n_slots is None:
         arena = resident_expert_bytes(model, in_place=device == "cpu")
     else:
         arena = n_slots * StoreLayout.of(model).slot_bytes
     out = {"resident": resident_bytes(model), "kv_cache": kv_cache_bytes(model, n_ctx, device, kv_type),
-           "expert_arena": arena, "workspace": workspace_bytes(model, device, n_batch)}
+           "expert_arena": arena, "workspace": workspace_bytes(model, device, n_batch),
+           "activations": activation_bytes(model, device, n_batch, n_ctx)}
     out["total"] = sum(out.values())
     return out
 
@@ -83,18 +124,21 @@ def default_gpu_mem(device) -> int:
     return int(free - max(GPU_MEM_MARGIN * total, 1 << 30))
 
 
-def fit_cache(model, device: str, n_ctx: int | None, n_batch: int, gpu_mem: int, kv_type: str | None = None) -> int | None:
+def fit_cache(model, device: str, n_ctx: int | None, n_batch: int | None, gpu_mem: int,
+              kv_type: str | None = None) -> int | None:
     """Expert cache bytes that fit in `gpu_mem` after residents, KV cache and workspace; None when
     every expert fits too (no cache needed)."""
+    n_batch = int(n_batch or default_n_batch(model, device, context(model, n_ctx), gpu_mem))
     full = plan(model, device, n_ctx, n_batch, None, kv_type)
     if full["total"] <= gpu_mem:
         return None
-    fixed = full["resident"] + full["kv_cache"] + full["workspace"]
+    fixed = full["resident"] + full["kv_cache"] + full["workspace"] + full["activations"]
     left = gpu_mem - fixed
     if left <= 0:
         raise ModelError(f"--gpu-mem {gpu_mem:,} bytes is less than the resident weights ({full['resident']:,}), "
-                         f"KV cache ({full['kv_cache']:,}) and workspace ({full['workspace']:,}) need "
-                         f"({fixed:,} bytes), before any expert")
+                         f"KV cache ({full['kv_cache']:,}), workspace ({full['workspace']:,}) and prefill "
+                         f"activations ({full['activations']:,}, --n-batch {n_batch}) need ({fixed:,} bytes), "
+                         f"before any expert")
     return left
 
 

@@ -116,7 +116,7 @@ status e2e "$e2e_rc"
 # 4. the consumer comparison at the per-layer cost measured in step 3
 sim_rc=0
 if [ -f "$OUT/h200-measured.json" ]; then
-    timeout 90 "$PY" scripts/sim_results.py --out "$OUT/sim" --skip-sweeps --layer-cost "$OUT/h200-measured.json" \
+    timeout 150 "$PY" scripts/sim_results.py --out "$OUT/sim" --quick --skip-sweeps --layer-cost "$OUT/h200-measured.json" \
         > "$OUT/sim.txt" 2>&1
     sim_rc=$?
 fi

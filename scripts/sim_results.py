@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
@@ -17,6 +18,7 @@ from promoe_gguf.errors import ModelError
 from promoe_gguf.sim import load_inputs, simulate, sweep
 from promoe_gguf.sim.profile import PROFILES
 from promoe_gguf.sim.report import plot_sweep
+from promoe_gguf.sim.llamacpp import LLAMA_RESERVE
 from promoe_gguf.sim.routing import calibration_rows
 from promoe_gguf.sim.run import best, llamacpp_modes
 
@@ -25,53 +27,71 @@ GPUS = ["rtx4070ti-12g", "rtx3060-12g", "rtx4090-24g"]
 OURS = [("lru", dict(policy="lru", predictor="none", cpu_experts="off")),
         ("promoe", dict(policy="promoe", predictor="gate", cpu_experts="off")),
         ("hybrid", dict(policy="promoe", predictor="gate", cpu_experts="auto"))]
-N_BATCH = 512                # our prefill chunk in the comparison (llama.cpp's ubatch); the Engine's default is 64
+N_BATCH = None               # our prefill chunk: the Engine's default for the device budget (memory.default_n_batch)
 AS_BUILT_LAYER_US = 400      # sensitivity: a Python-bound dispatch (24 device ops x ~15 us + 1 sync)
 
 
 PROMPTS = (2048, 4096)       # longer prompts: prefill only (llama.cpp at -ub 512, 2048, 4096)
 
 
-def comparison(progress=True, layer_cost: tuple[float, float] | None = None) -> list[dict]:
-    """layer_cost: our measured per-layer decode cost (every expert resident, with an expert cache)."""
-    out = []
+def comparison(progress=True, layer_cost: tuple[float, float] | None = None, quick: bool = False) -> list[dict]:
+    """layer_cost: our measured per-layer decode cost (every expert resident, with an expert cache).
+    One process per (model, GPU); `quick`: llama.cpp's modes and hybrid at the measured cost only."""
     jobs = [(m, g) for m in MODELS for g in GPUS]
-    for model, gpu in tqdm(jobs, desc="compare", disable=not progress):
-        inp = load_inputs(shape=model, profile=gpu, sequences=2)      # the first warms every cache
-        modes = llamacpp_modes(inp, warm=True)
-        stock = [r for r in modes if not r["moe_cache_mib"]]
-        cached = [r for r in modes if r["moe_cache_mib"]]
-        row = {"model": model, "gpu": gpu, "profile": PROFILES[gpu].source, "calibrated_routing": inp.calibrated,
-               "llamacpp": {r["mode"]: _brief(r) for r in modes},
-               "llamacpp_best": {ph: best(modes, ph)["mode"] for ph in ("decode", "prefill")},
-               "llamacpp_stock_best": best(stock, "decode")["mode"],
-               "llamacpp_cache_best": best(cached, "decode")["mode"] if cached else None,
-               "freetoken": _brief(simulate(engine="freetoken", inputs=inp, warm=True))}
-        for name, kw in OURS:
-            r = simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, warm=True, **kw)
-            row[name] = _brief(r) | {"slots": r["slots"], "cache_rate": r["cache_rate"]}
-        row["hybrid_batch64"] = _brief(simulate(engine="promoe", inputs=inp, n_batch=64, warm=True, **OURS[2][1]))
-        row["hybrid_cold"] = _brief(simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, **OURS[2][1]))
-        slow = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={AS_BUILT_LAYER_US}", sequences=2)
-        r = simulate(engine="promoe", inputs=slow, n_batch=N_BATCH, warm=True, **OURS[2][1])
-        row["hybrid_python_bound"] = _brief(r)
-        if layer_cost is not None:
-            cost = layer_cost[0] if row["hybrid"]["cache_rate"] >= 1 else layer_cost[1]   # everything fits: no hand-offs
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(compare_pair, m, g, layer_cost, quick) for m, g in jobs]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="compare", disable=not progress):
+            pass
+        return [f.result() for f in futures]
+
+
+def compare_pair(model: str, gpu: str, layer_cost, quick: bool) -> dict:
+    inp = load_inputs(shape=model, profile=gpu, sequences=2)      # the first warms every cache
+    modes = llamacpp_modes(inp, warm=True)
+    stock = [r for r in modes if not r["moe_cache_mib"]]
+    cached = [r for r in modes if r["moe_cache_mib"]]
+    row = {"model": model, "gpu": gpu, "profile": PROFILES[gpu].source, "calibrated_routing": inp.calibrated,
+           "llamacpp": {r["mode"]: _brief(r) for r in modes},
+           "llamacpp_best": {ph: best(modes, ph)["mode"] for ph in ("decode", "prefill")},
+           "llamacpp_stock_best": best(stock, "decode")["mode"],
+           "llamacpp_cache_best": best(cached, "decode")["mode"] if cached else None,
+           "freetoken": _brief(simulate(engine="freetoken", inputs=inp, warm=True))}
+    same = inp.profile.gpu_mem - LLAMA_RESERVE          # the device memory llama.cpp's modes may fill
+    if quick:
+        resident, cached = layer_cost if layer_cost is not None else (AS_BUILT_LAYER_US, AS_BUILT_LAYER_US)
+        for cost in (cached, resident):
             meas = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={cost}", sequences=2)
-            row["hybrid_measured_cost"] = _brief(simulate(engine="promoe", inputs=meas, n_batch=N_BATCH, warm=True,
-                                                          **OURS[2][1])) | {"layer_us": round(cost, 1)}
-        row["long_prompts"] = {}
-        for n in PROMPTS:
-            longer = load_inputs(shape=model, profile=gpu, prompt=n, decode=1, sequences=2)
-            theirs = llamacpp_modes(longer, warm=True)
-            top = best(theirs, "prefill")
-            row["long_prompts"][n] = {
-                "llamacpp": {"mode": top["mode"], "prefill_tok_s": round(top["prefill_tok_s"], 1)},
-                "freetoken": round(simulate(engine="freetoken", inputs=longer, warm=True)["prefill_tok_s"], 1),
-                "hybrid": round(simulate(engine="promoe", inputs=longer, n_batch=N_BATCH, warm=True,
-                                         **OURS[2][1])["prefill_tok_s"], 1)}
-        out.append(row)
-    return out
+            r = simulate(engine="promoe", inputs=meas, n_batch=N_BATCH, warm=True, gpu_mem=same, **OURS[2][1])
+            row["hybrid_measured_cost"] = _brief(r) | {"layer_us": round(cost, 1)}
+            if r["cache_rate"] < 1:                  # an expert cache: the cached cost; else every expert fits
+                break
+        return row
+    for name, kw in OURS:
+        r = simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, warm=True, gpu_mem=same, **kw)
+        row[name] = _brief(r) | {"slots": r["slots"], "cache_rate": r["cache_rate"]}
+    hybrid = dict(OURS[2][1], gpu_mem=same)
+    row["hybrid_default_mem"] = _brief(simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, warm=True, **OURS[2][1]))
+    row["hybrid_batch64"] = _brief(simulate(engine="promoe", inputs=inp, n_batch=64, warm=True, **hybrid))
+    row["hybrid_cold"] = _brief(simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, **hybrid))
+    slow = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={AS_BUILT_LAYER_US}", sequences=2)
+    r = simulate(engine="promoe", inputs=slow, n_batch=N_BATCH, warm=True, **hybrid)
+    row["hybrid_python_bound"] = _brief(r)
+    if layer_cost is not None:
+        cost = layer_cost[0] if row["hybrid"]["cache_rate"] >= 1 else layer_cost[1]   # everything fits: no hand-offs
+        meas = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={cost}", sequences=2)
+        row["hybrid_measured_cost"] = _brief(simulate(engine="promoe", inputs=meas, n_batch=N_BATCH, warm=True,
+                                                      **hybrid)) | {"layer_us": round(cost, 1)}
+    row["long_prompts"] = {}
+    for n in PROMPTS:
+        longer = load_inputs(shape=model, profile=gpu, prompt=n, decode=1, sequences=2)
+        theirs = llamacpp_modes(longer, warm=True)
+        top = best(theirs, "prefill")
+        row["long_prompts"][n] = {
+            "llamacpp": {"mode": top["mode"], "prefill_tok_s": round(top["prefill_tok_s"], 1)},
+            "freetoken": round(simulate(engine="freetoken", inputs=longer, warm=True)["prefill_tok_s"], 1),
+            "hybrid": round(simulate(engine="promoe", inputs=longer, n_batch=N_BATCH, warm=True, gpu_mem=same,
+                                     **OURS[2][1])["prefill_tok_s"], 1)}
+    return row
 
 
 def _brief(r: dict) -> dict:
@@ -103,8 +123,9 @@ def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
              "'stock' is the best without the expert cache. **FreeToken-like**: the strongest published design "
              "(promoe_gguf/sim/freetoken.py: one LRU per expert layout, misses split between the link and the CPU "
              "by their bandwidths, whole-layer double-buffered prefill, llama.cpp's per-layer graph cost). "
-             "**Ours**: the largest expert cache `Engine(gpu_mem=default)` fits (10% / 1 GiB left to CUDA, where "
-             "llama.cpp is given all but 512 MiB).", "",
+             "**Ours**: the largest expert cache that fits the same device memory as llama.cpp's modes (all but 512 "
+             "MiB: `--gpu-mem`); the Engine's default leaves 10% / at least 1 GiB instead (the sensitivity table's "
+             "'Engine's default memory' column).", "",
              "- **lru**: per-layer LRU, every miss copied; **promoe**: promoe policy + gate predictor, misses copied; "
              "**hybrid**: promoe + gate, misses on the CPU when the cost model says so (`--cpu-experts auto`).",
              "- **bound**: the fastest decode hybrid's own hits and misses allow, max(device bytes / device "
@@ -116,9 +137,9 @@ def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
                 if layer_cost is not None else "."),
              "- Validation of the model: bench/results/sim/validation.md (llama.cpp decode within 15% of published "
              "runs; GPU prefill and llama.cpp's expert cache have no published check).",
-             f"- Our prefill runs in chunks of {N_BATCH} tokens (`--n-batch {N_BATCH}`, llama.cpp's ubatch); the "
-             "Engine's default, 64, re-reads (and on a miss re-copies) every expert each 64 tokens: the sensitivity "
-             "table's '--n-batch 64' column.", "",
+             "- Our prefill chunk is the Engine's default for the device budget (the longest of 4096..64 tokens "
+             "whose activations take a tenth of it, at most the prompt); a 64-token chunk re-reads (and on a miss "
+             "re-copies) every expert each 64 tokens: the sensitivity table's '--n-batch 64' column.", "",
              "## Decode tok/s", "",
              "| model | GPU | llama.cpp stock best | llama.cpp expert cache best | FreeToken-like | lru | promoe | hybrid "
              "| hybrid bound | hybrid / bound | hybrid / llama.cpp best | hybrid / FreeToken-like |",
@@ -147,16 +168,16 @@ def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
                          f"({lp['llamacpp']['mode']}) | {lp['freetoken']:.1f} | {lp['hybrid']:.1f} | "
                          f"{_x(lp['hybrid'], lp['llamacpp']['prefill_tok_s'])} |")
     lines += ["", "## Sensitivity of hybrid (decode tok/s; prefill for --n-batch 64)", "",
-              "| model | GPU | hybrid | Python-bound | " + ("measured cost | measured / llama.cpp best | "
-                                                         if layer_cost is not None else "")
+              "| model | GPU | hybrid | Engine's default memory | Python-bound | " + (
+                  "measured cost | measured / llama.cpp best | " if layer_cost is not None else "")
               + "--n-batch 64 prefill | cold |",
-              "|---|---|---:|---:|" + ("---:|---:|" if layer_cost is not None else "") + "---:|---:|"]
+              "|---|---|---:|---:|---:|" + ("---:|---:|" if layer_cost is not None else "") + "---:|---:|"]
     for r in rows:
         top = r["llamacpp"][r["llamacpp_best"]["decode"]]
         meas = (f"{r['hybrid_measured_cost']['decode_tok_s']:.1f} | "
                 f"{_x(r['hybrid_measured_cost']['decode_tok_s'], top['decode_tok_s'])} | " if layer_cost is not None else "")
         lines.append(f"| {r['model']} | {r['gpu']} | {r['hybrid']['decode_tok_s']:.1f} | "
-                     f"{r['hybrid_python_bound']['decode_tok_s']:.1f} | {meas}{r['hybrid_batch64']['prefill_tok_s']:.1f} | "
+                     f"{r['hybrid_default_mem']['decode_tok_s']:.1f} | {r['hybrid_python_bound']['decode_tok_s']:.1f} | {meas}{r['hybrid_batch64']['prefill_tok_s']:.1f} | "
                      f"{r['hybrid_cold']['decode_tok_s']:.1f} |")
     lines += ["", "## Details (decode)", "",
               "Cache slots, hit rate, share of decode waiting for copies, experts computed on the CPU and bytes "
@@ -184,6 +205,19 @@ def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
         f.write("\n".join(lines) + "\n")
 
 
+def render_quick(rows, path, source=""):
+    lines = ["# Hybrid at a measured per-layer cost vs llama.cpp's best (SIMULATED)", "",
+             f"Per-layer cost: {source or 'the Python-bound estimate'}; same inputs as consumer.md.", "",
+             "| model | GPU | llama.cpp best decode (mode) | hybrid at the measured cost | ratio |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        top = r["llamacpp"][r["llamacpp_best"]["decode"]]
+        h = r["hybrid_measured_cost"]
+        lines.append(f"| {r['model']} | {r['gpu']} | {top['decode_tok_s']:.1f} ({r['llamacpp_best']['decode']}) | "
+                     f"{h['decode_tok_s']:.1f} ({h['layer_us']:.0f} us/layer) | {_x(h['decode_tok_s'], top['decode_tok_s'])} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def render_calibration(rows, path):
     lines = ["# Synthetic routing: calibration against public traces", "",
              "`promoe_gguf/sim/routing.py` presets, 8 MoE layers, mean of seeds 0-2. Steady-state LRU rows: 512 "
@@ -203,6 +237,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/sim")
     ap.add_argument("--skip-sweeps", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="only llama.cpp's modes and hybrid at --layer-cost (quick.md; what scripts/gpu_check.sh runs)")
     ap.add_argument("--layer-cost", default=None, metavar="US|PROFILE.json",
                     help="also simulate hybrid at this per-layer decode cost (a number, or the ours_layer_us of a "
                          "profile written by promoe bench or scripts/gpu_e2e.py)")
@@ -222,7 +258,14 @@ def main(argv=None) -> int:
             cost, source = (resident, cached), f"measured ({prof.source})"
         except ModelError:
             pass
-    rows = comparison(layer_cost=cost)
+    rows = comparison(layer_cost=cost, quick=args.quick)
+    if args.quick:
+        render_quick(rows, os.path.join(args.out, "quick.md"), source)
+        with open(os.path.join(args.out, "quick.json"), "w") as f:
+            json.dump({"date": time.strftime("%Y-%m-%d"), "simulated": True, "rows": rows, "layer_cost_us": cost,
+                       "layer_cost_source": source}, f, indent=1)
+        print(open(os.path.join(args.out, "quick.md")).read())
+        return 0
     render_comparison(rows, os.path.join(args.out, "consumer.md"), cost, source)
     with open(os.path.join(args.out, "consumer.json"), "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "simulated": True, "rows": rows, "layer_cost_us": cost,

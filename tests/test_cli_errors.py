@@ -1,4 +1,4 @@
-"""How the `promoe` command reports errors (issue 13): one line `promoe: error: ...` naming the file,
+"""How the `promoe` command reports errors: one line `promoe: error: ...` naming the file,
 key and rule with exit status 2 for bad input; `promoe: internal error: ...` with exit status 1 for
 a failure of ours; --debug (before or after the subcommand) adds the traceback."""
 import math

@@ -202,3 +202,25 @@ def test_kernel_failure_falls_back_to_torch(test_models, emu, caplog):
     assert ("matvec", 8) in eng.backend.failed                      # Q8_0 attn_k / attn_v
     assert any("matvec_q8_0" in r.message and "Q8_0" in r.message for r in caplog.records)
     assert oracle.rel_l2(got, ref) < 1e-5
+
+
+def test_long_prefill_attends_block_by_block_as_llama_cpp(test_models, factory, emu):
+    """A 300-token chunk: prefill attention takes its queries in blocks of ATTN_QUERY_BLOCK (256), so the
+    second block sees the first's keys through the causal mask; the fp32 path against stock llama.cpp on
+    the dequantized twin, fed the same chunk."""
+    from promoe_gguf.backends.cuda import ATTN_QUERY_BLOCK
+    path = test_models[("llama", "Q4_K_M", "default")]
+    twin = path[:-len(".gguf")] + ".twin-f32.gguf"
+    if not os.path.exists(twin):
+        factory.dequantized_twin(path, twin)
+    tokens = np.random.default_rng(5).integers(0, 256, 300).tolist()
+    assert len(tokens) > ATTN_QUERY_BLOCK
+    eng = Engine(path, launcher=emu.launcher, n_ctx=320, n_batch=300, activations="f32", kv_type="f32")
+    try:
+        ours = eng.logits(tokens)
+    finally:
+        eng.close()
+    ref = oracle.logits(twin, tokens, n_ctx=320, chunk=300, n_prefill=300, repack=False)
+    err = oracle.rel_l2(ours, ref)
+    print(f"300-token chunk, fp32 path vs llama.cpp on the twin: {err:.2e}")
+    assert err <= 1e-3, err

@@ -1,4 +1,4 @@
-"""Damaged converted cache directories and damaged or mismatched predictor files (issue 13).
+"""Damaged converted cache directories and damaged or mismatched predictor files.
 
 Every case changes one thing of a real file (a manifest field, the length of experts.bin, a byte of
 resident.gguf, a field or tensor of a predictor record, a cut-off predictor file) and then uses it

@@ -1,4 +1,4 @@
-"""Non-finite values are caught where they start (issue 13).
+"""Non-finite values are caught where they start.
 
 Real factory models with one weight set to NaN or inf in the file (an F32 element, or the f16 scale
 of a quantized block): the logits check turns the NaN into a ModelError on every step; with

@@ -1,4 +1,4 @@
-"""Semantic fuzz (issue 13): one metadata value of a real factory model changed (0, 1, off by one,
+"""Semantic fuzz: one metadata value of a real factory model changed (0, 1, off by one,
 the neighbouring key's value, huge, negative, NaN, inf, removed), the model run through
 Engine.logits under a deadline and a memory cap. Every case runs with finite logits or raises
 ModelError; a rejection at open names the key that was changed. CI runs every read key of every

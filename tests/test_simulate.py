@@ -95,7 +95,7 @@ def test_a_placement_that_does_not_fit_is_refused_with_the_overflow():
     with pytest.raises(ModelError) as e:
         simulate(engine="promoe", inputs=inp, cache_rate=0.9)
     m = inp.model
-    want = plan(m.model, "cuda", 4096, 64, slots_for_budget(m.layout, m.k, cache_rate=0.9))["total"]
+    want = plan(m.model, "cuda", 4096, None, slots_for_budget(m.layout, m.k, cache_rate=0.9))["total"]
     over = want - usable_gpu_mem(inp.profile)
     assert f"{over / 2**30:.2f} GiB ({over / 2**20:,.0f} MiB) more than" in str(e.value), str(e.value)
     assert 0 < ours_budget(inp)["slots"] < len(m.layout.keys)          # fitted: what does fit

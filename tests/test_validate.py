@@ -1,4 +1,4 @@
-"""The validation pass at open (issue 13), per architecture: one metadata value of a real factory
+"""The validation pass at open, per architecture: one metadata value of a real factory
 model changed, and the error must name the key, its value and the tensor or rule it contradicts.
 
 Expected shapes come from the factory's spec (scripts/make_test_model.py), not from the validator.

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
-from . import CPU_KV_PAD as KV_PAD
-from . import BackendBase, ExpertStack, QMatrix, StackedMatrix
-from . import kv_layout as layout_of
 from . import torch_ops
+from .base import CPU_KV_PAD as KV_PAD
+from .base import BackendBase, ExpertStack, QMatrix, StackedMatrix
+from .base import kv_layout as layout_of
 from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
 
 MAX_GRAPHS = 1024      # cached graphs (a few per op signature and token count)

@@ -35,13 +35,14 @@ from ..errors import ModelError, ParameterError, clip
 from ..format.quants import dequantize_torch
 from ..kernels import launch as L
 from ..kernels import plans as P
-from . import FLOAT_TYPES, BackendBase, ExpertStack, QMatrix
-from . import kv_layout as layout_of
 from . import torch_ops
+from .base import FLOAT_TYPES, BackendBase, ExpertStack, QMatrix
+from .base import kv_layout as layout_of
 
 log = logging.getLogger("promoe.cuda")
 
 TILE_BYTES = 32 << 20        # prefill dequantization workspace (one tile of rows of one matrix)
+ATTN_QUERY_BLOCK = 256       # prefill attention takes its queries in blocks: scores [H, block, context] at a time
 ACTIVATIONS = ("q8", "f32")
 
 
@@ -314,7 +315,12 @@ class CudaBackend(BackendBase):
             mask = torch.arange(end, device=self.device)[None, :] <= step.pos.long()[:, None]
             return torch_ops.attention(q, K[:, :end].float(), V[:, :end].float(), mask, scale)
         end = step.n_past + T
-        return torch_ops.attention(q.float(), K[:, :end].float(), V[:, :end].float(), step.mask, scale)
+        Kf, Vf, q = K[:, :end].float(), V[:, :end].float(), q.float()
+        if T <= ATTN_QUERY_BLOCK:
+            return torch_ops.attention(q, Kf, Vf, step.mask, scale)
+        # queries a block at a time: a block's scores against the context, not the whole chunk's
+        return torch.cat([torch_ops.attention(q[lo:lo + ATTN_QUERY_BLOCK], Kf, Vf, step.mask[lo:lo + ATTN_QUERY_BLOCK], scale)
+                          for lo in range(0, T, ATTN_QUERY_BLOCK)])
 
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)

@@ -109,8 +109,10 @@ class Lib:
         try:
             t = self.base.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 4, 4)
             data = self.base.ggml_get_data(t)
-            words = (ctypes.c_uint64 * 48).from_address(t)
-            hits = [8 * i for i in range(48) if words[i] == data]
+            # the words up to and including the expected one: what lies past the struct (the tensor's
+            # own uninitialized data, a freed context's bytes) may hold the same address by chance
+            words = (ctypes.c_uint64 * 32).from_address(t)
+            hits = [8 * i for i in range(32) if words[i] == data]
         finally:
             self.base.ggml_free(ctx)
         # ggml.h: type, buffer, ne[4], nb[4], op, op_params[16], flags, src[10], view_src, view_offs, data

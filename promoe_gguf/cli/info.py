@@ -13,7 +13,7 @@ from ..runtime.host_store import StoreLayout
 CACHE_RATES = (0.25, 0.5, 0.75, 1.0)
 
 
-def memory_plans(model, device: str = "cuda", n_ctx=None, n_batch: int = 64) -> dict:
+def memory_plans(model, device: str = "cuda", n_ctx=None, n_batch: int | None = None) -> dict:
     """{budget name: memory breakdown} for every cache rate the Engine accepts, and all resident."""
     layout = StoreLayout.of(model)
     out = {}
@@ -82,11 +82,12 @@ def format_info(info: dict) -> str:
         f"experts      {info['routed_experts']} routed, {_mib(info['expert_bytes_total'])} in all",
         f"resident     {_mib(info['resident_bytes_total'])} (attention, embeddings, norms, routers, shared/dense FFN)",
         f"{info['device']} memory per expert budget (what Engine.memory reports for the same settings):",
-        f"  {'budget':<18} {'slots':>5} {'resident':>12} {'kv_cache':>12} {'experts':>12} {'workspace':>12} {'total':>12}",
+        f"  {'budget':<18} {'slots':>5} {'resident':>12} {'kv_cache':>12} {'experts':>12} {'workspace':>12} "
+        f"{'activations':>12} {'total':>12}",
     ]
     for name, m in info["memory"].items():
         lines.append(f"  {name:<18} {m.get('slots', '-'):>5} " + " ".join(
-            f"{_mib(m[k]):>12}" for k in ("resident", "kv_cache", "expert_arena", "workspace", "total")))
+            f"{_mib(m[k]):>12}" for k in ("resident", "kv_cache", "expert_arena", "workspace", "activations", "total")))
     return "\n".join(lines)
 
 
@@ -113,26 +114,27 @@ def lru_hit_rate(trace, n_slots: int) -> float:
     return hits / lookups if lookups else float("nan")
 
 
-def gpu_plan(model, gpu_mem: int, device: str, n_ctx, n_batch: int = 64, trace=None) -> dict:
+def gpu_plan(model, gpu_mem: int, device: str, n_ctx, n_batch: int | None = None, trace=None) -> dict:
     """What lives where with `gpu_mem` bytes of device memory (Engine(gpu_mem=...) does the same)."""
-    from ..memory import fit_cache
+    from ..memory import context, default_n_batch, fit_cache
+    n_batch = int(n_batch or default_n_batch(model, device, context(model, n_ctx), gpu_mem))
     arena = fit_cache(model, device, n_ctx, n_batch, gpu_mem)
     layout = StoreLayout.of(model)
     if arena is None:
         out = {"gpu_mem": gpu_mem, "experts_on_device": len(layout.keys), "experts_total": len(layout.keys),
-               **plan(model, device, n_ctx, n_batch, None)}
+               "n_batch": n_batch, **plan(model, device, n_ctx, n_batch, None)}
         out["expected_hit_rate"] = 1.0
         return out
     slots = slots_for_budget(layout, model.config.n_experts_used, cache_mem=arena)
     out = {"gpu_mem": gpu_mem, "experts_on_device": slots, "experts_total": len(layout.keys),
-           **plan(model, device, n_ctx, n_batch, slots)}
+           "n_batch": n_batch, **plan(model, device, n_ctx, n_batch, slots)}
     if trace is not None:
         out["expected_hit_rate"] = lru_hit_rate(trace, slots)
     return out
 
 
 def run(args) -> int:
-    from .. import DEFAULT_MODEL
+    from ..paths import DEFAULT_MODEL
     if getattr(args, "trace", None) and not getattr(args, "gpu_mem", None):
         raise ModelError("--trace gives the expected hit rate of a --gpu-mem plan: add --gpu-mem")
     model = open_model(args.model or DEFAULT_MODEL)
@@ -152,7 +154,8 @@ def run(args) -> int:
                      "memory (computed on the CPU or copied, as the cost model decides)")
             print(format_info(info))
             print(f"with --gpu-mem {_mib(args.gpu_mem)}: resident {_mib(p['resident'])}, KV cache "
-                  f"{_mib(p['kv_cache'])}, workspace {_mib(p['workspace'])}, expert cache {_mib(p['expert_arena'])}: "
+                  f"{_mib(p['kv_cache'])}, workspace {_mib(p['workspace'])}, prefill activations "
+                  f"{_mib(p['activations'])} (--n-batch {p['n_batch']}), expert cache {_mib(p['expert_arena'])}: "
                   f"{where}; total {_mib(p['total'])}"
                   + (f"; expected decode hit rate {hit:.2f} (LRU replay of the trace)" if hit is not None and trace
                      else ""))

@@ -15,7 +15,7 @@ from .flags import ranged, setting
 
 
 def _model(path):
-    from .. import DEFAULT_MODEL
+    from ..paths import DEFAULT_MODEL
     return DEFAULT_MODEL if path in (None, "default") else path
 
 

@@ -42,8 +42,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--gpu-mem", type=size, default=None, help="device memory for everything (e.g. 10G); default: fit the profile")
     e.add_argument("--lookahead", type=ranged(1, 16), default=None, help="ours: layers ahead a predictor scores (default 1)")
     e.add_argument("--n-batch", type=setting("n_batch"), default=None,
-                   help="ours: prefill chunk in tokens (default 64, the Engine's; the README's tables use 512, "
-                        "llama.cpp's n_batch, with --warm)")
+                   help="ours: prefill chunk in tokens (default: the Engine's for the device budget, "
+                        "memory.default_n_batch)")
     e.add_argument("--ngl", default=None, help="llama.cpp: layers on the GPU (the last N), or 'auto' (most that fit)")
     e.add_argument("--n-cpu-moe", default=None,
                    help="llama.cpp: experts of the first N layers on the CPU, or 'auto' (fewest that fit)")
@@ -83,7 +83,7 @@ def run(args) -> int:
             "--cache-rate": args.cache_rate, "--lookahead": args.lookahead, "--n-batch": args.n_batch}
     theirs = {"--ngl": args.ngl, "--n-cpu-moe": args.n_cpu_moe, "--moe-cache-mib": args.moe_cache_mib,
               "--n-ubatch": args.n_ubatch}
-    n_batch, n_ubatch = args.n_batch or 64, args.n_ubatch or 512
+    n_batch, n_ubatch = args.n_batch, args.n_ubatch or 512
     applies = {"promoe": ours, "llamacpp": theirs, "freetoken": {"--n-ubatch": args.n_ubatch}}[args.engine]
     unused = [f for f, v in {**ours, **theirs}.items() if v is not None and f not in applies
               and not (args.sweep and f in ("--n-batch", "--n-ubatch"))]      # a sweep runs both engines

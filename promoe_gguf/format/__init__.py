@@ -1,6 +1,7 @@
 """GGUF reading, quant types, the expert index and the expert-major cache layout."""
 from .config import ModelConfig, SUPPORTED_ARCHS
-from .model_file import MoEModel, open_model
+from .loader import open_model
+from .model_file import MoEModel
 from .quants import QUANT_TYPES, dequantize, dequantize_torch, quant_type
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHS", "MoEModel", "open_model", "QUANT_TYPES", "dequantize",

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import ModelError
 from .config import ModelConfig, config_from_metadata
 from .expert_index import MATRICES, MatrixSlice, build_expert_index, is_expert_tensor
-from .gguf_file import check_model_path, field_value, read_gguf
+from .gguf_file import field_value, read_gguf
 from .quants import dequantize, quant_type
 from .validate import checked_config
 
@@ -156,13 +156,3 @@ class GGUFModel(MoEModel):
         for t in self._resident.values():
             if t.name.endswith(".weight") and not t.name.endswith("norm.weight"):
                 quant_type(t.qtype)  # unsupported quant type -> ModelError
-
-
-def open_model(path, **kw) -> MoEModel:
-    """Contract: open a GGUF file or a converted cache directory."""
-    path = os.fspath(path)
-    check_model_path(path)
-    if os.path.isdir(path):
-        from .cache_dir import CachedModel
-        return CachedModel(path, **kw)
-    return GGUFModel(path)

@@ -1,7 +1,7 @@
 """The device expert cache: a fixed arena of slots, a residency map and eviction policies.
 
 All slot state is guarded by `ExpertCache.cv` (one condition variable shared with the transfer
-engine). A slot is EMPTY, LOADING (its copy task has landed `ready_chunks` of 3 chunks) or READY;
+engine). A slot is EMPTY, LOADING (its copy task has landed `ready_chunks` of the expert's chunks) or READY;
 `pins` > 0 while the compute thread reads it; `needed` marks experts the current layer still has
 to compute: those are never evicted, whatever the policy (the compute thread takes ready experts
 first, so the slots they hold come free).

@@ -6,9 +6,10 @@ Measured at start-up on this machine and reported in the stats:
   * link: the copy engine's bytes/s and per-copy latency (CUDA: a pinned copy of one expert into
     the arena, timed; CPU: the emulated link's setting);
   * device: seconds to run one expert on the device (CUDA: the fused kernels, timed; CPU emulation:
-    the compute thread's ggml, the same as the pool's).
-Per miss: CPU if cpu_s(T) + the CPU pool's backlog < the copy still to come (queue ahead + bytes
-left) / link + latency + device_s(T).
+    the compute thread's ggml, the same as the pool's);
+  * hand-off: what a CPU expert costs beyond its compute (a job through the pool's queue and back).
+Per miss (runtime/placement.py): CPU if its backlog + cpu_s(T) + hand-off < the copy still to come
+(queue ahead + bytes left) / link + latency + device_s(T).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class CostModel:
     link_latency_s: float = 0.0
     cpu_s: dict = field(default_factory=dict)      # signature -> (seconds at 1 token, at FUSED_MAX_TOKENS)
     device_s: dict = field(default_factory=dict)   # signature -> (seconds at 1 token, at FUSED_MAX_TOKENS)
+    cpu_handoff_s: float = 50e-6                   # a CPU expert's cost beyond its compute
 
     @staticmethod
     def signature(matrices) -> tuple:
@@ -62,6 +64,7 @@ class CostModel:
             return round(nbytes / table[0] / 1e9, 3)
         return {"link_GBps": None if not self.link_bps else round(self.link_bps / 1e9, 6),
                 "link_latency_us": round(self.link_latency_s * 1e6, 1),
+                "cpu_handoff_us": round(self.cpu_handoff_s * 1e6, 1),
                 "cpu_GBps_1tok": {_name(s): gbs(t, s) for s, t in self.cpu_s.items()},
                 "cpu_ms_per_expert": {_name(s): [round(t[0] * 1e3, 3), round(t[1] * 1e3, 3)] for s, t in self.cpu_s.items()},
                 "device_ms_per_expert": {_name(s): [round(t[0] * 1e3, 3), round(t[1] * 1e3, 3)]
@@ -79,10 +82,11 @@ def _name(sig) -> str:
 
 def measure(store, pool, link, device_run=None) -> CostModel:
     """Probe one expert per signature: on the CPU pool's backend, and (device_run(key, x)) on the device."""
-    model = CostModel(link_bps=link.bandwidth or 0.0, link_latency_s=link.latency)
+    model = CostModel(link_bps=link.bandwidth or 0.0, link_latency_s=link.latency, cpu_handoff_s=0.0)
     seen = {}
     for key in store.keys:
         seen.setdefault(CostModel.signature(m for m, _ in store.layout[key]), key)
+    model.cpu_handoff_s = _timed(pool.round_trip)
     for sig, key in seen.items():
         mats = store.matrices(key)
         d = mats[0].cols

@@ -50,6 +50,16 @@ class CpuExpertPool:
         """Queue a layer's jobs at once (one wake-up of the worker, which runs them in order)."""
         self.q.put(jobs)
 
+    def round_trip(self, timeout: float = 10.0) -> float:
+        """Seconds for an empty job through the worker (queued, woken, handed back): what a CPU expert
+        costs beyond its compute."""
+        job = CpuJob(None, None, None)
+        t0 = time.perf_counter()
+        self.submit([job])
+        if not job.done.wait(timeout):
+            raise RuntimeError(f"the CPU expert worker did not answer an empty job within {timeout:.0f} s")
+        return time.perf_counter() - t0
+
     def run_now(self, x, mats) -> torch.Tensor:
         """Synchronous, on the caller's thread (start-up probes, before the worker gets jobs)."""
         return self.backend.expert_ffn(x, *mats)
@@ -63,6 +73,9 @@ class CpuExpertPool:
                 self._one(job)
 
     def _one(self, job: CpuJob) -> None:
+        if job.mats is None:                 # round_trip's empty job: no compute
+            job.done.set()
+            return
         try:
             if self.fault is not None:
                 self.fault()

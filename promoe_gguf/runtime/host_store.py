@@ -22,6 +22,7 @@ from ..format.converter import MATRIX_ALIGN
 
 log = logging.getLogger("promoe.runtime")
 REGION_ALIGN = 4096
+CHUNK_BYTES = 8 << 20      # the copy unit: a precise copy waits behind at most one chunk of a speculative one
 
 
 def _align(n: int, a: int = MATRIX_ALIGN) -> int:
@@ -53,11 +54,20 @@ class StoreLayout:
         slot = _align(max(n for _, n in region.values()))
         return cls(keys, matrices, region, pos, slot)
 
+    def chunks(self, key) -> list[tuple[int, int]]:
+        """(offset in the region, nbytes) of each copy chunk of an expert: its matrices in order, each
+        cut into pieces of at most CHUNK_BYTES (a chunk never spans two matrices)."""
+        out = []
+        for m, off in self.matrices[key]:
+            for lo in range(0, m.nbytes, CHUNK_BYTES):
+                out.append((off + lo, min(CHUNK_BYTES, m.nbytes - lo)))
+        return out
+
 
 class HostStore:
     def __init__(self, model, pin: bool = False, progress: bool = False):
         self.model = model
-        lay = StoreLayout.of(model)
+        self.store_layout = lay = StoreLayout.of(model)
         self.keys, self.layout, self.slot_bytes = lay.keys, lay.matrices, lay.slot_bytes
         self._region = lay.region
         self.expert_bytes = {key: sum(m.nbytes for m, _ in mats) for key, mats in self.layout.items()}
@@ -88,8 +98,7 @@ class HostStore:
         return self.buf.numel()
 
     def chunks(self, key) -> list[tuple[int, int]]:
-        """(offset, nbytes) of each copy chunk (one per matrix) of an expert's region."""
-        return [(off, m.nbytes) for m, off in self.layout[key]]
+        return self.store_layout.chunks(key)
 
     def region(self, key) -> torch.Tensor:
         start, n = self._region[key]

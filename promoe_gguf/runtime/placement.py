@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CPU_HANDOFF_S = 100e-6  # a CPU expert's fixed cost beyond its compute: rows to the host, a pool job, rows back
-
 
 @dataclass
 class Miss:
@@ -17,16 +15,17 @@ class Miss:
     queued_bytes: int           # precise copies already queued ahead of it on the link
 
 
-def cpu_share(misses: list[Miss], copy_seconds, everything: bool = False) -> set:
+def cpu_share(misses: list[Miss], copy_seconds, handoff_s: float = 0.0, everything: bool = False) -> set:
     """The misses to compute on the CPU: all of them (`everything`), or each on the side that finishes
     it sooner, given what that side already has to do: the CPU its queued jobs, the link its queued
     copies and the misses this call sent to it. When the CPU and the link are about as fast the misses
-    split between them. `copy_seconds(nbytes)` is the link's time for nbytes (its latency included)."""
+    split between them. `copy_seconds(nbytes)` is the link's time for nbytes (its latency included);
+    `handoff_s` what a CPU expert costs beyond its compute (a pool job and the rows there and back)."""
     out, backlog, ahead = set(), 0.0, 0
     for miss in misses:
         if not everything:
             copy = copy_seconds(miss.copy_bytes + ahead + miss.queued_bytes) + miss.device_s
-            cpu = backlog + miss.cpu_s + CPU_HANDOFF_S
+            cpu = backlog + miss.cpu_s + handoff_s
             if cpu >= copy:
                 ahead += miss.copy_bytes          # the link carries it: later misses queue behind it
                 continue

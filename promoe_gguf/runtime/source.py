@@ -181,7 +181,9 @@ class CachedExpertSource:
                 left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
                 misses.append(Miss(key, self.cost.cpu_seconds(sig, T), left, self.cost.device_seconds(sig, T),
                                    self.transfer.queued_bytes(HIGH, but=key)))
-        return cpu_share(misses, None if everything else self.cost.copy_seconds, everything)
+        if everything:
+            return cpu_share(misses, None, everything=True)
+        return cpu_share(misses, self.cost.copy_seconds, self.cost.cpu_handoff_s)
 
     def cpu_job(self, key, x, ids):
         """A CPU pool job for `key` over its tokens' rows of x (the router input, on the host); the
@@ -239,7 +241,7 @@ class CachedExpertSource:
                     slot = self.cache.where.get(key)
                     if slot is None:
                         return (-1, -key[1])
-                    return (4 if slot.state == READY else slot.ready_chunks, -key[1])
+                    return (1 << 30 if slot.state == READY else slot.ready_chunks, -key[1])
                 key = max(remaining, key=readiness)
             remaining.discard(key)
             yield key[1]

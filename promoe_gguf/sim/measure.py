@@ -132,7 +132,7 @@ def _predictor_us(m) -> float:
 def measure_profile(link_bps: float, model=None, threads: int = 1, tokens: int = 48,
                     prompt: str = "def parse_args(argv=None):\n") -> Profile:
     """This machine as a profile for the emulated runtime with a link of `link_bps` bytes/s."""
-    from .. import DEFAULT_MODEL
+    from ..paths import DEFAULT_MODEL
     from ..format import open_model
     model = model or DEFAULT_MODEL
     m = open_model(model)

@@ -41,10 +41,11 @@ class SimStore:
 
     def __init__(self, layout):
         self.keys, self.layout, self.slot_bytes = layout.keys, layout.matrices, layout.slot_bytes
+        self.store_layout = layout
         self.expert_bytes = {k: sum(m.nbytes for m, _ in mats) for k, mats in layout.matrices.items()}
 
     def chunks(self, key) -> list:
-        return [(off, m.nbytes) for m, off in self.layout[key]]
+        return self.store_layout.chunks(key)
 
 
 class SimLink:
@@ -212,7 +213,8 @@ class SimSource(CachedExpertSource):
 
 def make_cost(m: SimModel, prof, store) -> CostModel:
     """The cost model the runtime would measure at start-up, if this profile is right."""
-    cost = CostModel(link_bps=prof.h2d_bw, link_latency_s=prof.h2d_latency_us * 1e-6)
+    cost = CostModel(link_bps=prof.h2d_bw, link_latency_s=prof.h2d_latency_us * 1e-6,
+                     cpu_handoff_s=2 * prof.h2d_latency_us * 1e-6)       # SimSource.handoff: rows there and back
     call = prof.expert_call_us * 1e-6
     for layer in m.moe_layers:
         sig = CostModel.signature(mat for mat, _ in store.layout[(layer, 0)])

@@ -54,7 +54,7 @@ POINTS = [
           "RTX 2080 8 GB + Core i9-10900X (10 cores, quad-channel DDR4 ~102 GB/s)",
           "gpu_gbs=448,gpu_mem_gb=8,h2d_gbs=12,cpu_gbs=102,cpu_threads=10",
           {"n_cpu_moe": 36}, "decode_tok_s", 36.7, "validation",
-          "the profile string of issue 11 (448 GB/s is the 2080's datasheet figure; 102 GB/s as the source measured)"),
+          "the README's example profile string (448 GB/s is the 2080's datasheet figure; 102 GB/s as the source measured)"),
     Point("e5-mixtral-f16-cpu", "JohannesGaessler, llama.cpp #5484 (llama-bench, CPU only)",
           "https://github.com/ggml-org/llama.cpp/issues/5484", "mixtral-8x7b:f16",
           "Xeon E5-2683 v4 (16 cores), quad-channel DDR4-2133", "gpu_gbs=0,cpu_gbs=55,cpu_threads=16",

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ModelError
-from ..memory import fit_cache, plan
+from ..memory import default_n_batch, fit_cache, plan
 from ..runtime.cache import slots_for_budget
 from .costs import SimModel
 from .llamacpp import LlamaCppSim, Placement, free_mib, moe_cache_placements, placements
@@ -34,7 +34,7 @@ def load_inputs(shape=None, trace=None, profile=None, prompt: int = 512, decode:
         from ..predict.trace import Trace
         tr = Trace(trace)
         if shape is None:
-            from .. import DEFAULT_MODEL
+            from ..paths import DEFAULT_MODEL
             shape = DEFAULT_MODEL
         model = open_shape(shape)
         _check_trace(tr, model)
@@ -71,11 +71,16 @@ def usable_gpu_mem(prof: Profile) -> int:
     return int(prof.gpu_mem - max(GPU_MARGIN * prof.gpu_mem, GiB))
 
 
-def ours_budget(inp: Inputs, cache_rate=None, gpu_mem=None, n_ctx: int = 4096, n_batch: int = 64) -> dict:
-    """Slots and device memory of our Engine: --cache-rate, --gpu-mem, or fitted to the profile's GPU as
-    Engine(gpu_mem=default) fits it; refuses what does not fit the profile."""
+def ours_budget(inp: Inputs, cache_rate=None, gpu_mem=None, n_ctx: int = 4096, n_batch: int | None = None) -> dict:
+    """Slots, prefill chunk and device memory of our Engine: --cache-rate, --gpu-mem, or fitted to the
+    profile's GPU as Engine(gpu_mem=default) fits it; refuses what does not fit the profile. n_batch
+    None: the Engine's default for that budget (memory.default_n_batch)."""
     m, prof = inp.model, inp.profile
     model, layout = m.model, m.layout
+    if n_batch is None:
+        device_budget = None if prof.emulated or not prof.has_gpu else (
+            usable_gpu_mem(prof) if gpu_mem is None else int(gpu_mem))
+        n_batch = default_n_batch(model, "cuda", n_ctx, None if cache_rate is not None else device_budget)
     if cache_rate is not None:
         n = slots_for_budget(layout, m.k, cache_rate=cache_rate)
         what = f"--cache-rate {cache_rate}"
@@ -97,10 +102,11 @@ def ours_budget(inp: Inputs, cache_rate=None, gpu_mem=None, n_ctx: int = 4096, n
             over = mem["total"] - limit
             raise ModelError(f"promoe with {what} needs {mem['total'] / GiB:.2f} GiB of device memory (resident "
                              f"{mem['resident'] / GiB:.2f}, KV cache {mem['kv_cache'] / GiB:.2f}, expert cache "
-                             f"{mem['expert_arena'] / GiB:.2f}, workspace {mem['workspace'] / GiB:.2f}): "
+                             f"{mem['expert_arena'] / GiB:.2f}, workspace {mem['workspace'] / GiB:.2f}, prefill activations "
+                             f"{mem['activations'] / GiB:.2f} at --n-batch {n_batch}): "
                              f"{over / GiB:.2f} GiB ({over / 2**20:,.0f} MiB) more than the {limit / GiB:.2f} GiB "
                              f"available on the profile's {prof.gpu_mem_gb:g} GiB GPU")
-    return {"slots": n, "cache_rate": n / len(layout.keys), "memory": mem}
+    return {"slots": n, "cache_rate": n / len(layout.keys), "memory": mem, "n_batch": n_batch}
 
 
 def _placement(inp: Inputs, ngl, n_cpu_moe, n_ctx: int, n_ubatch: int, moe_cache_mib=None) -> Placement:
@@ -171,7 +177,8 @@ def _run_llamacpp(inp: Inputs, place: Placement, n_ctx: int, progress=None, warm
 
 def simulate(shape=None, trace=None, profile=None, engine: str = "promoe", policy: str = "lru",
              predictor: str = "none", cpu_experts: str = "auto", cache_rate=None, gpu_mem=None, ngl=None,
-             n_cpu_moe=None, moe_cache_mib=None, n_ctx: int = 4096, n_batch: int = 64, n_ubatch: int = 512, lookahead: int = 1,
+             n_cpu_moe=None, moe_cache_mib=None, n_ctx: int = 4096, n_batch: int | None = None, n_ubatch: int = 512,
+             lookahead: int = 1,
              prompt: int = 512, decode: int = 128, sequences: int = 1, routing: str | None = None, seed: int = 0,
              inputs: Inputs | None = None, progress: bool = False, warm: bool = False) -> dict:
     """One configuration; returns the summary dict (decode_tok_s, prefill_tok_s, ...). `warm`: our cache
@@ -187,12 +194,13 @@ def simulate(shape=None, trace=None, profile=None, engine: str = "promoe", polic
             if ngl is not None or n_cpu_moe is not None or moe_cache_mib is not None:
                 raise ModelError("--ngl / --n-cpu-moe / --moe-cache-mib are llama.cpp's: use them with --engine llamacpp")
             budget = ours_budget(inp, cache_rate, gpu_mem, n_ctx, n_batch)
-            sim = OursSim(m, prof, inp.routing, policy, predictor, cpu_experts, budget["slots"], lookahead, n_batch)
+            sim = OursSim(m, prof, inp.routing, policy, predictor, cpu_experts, budget["slots"], lookahead,
+                          budget["n_batch"])
             res = sim.run(bar, warm=warm)
             mode = ("all experts resident" if sim.all_resident else
                     f"{policy}+{predictor}, cpu-experts {cpu_experts}, {budget['slots']} slots ({budget['cache_rate']:.0%})"
-                    + (", warm cache" if warm else ""))
-            extra = {"slots": budget["slots"], "cache_rate": round(budget["cache_rate"], 4),
+                    ) + f", --n-batch {budget['n_batch']}" + (", warm cache" if warm and not sim.all_resident else "")
+            extra = {"slots": budget["slots"], "cache_rate": round(budget["cache_rate"], 4), "n_batch": budget["n_batch"],
                      "device_memory": budget["memory"], "policy": policy, "predictor": predictor,
                      "cpu_experts": cpu_experts, "warm": warm}
         elif engine == "llamacpp":
@@ -258,11 +266,11 @@ def summarize(inp: Inputs, engine: str, mode: str, res: dict, extra: dict) -> di
 
 
 def sweep(inp: Inputs, configs: list[dict], rates=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-          n_ctx: int = 4096, n_batch: int = 64, n_ubatch: int = 512, progress: bool = True) -> list[dict]:
+          n_ctx: int = 4096, n_batch: int | None = None, n_ubatch: int = 512, progress: bool = True) -> list[dict]:
     """tok/s against device memory: every config of our runtime at each cache rate that fits, and
     llama.cpp's --n-cpu-moe from all-on-CPU to none (and -ngl when a GPU cannot hold the rest)."""
     from tqdm import tqdm
-    m, prof = inp.model, inp.profile
+    m = inp.model
     jobs = [("promoe", c, r) for c in configs for r in rates] + \
            [("llamacpp", {"n_cpu_moe": n}, None) for n in range(m.n_layers + 1)]
     rows = []

@@ -109,7 +109,7 @@ def validate_cpu(model=None, out_dir="build/sim-validation", rates=(0.25, 0.5, 0
     import os
     import shutil
     from tqdm import tqdm
-    from .. import DEFAULT_MODEL
+    from ..paths import DEFAULT_MODEL
     from .measure import measure_profile
     model = model or DEFAULT_MODEL
     tdir = os.path.join(out_dir, "trace")
