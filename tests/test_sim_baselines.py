@@ -8,7 +8,7 @@ import pytest
 from promoe_gguf import ModelError
 from promoe_gguf.cli.main import main
 from promoe_gguf.sim import load_inputs, simulate
-from promoe_gguf.sim.freetoken import FreeTokenSim
+from promoe_gguf.sim.freetoken import fetch_count
 from promoe_gguf.sim.llamacpp import MiB, ExpertBank, LlamaCppSim, Placement, moe_cache_placements
 from promoe_gguf.sim.run import llamacpp_modes
 
@@ -104,12 +104,11 @@ def test_every_row_is_below_its_bound(inp):
 
 
 def test_freetoken_split_finishes_both_sides_closest():
-    split = FreeTokenSim._split
     for n, copy, cpu in itertools.product(range(6), (1.0, 2.0, 3.0), (1.0, 1.5, 4.0)):
-        f = split(None, n, copy, cpu)
+        f = fetch_count(n, copy, cpu)
         assert 0 <= f <= n
         assert max(f * copy, (n - f) * cpu) == min(max(g * copy, (n - g) * cpu) for g in range(n + 1))
-    assert split(None, 4, 1.0, 1.0) == 2 and split(None, 4, 1.0, 3.0) == 3
+    assert fetch_count(4, 1.0, 1.0) == 2 and fetch_count(4, 1.0, 3.0) == 3
 
 
 def test_freetoken_row_only_fetched_misses_enter_its_cache(inp):

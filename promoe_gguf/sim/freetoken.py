@@ -25,6 +25,12 @@ from .ours import Phase
 GiB = 2**30
 
 
+def fetch_count(n: int, copy_s: float, cpu_s: float) -> int:
+    """How many of a layer's n misses to fetch (the rest go to the CPU) so that both sides finish
+    closest together; ties fetch more."""
+    return min(range(n + 1), key=lambda f: (max(f * copy_s, (n - f) * cpu_s), -f))
+
+
 class FreeTokenSim:
     def __init__(self, m: SimModel, prof, routing, n_ctx: int = 4096, n_ubatch: int = 512):
         self.m, self.prof, self.routing = m, prof, routing
@@ -50,10 +56,6 @@ class FreeTokenSim:
                 "reserve": LLAMA_RESERVE, "expert_cache": cache, "total": fixed + cache}
 
     # ---- decode ---------------------------------------------------------------------------------
-    def _split(self, n: int, copy_s: float, cpu_s: float) -> int:
-        """How many of n misses to fetch so that both sides finish closest together."""
-        return min(range(n + 1), key=lambda f: (max(f * copy_s, (n - f) * cpu_s), -f))
-
     def _decode_token(self, pos: int, ids, ph: Phase) -> float:
         m, prof = self.m, self.prof
         t = 0.0
@@ -68,7 +70,7 @@ class FreeTokenSim:
             misses = [e for e in experts if e not in hits]
             copy_s = prof.h2d_latency_us * 1e-6 + eb / prof.h2d_bw
             cpu_s = eb / m.cpu_bw(prof)
-            f = self._split(len(misses), copy_s, cpu_s)
+            f = fetch_count(len(misses), copy_s, cpu_s)
             for e in misses[:f]:
                 bank.admit((i, e))
             gpu = f * copy_s + (len(hits) + f) * eb / prof.gpu_bw
