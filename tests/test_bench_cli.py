@@ -24,6 +24,9 @@ def test_bench_vs_llamacpp(tmp_path, capsys):
     assert all(r["gap_to_bound"] >= 0.5 for r in res["rows"][:4])
     assert (out / "bench.png").stat().st_size > 1000
     assert "vs llama.cpp" in (out / "bench.md").read_text()
+    # llama.cpp's expert cache: said to be unmeasured, and why (llama-cpp-python's llama.cpp predates it)
+    assert res["llamacpp_moe_cache"]["measured"] is False and res["llamacpp_moe_cache"]["why"]
+    assert "--moe-cache-mib) is not measured here" in (out / "bench.md").read_text()
     # the measured rates as a simulator profile, usable as it is
     from promoe_gguf.sim.profile import parse_profile
     prof = parse_profile(str(out / "profile.json"))

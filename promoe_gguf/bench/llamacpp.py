@@ -66,6 +66,18 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return p
 
 
+def moe_cache_support(bin_dir=None, timeout: float = 60) -> tuple[bool, str]:
+    """Does this llama-bench take llama.cpp's expert cache (--moe-cache-mib, PR #29887)? (answer, why)."""
+    try:
+        d = find_bin_dir(bin_dir)
+    except LlamaCppNotBuilt:
+        return False, "no llama-bench built; llama-cpp-python 0.3.35 vendors a llama.cpp that predates it"
+    p = subprocess.run(_command(d, "llama-bench", ["--help"]), capture_output=True, text=True, timeout=timeout)
+    if "moe-cache" in p.stdout + p.stderr:
+        return True, f"llama-bench in {d} lists --moe-cache-mib"
+    return False, f"llama-bench in {d} (llama-cpp-python 0.3.35's llama.cpp) has no --moe-cache-mib"
+
+
 def list_devices(bin_dir=None, timeout: float = 60) -> list[str]:
     """The accelerator devices llama.cpp sees (llama-bench --list-devices), e.g. ['CUDA0: NVIDIA H200 ...']."""
     d = find_bin_dir(bin_dir)

@@ -235,7 +235,12 @@ def run(args) -> int:
                    sorted({r["memory"]["total"] for r in rows if r["budget"] != "-"}) or [None])
         rows += _llamacpp_rows(path, prompts, args.tokens, args.threads, "cuda" if args.device == "cuda" else "cpu",
                                budgets)
-    res = {"model": os.path.basename(path), "device": args.device, "threads": args.threads, "link": args.link,
+    moe_cache = None
+    if args.vs_llamacpp:
+        from ..bench.llamacpp import moe_cache_support
+        ok, why = moe_cache_support()
+        moe_cache = {"measured": False, "available": ok, "why": why}
+    res = {"llamacpp_moe_cache": moe_cache, "model": os.path.basename(path), "device": args.device, "threads": args.threads, "link": args.link,
            "emulated": args.device != "cuda", "prompt_lengths": lengths, "decode_tokens": args.tokens,
            "rates_GBps": {"device": device_gbs, "cpu": cpu_gbs, "link": link_gbs},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
@@ -347,6 +352,10 @@ def _markdown(res: dict) -> str:
         head += ["", f"llama.cpp rows: {', '.join(src)}; prefill from llama-bench is prompt processing alone "
                  "(TTFT = tokens / tok/s)." if any(x.startswith("llama-bench") for x in src) else
                  f"llama.cpp rows: {', '.join(src)}."]
+    mc = res.get("llamacpp_moe_cache")
+    if mc is not None:
+        head.append(f"llama.cpp's expert cache (--moe-cache-mib) is not measured here ({mc['why']}); its rows are "
+                    "simulated: `promoe simulate --engine llamacpp --n-cpu-moe N --moe-cache-mib M|auto`.")
     return "\n".join(head) + "\n"
 
 
