@@ -161,8 +161,11 @@ def test_bad_predictors_degrade_to_reactive(model_path, reference, cls, caplog):
         logits, gen, stats, _ = _run(model_path, cache_rate=0.25, policy="promoe", predictor=pred, link="300MB/s")
     assert np.array_equal(logits, reference[0]) and gen == reference[1]
     if cls is BrokenPredictor:
-        assert stats["predictor_errors"] == 1
+        assert stats["predictor_errors"] == 1 and stats["predictor_calls"] == 0
         assert "predictor broken failed" in caplog.text
+    else:                                   # it ran, and nothing it said was an error
+        assert stats["predictor_calls"] > 0 and stats["predictor_errors"] == 0
+
 
 
 def test_dead_copy_thread_degrades_to_reactive(model_path, reference, caplog):
