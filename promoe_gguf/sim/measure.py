@@ -129,6 +129,16 @@ def _predictor_us(m) -> float:
     return _timed(call, repeats=200) * 1e6
 
 
+def _handoff_us(threads: int) -> float:
+    """An empty job's round trip through a CPU expert pool, as the runtime's cost model measures it."""
+    from ..runtime.cpu_pool import CpuExpertPool
+    pool = CpuExpertPool(threads)
+    try:
+        return _timed(pool.round_trip, repeats=20) * 1e6
+    finally:
+        pool.close()
+
+
 def measure_profile(link_bps: float, model=None, threads: int = 1, tokens: int = 48,
                     prompt: str = "def parse_args(argv=None):\n") -> Profile:
     """This machine as a profile for the emulated runtime with a link of `link_bps` bytes/s."""
@@ -145,7 +155,7 @@ def measure_profile(link_bps: float, model=None, threads: int = 1, tokens: int =
         cpu_gbs=gbs, cpu_threads=threads, gpu_tflops=gflops * threads / 1e3, cpu_gflops=gflops / threads,
         cpu_thread_gbs=gbs * 10, gpu_eff=1.0, cpu_eff=1.0, expert_call_us=0.0,
         ours_layer_us=over["ours_layer_us"], ours_prefill_layer_us=over["ours_prefill_layer_us"],
-        miss_us=over["miss_us"], cpu_job_us=over["cpu_job_us"],
+        miss_us=over["miss_us"], cpu_job_us=over["cpu_job_us"], cpu_handoff_us=_handoff_us(threads),
         predictor_us=_predictor_us(m), emulated=True,
         source=f"measured on this machine {time.strftime('%Y-%m-%d')}: ggml {threads} thread(s), emulated link",
         extra={"probe": probe, "engine": over})

@@ -176,7 +176,7 @@ class SimSource(CachedExpertSource):
         super().__init__(model, "meta", store, cache, transfer, stats, prefetcher, cpu_pool=pool,
                          cpu_experts=cpu_experts, cost=cost)
         self.m, self.prof, self.clock = m, prof, clock
-        self.handoff = 2 * prof.h2d_latency_us * 1e-6      # hidden rows down, outputs up
+        self.handoff = prof.cpu_handoff_us * 1e-6          # a job to the pool and its rows back
         self.wait_copy = self.wait_cpu = self.cpu_bytes = 0.0
 
     def wait_until_copied(self, key):
@@ -214,7 +214,7 @@ class SimSource(CachedExpertSource):
 def make_cost(m: SimModel, prof, store) -> CostModel:
     """The cost model the runtime would measure at start-up, if this profile is right."""
     cost = CostModel(link_bps=prof.h2d_bw, link_latency_s=prof.h2d_latency_us * 1e-6,
-                     cpu_handoff_s=2 * prof.h2d_latency_us * 1e-6)       # SimSource.handoff: rows there and back
+                     cpu_handoff_s=prof.cpu_handoff_us * 1e-6)           # what runtime/cost.py measures
     call = prof.expert_call_us * 1e-6
     for layer in m.moe_layers:
         sig = CostModel.signature(mat for mat, _ in store.layout[(layer, 0)])

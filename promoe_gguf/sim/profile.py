@@ -44,6 +44,8 @@ class Profile:
     expert_call_us: float = 0.0     # per expert computed by our runtime's per-expert path or CPU pool
     miss_us: float = 30.0           # our runtime: compute-thread cost of an expert it had to wait for
     cpu_job_us: float = 40.0        # our runtime: compute-thread cost of handing one expert to the CPU pool
+    cpu_handoff_us: float = 20.0    # our runtime: an empty job's round trip through the CPU pool (what the
+                                    # runtime's cost model measures as a CPU expert's cost beyond its compute)
     predictor_us: float = 100.0     # one predictor call (gate: a small matmul on the CPU)
     emulated: bool = False          # the "device" is this machine's CPU (promoe's emulated link)
     source: str = ""                # where the numbers come from
