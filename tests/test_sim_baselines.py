@@ -41,6 +41,18 @@ def test_expert_bank_is_a_strict_lru():
         assert hits == lru_hits_by_stack_distance(accesses, capacity)
 
 
+def test_per_layer_lru_replay_is_lru():
+    """sim/routing.lru_hit_rate (also promoe info's expected hit rate): with one expert per token it is
+    exactly a strict LRU per layer, checked against the stack-distance definition."""
+    import numpy as np
+    from promoe_gguf.sim.routing import lru_hit_rate
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 10, size=(200, 3, 1))
+    for slots in (1, 2, 5):
+        want = sum(lru_hits_by_stack_distance([int(e) for e in ids[:, j, 0]], slots) for j in range(3))
+        assert lru_hit_rate(ids, slots) == pytest.approx(want / (200 * 3), abs=1e-12)
+
+
 def test_moe_cache_that_holds_everything_misses_only_on_first_use(inp):
     """Every host expert fits: a decode access misses only if no earlier decode step used that expert
     (prefill batches above 32 tokens read the cache without filling it), counted from the routing."""

@@ -92,26 +92,13 @@ def format_info(info: dict) -> str:
 
 
 def lru_hit_rate(trace, n_slots: int) -> float:
-    """Hit rate of a per-layer LRU of n_slots // MoE layers slots each, replaying a trace's decode rows
-    in order (an estimate: the runtime's promoe policy keeps valuable experts, so it does at least as well)."""
-    from collections import OrderedDict
-    quota = max(1, n_slots // trace.M)
-    caches = [OrderedDict() for _ in range(trace.M)]
-    hits = lookups = 0
-    for s in trace.seqs():
-        for r in range(s["start"] + s["n_prompt"], s["start"] + s["n_prompt"] + s["n_decode"]):
-            for i in range(trace.M):
-                c = caches[i]
-                for e in set(int(v) for v in trace.ids[r, i]):
-                    lookups += 1
-                    if e in c:
-                        hits += 1
-                        c.move_to_end(e)
-                    else:
-                        c[e] = True
-                        if len(c) > quota:
-                            c.popitem(last=False)
-    return hits / lookups if lookups else float("nan")
+    """Hit rate of a per-layer LRU of n_slots // MoE layers slots each over a trace's decode rows, in
+    order (an estimate: the runtime's promoe policy keeps valuable experts, so it does at least as well).
+    The replay is the simulator's (sim/routing.lru_hit_rate)."""
+    import numpy as np
+    from ..sim.routing import lru_hit_rate as replay
+    rows = [r for s in trace.seqs() for r in range(s["start"] + s["n_prompt"], s["start"] + s["n_prompt"] + s["n_decode"])]
+    return replay(np.asarray(trace.ids[rows]), max(1, n_slots // trace.M))
 
 
 def gpu_plan(model, gpu_mem: int, device: str, n_ctx, n_batch: int | None = None, trace=None) -> dict:
