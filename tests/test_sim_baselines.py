@@ -138,8 +138,11 @@ def test_freetoken_row_only_fetched_misses_enter_its_cache(inp):
     (["--engine", "llamacpp", "--n-cpu-moe", "4", "--moe-cache-mib", "0"], "--moe-cache-mib '0': a whole number"),
     (["--moe-cache-mib", "100"], "--moe-cache-mib does not apply to --engine promoe"),
     (["--engine", "freetoken", "--policy", "lru"], "--policy does not apply to --engine freetoken"),
+    (["--engine", "llamacpp", "--n-cpu-moe", "auto", "--moe-cache-mib", "auto", "--profile", "rtx4090-24g"],
+     "no expert lives in host memory for --moe-cache-mib to cache"),
 ])
 def test_simulate_refuses_misapplied_baseline_flags(argv, message, capsys):
-    rc = main(["simulate", "--shape", SHAPE, "--profile", SMALL, "--prompt", "8", "--decode", "2", "-q", *argv])
+    profile = [] if "--profile" in argv else ["--profile", SMALL]
+    rc = main(["simulate", "--shape", SHAPE, *profile, "--prompt", "8", "--decode", "2", "-q", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1

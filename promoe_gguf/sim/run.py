@@ -113,7 +113,10 @@ def _placement(inp: Inputs, ngl, n_cpu_moe, n_ctx: int, n_ubatch: int, moe_cache
     m, prof, L = inp.model, inp.profile, inp.model.n_layers
     if "auto" in (str(ngl), str(n_cpu_moe)):
         found = placements(m, prof, n_ctx, n_ubatch)
-        if "gpu" in found and moe_cache_mib is None:
+        if "gpu" in found:
+            if moe_cache_mib is not None:
+                raise ModelError(f"the whole model fits the profile's {prof.gpu_mem_gb:g} GiB on the GPU: no expert "
+                                 "lives in host memory for --moe-cache-mib to cache")
             return found["gpu"]
         p = found.get("n_cpu_moe" if str(n_cpu_moe) == "auto" else "ngl")
         if p is None:
