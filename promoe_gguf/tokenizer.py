@@ -1,4 +1,5 @@
-"""The model's own tokenizer and chat template, through llama.cpp (llama-cpp-python, vocab only)."""
+"""The model's own tokenizer, through llama.cpp (llama-cpp-python, vocab only); chat prompts are rendered
+by api.py's ChatTemplate from `chat_template` (the GGUF's tokenizer.chat_template)."""
 from __future__ import annotations
 
 from .errors import ModelError, one_line
@@ -42,13 +43,3 @@ class Tokenizer:
     def decode(self, ids) -> bytes:
         return self.llama.detokenize(list(ids))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render chat `messages` with the GGUF's own Jinja template (tokenizer.chat_template)."""
-        if not self.chat_template:
-            raise ModelError(f"{self.model.path}: the model has no chat template")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        tok = self.llama
-        fmt = Jinja2ChatFormatter(self.chat_template, eos_token=tok.detokenize([self.eos_id]).decode(errors="replace"),
-                                  bos_token=tok.detokenize([self.bos_id]).decode(errors="replace"),
-                                  add_generation_prompt=add_generation_prompt)
-        return fmt(messages=messages).prompt
