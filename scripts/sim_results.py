@@ -58,13 +58,7 @@ def compare_pair(model: str, gpu: str, layer_cost, quick: bool) -> dict:
            "freetoken": _brief(simulate(engine="freetoken", inputs=inp, warm=True))}
     same = inp.profile.gpu_mem - LLAMA_RESERVE          # the device memory llama.cpp's modes may fill
     if quick:
-        resident, cached = layer_cost if layer_cost is not None else (AS_BUILT_LAYER_US, AS_BUILT_LAYER_US)
-        for cost in (cached, resident):
-            meas = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={cost}", sequences=2)
-            r = simulate(engine="promoe", inputs=meas, n_batch=N_BATCH, warm=True, gpu_mem=same, **OURS[2][1])
-            row["hybrid_measured_cost"] = _brief(r) | {"layer_us": round(cost, 1)}
-            if r["cache_rate"] < 1:                  # an expert cache: the cached cost; else every expert fits
-                break
+        row["hybrid_measured_cost"] = _at_layer_cost(model, gpu, layer_cost or (AS_BUILT_LAYER_US,) * 2, same)
         return row
     for name, kw in OURS:
         r = simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, warm=True, gpu_mem=same, **kw)
@@ -77,10 +71,7 @@ def compare_pair(model: str, gpu: str, layer_cost, quick: bool) -> dict:
     r = simulate(engine="promoe", inputs=slow, n_batch=N_BATCH, warm=True, **hybrid)
     row["hybrid_python_bound"] = _brief(r)
     if layer_cost is not None:
-        cost = layer_cost[0] if row["hybrid"]["cache_rate"] >= 1 else layer_cost[1]   # everything fits: no hand-offs
-        meas = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={cost}", sequences=2)
-        row["hybrid_measured_cost"] = _brief(simulate(engine="promoe", inputs=meas, n_batch=N_BATCH, warm=True,
-                                                      **hybrid)) | {"layer_us": round(cost, 1)}
+        row["hybrid_measured_cost"] = _at_layer_cost(model, gpu, layer_cost, same)
     row["long_prompts"] = {}
     for n in PROMPTS:
         longer = load_inputs(shape=model, profile=gpu, prompt=n, decode=1, sequences=2)
@@ -92,6 +83,16 @@ def compare_pair(model: str, gpu: str, layer_cost, quick: bool) -> dict:
             "hybrid": round(simulate(engine="promoe", inputs=longer, n_batch=N_BATCH, warm=True, gpu_mem=same,
                                      **OURS[2][1])["prefill_tok_s"], 1)}
     return row
+
+
+def _at_layer_cost(model: str, gpu: str, layer_cost: tuple, gpu_mem: int) -> dict:
+    """Hybrid at our per-layer cost (resident, cached): the cached one where there is an expert cache."""
+    resident, cached = layer_cost
+    for cost in (cached, resident):
+        inp = load_inputs(shape=model, profile=f"{gpu},ours_layer_us={cost}", sequences=2)
+        r = simulate(engine="promoe", inputs=inp, n_batch=N_BATCH, warm=True, gpu_mem=gpu_mem, **OURS[2][1])
+        if r["cache_rate"] < 1 or cost == resident:
+            return _brief(r) | {"layer_us": round(cost, 1)}
 
 
 def _brief(r: dict) -> dict:

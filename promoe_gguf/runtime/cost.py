@@ -82,11 +82,11 @@ def _name(sig) -> str:
 
 def measure(store, pool, link, device_run=None) -> CostModel:
     """Probe one expert per signature: on the CPU pool's backend, and (device_run(key, x)) on the device."""
-    model = CostModel(link_bps=link.bandwidth or 0.0, link_latency_s=link.latency, cpu_handoff_s=0.0)
+    model = CostModel(link_bps=link.bandwidth or 0.0, link_latency_s=link.latency,
+                      cpu_handoff_s=_timed(pool.round_trip))
     seen = {}
     for key in store.keys:
         seen.setdefault(CostModel.signature(m for m, _ in store.layout[key]), key)
-    model.cpu_handoff_s = _timed(pool.round_trip)
     for sig, key in seen.items():
         mats = store.matrices(key)
         d = mats[0].cols

@@ -15,20 +15,18 @@ class Miss:
     queued_bytes: int           # precise copies already queued ahead of it on the link
 
 
-def cpu_share(misses: list[Miss], copy_seconds, handoff_s: float = 0.0, everything: bool = False) -> set:
-    """The misses to compute on the CPU: all of them (`everything`), or each on the side that finishes
-    it sooner, given what that side already has to do: the CPU its queued jobs, the link its queued
+def cpu_share(misses: list[Miss], copy_seconds, handoff_s: float = 0.0) -> set:
+    """The misses to compute on the CPU: each on the side that finishes it sooner, given what that side already has to do: the CPU its queued jobs, the link its queued
     copies and the misses this call sent to it. When the CPU and the link are about as fast the misses
     split between them. `copy_seconds(nbytes)` is the link's time for nbytes (its latency included);
     `handoff_s` what a CPU expert costs beyond its compute (a pool job and the rows there and back)."""
     out, backlog, ahead = set(), 0.0, 0
     for miss in misses:
-        if not everything:
-            copy = copy_seconds(miss.copy_bytes + ahead + miss.queued_bytes) + miss.device_s
-            cpu = backlog + miss.cpu_s + handoff_s
-            if cpu >= copy:
-                ahead += miss.copy_bytes          # the link carries it: later misses queue behind it
-                continue
-            backlog = cpu
+        copy = copy_seconds(miss.copy_bytes + ahead + miss.queued_bytes) + miss.device_s
+        cpu = backlog + miss.cpu_s + handoff_s
+        if cpu >= copy:
+            ahead += miss.copy_bytes              # the link carries it: later misses queue behind it
+            continue
+        backlog = cpu
         out.add(miss.key)
     return out

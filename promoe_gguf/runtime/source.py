@@ -169,20 +169,17 @@ class CachedExpertSource:
         everything = self.cpu_experts == "all" or not self.transfer.alive    # no copy thread: the CPU it is
         misses = []
         with self.cache.cv:
-            for key in needed:
-                slot = self.cache.where.get(key)
-                if slot is not None and slot.state == READY:
-                    continue
-                if everything:
-                    misses.append(Miss(key, 0.0, 0, 0.0, 0))
-                    continue
+            missing = [(key, slot) for key in needed
+                       if (slot := self.cache.where.get(key)) is None or slot.state != READY]
+            if everything:
+                return {key for key, _ in missing}
+            queued = self.transfer.queued_bytes(HIGH)         # once per layer: the queue does not move here
+            for key, slot in missing:
                 T = int((ids == key[1]).sum())
                 sig = self.cost.signature(m for m, _ in self.store.layout[key])
                 left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
                 misses.append(Miss(key, self.cost.cpu_seconds(sig, T), left, self.cost.device_seconds(sig, T),
-                                   self.transfer.queued_bytes(HIGH, but=key)))
-        if everything:
-            return cpu_share(misses, None, everything=True)
+                                   queued - self.transfer.queued_bytes_of(key, HIGH)))
         return cpu_share(misses, self.cost.copy_seconds, self.cost.cpu_handoff_s)
 
     def cpu_job(self, key, x, ids):

@@ -78,10 +78,17 @@ class CopyQueue:
         with self.cache.cv:
             return len(self.queues[LOW])
 
-    def queued_bytes(self, priority: int, but=None) -> int:
-        """(cv held) Bytes still to copy for the tasks queued at `priority`, `but` one expert."""
-        return sum(sum(n for _, n in self.store.chunks(task.key)[task.next_chunk:])
-                   for task in self.queues[priority] if task.key != but)
+    def queued_bytes(self, priority: int) -> int:
+        """(cv held) Bytes still to copy for the tasks queued at `priority`."""
+        return sum(self._left(task) for task in self.queues[priority])
+
+    def queued_bytes_of(self, key, priority: int) -> int:
+        """(cv held) Bytes still to copy for `key` if it is queued at `priority`, else 0."""
+        task = self.tasks.get(key)
+        return self._left(task) if task is not None and task.priority == priority else 0
+
+    def _left(self, task) -> int:
+        return sum(n for _, n in self.store.chunks(task.key)[task.next_chunk:])
 
     def next_task(self):
         """(cv held) The task to advance next and its slot, or None."""
