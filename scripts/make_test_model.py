@@ -30,12 +30,17 @@ deepseek2   V2-Lite MLA (attn_q, attn_kv_a_mqa, attn_kv_a_norm, split attn_k_b/a
             key_length 544 / value_length 512, key_length_mla 96 / value_length_mla 64, rope dims 32,
             YaRN factor 40 like V2-Lite), layer 0 dense, 8 experts top-2 + 2 shared
 granitemoe  4 experts top-2, tied embeddings, embedding/residual/attention/logit scales, GQA 4/2
+glm4moe     GLM-4.5-Air layout: layer 0 dense (ffn 768), 8 experts top-2 + 1 shared, sigmoid routing with
+            exp_probs_b, normalized weights x2.5, q/k/v biases, half the head rotated (NEOX), the norm before
+            the FFN named post_attention_norm, and one NextN (MTP) block after the last layer that
+            llama.cpp loads but never runs (nextn_predict_layers 1)
 ==========  =========================================================================================
 
 Variants: "default"; "narrow" (expert FF width 352 = 11*32, like the real 1408: K-quants fall back
 to Q5_0/Q8_0 for ffn_down_exps); deepseek2 only: "kvb" (legacy unsplit attn_kv_b, no *_mla keys,
 head_count_kv 4; same weights as "default", so its logits match) and "v3" (q_lora attn_q_a/_norm/_b,
 sigmoid gating, exp_probs_b, normalized weights x2.5, 4 expert groups of which 2 are used);
+glm4moe only: "qknorm" (per-head attn_q_norm/attn_k_norm, as the 355B GLM-4.5 has);
 "legacy" (per-expert 2D ffn_{gate,up,down}.E tensors, rewritten from a stacked file; llama.cpp
 refuses it); "merged" (ffn_gate_up_exps, rewritten from a stacked deepseek2 file; llama.cpp loads it).
 """
@@ -77,7 +82,7 @@ def _load_byte_vocab():
 
 byte_vocab = _load_byte_vocab()
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe")
 
 # name -> llama_ftype (llama.h)
 QUANTS = {
@@ -98,9 +103,9 @@ BASE_TYPE = {
     "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS,
 }
 
-VARIANTS = ("default", "narrow", "kvb", "v3", "legacy", "merged")
+VARIANTS = ("default", "narrow", "kvb", "v3", "qknorm", "legacy", "merged")
 # variants made by make_float_model (the others are rewritten from a quantized stacked file)
-FLOAT_VARIANTS = ("default", "narrow", "kvb", "v3")
+FLOAT_VARIANTS = ("default", "narrow", "kvb", "v3", "qknorm")
 # what stock llama.cpp (llama-cpp-python 0.3.35) refuses to load
 LLAMA_CPP_REFUSES = frozenset({"legacy"})
 
@@ -128,6 +133,8 @@ def spec(arch: str, variant: str = "default") -> dict:
         raise ValueError(f"unknown float-model variant {variant!r}; expected one of {FLOAT_VARIANTS}")
     if variant in ("kvb", "v3") and arch != "deepseek2":
         raise ValueError(f"variant {variant!r} exists only for deepseek2")
+    if variant == "qknorm" and arch != "glm4moe":
+        raise ValueError("variant 'qknorm' exists only for glm4moe")
     s = dict(arch=arch, variant=variant, n_embd=N_EMBD, n_head=N_HEAD, n_head_kv=2, head_dim=N_EMBD // N_HEAD,
              n_ctx=N_CTX, n_dense=0, n_expert=8, n_used=2, n_ff_exp=256, n_ff=256, n_ff_shexp=0,
              n_shared=0, rms_eps=1e-5, rope_base=10000.0, n_vocab=byte_vocab.N_VOCAB, tied=False, embd_std=1.0,
@@ -150,6 +157,9 @@ def spec(arch: str, variant: str = "default") -> dict:
             s.update(n_head_kv=N_HEAD)
         if variant == "v3":
             s.update(q_lora=512, gating=2, weights_norm=True, weights_scale=2.5, n_group=4, n_group_used=2)
+    elif arch == "glm4moe":
+        s.update(n_dense=1, n_ff=768, n_shared=1, rope_dims=N_EMBD // N_HEAD // 2, gating=2, weights_norm=True,
+                 weights_scale=2.5, n_nextn=1, qk_norm=variant == "qknorm")
     elif arch == "granitemoe":
         # scales chosen so that every term matters (embeddings ~0.1 * 8, layers * 0.5, tied logits / 0.5)
         s.update(n_expert=4, tied=True, embd_std=0.1, embedding_scale=8.0, residual_scale=0.5,
@@ -158,7 +168,7 @@ def spec(arch: str, variant: str = "default") -> dict:
         s["n_ff_exp"] = NARROW_FF
         if arch in ("llama", "olmoe", "granitemoe"):
             s["n_ff"] = NARROW_FF           # these archs take the expert width from feed_forward_length
-    s["n_layer"] = s["n_dense"] + N_MOE_LAYERS
+    s["n_layer"] = s["n_dense"] + N_MOE_LAYERS + s.get("n_nextn", 0)
     return s
 
 
@@ -220,6 +230,15 @@ def _metadata(w: gguf.GGUFWriter, s: dict) -> None:
         w.add_rope_scaling_factor(s["yarn_factor"])
         w.add_rope_scaling_orig_ctx_len(s["yarn_orig_ctx"])
         w.add_rope_scaling_yarn_log_mul(s["yarn_log_mul"])
+    elif arch == "glm4moe":
+        w.add_leading_dense_block_count(s["n_dense"])
+        w.add_rope_dimension_count(s["rope_dims"])
+        w.add_expert_feed_forward_length(s["n_ff_exp"])
+        w.add_expert_shared_count(s["n_shared"])
+        w.add_expert_weights_scale(s["weights_scale"])
+        w.add_expert_weights_norm(s["weights_norm"])
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType(s["gating"]))
+        w.add_uint32(f"{arch}.nextn_predict_layers", s["n_nextn"])
     elif arch == "granitemoe":
         w.add_embedding_scale(s["embedding_scale"])
         w.add_residual_scale(s["residual_scale"])
@@ -272,18 +291,18 @@ def _tensors(s: dict, rng: np.random.Generator):
             yield p + "attn_q.weight", lin(H * D, E)
             yield p + "attn_k.weight", lin(Hkv * D, E)
             yield p + "attn_v.weight", lin(Hkv * D, E)
-            if arch == "qwen2moe":
+            if arch in ("qwen2moe", "glm4moe"):
                 yield p + "attn_q.bias", vec(H * D, 0.2)
                 yield p + "attn_k.bias", vec(Hkv * D, 0.2)
                 yield p + "attn_v.bias", vec(Hkv * D, 0.2)
-            if arch == "qwen3moe":
+            if arch == "qwen3moe" or s.get("qk_norm"):
                 yield p + "attn_q_norm.weight", norm(D)
                 yield p + "attn_k_norm.weight", norm(D)
             if arch == "olmoe":
                 yield p + "attn_q_norm.weight", norm(H * D)
                 yield p + "attn_k_norm.weight", norm(Hkv * D)
             yield p + "attn_output.weight", lin(E, H * D)
-        yield p + "ffn_norm.weight", norm(E)
+        yield p + ("post_attention_norm.weight" if arch == "glm4moe" else "ffn_norm.weight"), norm(E)
         if i < s["n_dense"]:
             yield p + "ffn_gate.weight", lin(s["n_ff"], E)
             yield p + "ffn_up.weight", lin(s["n_ff"], E)
@@ -304,6 +323,11 @@ def _tensors(s: dict, rng: np.random.Generator):
             yield p + "ffn_gate_shexp.weight", lin(n_sh, E)
             yield p + "ffn_up_shexp.weight", lin(n_sh, E)
             yield p + "ffn_down_shexp.weight", lin(E, n_sh)
+        if i >= s["n_layer"] - s.get("n_nextn", 0):      # a NextN (MTP) block: in the file, never run
+            yield p + "nextn.eh_proj.weight", lin(E, 2 * E)
+            yield p + "nextn.enorm.weight", norm(E)
+            yield p + "nextn.hnorm.weight", norm(E)
+            yield p + "nextn.shared_head_norm.weight", norm(E)
     yield "output_norm.weight", norm(E)
     if not s["tied"]:
         yield "output.weight", lin(s["n_vocab"], E, scale=2.0)
@@ -570,6 +594,8 @@ def plan(archs=ARCHS, quants=None) -> list[tuple[str, str, str]]:
             extra = [("narrow", q) for q in ("F32", "Q4_K_M")]
         if a == "deepseek2":
             extra = [(v, q) for v in ("kvb", "v3") for q in ("F32", "Q4_K_M")]
+        if a == "glm4moe":
+            extra = [("qknorm", q) for q in ("F32", "Q4_K_M")]
         for v, q in extra:
             if want(q, ("F32", "Q4_K_M")):
                 keys.append((a, q, v))
@@ -613,7 +639,7 @@ def build_models(out_dir, archs=ARCHS, quants=None, progress: bool = True) -> di
     """Build (or reuse) every test model; returns {(arch, quant_name, variant): path}.
 
     Default set: each arch x CORE_QUANTS ("F32" is the float model itself), the EXTRA_QUANTS for
-    llama, deepseek "narrow" (F32, Q4_K_M), deepseek2 "kvb" and "v3" (F32, Q4_K_M), the "legacy"
+    llama, deepseek "narrow" (F32, Q4_K_M), deepseek2 "kvb" and "v3" and glm4moe "qknorm" (F32, Q4_K_M), the "legacy"
     llama Q4_K_M and the "merged" deepseek2 Q4_K_M. ``quants`` restricts every group to those quant
     names. Files are named by model_filename() (factory version included) and written atomically.
     An F32 model needed only as a quantization source is still built (and cached) but not listed

@@ -34,9 +34,9 @@ READ_KEYS = (
     "expert_count", "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length",
     "expert_shared_count", "leading_dense_block_count", "expert_weights_scale", "expert_weights_norm",
     "expert_gating_func", "expert_group_count", "expert_group_used_count",
-    "embedding_scale", "residual_scale", "logit_scale",
+    "embedding_scale", "residual_scale", "logit_scale", "nextn_predict_layers",
 )
-OTHER_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "gpt2")
+OTHER_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt2")
 
 
 def _int_like(v) -> bool:

@@ -148,9 +148,10 @@ def test_graphs_and_eager_give_bitwise_equal_logits(test_models, emu, cache):
 
 # Mixtral layout (Q4_K/Q8_0/Q5_K/Q6_K kernels), DeepSeek2 (MLA's per-head attn_k_b/attn_v_b through the
 # batched matvec, shared experts, a dense layer, a 576-wide latent KV head), Qwen2-MoE (biases, a 1-D
-# gated shared expert, Q5_K/Q6_K)
+# gated shared expert, Q5_K/Q6_K), GLM-4.5 (half of each head rotated, q/k norms per head, sigmoid routing
+# with exp_probs_b, the NextN block skipped)
 CUDA_PATH_MODELS = [("llama", "Q4_K_M", "default"), ("deepseek2", "Q4_K_M", "default"),
-                    ("qwen2moe", "Q5_K_M", "default")]
+                    ("qwen2moe", "Q5_K_M", "default"), ("glm4moe", "Q4_K_M", "qknorm")]
 
 
 def _ours(path, emu, tokens, **kw) -> np.ndarray:

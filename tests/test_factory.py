@@ -164,6 +164,13 @@ def test_arch_layouts(test_models):
     v3 = _tensors(test_models[("deepseek2", "F32", "v3")])
     assert _ne(v3["blk.0.attn_q_a.weight"]) == [E, 512] and _ne(v3["blk.0.attn_q_b.weight"]) == [512, 4 * 96]
     assert _ne(v3["blk.1.exp_probs_b.bias"]) == [8]
+    glm = ts["glm4moe"]                                      # layer 0 dense, layers 1-2 MoE, block 3 NextN
+    assert "blk.0.ffn_up.weight" in glm and _ne(glm["blk.1.ffn_up_shexp.weight"]) == [E, 256]
+    assert "blk.1.post_attention_norm.weight" in glm and "blk.1.ffn_norm.weight" not in glm
+    assert _ne(glm["blk.1.exp_probs_b.bias"]) == [8] and _ne(glm["blk.0.attn_q.bias"]) == [E]
+    assert _ne(glm["blk.3.nextn.eh_proj.weight"]) == [2 * E, E] and "blk.2.nextn.eh_proj.weight" not in glm
+    qk = _tensors(test_models[("glm4moe", "F32", "qknorm")])
+    assert _ne(qk["blk.0.attn_q_norm.weight"]) == [64] and "blk.0.attn_q_norm.weight" not in glm
     nar = _tensors(test_models[("deepseek", "F32", "narrow")])
     assert _ne(nar["blk.1.ffn_down_exps.weight"]) == [352, E, 8]
 

@@ -176,3 +176,20 @@ def test_hybrid_with_fp32_device_is_deterministic_and_bounded(test_models, emu):
     err = oracle.rel_l2(a, ref)
     print(f"hybrid (CPU ggml misses, fp32 device hits) vs all on the device: {err:.2e}")
     assert 0 < err <= 5e-2
+
+
+def test_glm4moe_through_cache_and_cpu_pool_is_exact(test_models):
+    """GLM-4.5's layout (a dense first layer, a shared expert, sigmoid routing with exp_probs_b, a NextN
+    block in the file) through the expert cache, the gate predictor and the CPU pool: bitwise equal to
+    the all-resident run, and the NextN block's experts are never indexed, cached or copied."""
+    path = test_models[("glm4moe", "Q4_K_M", "default")]
+    model = open_model(path)
+    assert model.config.n_nextn_layers == 1 and model.config.moe_layers == [1, 2]
+    assert {layer for layer, _ in model.expert_keys} == {1, 2}
+    assert not any(n.startswith("blk.3.") for n in model.resident_names)
+    ref = Engine(path, n_ctx=128, n_batch=16, cpu_repack=False)
+    want = ref.logits(TOKENS), list(ref.generate(TOKENS[:8], max_tokens=24, temperature=0, ignore_eos=True))
+    logits, gen, st = _run(path, cpu_experts="auto", link=SLOW_LINK, predictor="gate")
+    assert np.array_equal(logits, want[0]) and gen == want[1]
+    assert st["cpu_experts"] > 0 and st["predictor_calls"] > 0
+    assert set(st["per_layer"]) == {1, 2}

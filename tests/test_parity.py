@@ -55,7 +55,7 @@ def test_parity_all(test_models):
     print(f"bitwise equal to llama.cpp on {sum(a == 0 for _, a in rows)} of {len(rows)} models")
     assert not bad, bad
     archs = {k[0] for k, _ in rows}
-    assert len(archs) >= 7, f"parity covered only {archs}"
+    assert len(archs) >= 8, f"parity covered only {archs}"
 
 
 def test_parity_without_repacking(test_models):
@@ -75,7 +75,8 @@ def test_parity_without_repacking(test_models):
     assert not bad, bad
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe",
+                                  "glm4moe"])
 def test_greedy_generation_matches(test_models, arch):
     key = (arch, "F32", "default")
     if key not in test_models:

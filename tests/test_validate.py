@@ -14,7 +14,7 @@ from promoe_gguf import ModelError, open_model
 from promoe_gguf.engine import Engine
 from semantic_fuzz import memory_limit
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe")
 U32, I32, F32 = V.UINT32, V.INT32, V.FLOAT32
 
 
@@ -85,7 +85,7 @@ def _cases(factory, arch):
              [rf"{arch}.rope.dimension_count = {Dk + 2}", "within the head dimension"]),
         ]
     # the expert FF width: its own key where the arch has one, else feed_forward_length
-    ff_key = "expert_feed_forward_length" if arch in ("qwen2moe", "qwen3moe", "deepseek", "deepseek2") \
+    ff_key = "expert_feed_forward_length" if arch in ("qwen2moe", "qwen3moe", "deepseek", "deepseek2", "glm4moe") \
         else "feed_forward_length"
     out.append(("expert_width_vs_experts", {ff_key: (s["n_ff_exp"] + 32, U32)},
                 [rf"{arch}.{ff_key} = {s['n_ff_exp'] + 32}",
@@ -98,8 +98,9 @@ def _cases(factory, arch):
              [rf"{arch}.leading_dense_block_count = 2", r"blk.1.ffn_gate_inp.weight is present"]),
             ("dense_width", {"feed_forward_length": (s["n_ff"] + 32, U32)},
              [rf"{arch}.feed_forward_length = {s['n_ff'] + 32}", rf"blk.0.ffn_gate.weight has shape \({s['n_ff']}, {d}\)"]),
-            ("shared_expert_count", {"expert_shared_count": (1, U32)},
-             [rf"{arch}.expert_shared_count = 1", rf"blk.1.ffn_gate_shexp.weight has shape \({s['n_ff_exp'] * 2}, {d}\)"]),
+            ("shared_expert_count", {"expert_shared_count": (s["n_shared"] % 2 + 1, U32)},
+             [rf"{arch}.expert_shared_count = {s['n_shared'] % 2 + 1}",
+              rf"blk.1.ffn_gate_shexp.weight has shape \({s['n_ff_exp'] * s['n_shared']}, {d}\)"]),
         ]
     if arch == "qwen2moe":
         out.append(("shared_expert_width", {"expert_shared_feed_forward_length": (256, U32)},
@@ -108,6 +109,11 @@ def _cases(factory, arch):
     if arch == "granitemoe":
         out += [("residual_scale_negative", {"residual_scale": (-0.5, F32)}, [rf"{arch}.residual_scale = -0.5", ">= 0"]),
                 ("logit_scale_inf", {"logit_scale": (math.inf, F32)}, [rf"{arch}.logit_scale = inf", "finite"])]
+    if arch == "glm4moe":      # the NextN block after the last layer: in the file, never run
+        out += [("nextn_all_layers", {"nextn_predict_layers": (s["n_layer"], U32)},
+                 [rf"{arch}.nextn_predict_layers = {s['n_layer']}", rf"below {arch}.block_count = {s['n_layer']}"]),
+                ("nextn_block_missing", {"block_count": (s["n_layer"] + 1, U32), "nextn_predict_layers": (2, U32)},
+                 [rf"{arch}.block_count = {s['n_layer'] + 1}", rf"no tensor of layer {s['n_layer']}"])]
     if arch == "deepseek":
         out.append(("weights_scale_inf", {"expert_weights_scale": (math.inf, F32)},
                     [rf"{arch}.expert_weights_scale = inf", "finite"]))

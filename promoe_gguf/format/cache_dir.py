@@ -54,6 +54,7 @@ class CachedModel(MoEModel):
         shapes, labels = self._shapes(cfg)
         self.config = checked_config(cfg, shapes, meta, resident, origin={"n_ff_exp": "manifest.json n_ff_exp"},
                                      labels=labels)
+        self._drop_nextn_blocks()
         self._check_complete()
         if verify == "full":
             for key in tqdm(self.expert_keys, desc="verify experts", disable=not progress):

@@ -10,7 +10,11 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import ModelError
 
-SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe")
+SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe")
+# the shared expert is expert_shared_count experts wide (no key of its own)
+SHARED_FROM_COUNT = ("deepseek", "deepseek2", "glm4moe")
+# leading_dense_block_count is read (llama.cpp ignores it elsewhere)
+LEADING_DENSE = ("deepseek", "deepseek2", "glm4moe")
 
 # Per-architecture behaviour that llama.cpp fixes in code rather than reading from the file.
 ARCH_DEFAULTS = {
@@ -22,6 +26,7 @@ ARCH_DEFAULTS = {
     "deepseek":   ("norm", False),
     "deepseek2":  ("norm", None),   # None: read {arch}.expert_weights_norm (default false)
     "granitemoe": ("norm", True),
+    "glm4moe":    ("neox", None),
 }
 
 
@@ -56,7 +61,8 @@ class ModelConfig:
     n_ff: int                       # dense FFN hidden size (leading dense layers)
     n_ff_shexp: int = 0             # shared expert hidden size (0: none)
     n_expert_shared: int = 0
-    n_leading_dense: int = 0        # deepseek: first layers are dense
+    n_leading_dense: int = 0        # deepseek, glm4moe: first layers are dense
+    n_nextn_layers: int = 0         # glm4moe: NextN (MTP) blocks after the last layer, in the file, never run
     norm_topk: bool = False
     weights_scale: float = 0.0      # 0 or 1: none
     gating: str = "softmax"         # softmax | sigmoid
@@ -74,7 +80,7 @@ class ModelConfig:
 
     @property
     def moe_layers(self) -> list[int]:
-        """Layers that have routed experts."""
+        """Layers that have routed experts (n_layers: the layers the forward pass runs)."""
         return list(range(self.n_leading_dense, self.n_layers))
 
     def as_dict(self) -> dict:
@@ -136,23 +142,30 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
     head_k = opt("attention.key_length", n_embd // n_head, 1)
     head_v = opt("attention.value_length", n_embd // n_head, 1)
     n_layers = req("block_count")
+    n_nextn = opt("nextn_predict_layers", 0)
+    if n_nextn >= n_layers:
+        raise ModelError(f"{path}: {arch}.nextn_predict_layers = {n_nextn} must be below {arch}.block_count = "
+                         f"{n_layers} (the NextN blocks follow the layers the model runs)")
+    n_layers -= n_nextn
     n_ff = opt("feed_forward_length", 0)
     n_ff_exp = opt("expert_feed_forward_length", 0) or (n_ff if arch in ("llama", "olmoe", "granitemoe") else 0)
     if arch == "qwen2moe" and not n_ff_exp:
         n_ff_exp = n_ff // n_used
-    n_dense = opt("leading_dense_block_count", 0) if arch.startswith("deepseek") else 0
+    n_dense = opt("leading_dense_block_count", 0) if arch in LEADING_DENSE else 0
     n_shared = opt("expert_shared_count", 0)
     n_ff_shexp = opt("expert_shared_feed_forward_length", 0)
     if arch == "qwen2moe" and not n_ff_shexp:
         n_ff_shexp = n_ff
-    if arch.startswith("deepseek") and n_shared:
+    if arch in SHARED_FROM_COUNT and n_shared and not n_ff_shexp:
         n_ff_shexp = n_ff_exp * n_shared
     rope_kind, norm = ARCH_DEFAULTS[arch]
     if norm is None:
         norm = bool(a("expert_weights_norm") or False)
-    gating_raw = opt("expert_gating_func", 1)
+    gating_raw = opt("expert_gating_func", 0)
     if gating_raw not in (0, 1, 2):
         raise ModelError(f"{path}: {arch}.expert_gating_func = {gating_raw} is not 1 (softmax) or 2 (sigmoid)")
+    if gating_raw == 0:                      # unset: llama.cpp's glm4moe scores with sigmoid, the rest softmax
+        gating_raw = 2 if arch == "glm4moe" else 1
     rope = RopeConfig(
         n_dims=opt("rope.dimension_count", head_k, 1),
         base=optf("rope.freq_base", 10000.0),
@@ -172,7 +185,7 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         head_dim_k=head_k, head_dim_v=head_v,
         rms_eps=optf("attention.layer_norm_rms_epsilon", 1e-5), rope=rope,
         n_experts=n_experts, n_experts_used=n_used, n_ff_exp=n_ff_exp, n_ff=n_ff,
-        n_ff_shexp=n_ff_shexp, n_expert_shared=n_shared, n_leading_dense=n_dense,
+        n_ff_shexp=n_ff_shexp, n_expert_shared=n_shared, n_leading_dense=n_dense, n_nextn_layers=n_nextn,
         norm_topk=norm, weights_scale=optf("expert_weights_scale", 0.0),
         gating="sigmoid" if gating_raw == 2 else "softmax",
         n_expert_groups=opt("expert_group_count", 1, 1), n_group_used=opt("expert_group_used_count", 1, 1),

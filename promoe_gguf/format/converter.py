@@ -63,8 +63,8 @@ def _write_resident(model: GGUFModel, path: str) -> None:
     reader = model._reader
     writer = GGUFWriter(path, model.config.arch)
     _copy_metadata(reader, writer)
-    for ref in model._resident.values():
-        data = model.tensor_raw(ref.name)
+    for ref in [*model._resident.values(), *model.nextn_refs]:
+        data = model.resident_data[ref.offset:ref.offset + ref.nbytes]
         writer.add_tensor(ref.name, data, raw_shape=quant_shape_to_byte_shape(ref.shape, ref.qtype),
                           raw_dtype=ref.qtype)
     writer.write_header_to_file()

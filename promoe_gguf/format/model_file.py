@@ -42,6 +42,19 @@ class MoEModel:
                               int(t.data_offset), int(t.n_bytes))
             for t in reader.tensors if not is_expert_tensor(t.name)}
 
+    def _drop_nextn_blocks(self) -> None:
+        """(once config is known) The NextN blocks after the last layer are in the file but never run:
+        their tensors are not resident weights (llama.cpp skips loading them too)."""
+        n = self.config.n_layers
+        nextn = {name for name in self._resident if name.startswith("blk.") and int(name.split(".", 2)[1]) >= n}
+        self._nextn = {name: self._resident.pop(name) for name in sorted(nextn)}
+
+    @property
+    def nextn_refs(self) -> list[TensorRef]:
+        """The NextN blocks' non-expert tensors: kept by a conversion (the cache describes the same
+        file), never read by the forward pass."""
+        return list(self._nextn.values())
+
     # ---- metadata -------------------------------------------------------------------------
     def metadata(self, key: str, default=None):
         return field_value(self._reader, key, default)
@@ -152,6 +165,7 @@ class GGUFModel(MoEModel):
         tensors = {t.name: t for t in reader.tensors}
         shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
         self.config = checked_config(cfg, shapes, meta, self.path)  # before any weight is read
+        self._drop_nextn_blocks()
         self._experts = build_expert_index(tensors, self.config, self.path)
         for t in self._resident.values():
             if t.name.endswith(".weight") and not t.name.endswith("norm.weight"):

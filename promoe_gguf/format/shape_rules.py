@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import LEADING_DENSE, SHARED_FROM_COUNT, ModelConfig
+
+# the norm before the feed-forward block, where a family names it otherwise than ffn_norm
+FFN_NORM = {"glm4moe": "post_attention_norm"}
+
+
+def ffn_norm_name(c: ModelConfig, layer: int) -> str:
+    return f"blk.{layer}.{FFN_NORM.get(c.arch, 'ffn_norm')}.weight"
 
 
 def field_value(cfg: ModelConfig, name: str):
@@ -99,7 +106,7 @@ def _attention_expectations(c: ModelConfig, p: str, shapes: dict):
                  required=False)
     yield Expect(p + "attn_v.bias", (Hkv * Dv,), ("n_head_kv", "head_dim_v"), "(head_count_kv x value_length,)",
                  required=False)
-    if c.arch == "qwen3moe":     # RMS norm per head
+    if c.arch in ("qwen3moe", "glm4moe"):     # RMS norm per head (GLM-4.5's larger model has them)
         has = p + "attn_q_norm.weight" in shapes
         yield Expect(p + "attn_q_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=False)
         yield Expect(p + "attn_k_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=has)
@@ -144,7 +151,7 @@ def _mla_expectations(chk, p: str):
 def _routed_expectations(chk, layer: int, p: str):
     c, shapes = chk.cfg, chk.shapes
     d, E, F = c.n_embd, c.n_experts, c.n_ff_exp
-    moe = ("n_leading_dense",) if c.n_leading_dense or c.arch.startswith("deepseek") else ()
+    moe = ("n_leading_dense",) if c.n_leading_dense or c.arch in LEADING_DENSE else ()
     yield Expect(p + "ffn_gate_inp.weight", (E, d), moe + ("n_experts", "n_embd"),
                  "(expert_count, embedding_length) (the router of a MoE layer)")
     yield Expect(p + "exp_probs_b.bias", (E,), ("n_experts",), "(expert_count,)", required=False)
@@ -168,7 +175,7 @@ def _shared_expectations(chk, p: str):
     c, shapes = chk.cfg, chk.shapes
     d, Fs = c.n_embd, c.n_ff_shexp
     present = p + "ffn_up_shexp.weight" in shapes
-    if c.arch.startswith("deepseek"):
+    if c.arch in SHARED_FROM_COUNT:
         if not c.n_expert_shared:
             chk.absent(p + "ffn_up_shexp.weight", ("n_expert_shared",), "expert_shared_count = 0 means no shared expert")
             return
@@ -188,7 +195,7 @@ def layer_expectations(chk, layer: int):
     c, p = chk.cfg, f"blk.{layer}."
     d = c.n_embd
     yield Expect(p + "attn_norm.weight", (d,), ("n_embd",), "(embedding_length,)")
-    yield Expect(p + "ffn_norm.weight", (d,), ("n_embd",), "(embedding_length,)")
+    yield Expect(ffn_norm_name(c, layer), (d,), ("n_embd",), "(embedding_length,)")
     if c.arch == "deepseek2":
         yield from _mla_expectations(chk, p)
     else:

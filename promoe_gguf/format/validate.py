@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ModelError
-from .config import ModelConfig
+from .config import SHARED_FROM_COUNT, ModelConfig
 from .shape_rules import Expect, cross_field_rules, field_value, global_expectations, layer_expectations
 
 # ---- how each config field is named in the file ------------------------------------------------
@@ -51,6 +51,7 @@ KEYS = {
     "n_ff_shexp": ("expert_shared_feed_forward_length", "default"),
     "n_expert_shared": ("expert_shared_count", "default"),
     "n_leading_dense": ("leading_dense_block_count", "default"),
+    "n_nextn_layers": ("nextn_predict_layers", "default"),
     "weights_scale": ("expert_weights_scale", "default"),
     "n_expert_groups": ("expert_group_count", "default"),
     "n_group_used": ("expert_group_used_count", "default"),
@@ -71,8 +72,6 @@ FF_EXP_FALLBACK = {
     "qwen2moe": "{arch}.feed_forward_length / {arch}.expert_used_count",
 }
 SHEXP_FALLBACK = {"qwen2moe": "=n_ff"}
-# archs whose shared expert width is the expert FF width x expert_shared_count (config.py)
-SHEXP_FROM_COUNT = ("deepseek", "deepseek2")
 
 # ---- sane ranges ------------------------------------------------------------------------------
 MAX_LAYERS = 4096
@@ -129,6 +128,7 @@ RANGES = (
     Range("n_ff_shexp", 0, MAX_DIM),
     Range("n_expert_shared", 0, MAX_EXPERTS),
     Range("n_leading_dense", 0, MAX_LAYERS),
+    Range("n_nextn_layers", 0, MAX_LAYERS),
     Range("weights_scale", 0.0, 1e6),
     Range("n_expert_groups", 1, MAX_EXPERTS),
     Range("n_group_used", 1, MAX_EXPERTS),
@@ -154,6 +154,8 @@ class _Namer:
 
     def _shown(self, name: str) -> str:
         v = field_value(self.cfg, name)
+        if name == "n_layers":
+            v += self.cfg.n_nextn_layers             # block_count counts the NextN blocks too
         return f"{v:g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
 
     def _default(self, name: str) -> str:
@@ -175,7 +177,7 @@ class _Namer:
             return f"{self.origin[name]} = {self._shown(name)}"
         arch = self.cfg.arch
         key = f"{arch}.{KEYS[name][0]}"
-        if name == "n_ff_shexp" and arch in SHEXP_FROM_COUNT:
+        if name == "n_ff_shexp" and arch in SHARED_FROM_COUNT and self.meta(key) is None:
             return (f"{arch}.expert_shared_count = {self.cfg.n_expert_shared} (shared expert width: expert FF "
                     f"width x expert_shared_count = {self._shown(name)})")
         if self.meta(key) is not None:
@@ -226,7 +228,7 @@ class _Checker:
             raise self.fail(fields, f"{self.label(tensor)} is present, but {why}")
 
     def layers_within_block_count(self) -> None:
-        n = self.cfg.n_layers
+        n = self.cfg.n_layers + self.cfg.n_nextn_layers      # NextN blocks: in the file, never run
         for name in self.shapes:
             m = re.match(r"blk\.(\d+)\.", name)
             if m and int(m.group(1)) >= n:
@@ -235,9 +237,11 @@ class _Checker:
 
     def layers_present(self) -> None:
         have = {int(m.group(1)) for m in (re.match(r"blk\.(\d+)\.", n) for n in self.shapes) if m}
-        for layer in range(self.cfg.n_layers):
+        c = self.cfg
+        fields = ["n_layers", "n_nextn_layers"] if c.n_nextn_layers else ["n_layers"]
+        for layer in range(c.n_layers + c.n_nextn_layers):
             if layer not in have:
-                raise self.fail(["n_layers"], f"the file has no tensor of layer {layer} (blk.{layer}.*)")
+                raise self.fail(fields, f"the file has no tensor of layer {layer} (blk.{layer}.*)")
 
     def run(self) -> None:
         self.ranges()
@@ -278,7 +282,7 @@ def checked_config(cfg: ModelConfig, shapes: dict, meta, path: str, origin: dict
     if not cfg.n_ff_exp:
         cfg = dataclasses.replace(cfg, n_ff_exp=_expert_width(cfg, shapes))
         origin = {**origin, "n_ff_exp": f"expert FF width (no metadata key: from layer {cfg.n_leading_dense}'s experts)"}
-        if cfg.arch.startswith("deepseek") and cfg.n_expert_shared:
+        if cfg.arch in SHARED_FROM_COUNT and cfg.n_expert_shared and not cfg.n_ff_shexp:
             cfg = dataclasses.replace(cfg, n_ff_shexp=cfg.n_ff_exp * cfg.n_expert_shared)
     _Checker(cfg, shapes, meta, path, origin, labels).run()
     return cfg

@@ -1,11 +1,12 @@
 """Forward passes in torch, one file per model family; `build_decoder` picks the family by arch."""
 from ..errors import ModelError
 from .deepseek import DeepSeek
+from .glm4_moe import GLM4MoE
 from .mixtral import Mixtral
 from .olmoe import OLMoE
 from .qwen_moe import QwenMoE
 
-FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek) for arch in cls.archs}
+FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek, GLM4MoE) for arch in cls.archs}
 
 
 def build_decoder(model, experts, backend):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from ..format.shape_rules import ffn_norm_name
 from ..numerics import OFF as NUMERICS_OFF
 from .common import EagerDriver, KVCache, ResidentWeights, Step, check_tokens, rope_spec, route
 from .experts import MoEExperts
@@ -31,6 +32,7 @@ class Decoder:
         self._check_tensors()
         self.W = ResidentWeights(model, backend)
         self.rope = rope_spec(self.cfg)
+        self.ffn_norms = [ffn_norm_name(self.cfg, layer) for layer in range(self.cfg.n_layers)]
         c, f32 = self.cfg, np.float32
         # scales in float32, as llama.cpp computes them
         self.kq_scale = float(f32(c.attention_scale)) if c.attention_scale else float(f32(1.0) / np.sqrt(f32(c.head_dim_k)))
@@ -57,7 +59,9 @@ class Decoder:
         raise NotImplementedError
 
     def ffn(self, layer: int, h, step: Step):
-        """Routed experts plus the shared expert where the file has one (override for dense layers)."""
+        """A leading dense layer's FFN, else the routed experts plus the shared expert where the file has one."""
+        if layer < self.cfg.n_leading_dense:
+            return self.swiglu_ffn(h, f"blk.{layer}.ffn")
         out = self.routed_experts(layer, h, step)
         shared = self.shared_expert(layer, h)
         return out if shared is None else out + shared
@@ -85,6 +89,16 @@ class Decoder:
         outs = self.backend.linears(h, [W.mat(n + ".weight") for n in names])
         q, k, v = (y if (b := W.vec(n + ".bias", optional=True)) is None else y + b for y, n in zip(outs, names))
         return q.view(T, c.n_head, c.head_dim_k), k.view(T, c.n_head_kv, c.head_dim_k), v.view(T, c.n_head_kv, c.head_dim_v)
+
+    def qk_norm(self, layer: int, q, k):
+        """RMS norm of each q and k head where the file has attn_q_norm / attn_k_norm [Dk] (Qwen3, GLM-4.5)."""
+        p = f"blk.{layer}."
+        q_norm = self.W.vec(p + "attn_q_norm.weight", optional=True)
+        if q_norm is None:
+            return q, k
+        eps = self.cfg.rms_eps
+        return (self.backend.rms_norm(q, q_norm, eps),
+                self.backend.rms_norm(k, self.W.vec(p + "attn_k_norm.weight"), eps))
 
     def standard_attention(self, layer: int, q, k, v, step: Step):
         """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] before RoPE -> attn_output projection [T, d]."""
@@ -140,8 +154,7 @@ class Decoder:
         self.numerics.check(x, None, "the token embedding")
         h = be.rms_norm(x, W.vec("blk.0.attn_norm.weight"), c.rms_eps)
         for layer in range(c.n_layers):
-            p = f"blk.{layer}."
-            x, h = be.add_rms_norm(x, self.attention(layer, h, step), W.vec(p + "ffn_norm.weight"), c.rms_eps,
+            x, h = be.add_rms_norm(x, self.attention(layer, h, step), W.vec(self.ffn_norms[layer]), c.rms_eps,
                                    self.residual_scale)
             self.numerics.check(x, layer, "attention")
             self.numerics.check(h, layer, "the feed-forward norm")

@@ -94,8 +94,3 @@ class DeepSeek(Decoder):
         be.store_kv(cache, layer, k, kv[..., self.nope:], step)
         a = be.attention(qq, cache, layer, step, self.kq_scale)
         return self.linear(a, p + "attn_output")
-
-    def ffn(self, layer, h, step):
-        if layer < self.cfg.n_leading_dense:
-            return self.swiglu_ffn(h, f"blk.{layer}.ffn")
-        return super().ffn(layer, h, step)

@@ -10,10 +10,6 @@ class QwenMoE(Decoder):
     archs = ("qwen2moe", "qwen3moe")
 
     def attention(self, layer, h, step):
-        c, p = self.cfg, f"blk.{layer}."
         q, k, v = self.qkv(layer, h)
-        q_norm = self.W.vec(p + "attn_q_norm.weight", optional=True)        # [Dk], per head (qwen3moe)
-        if q_norm is not None:
-            q = self.backend.rms_norm(q, q_norm, c.rms_eps)
-            k = self.backend.rms_norm(k, self.W.vec(p + "attn_k_norm.weight"), c.rms_eps)
+        q, k = self.qk_norm(layer, q, k)                                   # qwen3moe
         return self.standard_attention(layer, q, k, v, step)
