@@ -208,7 +208,8 @@ class ModelLayout:
         kv_dim = c.n_head_kv * (c.head_dim_k + (0 if mla else c.head_dim_v))
         return cls.from_sizes({t.name: int(t.n_bytes) for t in r.tensors}, n_layer=c.n_layers, n_vocab=c.n_vocab,
                               n_embd=c.n_embd, n_head=c.n_head, kv_dim=kv_dim,
-                              ffn_width=max(c.n_ff_exp * c.n_experts_used, c.n_ff, c.n_ff_shexp))
+                              ffn_width=max(c.n_ff_exp * c.n_experts_used, c.n_ff, c.n_ff_shexp),
+                              n_nextn=c.n_nextn_layers)
 
     @classmethod
     def from_real_shape(cls, name: str, n_layers: int | None = None) -> "ModelLayout":
@@ -219,17 +220,20 @@ class ModelLayout:
         kv = s.extra["kv_lora"] + s.extra["qk_rope"] if s.arch == "deepseek2" else 2 * s.n_head_kv * s.head_dim
         return cls.from_sizes({t.name: t.nbytes for t in plan}, n_layer=n_layers or s.n_layer, n_vocab=s.n_vocab,
                               n_embd=s.n_embd, n_head=s.n_head, kv_dim=kv,
-                              ffn_width=max(s.n_ff_exp * s.n_used, s.n_ff, s.n_ff_shexp))
+                              ffn_width=max(s.n_ff_exp * s.n_used, s.n_ff, s.n_ff_shexp), n_nextn=s.n_nextn)
 
     @classmethod
     def from_sizes(cls, sizes: dict, *, n_layer: int, n_vocab: int, n_embd: int, n_head: int, kv_dim: int,
-                   ffn_width: int) -> "ModelLayout":
+                   ffn_width: int, n_nextn: int = 0) -> "ModelLayout":
+        """`n_layer` layers run; the `n_nextn` NextN blocks after them are never loaded (llama.cpp skips them)."""
         layer, experts = [0] * n_layer, [0] * n_layer
         out = inp = 0
         for name, nb in sizes.items():
             m = _LAYER.match(name)
             if m:
                 i = int(m.group(1))
+                if n_layer <= i < n_layer + n_nextn:
+                    continue
                 if i >= n_layer:
                     raise ModelError(f"tensor {name!r} is past the model's {n_layer} layers")
                 layer[i] += nb

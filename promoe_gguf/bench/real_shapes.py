@@ -18,6 +18,9 @@ qwen1.5-moe-a2.7b  qwen2moe    24 layers, d 2048, 16/16 heads of 128 (q/k/v bias
                                1408 + a gated shared expert of 5632, vocab 151936
 olmoe-1b-7b        olmoe       16 layers, d 2048, 16/16 heads of 128 (full-width q/k norms), 64 experts
                                top-8 of 1024, vocab 50304
+glm-4.5-air        glm4moe     46 layers (layer 0 dense, ffn 10944) + 1 NextN block, d 4096, 96/8 heads of
+                               128 (q/k/v biases, half of each head rotated), 128 experts top-8 of 1408 + 1
+                               shared, sigmoid routing with exp_probs_b, vocab 151552
 =================  ==========  ==============================================================================
 
 The quant type of every tensor follows llama.cpp's Q4_K_M rules (src/llama-quant.cpp), for a file of
@@ -43,7 +46,7 @@ from gguf import GGMLQuantizationType as T
 from ..format import byte_vocab
 
 # bump when the bytes written would change (file names carry it, so caches never serve stale files)
-VERSION = "rs1"
+VERSION = "rs2"
 DEFAULT_LAYERS = 2           # DeepSeek-V2-Lite's layer 0 is dense: 2 is the least with a MoE layer
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
 
@@ -69,6 +72,7 @@ class Shape:
     n_ff_shexp: int = 0       # shared expert width (qwen2moe: one gated; deepseek2: n_shared * n_ff_exp)
     n_shared: int = 0
     n_dense: int = 0          # leading dense layers
+    n_nextn: int = 0          # NextN (MTP) blocks after the last layer: written, never run
     extra: dict = field(default_factory=dict)
 
 
@@ -90,6 +94,10 @@ SHAPES = {s.name: s for s in (
     Shape("olmoe-1b-7b", "olmoe", "allenai/OLMoE-1B-7B-0924", n_layer=16, n_embd=2048, n_vocab=50304,
           n_ctx=4096, n_head=16, n_head_kv=16, head_dim=128, n_expert=64, n_used=8, n_ff_exp=1024, n_ff=1024,
           rms_eps=1e-5, rope_base=10000.0),
+    Shape("glm-4.5-air", "glm4moe", "zai-org/GLM-4.5-Air", n_layer=46, n_embd=4096, n_vocab=151552,
+          n_ctx=131072, n_head=96, n_head_kv=8, head_dim=128, n_expert=128, n_used=8, n_ff_exp=1408, n_ff=10944,
+          rms_eps=1e-5, rope_base=1e6, n_ff_shexp=1408, n_shared=1, n_dense=1, n_nextn=1,
+          extra=dict(rope_dims=64, weights_scale=1.0)),
 )}
 
 
@@ -192,7 +200,7 @@ def _layer_tensors(s: Shape, i: int):
         yield p + "attn_q.weight", (E, H * D)
         yield p + "attn_k.weight", (E, Hkv * D)
         yield p + "attn_v.weight", (E, Hkv * D)
-        if s.arch == "qwen2moe":
+        if s.arch in ("qwen2moe", "glm4moe"):
             yield p + "attn_q.bias", (H * D,)
             yield p + "attn_k.bias", (Hkv * D,)
             yield p + "attn_v.bias", (Hkv * D,)
@@ -203,13 +211,15 @@ def _layer_tensors(s: Shape, i: int):
             yield p + "attn_q_norm.weight", (H * D,)
             yield p + "attn_k_norm.weight", (Hkv * D,)
         yield p + "attn_output.weight", (H * D, E)
-    yield p + "ffn_norm.weight", (E,)
+    yield p + ("post_attention_norm.weight" if s.arch == "glm4moe" else "ffn_norm.weight"), (E,)
     if i < s.n_dense:
         yield p + "ffn_gate.weight", (E, s.n_ff)
         yield p + "ffn_up.weight", (E, s.n_ff)
         yield p + "ffn_down.weight", (s.n_ff, E)
         return
     yield p + "ffn_gate_inp.weight", (E, X)
+    if s.arch == "glm4moe":
+        yield p + "exp_probs_b.bias", (X,)
     yield p + "ffn_gate_exps.weight", (E, F, X)
     yield p + "ffn_up_exps.weight", (E, F, X)
     yield p + "ffn_down_exps.weight", (F, E, X)
@@ -233,14 +243,18 @@ def tensor_plan(name: str, n_layers: int | None = None) -> list[PlannedTensor]:
     s = get_shape(name)
     n = _n_layers(s, n_layers)
     raw = [("token_embd.weight", (s.n_embd, s.n_vocab))]
-    for i in range(n):
+    for i in range(n + s.n_nextn):
         raw += list(_layer_tensors(s, i))
+        if i >= n:                         # a NextN block: a MoE layer plus its projection and norms
+            p = f"blk.{i}.nextn."
+            raw += [(p + "eh_proj.weight", (2 * s.n_embd, s.n_embd)), (p + "enorm.weight", (s.n_embd,)),
+                    (p + "hnorm.weight", (s.n_embd,)), (p + "shared_head_norm.weight", (s.n_embd,))]
     raw += [("output_norm.weight", (s.n_embd,)), ("output.weight", (s.n_embd, s.n_vocab))]
     attn_v = [nm for nm, _ in raw if any(k in nm for k in ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight"))]
     out = []
     for nm, ne in raw:
         i_v = attn_v.index(nm) if nm in attn_v else 0
-        out.append(PlannedTensor(nm, tuple(ne), q4_k_m_type(nm, ne, n, s.n_expert, i_v, len(attn_v))))
+        out.append(PlannedTensor(nm, tuple(ne), q4_k_m_type(nm, ne, n + s.n_nextn, s.n_expert, i_v, len(attn_v))))
     return out
 
 
@@ -254,7 +268,7 @@ def write_metadata(w: gguf.GGUFWriter, name: str, n_layers: int | None = None) -
     w.add_vocab_size(s.n_vocab)
     w.add_context_length(s.n_ctx)
     w.add_embedding_length(s.n_embd)
-    w.add_block_count(n)
+    w.add_block_count(n + s.n_nextn)
     w.add_feed_forward_length(s.n_ff)
     w.add_head_count(s.n_head)
     w.add_head_count_kv(s.n_head_kv)
@@ -289,6 +303,16 @@ def write_metadata(w: gguf.GGUFWriter, name: str, n_layers: int | None = None) -
         w.add_rope_scaling_factor(x["yarn_factor"])
         w.add_rope_scaling_orig_ctx_len(x["yarn_orig_ctx"])
         w.add_rope_scaling_yarn_log_mul(x["yarn_log_mul"])
+    elif s.arch == "glm4moe":
+        x = s.extra
+        w.add_leading_dense_block_count(s.n_dense)
+        w.add_rope_dimension_count(x["rope_dims"])
+        w.add_expert_feed_forward_length(s.n_ff_exp)
+        w.add_expert_shared_count(s.n_shared)
+        w.add_expert_weights_scale(x["weights_scale"])
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_uint32(f"{s.arch}.nextn_predict_layers", s.n_nextn)
     _add_padded_byte_vocab(w, s.n_vocab)
 
 

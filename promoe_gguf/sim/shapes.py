@@ -37,12 +37,15 @@ class VirtualModel(MoEModel):
         self.config = ModelConfig(
             arch=a.arch, n_layers=L, n_embd=a.n_embd, n_vocab=a.n_vocab, n_ctx_train=a.n_ctx, n_head=a.n_head,
             n_head_kv=a.n_head_kv, head_dim_k=a.head_dim, head_dim_v=x.get("v_head", a.head_dim), rms_eps=a.rms_eps,
-            rope=RopeConfig(n_dims=x.get("qk_rope", a.head_dim)), n_experts=a.n_expert, n_experts_used=a.n_used,
-            n_ff_exp=a.n_ff_exp, n_ff=a.n_ff if a.n_dense else a.n_ff_exp, n_ff_shexp=a.n_ff_shexp,
-            n_expert_shared=a.n_shared, n_leading_dense=a.n_dense, norm_topk=a.arch in ("llama", "qwen3moe"),
-            kv_lora_rank=x.get("kv_lora", 0))
+            rope=RopeConfig(n_dims=x.get("qk_rope", x.get("rope_dims", a.head_dim))), n_experts=a.n_expert,
+            n_experts_used=a.n_used, n_ff_exp=a.n_ff_exp, n_ff=a.n_ff if a.n_dense else a.n_ff_exp,
+            n_ff_shexp=a.n_ff_shexp, n_expert_shared=a.n_shared, n_leading_dense=a.n_dense,
+            n_nextn_layers=a.n_nextn, norm_topk=a.arch in ("llama", "qwen3moe", "glm4moe"),
+            gating="sigmoid" if a.arch == "glm4moe" else "softmax", kv_lora_rank=x.get("kv_lora", 0))
         self._resident, self._experts = {}, {}
         for t in real_shapes.tensor_plan(a.name, L):
+            if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= L:
+                continue                   # a NextN block: in the file, never loaded
             if quant == "f16" and real_shapes.is_quantized_by_llamacpp(t.name, t.ne):
                 t = real_shapes.PlannedTensor(t.name, t.ne, T.F16)
             if "_exps." not in t.name:
