@@ -2,7 +2,7 @@
 llama.cpp's every mode, its expert cache included, and a FreeToken-like design), tok/s-vs-memory sweeps as PNG, and the synthetic routing's calibration table.
 ALL FIGURES ARE SIMULATED (promoe simulate), never measured on a GPU.
 
-    python scripts/sim_results.py [--out bench/results/sim] [--skip-sweeps]
+    python scripts/sim_results.py [--out bench/results/sim] [--skip-sweeps] [--models M ...]
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from promoe_gguf.sim.llamacpp import LLAMA_RESERVE
 from promoe_gguf.sim.routing import calibration_rows
 from promoe_gguf.sim.run import best, llamacpp_modes
 
-MODELS = ["mixtral-8x7b", "qwen3-30b-a3b"]
+MODELS = ["mixtral-8x7b", "qwen3-30b-a3b", "glm-4.5-air"]
+QUICK_MODELS = MODELS[:2]    # --quick (scripts/gpu_check.sh's time budget): the two reference models
 GPUS = ["rtx4070ti-12g", "rtx3060-12g", "rtx4090-24g"]
 OURS = [("lru", dict(policy="lru", predictor="none", cpu_experts="off")),
         ("promoe", dict(policy="promoe", predictor="gate", cpu_experts="off")),
@@ -34,10 +35,12 @@ AS_BUILT_LAYER_US = 400      # sensitivity: a Python-bound dispatch (24 device o
 PROMPTS = (2048, 4096)       # longer prompts: prefill only (llama.cpp at -ub 512, 2048, 4096)
 
 
-def comparison(progress=True, layer_cost: tuple[float, float] | None = None, quick: bool = False) -> list[dict]:
+def comparison(progress=True, layer_cost: tuple[float, float] | None = None, quick: bool = False,
+               models=None) -> list[dict]:
     """layer_cost: our measured per-layer decode cost (every expert resident, with an expert cache).
     One process per (model, GPU); `quick`: llama.cpp's modes and hybrid at the measured cost only."""
-    jobs = [(m, g) for m in MODELS for g in GPUS]
+    models = models or (QUICK_MODELS if quick else MODELS)
+    jobs = [(m, g) for m in models for g in GPUS]
     with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
         futures = [pool.submit(compare_pair, m, g, layer_cost, quick) for m, g in jobs]
         for _ in tqdm(as_completed(futures), total=len(futures), desc="compare", disable=not progress):
@@ -240,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-sweeps", action="store_true")
     ap.add_argument("--quick", action="store_true",
                     help="only llama.cpp's modes and hybrid at --layer-cost (quick.md; what scripts/gpu_check.sh runs)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=None,
+                    help="recompute only these models' rows; the others are kept from OUT/consumer.json")
     ap.add_argument("--layer-cost", default=None, metavar="US|PROFILE.json",
                     help="also simulate hybrid at this per-layer decode cost (a number, or the ours_layer_us of a "
                          "profile written by promoe bench or scripts/gpu_e2e.py)")
@@ -259,7 +264,14 @@ def main(argv=None) -> int:
             cost, source = (resident, cached), f"measured ({prof.source})"
         except ModelError:
             pass
-    rows = comparison(layer_cost=cost, quick=args.quick)
+    rows = comparison(layer_cost=cost, quick=args.quick, models=args.models)
+    kept = os.path.join(args.out, "consumer.json")
+    if args.models and not args.quick and os.path.exists(kept):
+        with open(kept) as f:
+            old = [r for r in json.load(f)["rows"] if r["model"] not in args.models]
+        rows = sorted(old + rows, key=lambda r: (MODELS.index(r["model"]), GPUS.index(r["gpu"])))
+        for r in rows:                  # JSON made the prompt lengths strings
+            r["long_prompts"] = {int(n): v for n, v in r["long_prompts"].items()}
     if args.quick:
         render_quick(rows, os.path.join(args.out, "quick.md"), source)
         with open(os.path.join(args.out, "quick.json"), "w") as f:
