@@ -90,10 +90,15 @@ QUANTS = {
     "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
     "Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18,
     "IQ4_NL": 25, "IQ4_XS": 30,
+    "IQ1_S": 24, "IQ1_M": 31, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_M": 29, "IQ3_XXS": 23, "IQ3_S": 26,
+    "MXFP4_MOE": 38,
 }
 CORE_QUANTS = ("F32", "F16", "Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "Q2_K", "IQ4_XS")
 # made for the llama arch only: together with CORE_QUANTS every quant block type appears somewhere
-EXTRA_QUANTS = ("BF16", "Q4_1", "Q5_0", "Q5_1", "Q3_K_M", "Q6_K", "IQ4_NL")
+EXTRA_QUANTS = ("BF16", "Q4_1", "Q5_0", "Q5_1", "Q3_K_M", "Q6_K", "IQ4_NL",
+                "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S", "MXFP4_MOE")
+# file types llama.cpp quantizes only with an importance matrix (quantize() passes a uniform one)
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS")
 
 # the type llama.cpp gives the routed-expert gate/up tensors for each ftype (ne0 = 256)
 BASE_TYPE = {
@@ -101,6 +106,8 @@ BASE_TYPE = {
     "Q4_0": T.Q4_0, "Q4_1": T.Q4_1, "Q8_0": T.Q8_0, "Q5_0": T.Q5_0, "Q5_1": T.Q5_1,
     "Q2_K": T.Q2_K, "Q3_K_M": T.Q3_K, "Q4_K_M": T.Q4_K, "Q5_K_M": T.Q5_K, "Q6_K": T.Q6_K,
     "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS,
+    "IQ1_S": T.IQ1_S, "IQ1_M": T.IQ1_M, "IQ2_XXS": T.IQ2_XXS, "IQ2_XS": T.IQ2_XS, "IQ2_M": T.IQ2_S,
+    "IQ3_XXS": T.IQ3_XXS, "IQ3_S": T.IQ3_S, "MXFP4_MOE": T.MXFP4,
 }
 
 VARIANTS = ("default", "narrow", "kvb", "v3", "qknorm", "legacy", "merged")
@@ -440,6 +447,25 @@ def _captured_llama_log(lines: list):
             llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), ctypes.c_void_p(0))
 
 
+def _uniform_imatrix(src):
+    """An importance matrix that weighs every input column alike, for each matrix of src (per expert
+    for stacked experts): what llama.cpp's 1-2-bit file types require. Returns (the NULL-terminated
+    llama_model_imatrix_data array, the buffers it points into)."""
+    import llama_cpp
+    entries, buffers = [], []
+    for t in gguf.GGUFReader(str(src)).tensors:
+        ne = [int(x) for x in t.shape]
+        if len(ne) < 2 or not t.name.endswith(".weight"):
+            continue
+        values = np.ones(ne[0] * (ne[2] if len(ne) > 2 else 1), dtype=np.float32)
+        name = t.name.encode()
+        buffers += [values, name]
+        entries.append(llama_cpp.llama_model_imatrix_data(
+            name, values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size))
+    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))(*entries)   # the last: all NULL
+    return arr, buffers
+
+
 def quantize(src, dst, quant_name: str):
     """Quantize an F32/F16/BF16 GGUF with llama.cpp's quantizer (llama_model_quantize). Returns dst."""
     if quant_name not in QUANTS:
@@ -448,6 +474,9 @@ def quantize(src, dst, quant_name: str):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant_name]
     params.nthread = 2
+    keep = _uniform_imatrix(src) if quant_name in NEEDS_IMATRIX else None
+    if keep is not None:
+        params.imatrix = keep[0]
     log: list[str] = []
     with _atomic(dst) as tmp:
         with _captured_llama_log(log):

@@ -119,7 +119,7 @@ def test_every_block_type_is_covered(test_models):
     for key, path in test_models.items():
         seen |= {t.tensor_type for t in _tensors(path).values()}
     want = {T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
-            T.Q6_K, T.IQ4_NL, T.IQ4_XS}
+            T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.MXFP4}
     assert want <= seen, want - seen
 
 

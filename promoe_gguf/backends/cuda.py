@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError, ParameterError, clip
-from ..format.quants import dequantize_torch
+from ..format.quants import dequantize_torch, quant_type
 from ..kernels import launch as L
 from ..kernels import plans as P
 from . import torch_ops
@@ -83,6 +83,8 @@ class CudaBackend(BackendBase):
         self.kv_layout = layout_of("cuda", kv_type)
         self.prefill_dtype = prefill_dtype       # dequantized tiles: float32 (exact) or float16 (tensor cores)
         self.failed: dict[tuple, str] = {}      # (kernel op, quant type) -> why it runs through torch now
+        self.no_kernel: set[str] = set()         # quant types met that no kernel handles (they run through torch)
+        self._has_kernel: dict = {}
         self.tile: torch.Tensor | None = None   # workspace, grown on demand up to TILE_BYTES
         self._consts: dict = {}                 # small device constants built once (id tables, RoPE tables)
         self._graph_pool = None
@@ -140,6 +142,22 @@ class CudaBackend(BackendBase):
         self.launches += len(launches)
         return True
 
+    def _kernels_for(self, *qtypes) -> bool:
+        """Whether the kernels handle every one of `qtypes`. A type they do not (the 1-3-bit codebook
+        types, MXFP4) runs through torch: dequantized, then a matmul; said once per type."""
+        ok = True
+        for t in qtypes:
+            has = self._has_kernel.get(t)
+            if has is None:
+                qt = quant_type(t)
+                has = self._has_kernel[t] = qt.ggml_type in L.SUPPORTED
+                if not has and qt.name not in self.no_kernel:
+                    self.no_kernel.add(qt.name)
+                    log.warning("no CUDA kernel for quant type %s: its matrices run through torch (dequantize, "
+                                "then a matmul), slower than the kernels", qt.name)
+            ok &= has
+        return ok
+
     def _const(self, key, make):
         t = self._consts.get(key)
         if t is None:
@@ -190,6 +208,10 @@ class CudaBackend(BackendBase):
             return tuple(outs)
         act, keep = self._act(x)
         for qtype, idx in groups.items():
+            if not self._kernels_for(qtype):
+                for i in idx:
+                    outs[i] = x @ dequantize_torch(ws[i].data, ws[i].qtype, ws[i].shape).T
+                continue
             for j in range(0, len(idx), 3):
                 part = idx[j:j + 3]
                 ys = [torch.empty((T, ws[i].rows), dtype=torch.float32, device=self.device) for i in part]
@@ -207,6 +229,8 @@ class CudaBackend(BackendBase):
 
     def _tiled_gemm(self, x: torch.Tensor, w: QMatrix) -> torch.Tensor:
         """Prefill: W dequantized a tile of rows at a time, each tile times x^T by cuBLAS (y^T rows)."""
+        if not self._kernels_for(w.qtype):
+            return x @ dequantize_torch(w.data, w.qtype, w.shape).T
         dt = self.prefill_dtype
         elt = torch.finfo(dt).bits // 8
         need = tile_bytes(w.qtype, w.rows, w.cols, elt)
@@ -229,6 +253,8 @@ class CudaBackend(BackendBase):
         """A stack of per-head matrices W [B, rows, cols], x [B, T, cols] -> [B, T, rows]: one
         moe_matvec launch over the (head, token) pairs (pair b * T + t reads matrix b)."""
         B, T = x.shape[0], x.shape[1]
+        if not self._kernels_for(w.qtype):
+            return torch.matmul(x, dequantize_torch(w.data, w.qtype, w.shape).transpose(-1, -2))
         ids = self._const(("head_ids", B, T), lambda: torch.arange(B, device=self.device).repeat_interleave(T))
         table = self._const(("identity", B), lambda: torch.arange(B, dtype=torch.int32, device=self.device))
         y = torch.empty((B * T, w.rows), dtype=torch.float32, device=self.device)
@@ -332,7 +358,7 @@ class CudaBackend(BackendBase):
             return table.view(w.shape)[tokens.long()].float()
         ids = tokens if tokens.dtype == torch.int32 else tokens.to(torch.int32)
         y = torch.empty((ids.numel(), w.cols), dtype=torch.float32, device=self.device)
-        if self._launch(P.plan_get_rows(w.qtype, w.shape, w.addr, ids.data_ptr(), ids.numel(), y.data_ptr(), w.cols),
+        if self._kernels_for(w.qtype) and self._launch(P.plan_get_rows(w.qtype, w.shape, w.addr, ids.data_ptr(), ids.numel(), y.data_ptr(), w.cols),
                         "dequant", w.qtype):
             return y
         rows = w.data.view(w.rows, -1)[ids.long()]
@@ -369,6 +395,8 @@ class CudaBackend(BackendBase):
     def _gate_up(self, x: torch.Tensor, stack: ExpertStack, route: P.Route, n_pairs: int):
         """h [n_pairs, n_ff] = silu(gate x) * up x of each pair the route computes, or None."""
         g, u, dn = stack.gate, stack.up, stack.down
+        if not self._kernels_for(g.qtype, u.qtype, dn.qtype):
+            return None                       # the caller computes the layer through torch
         layout = _layout(g.cols, g.rows, g.qtype, u.qtype, dn.qtype)
         act, keep = self._act(x)
         h = torch.empty((n_pairs, g.rows), dtype=torch.float32, device=self.device)
@@ -445,33 +473,35 @@ class CudaBackend(BackendBase):
         return self._const(("identity", n), lambda: torch.arange(n, dtype=torch.int32, device=self.device))
 
     def _moe_torch(self, x, stack: ExpertStack, ids, table, skip, weights):
-        """Fallback after a kernel failure (reads the routing on the host): each pair through
-        dequantize + matmul. Returns (out [T, d], None) for moe, (y, done) for moe_pairs."""
+        """Each pair through dequantize + matmul, for a type without kernels or after a kernel failure.
+        Routed on the device (the slot of each pair is gathered there, absent or skipped pairs masked),
+        so a decode step with it still records as a graph. One pair at a time: one expert's matrices
+        dequantized at once. Returns (out [T, d], None) for moe, (y, done) for moe_pairs."""
         T, k = ids.shape
-        ids_h, table_h = self.to_host(ids), self.to_host(table)
-        skip_h = None if skip is None else self.to_host(skip)
-        y = torch.zeros((T * k, stack.down.rows), dtype=torch.float32, device=self.device)
-        done = torch.zeros(T * k, dtype=torch.int32, device=self.device)
+        flat = ids.reshape(-1).long()
+        slots = table.long()[flat]                                                  # [T*k], -1: absent
+        present = slots >= 0
+        if skip is not None:
+            present &= skip.long()[flat] == 0
+        slots = slots.clamp(min=0)
+        mats = [_stacked_bytes(o, m) for o, m in zip(stack.owners, (stack.gate, stack.up, stack.down))]
+        y = torch.empty((T * k, stack.down.rows), dtype=torch.float32, device=self.device)
         for p in range(T * k):
-            e = int(ids_h.reshape(-1)[p])
-            slot = int(table_h[e])
-            if slot < 0 or (skip_h is not None and skip_h[e]):
-                continue
-            t = p // k
-            mats = [_dequant_at(o, m, slot) for o, m in zip(stack.owners, (stack.gate, stack.up, stack.down))]
-            h = F.silu(x[t] @ mats[0].T) * (x[t] @ mats[1].T)
-            y[p] = (h @ mats[2].T) * weights.reshape(-1)[p]
-            done[p] = 1
+            g, u, dn = (dequantize_torch(b[slots[p:p + 1]].reshape(-1), m.qtype, (m.rows, m.cols))
+                        for b, m in zip(mats, (stack.gate, stack.up, stack.down)))
+            xt = x[p // k]
+            y[p] = (F.silu(g @ xt) * (u @ xt)) @ dn.T * weights.reshape(-1)[p]
+        y = torch.where(present[:, None], y, 0.0)                 # a masked pair read a stand-in slot
+        done = present.to(torch.int32)
         if skip is None:
             return self.moe_combine(y, done, None, weights), None
         return y, done
 
 
-def _dequant_at(owner: torch.Tensor, m, i: int) -> torch.Tensor:
-    """Expert i's matrix of a stack, read back through `owner` (the uint8 tensor holding that matrix)."""
-    off = m.addr + i * m.stride - owner.data_ptr()
+def _stacked_bytes(owner: torch.Tensor, m) -> torch.Tensor:
+    """[count, bytes of one matrix] uint8: every expert's matrix of a stack, through `owner`."""
     n = m.rows * m.row_bytes
-    return dequantize_torch(owner.view(-1)[off:off + n], m.qtype, (m.rows, m.cols))
+    return owner.view(-1).as_strided((m.count, n), (m.stride, 1), m.addr - owner.data_ptr())
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
