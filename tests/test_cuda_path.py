@@ -150,10 +150,11 @@ def test_graphs_and_eager_give_bitwise_equal_logits(test_models, emu, cache):
 # batched matvec, shared experts, a dense layer, a 576-wide latent KV head), Qwen2-MoE (biases, a 1-D
 # gated shared expert, Q5_K/Q6_K), GLM-4.5 (half of each head rotated, q/k norms per head, sigmoid routing
 # with exp_probs_b, the NextN block skipped)
-# and two types without kernels, through torch: IQ2_XXS (a 2-bit codebook) and MXFP4 (experts) + Q8_0
+# and the codebook and fp4 types: IQ2_XXS (2-bit), IQ1_M (its d spread over the scales) and MXFP4
+# (gpt-oss's experts, 17-byte blocks) with Q8_0 beside it
 CUDA_PATH_MODELS = [("llama", "Q4_K_M", "default"), ("deepseek2", "Q4_K_M", "default"),
                     ("qwen2moe", "Q5_K_M", "default"), ("glm4moe", "Q4_K_M", "qknorm"),
-                    ("llama", "IQ2_XXS", "default"), ("llama", "MXFP4_MOE", "default")]
+                    ("llama", "IQ2_XXS", "default"), ("llama", "IQ1_M", "default"), ("llama", "MXFP4_MOE", "default")]
 
 
 def _ours(path, emu, tokens, **kw) -> np.ndarray:
@@ -186,21 +187,6 @@ def test_cuda_path_matches_llama_cpp(test_models, factory, emu, key):
     print(f"{'/'.join(key)}: fp32 path vs llama.cpp on the twin {err:.2e}; q8/f16 path vs native {err_native:.2e}")
     assert err <= 1e-3, err
     assert err_native <= NATIVE_BOUND, err_native
-
-
-def test_types_without_kernels_run_through_torch_in_graphs(test_models, emu, caplog):
-    """IQ1_M has no kernel: its matrices are dequantized and multiplied by torch, said once, and the
-    MoE layers route on the device, so decode still records as one graph per token."""
-    path = test_models[("llama", "IQ1_M", "default")]
-    with caplog.at_level("WARNING", logger="promoe.cuda"):
-        eng = Engine(path, launcher=emu.launcher, n_ctx=48)
-        try:
-            _warm(eng)
-            assert eng.decoding.counts.mode == "graphs", eng.decoding.counts.why_eager
-            assert eng.backend.no_kernel == {"IQ1_M"} and not eng.backend.failed
-        finally:
-            eng.close()
-    assert caplog.text.count("no CUDA kernel for quant type IQ1_M") == 1
 
 
 def test_kernel_failure_falls_back_to_torch(test_models, emu, caplog):

@@ -221,6 +221,9 @@ MOE_LAYOUTS = [
     (T.Q4_K, T.Q4_K, T.Q5_0, 256, 96, [[2, 0], [3, 2]]),                  # down falls back to Q5_0
     (T.IQ4_XS, T.IQ4_XS, T.Q2_K, 256, 256, [[1, 3]]),
     (T.Q4_K, T.Q5_K, T.Q3_K, 256, 256, [[0, 1]]),                         # gate, up types differ: unfused
+    (T.IQ2_XXS, T.IQ2_XXS, T.IQ3_S, 256, 512, [[0, 2], [3, 1]]),          # a 2-3-bit "dynamic" mix
+    (T.IQ1_M, T.IQ1_S, T.IQ2_S, 256, 256, [[1, 0]]),
+    (T.MXFP4, T.MXFP4, T.MXFP4, 64, 96, [[2, 1], [0, 2]]),                # gpt-oss's experts (17-byte blocks)
 ]
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError, ParameterError, clip
-from ..format.quants import dequantize_torch, quant_type
+from ..format.quants import dequantize_torch
 from ..kernels import launch as L
 from ..kernels import plans as P
 from . import torch_ops
@@ -83,8 +83,6 @@ class CudaBackend(BackendBase):
         self.kv_layout = layout_of("cuda", kv_type)
         self.prefill_dtype = prefill_dtype       # dequantized tiles: float32 (exact) or float16 (tensor cores)
         self.failed: dict[tuple, str] = {}      # (kernel op, quant type) -> why it runs through torch now
-        self.no_kernel: set[str] = set()         # quant types met that no kernel handles (they run through torch)
-        self._has_kernel: dict = {}
         self.tile: torch.Tensor | None = None   # workspace, grown on demand up to TILE_BYTES
         self._consts: dict = {}                 # small device constants built once (id tables, RoPE tables)
         self._graph_pool = None
@@ -142,22 +140,6 @@ class CudaBackend(BackendBase):
         self.launches += len(launches)
         return True
 
-    def _kernels_for(self, *qtypes) -> bool:
-        """Whether the kernels handle every one of `qtypes`. A type they do not (the 1-3-bit codebook
-        types, MXFP4) runs through torch: dequantized, then a matmul; said once per type."""
-        ok = True
-        for t in qtypes:
-            has = self._has_kernel.get(t)
-            if has is None:
-                qt = quant_type(t)
-                has = self._has_kernel[t] = qt.ggml_type in L.SUPPORTED
-                if not has and qt.name not in self.no_kernel:
-                    self.no_kernel.add(qt.name)
-                    log.warning("no CUDA kernel for quant type %s: its matrices run through torch (dequantize, "
-                                "then a matmul), slower than the kernels", qt.name)
-            ok &= has
-        return ok
-
     def _const(self, key, make):
         t = self._consts.get(key)
         if t is None:
@@ -208,10 +190,6 @@ class CudaBackend(BackendBase):
             return tuple(outs)
         act, keep = self._act(x)
         for qtype, idx in groups.items():
-            if not self._kernels_for(qtype):
-                for i in idx:
-                    outs[i] = x @ dequantize_torch(ws[i].data, ws[i].qtype, ws[i].shape).T
-                continue
             for j in range(0, len(idx), 3):
                 part = idx[j:j + 3]
                 ys = [torch.empty((T, ws[i].rows), dtype=torch.float32, device=self.device) for i in part]
@@ -229,8 +207,6 @@ class CudaBackend(BackendBase):
 
     def _tiled_gemm(self, x: torch.Tensor, w: QMatrix) -> torch.Tensor:
         """Prefill: W dequantized a tile of rows at a time, each tile times x^T by cuBLAS (y^T rows)."""
-        if not self._kernels_for(w.qtype):
-            return x @ dequantize_torch(w.data, w.qtype, w.shape).T
         dt = self.prefill_dtype
         elt = torch.finfo(dt).bits // 8
         need = tile_bytes(w.qtype, w.rows, w.cols, elt)
@@ -253,8 +229,6 @@ class CudaBackend(BackendBase):
         """A stack of per-head matrices W [B, rows, cols], x [B, T, cols] -> [B, T, rows]: one
         moe_matvec launch over the (head, token) pairs (pair b * T + t reads matrix b)."""
         B, T = x.shape[0], x.shape[1]
-        if not self._kernels_for(w.qtype):
-            return torch.matmul(x, dequantize_torch(w.data, w.qtype, w.shape).transpose(-1, -2))
         ids = self._const(("head_ids", B, T), lambda: torch.arange(B, device=self.device).repeat_interleave(T))
         table = self._const(("identity", B), lambda: torch.arange(B, dtype=torch.int32, device=self.device))
         y = torch.empty((B * T, w.rows), dtype=torch.float32, device=self.device)
@@ -358,7 +332,7 @@ class CudaBackend(BackendBase):
             return table.view(w.shape)[tokens.long()].float()
         ids = tokens if tokens.dtype == torch.int32 else tokens.to(torch.int32)
         y = torch.empty((ids.numel(), w.cols), dtype=torch.float32, device=self.device)
-        if self._kernels_for(w.qtype) and self._launch(P.plan_get_rows(w.qtype, w.shape, w.addr, ids.data_ptr(), ids.numel(), y.data_ptr(), w.cols),
+        if self._launch(P.plan_get_rows(w.qtype, w.shape, w.addr, ids.data_ptr(), ids.numel(), y.data_ptr(), w.cols),
                         "dequant", w.qtype):
             return y
         rows = w.data.view(w.rows, -1)[ids.long()]
@@ -395,8 +369,6 @@ class CudaBackend(BackendBase):
     def _gate_up(self, x: torch.Tensor, stack: ExpertStack, route: P.Route, n_pairs: int):
         """h [n_pairs, n_ff] = silu(gate x) * up x of each pair the route computes, or None."""
         g, u, dn = stack.gate, stack.up, stack.down
-        if not self._kernels_for(g.qtype, u.qtype, dn.qtype):
-            return None                       # the caller computes the layer through torch
         layout = _layout(g.cols, g.rows, g.qtype, u.qtype, dn.qtype)
         act, keep = self._act(x)
         h = torch.empty((n_pairs, g.rows), dtype=torch.float32, device=self.device)
@@ -473,7 +445,7 @@ class CudaBackend(BackendBase):
         return self._const(("identity", n), lambda: torch.arange(n, dtype=torch.int32, device=self.device))
 
     def _moe_torch(self, x, stack: ExpertStack, ids, table, skip, weights):
-        """Each pair through dequantize + matmul, for a type without kernels or after a kernel failure.
+        """Each pair through dequantize + matmul, after a kernel failure.
         Routed on the device (the slot of each pair is gathered there, absent or skipped pairs masked),
         so a decode step with it still records as a graph. One pair at a time: one expert's matrices
         dequantized at once. Returns (out [T, d], None) for moe, (y, done) for moe_pairs."""

@@ -161,7 +161,6 @@ class IQ1_M(QuantType, ggml_type=T.IQ1_M):
 class MXFP4(QuantType, ggml_type=T.MXFP4):
     # an e8m0 exponent, 16 bytes of fp4 codes (values j and j + 16 in byte j)
     def dequantize_blocks(self, blocks):
-        n = len(blocks)
         e = blocks[:, :1].to(torch.int64)
         bits = torch.where(e < 2, 0x00200000 << e, (e - 1) << 23)                    # 2^(e - 128), as f32 bits
         d = bits.to(torch.int32).view(torch.float32)

@@ -33,11 +33,14 @@ SUPPORTED: dict[T, str] = {
     T.Q4_0: "q4_0", T.Q4_1: "q4_1", T.Q5_0: "q5_0", T.Q5_1: "q5_1", T.Q8_0: "q8_0",
     T.Q2_K: "q2_k", T.Q3_K: "q3_k", T.Q4_K: "q4_k", T.Q5_K: "q5_k", T.Q6_K: "q6_k",
     T.IQ4_NL: "iq4_nl", T.IQ4_XS: "iq4_xs",
+    T.IQ2_XXS: "iq2_xxs", T.IQ2_XS: "iq2_xs", T.IQ2_S: "iq2_s", T.IQ3_XXS: "iq3_xxs", T.IQ3_S: "iq3_s",
+    T.IQ1_S: "iq1_s", T.IQ1_M: "iq1_m", T.MXFP4: "mxfp4",
 }
-NCHUNK: dict[T, int] = {t: 2 for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL)} | {
-    t: 8 for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)}
+NCHUNK: dict[T, int] = {t: 2 for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.IQ4_NL, T.MXFP4)} | {
+    t: 8 for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS,
+                   T.IQ3_S, T.IQ1_S, T.IQ1_M)}
 ALIGNMENT: dict[T, int] = {t: 2 for t in SUPPORTED} | {
-    T.Q4_1: 4, T.Q5_1: 4, T.Q2_K: 4, T.IQ4_XS: 8, T.Q4_K: 16, T.Q5_K: 16}
+    T.Q4_1: 4, T.Q5_1: 4, T.Q2_K: 4, T.IQ4_XS: 8, T.Q4_K: 16, T.Q5_K: 16, T.MXFP4: 1}
 
 OPS = {"matvec": "matvec.cu", "moe": "moe_fused.cu", "dequant": "dequant.cu", "norm": "norm.cu",
        "quantize": "quantize.cu", "moe_combine": "moe_combine.cu", "rope": "rope.cu", "attention": "attention.cu"}

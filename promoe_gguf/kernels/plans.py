@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 
 from ..errors import ModelError
 from ..format.quants import quant_type
-from .launch import MAX_NCOLS, NCHUNK, SUPPORTED, Launch, supported_qtype
+from .launch import ALIGNMENT, MAX_NCOLS, NCHUNK, SUPPORTED, Launch, supported_qtype
 
 # mirrors of compile-time constants in cuda/*.cu (checked by tests/test_kernels_emulated.py)
 THREADS = 128                # PROMOE_THREADS: 4 warps per CTA
@@ -24,8 +24,6 @@ MOE_GATE_UP_ROWS = 2         # rows of gate (and of up) per thread group
 MOE_MATVEC_ROWS = 4          # rows per thread group of moe_matvec / moe_down_combine
 ATTN_SPLIT = 256             # positions per attention split
 ATTN_MAX_DK = 576            # the largest key head the attention kernel holds in shared memory
-ALIGNMENT: dict[T, int] = {t: 2 for t in SUPPORTED} | {
-    T.Q4_1: 4, T.Q5_1: 4, T.Q2_K: 4, T.IQ4_XS: 8, T.Q4_K: 16, T.Q5_K: 16}
 
 
 def matvec_rows_per_group(ncols: int) -> int:

@@ -15,7 +15,27 @@ F16_FIELDS: dict[T, tuple[int, ...]] = {
     T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
     T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+    T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,), T.IQ1_S: (0,),
+    T.IQ1_M: (), T.MXFP4: (),          # their scales are not an fp16 field: _SCALE_FIX
 }
+
+
+def _iq1_m_scale(raw: torch.Tensor, d: torch.Tensor) -> None:
+    """IQ1_M keeps d's 16 bits in the top nibbles of its four u16 scales (bytes 48..55)."""
+    bits = d.view(torch.int16).to(torch.int32) & 0xFFFF
+    for i in range(4):
+        hi = 49 + 2 * i
+        nib = ((bits >> (4 * i)) & 0xF).to(torch.uint8)
+        raw[:, hi] = (raw[:, hi] & 0x0F) | (nib << 4)
+
+
+def _mxfp4_scale(raw: torch.Tensor, d: torch.Tensor) -> None:
+    """MXFP4's e8m0 exponent: d = 2^(e - 128), |d| near the requested fp16 scale's."""
+    e = torch.log2(d.float().abs()).round().to(torch.int64) + 128
+    raw[:, 0] = e.clamp(2, 254).to(torch.uint8)
+
+
+_SCALE_FIX = {T.IQ1_M: _iq1_m_scale, T.MXFP4: _mxfp4_scale}
 
 
 def random_blocks(qtype, shape, generator: torch.Generator | None = None, device="cpu",
@@ -33,6 +53,11 @@ def random_blocks(qtype, shape, generator: torch.Generator | None = None, device
         sign = torch.randint(0, 2, (nblk,), generator=generator, device=gen_dev) * 2 - 1
         vals = (mag * sign * scale).to(torch.float16)
         raw[:, off:off + 2] = vals.view(torch.uint8).view(nblk, 2)
+    fix = _SCALE_FIX.get(qt.ggml_type)
+    if fix is not None:
+        mag = torch.rand(nblk, generator=generator, device=gen_dev) + 0.25
+        sign = torch.randint(0, 2, (nblk,), generator=generator, device=gen_dev) * 2 - 1
+        fix(raw, (mag * sign * scale).to(torch.float16))
     return raw.reshape(-1).to(device)
 
 

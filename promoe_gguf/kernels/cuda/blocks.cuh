@@ -89,16 +89,28 @@ __host__ __device__ constexpr u32 pack_biased4(int a, int b, int c, int d) {
            ((u32)((c + 128) & 0xFF) << 16) | ((u32)((d + 128) & 0xFF) << 24);
 }
 
-// 4 nibbles (one per byte, values 0..15) -> 4 bytes kv[n] + 128. Two byte_perm lookups in the
-// 8-entry halves of the table, then a third one picks per byte by bit 3 of the nibble.
-PROMOE_DEV u32 iq4_lookup4(u32 nib) {
-    constexpr u32 t0 = pack_biased4(-127, -104, -83, -65), t1 = pack_biased4(-49, -35, -22, -10);
-    constexpr u32 t2 = pack_biased4(1, 13, 25, 38),        t3 = pack_biased4(53, 69, 89, 113);
+// 4 nibbles (one per byte, values 0..15) -> 4 bytes table[n], the 16-entry table in words t0..t3.
+// Two byte_perm lookups in the 8-entry halves of the table, then a third one picks per byte by bit
+// 3 of the nibble.
+template <u32 t0, u32 t1, u32 t2, u32 t3>
+PROMOE_DEV u32 lookup16(u32 nib) {
     u32 sel = nib | (nib >> 4);                       // byte k: n_k | n_(k+1) << 4
     sel = (sel & 0xFFu) | ((sel >> 8) & 0xFF00u);     // bits 4k..4k+3: n_k
     const u32 lo = __byte_perm(t0, t1, sel & 0x7777u);
     const u32 hi = __byte_perm(t2, t3, sel & 0x7777u);
     return __byte_perm(lo, hi, 0x3210u | ((sel & 0x8888u) >> 1));
+}
+
+// IQ4's grid (kvalues_iq4nl) + 128
+PROMOE_DEV u32 iq4_lookup4(u32 nib) {
+    return lookup16<pack_biased4(-127, -104, -83, -65), pack_biased4(-49, -35, -22, -10),
+                    pack_biased4(1, 13, 25, 38), pack_biased4(53, 69, 89, 113)>(nib);
+}
+
+// MXFP4's values (fp4 e2m1 x 2) + 128
+PROMOE_DEV u32 mxfp4_lookup4(u32 nib) {
+    return lookup16<pack_biased4(0, 1, 2, 3), pack_biased4(4, 6, 8, 12),
+                    pack_biased4(0, -1, -2, -3), pack_biased4(-4, -6, -8, -12)>(nib);
 }
 
 // One thread's decoded part of a block: NRUN runs of 4 elements, NGRP scale groups.
@@ -442,6 +454,204 @@ struct blk_iq4_xs {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Codebook types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M) and MXFP4. A codebook block
+// stores per group of 8 (IQ3: 4) values an index into a grid of small magnitudes (iq_grids.cuh,
+// one value per byte) and signs; the decoders write each value as the unsigned byte 128 + v
+// (bias 128), so every kernel above reads them unchanged. IQ1's values g + 1/8 or g - 1/8
+// (g in -1, 0, 1) are written as 8g +- 1 under a scale of d/8: the same product, rounded once.
+// Blocks are 2-byte aligned (MXFP4's 17-byte blocks: byte loads). One chunk = one 32-value
+// sub-block: runs of 4 consecutive values, chunk_base(c) = 32c.
+// ---------------------------------------------------------------------------------------------
+#include "iq_grids.cuh"
+
+PROMOE_DEV u8 ld_u8(const u8* p) { return __ldg(p); }
+// 4 bytes at any alignment
+PROMOE_DEV u32 ld_u32_a1(const u8* p) {
+    return (u32)ld_u8(p) | ((u32)ld_u8(p + 1) << 8) | ((u32)ld_u8(p + 2) << 16) | ((u32)ld_u8(p + 3) << 24);
+}
+
+// bits 0..3 of s -> 0xFF in bytes 0..3 (the 4 shifted copies of s made by the multiply never overlap)
+PROMOE_DEV u32 sign_mask4(u32 s) { return ((s & 0xFu) * 0x00204081u & 0x01010101u) * 0xFFu; }
+// 4 magnitudes (bytes < 128) with sign bits s (bit j: byte j negative) -> bytes 128 + (+-m)
+PROMOE_DEV u32 signed_biased4(u32 mag, u32 s) {
+    const u32 neg = sign_mask4(s);
+    return ((0x80808080u + mag) & ~neg) | ((0x80808080u - mag) & neg);
+}
+// IQ2/IQ3's 7 stored sign bits -> 8: the 8th makes the number of set bits even (gguf-py's KSIGNS)
+PROMOE_DEV u32 ksigns8(u32 s7) { return s7 | ((__popc(s7) & 1u) << 7); }
+// d * (0.5 + ls) * mul, as quants_iq.py rounds it (two products)
+PROMOE_DEV float half_step_scale(float d, u32 ls, float mul) {
+    return __fmul_rn(__fmul_rn(d, 0.5f + u_to_float(ls)), mul);
+}
+
+struct iq_block {
+    static constexpr int qk = QK_K, nchunk = 8, bias = 128;
+    static constexpr bool has_min = false;
+    PROMOE_DEV static int chunk_base(int c) { return 32 * c; }
+    PROMOE_DEV static int run_offset(int r) { return 4 * r; }
+};
+
+// IQ2_XXS: d, then per sub-block two u32: 4 grid indices (bytes), 4 x 7 sign bits | scale << 28.
+// quants_iq.py: db = d * (0.5 + ls) * 0.25; db * grid * signs
+struct blk_iq2_xxs : iq_block {
+    static constexpr int type_size = 66;
+    PROMOE_CHUNK_TYPE(8, 8)
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 idx = ld_u32_a2(b + 2 + 8 * c), aux = ld_u32_a2(b + 6 + 8 * c);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const u64 g = IQ2XXS_GRID[byte_of(idx, l)];
+            const u32 s = ksigns8((aux >> (7 * l)) & 127u);
+            o.q[2 * l] = signed_biased4((u32)g, s);
+            o.q[2 * l + 1] = signed_biased4((u32)(g >> 32), s >> 4);
+        }
+        o.d[0] = half_step_scale(ld_f16(b), aux >> 28, 0.25f);
+    }
+};
+
+// IQ2_XS: d, u16 qs[32] (9-bit grid index | 7 sign bits << 9), scales[8] (two 4-bit scales per
+// sub-block: its first and second 16 values). quants_iq.py: db * grid * signs
+struct blk_iq2_xs : iq_block {
+    static constexpr int type_size = 74;
+    PROMOE_CHUNK_TYPE(8, 4)
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 w[2] = {ld_u32_a2(b + 2 + 8 * c), ld_u32_a2(b + 6 + 8 * c)};
+        const u32 sc = byte_of(ld_u16(b + 66 + 2 * (c >> 1)), c & 1);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const u32 q = (w[l >> 1] >> (16 * (l & 1))) & 0xFFFFu;
+            const u64 g = IQ2XS_GRID[q & 511u];
+            const u32 s = ksigns8(q >> 9);
+            o.q[2 * l] = signed_biased4((u32)g, s);
+            o.q[2 * l + 1] = signed_biased4((u32)(g >> 32), s >> 4);
+        }
+        const float d = ld_f16(b);
+        o.d[0] = half_step_scale(d, sc & 15u, 0.25f);
+        o.d[1] = half_step_scale(d, sc >> 4, 0.25f);
+    }
+};
+
+// IQ2_S: d, qs[32] (grid index low bytes), signs[32], qh[8] (2 high index bits per group of 8),
+// scales[8] (as IQ2_XS).
+struct blk_iq2_s : iq_block {
+    static constexpr int type_size = 82;
+    PROMOE_CHUNK_TYPE(8, 4)
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 idx = ld_u32_a2(b + 2 + 4 * c), sg = ld_u32_a2(b + 34 + 4 * c);
+        const u32 pair = ld_u16(b + 66 + 2 * (c >> 1));                 // qh[c], qh[c^1] (and so on)
+        const u32 qh = byte_of(pair, c & 1);
+        const u32 sc = byte_of(ld_u16(b + 74 + 2 * (c >> 1)), c & 1);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const u64 g = IQ2S_GRID[byte_of(idx, l) | (((qh >> (2 * l)) & 3u) << 8)];
+            const u32 s = byte_of(sg, l);
+            o.q[2 * l] = signed_biased4((u32)g, s);
+            o.q[2 * l + 1] = signed_biased4((u32)(g >> 32), s >> 4);
+        }
+        const float d = ld_f16(b);
+        o.d[0] = half_step_scale(d, sc & 15u, 0.25f);
+        o.d[1] = half_step_scale(d, sc >> 4, 0.25f);
+    }
+};
+
+// IQ3_XXS: d, qs[64] (grid indices, 4 values each), then per sub-block a u32: 4 x 7 sign bits |
+// scale << 28. quants_iq.py: db = d * (0.5 + ls) * 0.5
+struct blk_iq3_xxs : iq_block {
+    static constexpr int type_size = 98;
+    PROMOE_CHUNK_TYPE(8, 8)
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 idx[2] = {ld_u32_a2(b + 2 + 8 * c), ld_u32_a2(b + 6 + 8 * c)};
+        const u32 aux = ld_u32_a2(b + 66 + 4 * c);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const u32 s = ksigns8((aux >> (7 * l)) & 127u);
+            o.q[2 * l] = signed_biased4(IQ3XXS_GRID[byte_of(idx[l >> 1], 2 * (l & 1))], s);
+            o.q[2 * l + 1] = signed_biased4(IQ3XXS_GRID[byte_of(idx[l >> 1], 2 * (l & 1) + 1)], s >> 4);
+        }
+        o.d[0] = half_step_scale(ld_f16(b), aux >> 28, 0.5f);
+    }
+};
+
+// IQ3_S: d, qs[64] (grid index low bytes), qh[8] (the 9th bit of each of a sub-block's 8 indices),
+// signs[32], scales[4] (a nibble per sub-block). quants_iq.py: db = d * (1 + 2 * sc)
+struct blk_iq3_s : iq_block {
+    static constexpr int type_size = 110;
+    PROMOE_CHUNK_TYPE(8, 8)
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 idx[2] = {ld_u32_a2(b + 2 + 8 * c), ld_u32_a2(b + 6 + 8 * c)};
+        const u32 qh = byte_of(ld_u16(b + 66 + 2 * (c >> 1)), c & 1);
+        const u32 sg = ld_u32_a2(b + 74 + 4 * c);
+        const u32 sc = (byte_of(ld_u16(b + 106 + 2 * (c >> 2)), (c >> 1) & 1) >> (4 * (c & 1))) & 15u;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const u32 g = IQ3S_GRID[byte_of(idx[k >> 2], k & 3) | (((qh >> k) & 1u) << 8)];
+            o.q[k] = signed_biased4(g, byte_of(sg, k >> 1) >> (4 * (k & 1)));
+        }
+        o.d[0] = __fmul_rn(ld_f16(b), u_to_float(1 + 2 * sc));
+    }
+};
+
+// IQ1 grid entry (values + 1, bytes 0..2) -> bytes 128 + 8g + 1 (shift +1/8) or 128 + 8g - 1
+PROMOE_DEV u32 iq1_biased4(u32 g1, bool minus) { return g1 * 8u + (minus ? 0x77777777u : 0x79797979u); }
+
+// IQ1_S: d, qs[32] (grid index low bytes), u16 qh[8]: 4 x 3 high index bits | 3-bit scale << 12 |
+// the shift's sign << 15. quants_iq.py: dl = d * (2 * sc + 1); dl * (grid + delta)
+struct blk_iq1_s : iq_block {
+    static constexpr int type_size = 50;
+    PROMOE_CHUNK_TYPE(8, 8)
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 idx = ld_u32_a2(b + 2 + 4 * c), qh = ld_u16(b + 34 + 2 * c);
+        const bool minus = (qh & 0x8000u) != 0;
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const u64 g = IQ1S_GRID[byte_of(idx, l) | (((qh >> (3 * l)) & 7u) << 8)];
+            o.q[2 * l] = iq1_biased4((u32)g, minus);
+            o.q[2 * l + 1] = iq1_biased4((u32)(g >> 32), minus);
+        }
+        o.d[0] = __fmul_rn(__fmul_rn(ld_f16(b), u_to_float(2 * ((qh >> 12) & 7u) + 1)), 0.125f);
+    }
+};
+
+// IQ1_M: qs[32] (grid index low bytes), qh[16] (per group of 8: 3 high index bits | the shift's
+// sign << 3, a nibble each), u16 scales[4]: 3-bit scales (4 per u16), their top nibbles the f16 d.
+struct blk_iq1_m : iq_block {
+    static constexpr int type_size = 56;
+    PROMOE_CHUNK_TYPE(8, 4)
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 idx = ld_u32_a2(b + 4 * c), qh = ld_u16(b + 32 + 2 * c);
+        const u32 s01 = ld_u32_a2(b + 48), s23 = ld_u32_a2(b + 52);
+        const u32 dbits = ((s01 >> 12) & 0xFu) | ((s01 >> 24) & 0xF0u) | ((s23 >> 4) & 0xF00u) | ((s23 >> 16) & 0xF000u);
+        const float d = f16_to_f32((u16)dbits);
+        const u32 sc = (((c >> 1) < 2 ? s01 : s23) >> (16 * ((c >> 1) & 1) + 6 * (c & 1))) & 0x3Fu;
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const u32 nib = (qh >> (4 * l)) & 0xFu;                       // qh[2c + l/2], nibble l%2
+            const u64 g = IQ1S_GRID[byte_of(idx, l) | ((nib & 7u) << 8)];
+            o.q[2 * l] = iq1_biased4((u32)g, nib & 8u);
+            o.q[2 * l + 1] = iq1_biased4((u32)(g >> 32), nib & 8u);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            o.d[h] = __fmul_rn(__fmul_rn(d, u_to_float(2 * ((sc >> (3 * h)) & 7u) + 1)), 0.125f);
+    }
+};
+
+// MXFP4: an e8m0 exponent e (d = 2^(e - 128)), qs[16]: element j = low nibble of qs[j], element
+// j + 16 = high nibble; value d * kv[q] (kv: fp4 e2m1 x 2). Q4_0's element order, byte loads.
+struct blk_mxfp4 : legacy_block {
+    static constexpr int type_size = 17, bias = 128;
+    static constexpr bool has_min = false;
+    PROMOE_DEV static void decode(const u8* b, int c, chunk& o) {
+        const u32 a = ld_u32_a1(b + 1 + 8 * c), bb = ld_u32_a1(b + 5 + 8 * c);
+        PROMOE_LEGACY_NIBBLES(o, a, bb)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) o.q[r] = mxfp4_lookup4(o.q[r]);
+        const u32 e = ld_u8(b);
+        o.d[0] = __uint_as_float(e < 2 ? 0x00200000u << e : (e - 1) << 23);
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Which types a compilation instantiates: all, or only -DPROMOE_QTYPE=<ggml type id> (the
 // launcher compiles one module per op and quant type). X(name, traits).
 // ---------------------------------------------------------------------------------------------
@@ -449,7 +659,9 @@ struct blk_iq4_xs {
 #define PROMOE_FOR_EACH_QTYPE(X) \
     X(q4_0, blk_q4_0) X(q4_1, blk_q4_1) X(q5_0, blk_q5_0) X(q5_1, blk_q5_1) X(q8_0, blk_q8_0) \
     X(q2_k, blk_q2_k) X(q3_k, blk_q3_k) X(q4_k, blk_q4_k) X(q5_k, blk_q5_k) X(q6_k, blk_q6_k) \
-    X(iq4_nl, blk_iq4_nl) X(iq4_xs, blk_iq4_xs)
+    X(iq4_nl, blk_iq4_nl) X(iq4_xs, blk_iq4_xs) \
+    X(iq2_xxs, blk_iq2_xxs) X(iq2_xs, blk_iq2_xs) X(iq2_s, blk_iq2_s) X(iq3_xxs, blk_iq3_xxs) \
+    X(iq3_s, blk_iq3_s) X(iq1_s, blk_iq1_s) X(iq1_m, blk_iq1_m) X(mxfp4, blk_mxfp4)
 #elif PROMOE_QTYPE == 2
 #define PROMOE_FOR_EACH_QTYPE(X) X(q4_0, blk_q4_0)
 #elif PROMOE_QTYPE == 3
@@ -474,6 +686,22 @@ struct blk_iq4_xs {
 #define PROMOE_FOR_EACH_QTYPE(X) X(iq4_nl, blk_iq4_nl)
 #elif PROMOE_QTYPE == 23
 #define PROMOE_FOR_EACH_QTYPE(X) X(iq4_xs, blk_iq4_xs)
+#elif PROMOE_QTYPE == 16
+#define PROMOE_FOR_EACH_QTYPE(X) X(iq2_xxs, blk_iq2_xxs)
+#elif PROMOE_QTYPE == 17
+#define PROMOE_FOR_EACH_QTYPE(X) X(iq2_xs, blk_iq2_xs)
+#elif PROMOE_QTYPE == 22
+#define PROMOE_FOR_EACH_QTYPE(X) X(iq2_s, blk_iq2_s)
+#elif PROMOE_QTYPE == 18
+#define PROMOE_FOR_EACH_QTYPE(X) X(iq3_xxs, blk_iq3_xxs)
+#elif PROMOE_QTYPE == 21
+#define PROMOE_FOR_EACH_QTYPE(X) X(iq3_s, blk_iq3_s)
+#elif PROMOE_QTYPE == 19
+#define PROMOE_FOR_EACH_QTYPE(X) X(iq1_s, blk_iq1_s)
+#elif PROMOE_QTYPE == 29
+#define PROMOE_FOR_EACH_QTYPE(X) X(iq1_m, blk_iq1_m)
+#elif PROMOE_QTYPE == 39
+#define PROMOE_FOR_EACH_QTYPE(X) X(mxfp4, blk_mxfp4)
 #else
 #error "PROMOE_QTYPE: not a supported ggml type id"
 #endif

@@ -210,6 +210,8 @@ inline T __ldg(const T* p) {
 
 inline void __syncthreads() { emu::barrier(emu::BAR_SYNC); }
 
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     if (mask != 0xFFFFFFFFu) emu::fail("__shfl_xor_sync: only full-warp masks are emulated");
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
