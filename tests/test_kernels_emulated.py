@@ -473,3 +473,12 @@ def test_rms_norm_kernels(emu, n):
             [x, r, s, w, y2])
     assert torch.equal(s, x + r * 0.5)
     assert rel_l2(y2, ref(x + r * 0.5)) < 1e-6
+
+
+def test_iq_grid_header_is_gguf_pys_grids():
+    """The committed codebooks (cuda/iq_grids.cuh) are gguf-py's: regenerated, byte for byte; and one
+    entry decoded by hand (IQ2_XXS entry 1: a 43, then seven 8s, element 0 in byte 0; IQ1S entry 0:
+    eight -1, stored + 1)."""
+    from promoe_gguf.kernels.iq_grids import packed, render
+    assert (launch.kernels_dir() / "iq_grids.cuh").read_text() == render()
+    assert packed(gguf.quants.IQ2_XXS, 0)[1] == 0x080808080808082B and packed(gguf.quants.IQ1_S, 1)[0] == 0
