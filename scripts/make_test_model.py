@@ -97,8 +97,6 @@ CORE_QUANTS = ("F32", "F16", "Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "Q2_K", "IQ4_XS
 # made for the llama arch only: together with CORE_QUANTS every quant block type appears somewhere
 EXTRA_QUANTS = ("BF16", "Q4_1", "Q5_0", "Q5_1", "Q3_K_M", "Q6_K", "IQ4_NL",
                 "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S", "MXFP4_MOE")
-# file types llama.cpp quantizes only with an importance matrix (quantize() passes a uniform one)
-NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS")
 
 # the type llama.cpp gives the routed-expert gate/up tensors for each ftype (ne0 = 256)
 BASE_TYPE = {
@@ -426,46 +424,6 @@ def make_real_shape(name: str, out_dir, n_layers: int | None = None) -> Path:
     return dst
 
 
-@contextlib.contextmanager
-def _captured_llama_log(lines: list):
-    """Route llama.cpp's log into ``lines`` (the quantizer is chatty on stderr), then give the log
-    back to llama-cpp-python's own callback."""
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback
-    def _cb(level, text, user_data):
-        lines.append(text.decode("utf-8", "replace"))
-
-    llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
-    try:
-        yield
-    finally:
-        try:
-            from llama_cpp import _logger
-            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        except Exception:             # pragma: no cover - older/newer llama-cpp-python layouts
-            llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), ctypes.c_void_p(0))
-
-
-def _uniform_imatrix(src):
-    """An importance matrix that weighs every input column alike, for each matrix of src (per expert
-    for stacked experts): what llama.cpp's 1-2-bit file types require. Returns (the NULL-terminated
-    llama_model_imatrix_data array, the buffers it points into)."""
-    import llama_cpp
-    entries, buffers = [], []
-    for t in gguf.GGUFReader(str(src)).tensors:
-        ne = [int(x) for x in t.shape]
-        if len(ne) < 2 or not t.name.endswith(".weight"):
-            continue
-        values = np.ones(ne[0] * (ne[2] if len(ne) > 2 else 1), dtype=np.float32)
-        name = t.name.encode()
-        buffers += [values, name]
-        entries.append(llama_cpp.llama_model_imatrix_data(
-            name, values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size))
-    arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))(*entries)   # the last: all NULL
-    return arr, buffers
-
-
 def quantize(src, dst, quant_name: str):
     """Quantize an F32/F16/BF16 GGUF with llama.cpp's quantizer (llama_model_quantize). Returns dst."""
     if quant_name not in QUANTS:
@@ -474,12 +432,14 @@ def quantize(src, dst, quant_name: str):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant_name]
     params.nthread = 2
-    keep = _uniform_imatrix(src) if quant_name in NEEDS_IMATRIX else None
+    # llama.cpp quantizes its 1-2-bit file types only with an importance matrix: a uniform one
+    from promoe_gguf.bench.quant_mix import NEEDS_IMATRIX, captured_llama_log, uniform_imatrix
+    keep = uniform_imatrix(src) if quant_name in NEEDS_IMATRIX else None
     if keep is not None:
         params.imatrix = keep[0]
     log: list[str] = []
     with _atomic(dst) as tmp:
-        with _captured_llama_log(log):
+        with captured_llama_log(log):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             tail = "".join(log)[-2000:]

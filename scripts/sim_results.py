@@ -22,9 +22,11 @@ from promoe_gguf.sim.llamacpp import LLAMA_RESERVE
 from promoe_gguf.sim.routing import calibration_rows
 from promoe_gguf.sim.run import best, llamacpp_modes
 
-MODELS = ["mixtral-8x7b", "qwen3-30b-a3b", "glm-4.5-air"]
+MODELS = ["mixtral-8x7b", "qwen3-30b-a3b", "glm-4.5-air", "qwen3-235b-a22b:iq2_xxs", "deepseek-v3:iq1_m"]
 QUICK_MODELS = MODELS[:2]    # --quick (scripts/gpu_check.sh's time budget): the two reference models
 GPUS = ["rtx4070ti-12g", "rtx3060-12g", "rtx4090-24g"]
+# the 1-2-bit mixes of the 235B and 671B models are run beside a 24 GB card (and 64-192 GB of RAM)
+GPUS_OF = {"qwen3-235b-a22b:iq2_xxs": ["rtx4090-24g"], "deepseek-v3:iq1_m": ["rtx4090-24g"]}
 OURS = [("lru", dict(policy="lru", predictor="none", cpu_experts="off")),
         ("promoe", dict(policy="promoe", predictor="gate", cpu_experts="off")),
         ("hybrid", dict(policy="promoe", predictor="gate", cpu_experts="auto"))]
@@ -40,7 +42,7 @@ def comparison(progress=True, layer_cost: tuple[float, float] | None = None, qui
     """layer_cost: our measured per-layer decode cost (every expert resident, with an expert cache).
     One process per (model, GPU); `quick`: llama.cpp's modes and hybrid at the measured cost only."""
     models = models or (QUICK_MODELS if quick else MODELS)
-    jobs = [(m, g) for m in models for g in GPUS]
+    jobs = [(m, g) for m in models for g in GPUS_OF.get(m, GPUS)]
     with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
         futures = [pool.submit(compare_pair, m, g, layer_cost, quick) for m, g in jobs]
         for _ in tqdm(as_completed(futures), total=len(futures), desc="compare", disable=not progress):
@@ -115,7 +117,8 @@ def _x(a, b) -> str:
 def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
     lines = ["# Consumer GPUs: llama.cpp's best mode vs our runtime (SIMULATED)", "",
              "**Simulated with `promoe simulate`, never measured on a GPU.** Profiles (promoe_gguf/sim/profile.py): "
-             + "; ".join(f"`{g}` = {PROFILES[g].source}" for g in GPUS) + ". Q4_K_M as llama.cpp lays it out; "
+             + "; ".join(f"`{g}` = {PROFILES[g].source}" for g in GPUS) + ". Q4_K_M as llama.cpp lays it out (Qwen3-235B-A22B "
+             "and DeepSeek-V3: llama.cpp's IQ2_XXS and IQ1_M mixes, on the 24 GB card only); "
              "synthetic routing (Qwen3-30B-A3B: the preset calibrated to published traces; Mixtral: the same "
              "preset, no public trace statistics), a request = a 512-token prompt then 128 decoded tokens, context "
              "4096; every cache is warm (a server: a previous, independent request ran first; 'cold' column: the "

@@ -15,6 +15,7 @@ import conftest
 import promoe_gguf
 from promoe_gguf import ModelError
 from promoe_gguf.bench import llamacpp as lc
+from promoe_gguf.bench.quant_mix import captured_llama_log
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def _llamacpp_buffers_mib(factory, path) -> dict:
     """KV and compute buffer sizes llama.cpp logs loading `path` (CPU, n_ctx 4096, ubatch 512, flash attn)."""
     import llama_cpp
     log = []
-    with factory._captured_llama_log(log):
+    with captured_llama_log(log):
         llm = llama_cpp.Llama(str(path), n_ctx=4096, n_batch=512, n_ubatch=512, flash_attn=True, verbose=True)
     llm.close()
     text = "".join(log)

@@ -5,9 +5,6 @@ skeleton with the same names and shapes, at the full and at the reduced layer co
 loads each written file and computes finite logits; gguf-py reads the tensors' types, shapes and bytes
 back; gguf-py dequantizes the random blocks.
 """
-import ctypes
-import os
-import re
 import gguf
 import numpy as np
 import pytest
@@ -15,16 +12,18 @@ from gguf import GGMLQuantizationType as T
 
 import conftest
 from promoe_gguf import open_model
+from promoe_gguf.bench import quant_mix
 from promoe_gguf.bench import real_shapes as rs
 
 # layer counts of the files written: DeepSeek-V2-Lite needs its dense layer 0 plus two MoE layers to
 # hold both expert-down fallbacks (Q5_0 and Q8_0); one layer of the others already has every type.
-# GLM-4.5-Air is checked by the quantizer's dry run only: its least file (the dense layer 0, one MoE
-# layer and the NextN block, 128 experts of 1408 each) would be 3.5 GB; tests/test_parity.py runs its
-# layout (glm4moe) against llama.cpp on factory models.
+# GLM-4.5-Air, Qwen3-235B-A22B and DeepSeek-V3 are checked by the quantizer's dry run only: their least
+# files would be 1.5-3.5 GB (GLM's: the dense layer 0, one MoE layer and the NextN block of 128 experts
+# of 1408); tests/test_parity.py runs their layouts (glm4moe, qwen3moe, deepseek2 "v3") against
+# llama.cpp on factory models.
 FILE_LAYERS = {"mixtral-8x7b": 1, "qwen3-30b-a3b": 1, "deepseek-v2-lite": 3, "qwen1.5-moe-a2.7b": 1,
                "olmoe-1b-7b": 1}
-CUT_LAYERS = {**FILE_LAYERS, "glm-4.5-air": 2}
+CUT_LAYERS = {**FILE_LAYERS, "glm-4.5-air": 2, "qwen3-235b-a22b": 1, "deepseek-v3": 4}
 NAMES = sorted(rs.SHAPES)
 FILE_NAMES = sorted(FILE_LAYERS)
 
@@ -48,60 +47,31 @@ def _planned_bytes(path, plan) -> dict[str, np.memmap]:
     return out
 
 
-def _skeleton(name: str, path, n_layers) -> None:
-    """The model as convert_hf_to_gguf would write it before quantizing (F16 weights, F32 norms and
-    routers), as a sparse file: the quantizer's dry run never reads tensor data."""
-    s = rs.get_shape(name)
-    w = gguf.GGUFWriter(str(path), s.arch)
-    rs.write_metadata(w, name, n_layers)
-    total = 0
-    for t in rs.tensor_plan(name, n_layers):
-        ft = T.F16 if rs.is_quantized_by_llamacpp(t.name, t.ne) else T.F32
-        nbytes = int(np.prod(t.ne)) * (2 if ft == T.F16 else 4)
-        w.add_tensor_info(t.name, tuple(reversed(t.ne)), np.dtype(np.float32), nbytes, raw_dtype=ft)
-        total += gguf.GGUFWriter.ggml_pad(nbytes, w.data_alignment)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    start = gguf.GGUFWriter.ggml_pad(w.fout[0].tell(), w.data_alignment)
-    w.close()
-    os.truncate(path, start + total)
-
-
 def _llamacpp_dry_run(factory, src) -> dict[str, tuple[str, tuple[int, ...], str]]:
     """{tensor: (type stored, ne, Q4_K_M target type)} as llama.cpp's own GGUF loader and quantizer
     see src (llama_model_quantize with dry_run: nothing is read or written but the header)."""
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = rs.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = 1
-    params.dry_run = True
-    params.allow_requantize = True
-    log: list[str] = []
-    with factory._captured_llama_log(log):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(src).encode() + b".out", ctypes.byref(params))
-    text = "".join(log)
-    assert rc == 0, text[-2000:]
-    # "[  3/323] blk.0.attn_k.weight - [ 4096, 1024, 1, 1], type = f16, size = 32.00 MiB -> 8.50 MiB (q8_0)"
-    pat = re.compile(r"\]\s+(\S+)\s+- \[([\d, ]+)\], type =\s*(\w+),\s*size =[^\n]*?(?:\((\w+)\))?\n")
-    out = {}
-    for m in pat.finditer(text):
-        ne = [int(x) for x in m.group(2).split(",")]
-        while len(ne) > 1 and ne[-1] == 1:
-            ne.pop()
-        stored = m.group(3).upper()
-        out[m.group(1)] = (stored, tuple(ne), (m.group(4) or stored).upper())
-    return out
+    return quant_mix.dry_run(src, "Q4_K_M")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_quant_mix_is_llamacpps_q4_k_m(factory, tmp_path, name):
     for n in (None, CUT_LAYERS[name]):
         src = tmp_path / f"skeleton-{n}.gguf"
-        _skeleton(name, src, n)
+        quant_mix.write_skeleton(name, src, n)
         got = {k: target for k, (_, _, target) in _llamacpp_dry_run(factory, src).items()}
         want = {t.name: t.qtype.name for t in rs.tensor_plan(name, n)}
         assert got == want, {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+
+
+def test_recorded_low_bit_mixes_are_llamacpps(tmp_path):
+    """The IQ2_XXS / IQ1_M mixes the simulator reads (promoe_gguf/data/quant_mixes.json) are what
+    llama.cpp's quantizer chooses for those models now (a fresh dry run, every tensor)."""
+    for name, ftype in quant_mix.MIXES:
+        fresh = quant_mix.llamacpp_mix(name, ftype, tmp_path)
+        assert fresh == rs.committed_mix(name, ftype), (name, ftype)
+        assert {t.name for t in rs.tensor_plan(name, ftype=ftype)} == set(fresh)
+    with pytest.raises(ValueError, match="recorded for all 94 layers"):
+        rs.tensor_plan("qwen3-235b-a22b", 4, ftype="IQ2_XXS")
 
 
 def test_full_qwen3_weighs_the_published_q4_k_m():

@@ -21,11 +21,18 @@ olmoe-1b-7b        olmoe       16 layers, d 2048, 16/16 heads of 128 (full-width
 glm-4.5-air        glm4moe     46 layers (layer 0 dense, ffn 10944) + 1 NextN block, d 4096, 96/8 heads of
                                128 (q/k/v biases, half of each head rotated), 128 experts top-8 of 1408 + 1
                                shared, sigmoid routing with exp_probs_b, vocab 151552
+qwen3-235b-a22b    qwen3moe    94 layers, d 4096, 64/4 heads of 128 (q/k norms), 128 experts top-8 of 1536,
+                               vocab 151936
+deepseek-v3        deepseek2   61 layers (layers 0-2 dense, ffn 18432), d 7168, MLA 128 heads (q_lora 1536,
+                               kv_lora 512, nope 128, rope 64, v 128), 256 experts top-8 of 2048 + 1 shared,
+                               8 groups of which 4 used, sigmoid routing with exp_probs_b, x2.5, vocab 129280
 =================  ==========  ==============================================================================
 
 The quant type of every tensor follows llama.cpp's Q4_K_M rules (src/llama-quant.cpp), for a file of
 the chosen layer count (use_more_bits depends on it, so n_layers=None gives exactly the published
-files' mix): ``q4_k_m_type``. tests/test_real_shapes.py checks it against llama.cpp's own quantizer
+files' mix): ``q4_k_m_type``. The low-bit mixes (qwen3-235b-a22b at IQ2_XXS, deepseek-v3 at IQ1_M) are
+what llama.cpp's quantizer chooses for the whole model, recorded by quant_mix.py in
+promoe_gguf/data/quant_mixes.json (``tensor_plan(name, ftype=...)``). tests/test_real_shapes.py checks it against llama.cpp's own quantizer
 (a dry run on a sparse F16 skeleton of the same shapes).
 
 Differences from the real files, all invisible to kernels and copies: the tokenizer is the project's
@@ -35,7 +42,9 @@ from 26/27 layers and otherwise requires the key).
 """
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +55,7 @@ from gguf import GGMLQuantizationType as T
 from ..format import byte_vocab
 
 # bump when the bytes written would change (file names carry it, so caches never serve stale files)
-VERSION = "rs2"
+VERSION = "rs3"
 DEFAULT_LAYERS = 2           # DeepSeek-V2-Lite's layer 0 is dense: 2 is the least with a MoE layer
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15
 
@@ -98,7 +107,28 @@ SHAPES = {s.name: s for s in (
           n_ctx=131072, n_head=96, n_head_kv=8, head_dim=128, n_expert=128, n_used=8, n_ff_exp=1408, n_ff=10944,
           rms_eps=1e-5, rope_base=1e6, n_ff_shexp=1408, n_shared=1, n_dense=1, n_nextn=1,
           extra=dict(rope_dims=64, weights_scale=1.0)),
+    Shape("qwen3-235b-a22b", "qwen3moe", "Qwen/Qwen3-235B-A22B", n_layer=94, n_embd=4096, n_vocab=151936,
+          n_ctx=40960, n_head=64, n_head_kv=4, head_dim=128, n_expert=128, n_used=8, n_ff_exp=1536, n_ff=12288,
+          rms_eps=1e-6, rope_base=1e6),
+    Shape("deepseek-v3", "deepseek2", "deepseek-ai/DeepSeek-V3", n_layer=61, n_embd=7168, n_vocab=129280,
+          n_ctx=163840, n_head=128, n_head_kv=1, head_dim=192, n_expert=256, n_used=8, n_ff_exp=2048,
+          n_ff=18432, rms_eps=1e-6, rope_base=10000.0, n_ff_shexp=2048, n_shared=1, n_dense=3,
+          extra=dict(q_lora=1536, kv_lora=512, qk_nope=128, qk_rope=64, v_head=128, yarn_factor=40.0,
+                     yarn_orig_ctx=4096, yarn_log_mul=0.1, weights_scale=2.5, sigmoid=True, n_group=8,
+                     n_group_used=4)),
 )}
+MIX_TABLE = Path(__file__).resolve().parent.parent / "data" / "quant_mixes.json"
+
+
+def committed_mix(name: str, ftype: str) -> dict[str, str]:
+    """{tensor: type name} llama.cpp's quantizer chose for the whole `name` model at file type `ftype`
+    (quant_mix.py recorded it); ValueError when none is recorded."""
+    table = json.loads(MIX_TABLE.read_text())
+    try:
+        return table[name][ftype]
+    except KeyError:
+        have = ", ".join(f"{n}:{f.lower()}" for n, fs in table.items() for f in fs)
+        raise ValueError(f"no {ftype} mix for {name} (recorded: {have})") from None
 
 
 def get_shape(name: str) -> Shape:
@@ -190,7 +220,12 @@ def _layer_tensors(s: Shape, i: int):
     yield p + "attn_norm.weight", (E,)
     if s.arch == "deepseek2":
         x = s.extra
-        yield p + "attn_q.weight", (E, H * (x["qk_nope"] + x["qk_rope"]))
+        if x.get("q_lora"):
+            yield p + "attn_q_a.weight", (E, x["q_lora"])
+            yield p + "attn_q_a_norm.weight", (x["q_lora"],)
+            yield p + "attn_q_b.weight", (x["q_lora"], H * (x["qk_nope"] + x["qk_rope"]))
+        else:
+            yield p + "attn_q.weight", (E, H * (x["qk_nope"] + x["qk_rope"]))
         yield p + "attn_kv_a_mqa.weight", (E, x["kv_lora"] + x["qk_rope"])
         yield p + "attn_kv_a_norm.weight", (x["kv_lora"],)
         yield p + "attn_k_b.weight", (x["qk_nope"], x["kv_lora"], H)
@@ -218,7 +253,7 @@ def _layer_tensors(s: Shape, i: int):
         yield p + "ffn_down.weight", (s.n_ff, E)
         return
     yield p + "ffn_gate_inp.weight", (E, X)
-    if s.arch == "glm4moe":
+    if s.arch == "glm4moe" or s.extra.get("sigmoid"):
         yield p + "exp_probs_b.bias", (X,)
     yield p + "ffn_gate_exps.weight", (E, F, X)
     yield p + "ffn_up_exps.weight", (E, F, X)
@@ -238,10 +273,16 @@ def _n_layers(s: Shape, n_layers: int | None) -> int:
     return n
 
 
-def tensor_plan(name: str, n_layers: int | None = None) -> list[PlannedTensor]:
-    """Every tensor of the `name` model cut to n_layers (None: all), with its Q4_K_M type."""
+def tensor_plan(name: str, n_layers: int | None = None, ftype: str = "Q4_K_M") -> list[PlannedTensor]:
+    """Every tensor of the `name` model cut to n_layers (None: all), with its type in a llama.cpp file
+    of type `ftype` (Q4_K_M: at any layer count; another: the recorded whole-model mix)."""
     s = get_shape(name)
     n = _n_layers(s, n_layers)
+    if ftype != "Q4_K_M":
+        if n != s.n_layer:
+            raise ValueError(f"{name}: the {ftype} mix is recorded for all {s.n_layer} layers, not {n}")
+        mix = committed_mix(name, ftype)
+        return [PlannedTensor(t.name, t.ne, T[mix[t.name]]) for t in tensor_plan(name, None)]
     raw = [("token_embd.weight", (s.n_embd, s.n_vocab))]
     for i in range(n + s.n_nextn):
         raw += list(_layer_tensors(s, i))
@@ -288,7 +329,9 @@ def write_metadata(w: gguf.GGUFWriter, name: str, n_layers: int | None = None) -
     elif s.arch == "deepseek2":
         x = s.extra
         w.add_leading_dense_block_count(s.n_dense)
-        if n != s.n_layer:
+        if x.get("q_lora"):
+            w.add_q_lora_rank(x["q_lora"])
+        elif n != s.n_layer:
             w.add_q_lora_rank(0)          # see the module docstring
         w.add_kv_lora_rank(x["kv_lora"])
         w.add_key_length(x["kv_lora"] + x["qk_rope"])
@@ -303,6 +346,11 @@ def write_metadata(w: gguf.GGUFWriter, name: str, n_layers: int | None = None) -
         w.add_rope_scaling_factor(x["yarn_factor"])
         w.add_rope_scaling_orig_ctx_len(x["yarn_orig_ctx"])
         w.add_rope_scaling_yarn_log_mul(x["yarn_log_mul"])
+        if x.get("sigmoid"):
+            w.add_expert_weights_norm(True)
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+            w.add_uint32(f"{s.arch}.expert_group_count", x["n_group"])
+            w.add_uint32(f"{s.arch}.expert_group_used_count", x["n_group_used"])
     elif s.arch == "glm4moe":
         x = s.extra
         w.add_leading_dense_block_count(s.n_dense)
@@ -390,7 +438,7 @@ def write_model(name: str, path, n_layers: int | None = None, seed: int = 0) -> 
     memory stays at the largest tensor (Mixtral's ffn_down_exps: 385 MB) whatever the layer count."""
     plan = tensor_plan(name, n_layers)
     s = get_shape(name)
-    rng = np.random.default_rng([int(seed), sorted(SHAPES).index(s.name)])
+    rng = np.random.default_rng([int(seed), zlib.crc32(s.name.encode())])
     w = gguf.GGUFWriter(str(path), s.arch)
     write_metadata(w, name, n_layers)
     for t in plan:

@@ -44,6 +44,7 @@ def model_info(model, device: str = "cuda", n_ctx=None) -> dict:
         "arch": cfg.arch,
         "n_layers": cfg.n_layers,
         "moe_layers": len(cfg.moe_layers),
+        "nextn_layers": cfg.n_nextn_layers,
         "n_experts": cfg.n_experts,
         "n_experts_used": cfg.n_experts_used,
         "n_embd": cfg.n_embd,
@@ -69,7 +70,8 @@ def format_info(info: dict) -> str:
     lines = [
         f"model        {info['path']}",
         f"arch         {info['arch']}: {info['n_layers']} layers ({info['moe_layers']} MoE), d={info['n_embd']}, "
-        f"vocab {info['n_vocab']}, context {info['n_ctx_train']}",
+        f"vocab {info['n_vocab']}, context {info['n_ctx_train']}"
+        + (f"; {info['nextn_layers']} NextN block(s) in the file, not run" if info["nextn_layers"] else ""),
         f"experts      {info['n_experts']} per layer, top-{info['n_experts_used']}, FF width {info['n_ff_exp']}"
         + (f", shared expert FF {info['n_ff_shexp']}" if info["n_ff_shexp"] else ""),
     ]

@@ -26,11 +26,14 @@ class VirtualModel(MoEModel):
     exist here (reading bytes raises)."""
 
     def __init__(self, a: real_shapes.Shape, quant: str = "q4_k_m", n_layers: int | None = None):
-        if quant not in QUANTS:
-            raise ModelError(f"shape quantization {quant!r}: one of {', '.join(QUANTS)}")
+        mixes = {f.lower() for n, fs in _recorded_mixes().items() if n == a.name for f in fs}
+        if quant not in QUANTS and quant not in mixes:
+            raise ModelError(f"shape quantization {quant!r}: one of {', '.join(QUANTS + tuple(sorted(mixes)))}")
         L = int(n_layers or a.n_layer)
         if not a.n_dense < L <= a.n_layer:
             raise ModelError(f"shape {a.name}: {L} layers is outside {a.n_dense + 1}..{a.n_layer}")
+        if quant in mixes and L != a.n_layer:
+            raise ModelError(f"shape {a.name}:{quant}: llama.cpp's mix is recorded for all {a.n_layer} layers, not {L}")
         self.arch_spec, self.quant = a, quant
         self.path = f"{a.name}:{quant}" + (f" ({L} layers)" if L != a.n_layer else "")
         x = a.extra
@@ -40,10 +43,13 @@ class VirtualModel(MoEModel):
             rope=RopeConfig(n_dims=x.get("qk_rope", x.get("rope_dims", a.head_dim))), n_experts=a.n_expert,
             n_experts_used=a.n_used, n_ff_exp=a.n_ff_exp, n_ff=a.n_ff if a.n_dense else a.n_ff_exp,
             n_ff_shexp=a.n_ff_shexp, n_expert_shared=a.n_shared, n_leading_dense=a.n_dense,
-            n_nextn_layers=a.n_nextn, norm_topk=a.arch in ("llama", "qwen3moe", "glm4moe"),
-            gating="sigmoid" if a.arch == "glm4moe" else "softmax", kv_lora_rank=x.get("kv_lora", 0))
+            n_nextn_layers=a.n_nextn, norm_topk=a.arch in ("llama", "qwen3moe", "glm4moe") or x.get("sigmoid", False),
+            gating="sigmoid" if a.arch == "glm4moe" or x.get("sigmoid") else "softmax",
+            weights_scale=x.get("weights_scale", 0.0), n_expert_groups=x.get("n_group", 1),
+            n_group_used=x.get("n_group_used", 1), q_lora_rank=x.get("q_lora", 0), kv_lora_rank=x.get("kv_lora", 0))
         self._resident, self._experts = {}, {}
-        for t in real_shapes.tensor_plan(a.name, L):
+        ftype = "Q4_K_M" if quant in QUANTS else quant.upper()
+        for t in real_shapes.tensor_plan(a.name, L if ftype == "Q4_K_M" else None, ftype):
             if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= L:
                 continue                   # a NextN block: in the file, never loaded
             if quant == "f16" and real_shapes.is_quantized_by_llamacpp(t.name, t.ne):
@@ -70,6 +76,11 @@ class VirtualModel(MoEModel):
 
     def close(self) -> None:
         pass
+
+
+def _recorded_mixes() -> dict:
+    import json
+    return json.loads(real_shapes.MIX_TABLE.read_text())
 
 
 def virtual_model(spec: str, n_layers: int | None = None) -> VirtualModel:
