@@ -51,6 +51,16 @@ def _ksigns(seven: torch.Tensor) -> torch.Tensor:
     return _sign_bits(_on(seven, KSIGNS)[seven.long()])
 
 
+def _fields(x: torch.Tensor, shifts, mask: int) -> torch.Tensor:
+    """[n, m] -> [n, m * len(shifts)]: (x >> s) & mask for each s, the fields of one element together."""
+    return torch.stack([(x >> s) & mask for s in shifts], dim=-1).reshape(len(x), -1)
+
+
+def _nibble_scales(sc: torch.Tensor) -> torch.Tensor:
+    """[n, m] scale bytes -> [n, 2m] int32: the low nibble of each byte, then its high nibble."""
+    return _fields(sc, (0, 4), 0x0F).to(torch.int32)
+
+
 def _u32(b: torch.Tensor) -> torch.Tensor:
     """[n, 4m] uint8 -> [n, m] int64 of the little-endian 32-bit words."""
     return b.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -79,9 +89,7 @@ class IQ2_XS(QuantType, ggml_type=T.IQ2_XS):
         n = len(blocks)
         d = _f16(blocks[:, :2])
         qs = _u16(blocks[:, 2:66])                                                   # [n, 32]
-        sc = blocks[:, 66:74]
-        scales = torch.stack((sc & 0x0F, sc >> 4), dim=-1).reshape(n, 16).float()
-        db = (d * (0.5 + scales) * 0.25).view(n, 16, 1, 1)
+        db = (d * (0.5 + _nibble_scales(blocks[:, 66:74]).float()) * 0.25).view(n, 16, 1, 1)
         signs = _ksigns(qs >> 9).view(n, 16, 2, 8)
         grid = _grid(blocks, T.IQ2_XS, qs & 511).view(n, 16, 2, 8)
         return (db * grid * signs).reshape(n, QK_K)
@@ -93,10 +101,9 @@ class IQ2_S(QuantType, ggml_type=T.IQ2_S):
         n = len(blocks)
         d = _f16(blocks[:, :2])
         qs, sb, qh, sc = blocks[:, 2:34], blocks[:, 34:66], blocks[:, 66:74], blocks[:, 74:82]
-        scales = torch.stack((sc & 0x0F, sc >> 4), dim=-1).reshape(n, 16).float()
-        db = (d * (0.5 + scales) * 0.25).view(n, 16, 1, 1)
+        db = (d * (0.5 + _nibble_scales(sc).float()) * 0.25).view(n, 16, 1, 1)
         signs = _sign_bits(sb).view(n, 16, 2, 8)
-        hi = torch.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(n, 32).to(torch.int32)
+        hi = _fields(qh, (0, 2, 4, 6), 3).to(torch.int32)
         grid = _grid(blocks, T.IQ2_S, qs.to(torch.int32) | (hi << 8)).view(n, 16, 2, 8)
         return (db * grid * signs).reshape(n, QK_K)
 
@@ -120,10 +127,9 @@ class IQ3_S(QuantType, ggml_type=T.IQ3_S):
         n = len(blocks)
         d = _f16(blocks[:, :2])
         qs, qh, sb, sc = blocks[:, 2:66], blocks[:, 66:74], blocks[:, 74:106], blocks[:, 106:110]
-        scales = torch.stack((sc & 0x0F, sc >> 4), dim=-1).reshape(n, 8).to(torch.int32)
-        db = (d * (1 + 2 * scales).float()).view(n, 8, 1, 1)
+        db = (d * (1 + 2 * _nibble_scales(sc)).float()).view(n, 8, 1, 1)
         signs = _sign_bits(sb).view(n, 8, 4, 8)
-        hi = torch.stack([(qh >> s) & 1 for s in range(8)], dim=-1).reshape(n, 64).to(torch.int32)
+        hi = _fields(qh, range(8), 1).to(torch.int32)
         grid = _grid(blocks, T.IQ3_S, qs.to(torch.int32) | (hi << 8)).view(n, 8, 4, 8)
         return (db * grid * signs).reshape(n, QK_K)
 
@@ -136,7 +142,7 @@ class IQ1_S(QuantType, ggml_type=T.IQ1_S):
         qs, qh = blocks[:, 2:34], _u16(blocks[:, 34:50])                              # [n, 32], [n, 8]
         dl = (d * (2 * ((qh >> 12) & 7) + 1).float()).view(n, 8, 1, 1)
         delta = torch.where(qh & 0x8000 == 0, IQ1_DELTA, -IQ1_DELTA).view(n, 8, 1, 1)
-        hi = torch.stack([(qh >> s) & 7 for s in (0, 3, 6, 9)], dim=-1).reshape(n, 32)
+        hi = _fields(qh, (0, 3, 6, 9), 7)
         grid = _grid(blocks, T.IQ1_S, qs.to(torch.int32) | (hi << 8)).view(n, 8, 4, 8)
         return (dl * (grid + delta)).reshape(n, QK_K)
 
@@ -150,9 +156,9 @@ class IQ1_M(QuantType, ggml_type=T.IQ1_M):
         top = sc & 0xF000
         d_bits = (top[:, 0] >> 12) | (top[:, 1] >> 8) | (top[:, 2] >> 4) | top[:, 3]
         d = d_bits.to(torch.int16).view(torch.float16).float().view(n, 1)
-        scales = torch.stack([(sc >> s) & 7 for s in (0, 3, 6, 9)], dim=-1).reshape(n, 16)
+        scales = _fields(sc, (0, 3, 6, 9), 7)
         dl = (d * (2 * scales + 1).float()).view(n, 8, 2, 1, 1)
-        nib = torch.stack((qh & 0x0F, qh >> 4), dim=-1).reshape(n, 32).to(torch.int32)   # per group of 8
+        nib = _nibble_scales(qh)                                                     # per group of 8
         grid = _grid(blocks, T.IQ1_M, qs.to(torch.int32) | ((nib & 7) << 8)).view(n, 8, 2, 2, 8)
         delta = torch.where(nib & 8 == 0, IQ1_DELTA, -IQ1_DELTA).view(n, 8, 2, 2, 1)
         return (dl * (grid + delta)).reshape(n, QK_K)

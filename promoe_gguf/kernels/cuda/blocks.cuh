@@ -484,6 +484,20 @@ PROMOE_DEV float half_step_scale(float d, u32 ls, float mul) {
     return __fmul_rn(__fmul_rn(d, 0.5f + u_to_float(ls)), mul);
 }
 
+// group l (8 values, runs 2l and 2l+1) of a chunk from an 8-value grid entry and 8 sign bits
+template <class C>
+PROMOE_DEV void put_signed8(C& o, int l, u64 g, u32 s) {
+    o.q[2 * l] = signed_biased4((u32)g, s);
+    o.q[2 * l + 1] = signed_biased4((u32)(g >> 32), s >> 4);
+}
+
+// IQ2_XS / IQ2_S: the sub-block's two 4-bit scales (its first and second 16 values) in one byte
+template <class C>
+PROMOE_DEV void two_half_step_scales(C& o, float d, u32 sc) {
+    o.d[0] = half_step_scale(d, sc & 15u, 0.25f);
+    o.d[1] = half_step_scale(d, sc >> 4, 0.25f);
+}
+
 struct iq_block {
     static constexpr int qk = QK_K, nchunk = 8, bias = 128;
     static constexpr bool has_min = false;
@@ -500,10 +514,7 @@ struct blk_iq2_xxs : iq_block {
         const u32 idx = ld_u32_a2(b + 2 + 8 * c), aux = ld_u32_a2(b + 6 + 8 * c);
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
-            const u64 g = IQ2XXS_GRID[byte_of(idx, l)];
-            const u32 s = ksigns8((aux >> (7 * l)) & 127u);
-            o.q[2 * l] = signed_biased4((u32)g, s);
-            o.q[2 * l + 1] = signed_biased4((u32)(g >> 32), s >> 4);
+            put_signed8(o, l, IQ2XXS_GRID[byte_of(idx, l)], ksigns8((aux >> (7 * l)) & 127u));
         }
         o.d[0] = half_step_scale(ld_f16(b), aux >> 28, 0.25f);
     }
@@ -520,14 +531,9 @@ struct blk_iq2_xs : iq_block {
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
             const u32 q = (w[l >> 1] >> (16 * (l & 1))) & 0xFFFFu;
-            const u64 g = IQ2XS_GRID[q & 511u];
-            const u32 s = ksigns8(q >> 9);
-            o.q[2 * l] = signed_biased4((u32)g, s);
-            o.q[2 * l + 1] = signed_biased4((u32)(g >> 32), s >> 4);
+            put_signed8(o, l, IQ2XS_GRID[q & 511u], ksigns8(q >> 9));
         }
-        const float d = ld_f16(b);
-        o.d[0] = half_step_scale(d, sc & 15u, 0.25f);
-        o.d[1] = half_step_scale(d, sc >> 4, 0.25f);
+        two_half_step_scales(o, ld_f16(b), sc);
     }
 };
 
@@ -543,14 +549,9 @@ struct blk_iq2_s : iq_block {
         const u32 sc = byte_of(ld_u16(b + 74 + 2 * (c >> 1)), c & 1);
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
-            const u64 g = IQ2S_GRID[byte_of(idx, l) | (((qh >> (2 * l)) & 3u) << 8)];
-            const u32 s = byte_of(sg, l);
-            o.q[2 * l] = signed_biased4((u32)g, s);
-            o.q[2 * l + 1] = signed_biased4((u32)(g >> 32), s >> 4);
+            put_signed8(o, l, IQ2S_GRID[byte_of(idx, l) | (((qh >> (2 * l)) & 3u) << 8)], byte_of(sg, l));
         }
-        const float d = ld_f16(b);
-        o.d[0] = half_step_scale(d, sc & 15u, 0.25f);
-        o.d[1] = half_step_scale(d, sc >> 4, 0.25f);
+        two_half_step_scales(o, ld_f16(b), sc);
     }
 };
 
