@@ -7,6 +7,7 @@ ARCH_DEFAULTS says so in one place.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from ..errors import ModelError
 
@@ -15,6 +16,24 @@ SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepse
 SHARED_FROM_COUNT = ("deepseek", "deepseek2", "glm4moe")
 # leading_dense_block_count is read (llama.cpp ignores it elsewhere)
 LEADING_DENSE = ("deepseek", "deepseek2", "glm4moe")
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Where a width absent from the metadata comes from, per architecture: `derive` computes it from
+    the values read so far; `says` is how validation messages name it ("=FIELD": another field's value)."""
+    says: str
+    derive: Callable[[dict], int]
+
+
+# the expert FF width when {arch}.expert_feed_forward_length is absent
+FF_EXP_FALLBACK = {
+    **{a: Fallback("{arch}.feed_forward_length", lambda v: v["n_ff"]) for a in ("llama", "olmoe", "granitemoe")},
+    "qwen2moe": Fallback("{arch}.feed_forward_length / {arch}.expert_used_count", lambda v: v["n_ff"] // v["n_used"]),
+}
+# the shared expert width when {arch}.expert_shared_feed_forward_length is absent (SHARED_FROM_COUNT:
+# the expert FF width x expert_shared_count)
+SHEXP_FALLBACK = {"qwen2moe": Fallback("=n_ff", lambda v: v["n_ff"])}
 
 # Per-architecture behaviour that llama.cpp fixes in code rather than reading from the file.
 ARCH_DEFAULTS = {
@@ -148,14 +167,15 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
                          f"{n_layers} (the NextN blocks follow the layers the model runs)")
     n_layers -= n_nextn
     n_ff = opt("feed_forward_length", 0)
-    n_ff_exp = opt("expert_feed_forward_length", 0) or (n_ff if arch in ("llama", "olmoe", "granitemoe") else 0)
-    if arch == "qwen2moe" and not n_ff_exp:
-        n_ff_exp = n_ff // n_used
+    read = {"n_ff": n_ff, "n_used": n_used}
+    n_ff_exp = opt("expert_feed_forward_length", 0)
+    if not n_ff_exp and arch in FF_EXP_FALLBACK:
+        n_ff_exp = FF_EXP_FALLBACK[arch].derive(read)
     n_dense = opt("leading_dense_block_count", 0) if arch in LEADING_DENSE else 0
     n_shared = opt("expert_shared_count", 0)
     n_ff_shexp = opt("expert_shared_feed_forward_length", 0)
-    if arch == "qwen2moe" and not n_ff_shexp:
-        n_ff_shexp = n_ff
+    if not n_ff_shexp and arch in SHEXP_FALLBACK:
+        n_ff_shexp = SHEXP_FALLBACK[arch].derive(read)
     if arch in SHARED_FROM_COUNT and n_shared and not n_ff_shexp:
         n_ff_shexp = n_ff_exp * n_shared
     rope_kind, norm = ARCH_DEFAULTS[arch]

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ModelError
-from .config import SHARED_FROM_COUNT, ModelConfig
+from .config import FF_EXP_FALLBACK, SHARED_FROM_COUNT, SHEXP_FALLBACK, ModelConfig
 from .shape_rules import Expect, cross_field_rules, field_value, global_expectations, layer_expectations
 
 # ---- how each config field is named in the file ------------------------------------------------
@@ -64,14 +64,6 @@ KEYS = {
     "key_length_mla": ("attention.key_length_mla", "=head_dim_k"),
     "value_length_mla": ("attention.value_length_mla", "=head_dim_v"),
 }
-# where the expert FF width comes from when expert_feed_forward_length is absent (config.py)
-FF_EXP_FALLBACK = {
-    "llama": "{arch}.feed_forward_length",
-    "olmoe": "{arch}.feed_forward_length",
-    "granitemoe": "{arch}.feed_forward_length",
-    "qwen2moe": "{arch}.feed_forward_length / {arch}.expert_used_count",
-}
-SHEXP_FALLBACK = {"qwen2moe": "=n_ff"}
 
 # ---- sane ranges ------------------------------------------------------------------------------
 MAX_LAYERS = 4096
@@ -163,9 +155,9 @@ class _Namer:
         arch = self.cfg.arch
         default = KEYS[name][1]
         if name == "n_ff_exp" and arch in FF_EXP_FALLBACK:
-            default = FF_EXP_FALLBACK[arch]
+            default = FF_EXP_FALLBACK[arch].says
         if name == "n_ff_shexp" and arch in SHEXP_FALLBACK:
-            default = SHEXP_FALLBACK[arch]
+            default = SHEXP_FALLBACK[arch].says
         if default.startswith("="):
             return f"as {self(default[1:])}"
         if default == "default":
