@@ -51,7 +51,7 @@ class ExpertSource(Protocol):
     def reset_sequence(self) -> None: ...
     def acquire(self, layer: int, x, ids: np.ndarray): ...        # (stack, index, cpu jobs) or None
     def release(self, layer: int) -> None: ...
-    def cpu_result(self, layer: int, expert: int, job, backend) -> torch.Tensor: ...
+    def cpu_result(self, layer: int, expert: int, job) -> torch.Tensor | None: ...   # None: the CPU failed
     def order(self, layer: int, x, ids: np.ndarray): ...
     def matrices(self, layer: int, expert: int) -> tuple: ...
     def done(self, layer: int, expert: int) -> None: ...
@@ -114,7 +114,7 @@ class ResidentSource:
     def release(self, layer: int) -> None:
         pass
 
-    def cpu_result(self, layer: int, expert: int, job, backend) -> torch.Tensor:
+    def cpu_result(self, layer: int, expert: int, job) -> torch.Tensor | None:
         raise ModelError("every expert is resident: nothing runs on the CPU pool")
 
     def order(self, layer: int, x, ids: np.ndarray):
@@ -299,7 +299,12 @@ class MoEExperts:
         """Host, once the device's pairs are queued: the CPU's rows into ext, the layer's slots released."""
         try:
             for e, job in io.jobs.items():
-                rows = self.source.cpu_result(layer, e, job, self.backend)
+                rows = self.source.cpu_result(layer, e, job)
+                if rows is None:                         # the CPU failed: copy the expert, compute it here
+                    try:
+                        rows = self.backend.expert_ffn(job.x.to(self.backend.device), *self.source.matrices(layer, e))
+                    finally:
+                        self.source.done(layer, e)
                 io.ext_np[job.rows, job.cols] = rows.cpu().numpy()
         finally:
             io.jobs = {}

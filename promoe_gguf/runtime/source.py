@@ -8,8 +8,8 @@ Per MoE layer (compute thread), with the routing ids already on the host:
              CPU finishes sooner than a copy would land to the CPU pool (their hidden rows go to the
              host, their outputs come back); waits (bounded) until every other chosen expert is in a
              slot, pins them, returns the arena as an ExpertStack, each (token, slot)'s slot index
-             (-1: on the CPU) and the CPU jobs. cpu_result() collects a job, or copies and computes
-             on the device if the CPU failed.
+             (-1: on the CPU) and the CPU jobs. cpu_result() collects a job (None if the CPU failed:
+             the expert seam then computes it on the device through matrices()).
   order()    per-expert path (prefill): promoe yields resident experts first, then the most copied
              (reordered execution); the baselines yield plain order. matrices() waits for one expert.
   release() / done()  unpin (on CUDA after recording an event the next copy into the slot waits for).
@@ -194,9 +194,9 @@ class CachedExpertSource:
         job.rows, job.cols = rows, cols
         return job
 
-    def cpu_result(self, layer: int, expert: int, job, backend) -> torch.Tensor:
-        """The job's output rows (on the host); if the CPU failed or hung, the expert is copied and
-        computed on the device instead (with a warning, once: the pool is off from then on)."""
+    def cpu_result(self, layer: int, expert: int, job) -> torch.Tensor | None:
+        """The job's output rows (on the host), or None if the CPU failed or hung (said once, with a
+        warning: the pool is off from then on); the caller then computes the expert on the device."""
         key = (layer, expert)
         t0 = time.perf_counter()
         bound = max(1.0, 50 * self.cost.cpu_seconds(self.cost.signature(m for m, _ in self.store.layout[key]),
@@ -214,15 +214,7 @@ class CachedExpertSource:
             return out
         if job.error is None:
             self.cpu_pool.mark_hung(job, waited)
-        slot = self.wait_until_copied(key)                        # fall back: copy it, compute on the device
-        try:
-            base = slot.index * self.cache.arena.shape[1]
-            mats = tuple(matrix_at(self.cache.arena.view(-1), base + off, name, m.qtype, m.shape)
-                         for (m, off), name in zip(self.store.layout[key], MATRICES))
-            x_rows = job.x.to(backend.device)
-            return backend.expert_ffn(x_rows, *mats)
-        finally:
-            self._unpin(key)
+        return None
 
     # ---- per-expert path -----------------------------------------------------------------------
     def order(self, layer, x, ids):
