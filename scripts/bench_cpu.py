@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 
 from promoe_gguf import DEFAULT_MODEL, Engine  # noqa: E402
 from promoe_gguf.util import quiet_stderr as quiet  # noqa: E402
@@ -35,8 +33,8 @@ def model_path(name: str) -> str:
     if name == "default":
         return DEFAULT_MODEL
     if name == "mixtral":
-        import make_test_model
-        return str(make_test_model.make_mixtral_shaped(os.environ.get("PROMOE_TEST_MODELS", REPO / ".test-models")))
+        from promoe_gguf.testing import factory
+        return str(factory.make_mixtral_shaped(os.environ.get("PROMOE_TEST_MODELS", REPO / ".test-models")))
     return name
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 from promoe_gguf.bench import llamacpp as lc  # noqa: E402
 from promoe_gguf.bench.real_shapes import SHAPES  # noqa: E402
@@ -101,8 +100,8 @@ def main(argv=None) -> int:
             return 3
         print("devices:", "; ".join(devices))
         if args.shape:
-            import make_test_model
-            model = make_test_model.make_real_shape(args.shape, args.models_dir or tmp / "models", args.layers)
+            from promoe_gguf.testing import factory
+            model = factory.make_real_shape(args.shape, args.models_dir or tmp / "models", args.layers)
         else:
             model = Path(args.model)
         layout = lc.ModelLayout.from_gguf(model)

@@ -1,15 +1,13 @@
 """Shared fixtures: the factory's test models (built once per session, cached on disk)."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
+from promoe_gguf.testing import factory as make_test_model
 
-import make_test_model  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # Test models are tiny: per-op threading overhead dwarfs the work, and 2 threads on a loaded 2-core
 # machine slow small ops down by 10-100x.
@@ -22,7 +20,7 @@ def test_models_dir() -> str:
 
 @pytest.fixture(scope="session")
 def factory():
-    """The test-model factory module (scripts/make_test_model.py)."""
+    """The test-model factory module (promoe_gguf/testing/factory.py)."""
     return make_test_model
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-import make_test_model as mtm
+from promoe_gguf.testing import factory as mtm
 
 bv = mtm.byte_vocab
 KEYS = mtm.plan()

@@ -1,4 +1,4 @@
-"""Real-shape synthetic models (promoe_gguf.bench.real_shapes, make_test_model.make_real_shape).
+"""Real-shape synthetic models (promoe_gguf.bench.real_shapes, testing.factory.make_real_shape).
 
 Oracles: llama.cpp's own quantizer decides the Q4_K_M type of every tensor (a dry run on a sparse F16
 skeleton with the same names and shapes, at the full and at the reduced layer counts); stock llama.cpp

@@ -1,7 +1,7 @@
 """The validation pass at open, per architecture: one metadata value of a real factory
 model changed, and the error must name the key, its value and the tensor or rule it contradicts.
 
-Expected shapes come from the factory's spec (scripts/make_test_model.py), not from the validator.
+Expected shapes come from the factory's spec (promoe_gguf/testing/factory.py), not from the validator.
 """
 import math
 import re
@@ -121,7 +121,7 @@ def _cases(factory, arch):
 
 
 def _all_cases():
-    import make_test_model as factory
+    from promoe_gguf.testing import factory
     return [(arch, cid, changes, want) for arch in ARCHS for cid, changes, want in _cases(factory, arch)]
 
 
