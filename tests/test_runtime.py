@@ -18,6 +18,8 @@ from promoe_gguf import Engine, ModelError
 from promoe_gguf.predict.base import Predictor
 from promoe_gguf.predict.oracle import RoutingRecorder
 from promoe_gguf.runtime.cache import ExpertCache, Policy, PromoePolicy
+from promoe_gguf.runtime.stats import Stats
+from promoe_gguf.runtime.transfer import HIGH, CopyQueue, Task
 
 TOKENS = np.random.default_rng(7).integers(0, 256, 40).tolist()
 
@@ -119,6 +121,36 @@ def test_pinned_and_needed_slots_are_never_victims():
     victim.state = "ready"
     cache.needed = {(0, 1), (1, 0)}
     assert cache.allocate((1, 1), lambda s: None) is None
+
+
+def test_a_copy_holding_a_slot_advances_while_the_first_waits_for_one(model_path, reference):
+    """A guess upgraded to a certainty keeps its slot (part copied) but queues behind a precise copy
+    that has none; with nothing evictable the copy thread must still advance the one holding a slot
+    (the compute thread may wait for it), not sleep: `promoe bench` stalled 60 s here at cache rate
+    0.25 with promoe + gate. The queue alone, then the Engine case that hit it."""
+    cache = ExpertCache(4, 16, "cpu", PromoePolicy(), moe_layers=(0, 1), n_experts=4)
+    for i, key in enumerate([(0, 0), (0, 1), (1, 2)]):
+        slot = cache.allocate(key, lambda s: None)
+        slot.state, slot.last_use = "ready", i
+    cache.needed = {(0, 0), (0, 1), (1, 2), (1, 0), (1, 1)}       # nothing may be evicted
+    guess = Task((1, 1), HIGH, slot=cache.allocate((1, 1), lambda s: None), next_chunk=1)
+    assert guess.slot is not None and len(cache.where) == 4                 # every slot taken
+    q = CopyQueue(None, cache, Stats())
+    first = Task((1, 0), HIGH)
+    q.queues[HIGH].extend([first, guess])
+    q.tasks.update({first.key: first, guess.key: guess})
+    assert q.next_task() is guess and q.starved and first.slot is None
+
+    eng = Engine(model_path, n_ctx=328, n_batch=328, link="ratio=10", cache_rate=0.25, policy="promoe",
+                 predictor="gate", cpu_experts="off", cpu_repack=False)
+    eng.experts.source.wait_timeout = 10.0                          # a stall fails in 10 s, not 60
+    try:
+        want = Engine(model_path, n_ctx=328, n_batch=328, cpu_repack=False)
+        prompt = list(range(5, 13))
+        assert list(eng.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True)) == \
+            list(want.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True))
+    finally:
+        eng.close()
 
 
 def test_reactive_lru_may_evict_needed_but_never_pinned():

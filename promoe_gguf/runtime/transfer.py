@@ -91,24 +91,27 @@ class CopyQueue:
         return sum(n for _, n in self.store.chunks(task.key)[task.next_chunk:])
 
     def next_task(self):
-        """(cv held) The task to advance next and its slot, or None."""
+        """(cv held) The task to advance next and its slot, or None. Tasks go in queue order; when the
+        first precise one waits for a slot, a task that already holds one still advances (it may be
+        the expert the compute thread waits for, whose use frees the slots the first one needs)."""
         self.starved = False
         for priority in (HIGH, LOW):
             q = self.queues[priority]
-            while q:
+            while q and q[0].slot is None:
                 task = q[0]
-                if task.slot is None:
-                    task.slot = self.cache.allocate(task.key, self.stats.on_evict, speculative=priority == LOW)
-                    if task.slot is None:
-                        if priority == LOW:               # nothing evictable: drop the guess
-                            q.popleft()
-                            task.dropped = True
-                            del self.tasks[task.key]
-                            continue
-                        self.starved = True
-                        break                             # precise: wait for a slot to come free
+                task.slot = self.cache.allocate(task.key, self.stats.on_evict, speculative=priority == LOW)
+                if task.slot is not None:
                     task.slot.speculative = priority == LOW
-                return task
+                elif priority == LOW:                     # nothing evictable: drop the guess
+                    q.popleft()
+                    task.dropped = True
+                    del self.tasks[task.key]
+                else:
+                    self.starved = True                   # precise: waits for a slot to come free
+                    break
+            held = next((task for task in q if task.slot is not None), None)
+            if held is not None:
+                return held
         return None
 
     def landed(self, task: Task, nbytes: int) -> None:
