@@ -51,7 +51,8 @@ def _matrix(be, qtype, shape, seed, name="w") -> tuple[QMatrix, torch.Tensor]:
 
 
 @pytest.mark.parametrize("activations", ["f32", "q8"])
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_0, T.IQ4_XS, T.Q2_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_0, T.IQ4_XS, T.Q2_K, T.IQ2_XXS, T.IQ1_M, T.MXFP4],
+                         ids=lambda t: t.name)
 def test_linears_decode_and_prefill(where, qtype, activations):
     """q, k and v through one linears call (1, 3 and 12 tokens: matvec, then the tiled GEMM),
     against float64 products; q8 within its own bound (8-bit activations, as llama.cpp's mmvq)."""
