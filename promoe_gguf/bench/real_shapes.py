@@ -353,6 +353,8 @@ def write_metadata(w: gguf.GGUFWriter, name: str, n_layers: int | None = None) -
             w.add_uint32(f"{s.arch}.expert_group_used_count", x["n_group_used"])
     elif s.arch == "glm4moe":
         x = s.extra
+        w.add_key_length(s.head_dim)          # 128, not embedding_length / head_count (42.7)
+        w.add_value_length(s.head_dim)
         w.add_leading_dense_block_count(s.n_dense)
         w.add_rope_dimension_count(x["rope_dims"])
         w.add_expert_feed_forward_length(s.n_ff_exp)
