@@ -134,4 +134,5 @@ def write_table(workdir, progress: bool = True) -> dict:
     for name, ftype in tqdm(MIXES, desc="llama.cpp dry runs", disable=not progress):
         table.setdefault(name, {})[ftype] = llamacpp_mix(name, ftype, workdir)
     real_shapes.MIX_TABLE.write_text(json.dumps(table, indent=0, sort_keys=True) + "\n")
+    real_shapes.recorded_mixes.cache_clear()
     return table

@@ -42,6 +42,7 @@ from 26/27 layers and otherwise requires the key).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import zlib
@@ -120,10 +121,16 @@ SHAPES = {s.name: s for s in (
 MIX_TABLE = Path(__file__).resolve().parent.parent / "data" / "quant_mixes.json"
 
 
+@functools.lru_cache(maxsize=1)
+def recorded_mixes() -> dict:
+    """{shape: {file type: {tensor: type name}}} as quant_mix.py recorded them (read once)."""
+    return json.loads(MIX_TABLE.read_text())
+
+
 def committed_mix(name: str, ftype: str) -> dict[str, str]:
     """{tensor: type name} llama.cpp's quantizer chose for the whole `name` model at file type `ftype`
     (quant_mix.py recorded it); ValueError when none is recorded."""
-    table = json.loads(MIX_TABLE.read_text())
+    table = recorded_mixes()
     try:
         return table[name][ftype]
     except KeyError:

@@ -26,7 +26,7 @@ class VirtualModel(MoEModel):
     exist here (reading bytes raises)."""
 
     def __init__(self, a: real_shapes.Shape, quant: str = "q4_k_m", n_layers: int | None = None):
-        mixes = {f.lower() for n, fs in _recorded_mixes().items() if n == a.name for f in fs}
+        mixes = {f.lower() for f in real_shapes.recorded_mixes().get(a.name, {})}
         if quant not in QUANTS and quant not in mixes:
             raise ModelError(f"shape quantization {quant!r}: one of {', '.join(QUANTS + tuple(sorted(mixes)))}")
         L = int(n_layers or a.n_layer)
@@ -76,11 +76,6 @@ class VirtualModel(MoEModel):
 
     def close(self) -> None:
         pass
-
-
-def _recorded_mixes() -> dict:
-    import json
-    return json.loads(real_shapes.MIX_TABLE.read_text())
 
 
 def virtual_model(spec: str, n_layers: int | None = None) -> VirtualModel:
