@@ -63,6 +63,36 @@ def test_bitwise_identical_whatever_the_cache(model_path, reference, policy, pre
         assert stats["hits"] + stats["misses"] > 0 and stats["bytes_h2d"] > 0
 
 
+class _DistinctPerStep:
+    """Counts each step's distinct chosen experts per layer: what the policy must have counted as
+    hits plus misses."""
+
+    def __init__(self):
+        self.per_layer: dict[int, int] = {}
+
+    def begin_step(self, positions):
+        pass
+
+    def observe(self, layer, x, chosen, logits=None):
+        self.per_layer[layer] = self.per_layer.get(layer, 0) + len(set(chosen.reshape(-1).tolist()))
+
+
+def test_policy_counts_settled_per_step_equal_the_routing(model_path):
+    """Hits and misses are logged per layer and settled once per step (and before stats are read):
+    per layer they add up to the distinct experts the all-resident run's router chose, step by step.
+    The gate predictor reads each decode layer's inputs from the step's own buffers: it was called."""
+    ref = Engine(model_path, n_ctx=128, n_batch=16, cpu_repack=False)
+    count = _DistinctPerStep()
+    ref.experts.observers.append(count)
+    ref.logits(TOKENS)
+    list(ref.generate(TOKENS[:12], max_tokens=12, temperature=0))
+    _, _, st, _ = _run(model_path, cache_rate=0.5, policy="lru", predictor="gate")
+    got = {layer: v["hits"] + v["misses"] for layer, v in st["per_layer"].items() if v["hits"] + v["misses"]}
+    assert got == count.per_layer
+    assert st["predictor_calls"] + st["dropped_predictions"] >= 12 * len(count.per_layer) // 2
+    assert st["predictor_calls"] > 0
+
+
 def test_oracle_prefetch_is_useful_and_cuts_misses(model_path):
     """Decode with the true future known (the oracle replays a recorded routing): its prefetches
     are used, and the run misses less than the same policy without a predictor."""

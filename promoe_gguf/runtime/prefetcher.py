@@ -2,6 +2,9 @@
 
 The compute thread only enqueues (step starts, each MoE layer's router input and choice); this
 thread runs the predictor and asks the transfer engine for the predicted experts of later layers.
+In decode the router input and choice are the step's own host buffers (the expert seam's per-layer
+log, rewritten only by the next step): the compute thread passes them as they are and this thread
+copies them, then drops them if the next step has begun meanwhile (a torn read, and too late anyway).
 A predictor that raises is switched off with a warning (reactive loading goes on); a slow one only
 makes its guesses late, and guesses for a layer already computed are discarded.
 """
@@ -72,7 +75,7 @@ class Prefetcher(Predictions):
 
     def __init__(self, predictor, transfer, cache, stats, n_layers: int, n_used: int):
         super().__init__(predictor, transfer, cache, stats, n_layers, n_used)
-        self.q: queue.Queue = queue.Queue()
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="promoe-predict", daemon=True)
         self.thread.start()
 
@@ -86,11 +89,15 @@ class Prefetcher(Predictions):
         self.progress = (self.step, -1)
         self._put(("step", self.step, positions))
 
-    def layer(self, layer: int, x, ids) -> None:
-        """x [T, d] the router input (on the device), ids [T, k] the routing (numpy, on the host).
-        On CUDA the copy of x is enqueued without waiting; the predictor thread waits for it."""
+    def layer(self, layer: int, x, ids, static: bool = False) -> None:
+        """x [T, d] the router input, ids [T, k] the routing (numpy, on the host). static: both are
+        host buffers the next step rewrites (read on the predictor thread). Otherwise x may be on the
+        device: on CUDA its copy is enqueued without waiting; the predictor thread waits for it."""
         self.progress = (self.step, layer)
         if not self.enabled:
+            return
+        if static:
+            self._put(("logged", self.step, layer, x, ids))
             return
         ids_t = torch.from_numpy(np.array(ids, copy=True))
         if x.device.type == "cuda":
@@ -124,6 +131,8 @@ class Prefetcher(Predictions):
                     self.predictor.reset()
                 elif item[0] == "step":
                     self.predictor.begin_step(item[2])
+                elif item[0] == "logged":
+                    self._logged(*item[1:])
                 else:
                     self.apply(*item[1:])
             except Exception as e:  # noqa: BLE001 - a broken predictor must not break inference
@@ -131,6 +140,17 @@ class Prefetcher(Predictions):
                 self.stats.predictor_errors += 1
                 log.warning("predictor %s failed (%s: %s); prefetching is off, experts load on demand",
                             getattr(self.predictor, "name", "?"), type(e).__name__, e)
+
+    def _logged(self, step: int, layer: int, x_log, ids_log) -> None:
+        """A decode layer's inputs read from the step's buffers; dropped if the next step began."""
+        if self.step != step:
+            self.stats.dropped_predictions += 1
+            return
+        x, ids = x_log.clone(), torch.from_numpy(np.array(ids_log, copy=True))
+        if self.step != step:                          # the next step may have rewritten them while copying
+            self.stats.dropped_predictions += 1
+            return
+        self.apply(step, layer, x, ids, None)
 
     def close(self) -> None:
         self.q.put(None)

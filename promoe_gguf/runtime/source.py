@@ -1,9 +1,11 @@
 """CachedExpertSource: the runtime behind the expert seam.
 
 Per MoE layer (compute thread), with the routing ids already on the host:
-  _admit()   counts hits/misses, drops this layer's pending guesses, hands the router input to the
-             prefetcher. promoe: early preemption (every miss queued as a precise copy at once).
-             lru/static (the reactive baselines): each miss requested only when compute reaches it.
+  _admit()   marks the layer's chosen experts needed, drops this layer's pending guesses, hands the
+             router input to the prefetcher. promoe: early preemption (every miss queued as a precise
+             copy at once). lru/static (the reactive baselines): each miss requested only when compute
+             reaches it. What the policy counts (hits, misses, decayed uses) goes to a per-step log
+             settled once per step (settle_uses), not per layer on the compute thread.
   acquire()  fused path (few tokens): with CPU experts on, the cost model first sends misses that the
              CPU finishes sooner than a copy would land to the CPU pool (their hidden rows go to the
              host, their outputs come back); waits (bounded) until every other chosen expert is in a
@@ -51,6 +53,7 @@ class CachedExpertSource:
         self._pinned: list = []
         self._step_t0 = None
         self._step_tokens = 0
+        self._uses: list = []                      # (layer, needed keys, misses) of the step, for settle_uses
         self.stacks = {layer: self._arena_stack(layer) for layer in model.config.moe_layers}
         self.nbytes = cache.capacity_bytes
 
@@ -72,6 +75,7 @@ class CachedExpertSource:
             self.counters.decode_steps += 1
             self.counters.decode_s += now - self._step_t0
         self._step_t0, self._step_tokens = now, len(positions)
+        self.settle_uses()
         with self.cache.cv:
             self.cache.begin_step()
         if self.prefetcher is not None:
@@ -83,23 +87,39 @@ class CachedExpertSource:
             self.prefetcher.reset()
         self._step_t0 = None
 
-    def _admit(self, layer: int, x, ids: np.ndarray, on_cpu=lambda needed, ids: set()) -> tuple[list, set]:
+    def _admit(self, layer: int, x, ids: np.ndarray, on_cpu=lambda needed, ids: set(),
+               static: bool = False) -> tuple[list, set]:
+        """(compute thread, once per layer) The layer's chosen experts, and those on_cpu sends to the
+        CPU pool; the misses the policy copies at once are queued. static: x and ids are the step's
+        own host buffers (the prefetcher reads them on its thread)."""
         needed = [(layer, e) for e in sorted(set(ids.ravel().tolist()))]
-        with self.cache.cv:
-            self.cache.needed = set(needed)
-            for key in needed:
-                slot = self.cache.where.get(key)
-                self.counters.add(layer, "hits" if slot is not None and slot.state == READY else "misses")
-                self.cache.record_use(key)
-        self.transfer.drop_speculative(layer)
+        cache = self.cache
+        with cache.cv:
+            cache.needed = set(needed)
+            misses = sum(1 for key in needed if (slot := cache.where.get(key)) is None or slot.state != READY)
+            self.transfer.drop_speculative(layer)
+        self._uses.append((layer, needed, misses))
         cpu = on_cpu(needed, ids)
-        if not self.cache.policy.reactive:           # early preemption: all of the layer's copies queued now
+        if not cache.policy.reactive:                # early preemption: all of the layer's copies queued now
             for key in needed:
                 if key not in cpu:
                     self.transfer.request(key, HIGH)
         if self.prefetcher is not None:
-            self.prefetcher.layer(layer, x, ids)
+            self.prefetcher.layer(layer, x, ids, static)
         return needed, cpu
+
+    def settle_uses(self) -> None:
+        """The policy's counts for the steps logged so far: hits and misses per layer, each needed
+        expert's decayed use (once per step, under one lock; also before stats are read)."""
+        uses, self._uses = self._uses, []
+        if not uses:
+            return
+        with self.cache.cv:
+            for layer, needed, misses in uses:
+                self.counters.add(layer, "hits", len(needed) - misses)
+                self.counters.add(layer, "misses", misses)
+                for key in needed:
+                    self.cache.record_use(key)
 
     # ---- fused path ----------------------------------------------------------------------------
     def acquire(self, layer, x, ids):
@@ -108,7 +128,7 @@ class CachedExpertSource:
         pinned at once, under one lock; misses are all queued before the first wait."""
         if len(set(ids.ravel().tolist())) > self.model.config.n_experts_used and len(self.cache.slots) < len(self.store.keys):
             return None
-        needed, cpu = self._admit(layer, x, ids, self._place)
+        needed, cpu = self._admit(layer, x, ids, self._place, static=True)
         device = [key for key in needed if key not in cpu]
         cache = self.cache
         lut = np.full(self.model.config.n_experts, -1, dtype=np.int64)
@@ -306,6 +326,7 @@ class CachedExpertSource:
             self.cache.cv.notify_all()
 
     def stats(self) -> dict:
+        self.settle_uses()
         with self.cache.cv:
             snap = self.counters.snapshot(self.cache.slots)
         snap["link"] = self.transfer.link.describe()

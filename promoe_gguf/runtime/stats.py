@@ -37,7 +37,8 @@ class Stats:
         unused = sum(1 for s in slots if s.speculative and s.key is not None)
         return {**totals, "prefetch_unused_resident": unused,
                 "predictor_calls": self.predictor_calls, "predictor_s": self.predictor_s,
-                "predictor_errors": self.predictor_errors, "decode_steps": self.decode_steps, "decode_s": self.decode_s,
+                "predictor_errors": self.predictor_errors, "dropped_predictions": self.dropped_predictions,
+                "decode_steps": self.decode_steps, "decode_s": self.decode_s,
                 "decode_wait_copy_share": self.decode_wait_copy_s / self.decode_s if self.decode_s else 0.0,
                 "decode_wait_cpu_share": self.decode_wait_cpu_s / self.decode_s if self.decode_s else 0.0,
                 "per_layer": per_layer}

@@ -65,6 +65,8 @@ class CopyQueue:
         """Early preemption: forget LOW tasks for `layer` that have not started."""
         with self.cache.cv:
             q = self.queues[LOW]
+            if not q:
+                return 0
             keep = deque(t for t in q if t.key[0] != layer or t.slot is not None)
             for t in q:
                 if t.key[0] == layer and t.slot is None:

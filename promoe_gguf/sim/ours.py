@@ -127,7 +127,7 @@ class SimPrefetcher(Predictions):
         self.progress = (self.step, -1)
         self.rows = list(positions)
 
-    def layer(self, layer: int, x, ids) -> None:
+    def layer(self, layer: int, x, ids, static: bool = False) -> None:
         self.progress = (self.step, layer)
         step, rows = self.step, self.rows
         self.free_at = max(self.clock.now, self.free_at) + self.cost
@@ -329,6 +329,7 @@ class OursSim:
                 slot.state, slot.ready_chunks, slot.permanent = READY, len(self.store.chunks(key)), True
 
     def _snap(self, src) -> dict:
+        src.settle_uses()
         st = src.counters.snapshot()
         return {**{k: st[k] for k in ("hits", "misses", "bytes_h2d", "cpu_experts", "prefetch_useful", "prefetch_wasted")},
                 "wait_copy": src.wait_copy, "wait_cpu": src.wait_cpu, "cpu_bytes": src.cpu_bytes}
