@@ -22,11 +22,15 @@ from promoe_gguf.sim.llamacpp import LLAMA_RESERVE
 from promoe_gguf.sim.routing import calibration_rows
 from promoe_gguf.sim.run import best, llamacpp_modes
 
-MODELS = ["mixtral-8x7b", "qwen3-30b-a3b", "glm-4.5-air", "qwen3-235b-a22b:iq2_xxs", "deepseek-v3:iq1_m"]
+MODELS = ["mixtral-8x7b", "qwen3-30b-a3b", "glm-4.5-air", "qwen3-235b-a22b:iq2_xxs", "deepseek-v3:iq1_m",
+          "gpt-oss-20b:mxfp4_moe", "gpt-oss-120b:mxfp4_moe"]
 QUICK_MODELS = MODELS[:2]    # --quick (scripts/gpu_check.sh's time budget): the two reference models
-GPUS = ["rtx4070ti-12g", "rtx3060-12g", "rtx4090-24g"]
-# the 1-2-bit mixes of the 235B and 671B models are run beside a 24 GB card (and 64-192 GB of RAM)
-GPUS_OF = {"qwen3-235b-a22b:iq2_xxs": ["rtx4090-24g"], "deepseek-v3:iq1_m": ["rtx4090-24g"]}
+GPUS = ["rtx4060-8g", "rtx4070ti-12g", "rtx3060-12g", "rtx4060ti-16g", "rtx4090-24g"]
+# the small-expert models people run on 8-16 GB cards get every card; the big ones the cards they fit
+# beside (the 1-2-bit mixes of the 235B and 671B models: a 24 GB card and 64-192 GB of RAM)
+_MID = ["rtx4070ti-12g", "rtx3060-12g", "rtx4090-24g"]
+GPUS_OF = {"mixtral-8x7b": _MID, "glm-4.5-air": _MID, "qwen3-235b-a22b:iq2_xxs": ["rtx4090-24g"],
+           "deepseek-v3:iq1_m": ["rtx4090-24g"], "gpt-oss-120b:mxfp4_moe": GPUS[1:]}
 OURS = [("lru", dict(policy="lru", predictor="none", cpu_experts="off")),
         ("promoe", dict(policy="promoe", predictor="gate", cpu_experts="off")),
         ("hybrid", dict(policy="promoe", predictor="gate", cpu_experts="auto"))]
@@ -118,7 +122,8 @@ def render_comparison(rows, path, layer_cost=None, layer_cost_source=""):
     lines = ["# Consumer GPUs: llama.cpp's best mode vs our runtime (SIMULATED)", "",
              "**Simulated with `promoe simulate`, never measured on a GPU.** Profiles (promoe_gguf/sim/profile.py): "
              + "; ".join(f"`{g}` = {PROFILES[g].source}" for g in GPUS) + ". Q4_K_M as llama.cpp lays it out (Qwen3-235B-A22B "
-             "and DeepSeek-V3: llama.cpp's IQ2_XXS and IQ1_M mixes, on the 24 GB card only); "
+             "and DeepSeek-V3: llama.cpp's IQ2_XXS and IQ1_M mixes, on the 24 GB card only; gpt-oss: its published "
+             "MXFP4_MOE mix, experts MXFP4 and the rest Q8_0); "
              "synthetic routing (Qwen3-30B-A3B: the preset calibrated to published traces; Mixtral: the same "
              "preset, no public trace statistics), a request = a 512-token prompt then 128 decoded tokens, context "
              "4096; every cache is warm (a server: a previous, independent request ran first; 'cold' column: the "

@@ -36,7 +36,8 @@ READ_KEYS = (
     "expert_gating_func", "expert_group_count", "expert_group_used_count",
     "embedding_scale", "residual_scale", "logit_scale", "nextn_predict_layers",
 )
-OTHER_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt2")
+OTHER_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss",
+               "gpt2")
 
 
 def _int_like(v) -> bool:

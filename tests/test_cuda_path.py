@@ -228,3 +228,32 @@ def test_long_prefill_attends_block_by_block_as_llama_cpp(test_models, factory, 
     err = oracle.rel_l2(ours, ref)
     print(f"300-token chunk, fp32 path vs llama.cpp on the twin: {err:.2e}")
     assert err <= 1e-3, err
+
+
+def test_gpt_oss_on_the_cuda_path(test_models, factory, emu):
+    """gpt-oss's sinks, sliding window (16: crossed by 40 tokens), biases and clamped SwiGLU on the CUDA
+    code path: fp32 path vs llama.cpp on the twin, default path vs native; decode recorded as graphs;
+    an expert cache (misses copied) changes no bit, CPU experts stay within the native bound."""
+    path = test_models[("gpt-oss", "MXFP4_MOE", "default")]
+    twin = path[:-len(".gguf")] + ".twin-f32.gguf"
+    if not os.path.exists(twin):
+        factory.dequantized_twin(path, twin)
+    tokens = np.random.default_rng(3).integers(0, 256, 40).tolist()
+
+    def run(p, **kw):
+        eng = Engine(p, launcher=emu.launcher, n_ctx=64, **kw)
+        try:
+            eng._new_sequence()
+            out = [eng._prefill(eng.cache, torch.tensor(tokens[:30])).cpu().numpy()]
+            out += [eng.decoding.step(t).numpy()[None].copy() for t in tokens[30:]]
+            assert not eng.backend.failed and eng.decoding.counts.mode == "graphs", eng.decoding.counts
+            return np.concatenate(out)
+        finally:
+            eng.close()
+    exact = run(path, activations="f32", kv_type="f32")
+    assert oracle.rel_l2(exact, oracle.logits(twin, tokens, n_ctx=64, chunk=30, n_prefill=30, repack=False)) <= 1e-3
+    default = run(path)
+    assert oracle.rel_l2(default, oracle.logits(path, tokens, n_ctx=64, chunk=30, n_prefill=30, repack=False)) <= NATIVE_BOUND
+    assert np.array_equal(run(path, cache_rate=0.5, policy="lru", cpu_experts="off"), default)
+    hybrid = run(path, cache_rate=0.5, policy="promoe", predictor="gate", cpu_experts="all")
+    assert oracle.rel_l2(hybrid, default) <= NATIVE_BOUND

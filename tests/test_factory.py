@@ -51,8 +51,9 @@ def _rel(a, b):
 def test_plan_covers_the_brief(test_models):
     assert set(test_models) == set(KEYS)
     for arch in mtm.ARCHS:
-        for q in mtm.CORE_QUANTS:
+        for q in mtm.ARCH_QUANTS.get(arch, mtm.CORE_QUANTS):
             assert (arch, q, "default") in test_models
+    assert {q for a, q, _ in test_models if a == "gpt-oss"} == {"F32", "Q8_0", "MXFP4_MOE"}
     for q in mtm.EXTRA_QUANTS:
         assert ("llama", q, "default") in test_models
     for key in [("deepseek", "Q4_K_M", "narrow"), ("deepseek", "F32", "narrow"),
@@ -171,6 +172,14 @@ def test_arch_layouts(test_models):
     assert _ne(glm["blk.3.nextn.eh_proj.weight"]) == [2 * E, E] and "blk.2.nextn.eh_proj.weight" not in glm
     qk = _tensors(test_models[("glm4moe", "F32", "qknorm")])
     assert _ne(qk["blk.0.attn_q_norm.weight"]) == [64] and "blk.0.attn_q_norm.weight" not in glm
+    go = ts["gpt-oss"]                                       # q 8 x 64 wide, biases everywhere, sinks per head
+    assert _ne(go["blk.0.attn_q.weight"]) == [E, 8 * 64] and _ne(go["blk.0.attn_output.bias"]) == [E]
+    assert _ne(go["blk.0.attn_sinks.weight"]) == [8] and _ne(go["blk.1.ffn_gate_inp.bias"]) == [8]
+    assert _ne(go["blk.1.ffn_gate_exps.bias"]) == [256, 8] and _ne(go["blk.1.ffn_down_exps.bias"]) == [E, 8]
+    assert "blk.1.post_attention_norm.weight" in go
+    mx = _tensors(test_models[("gpt-oss", "MXFP4_MOE", "default")])
+    assert mx["blk.0.ffn_up_exps.weight"].tensor_type == gguf.GGMLQuantizationType.MXFP4
+    assert mx["blk.0.ffn_up_exps.bias"].tensor_type == gguf.GGMLQuantizationType.F32
     nar = _tensors(test_models[("deepseek", "F32", "narrow")])
     assert _ne(nar["blk.1.ffn_down_exps.weight"]) == [352, E, 8]
 
@@ -190,6 +199,9 @@ def test_metadata(test_models):
     assert d2["deepseek2.attention.value_length"] == 512 and d2["deepseek2.attention.value_length_mla"] == 64
     assert d2["deepseek2.attention.head_count_kv"] == 1 and d2["deepseek2.leading_dense_block_count"] == 1
     assert d2["deepseek2.rope.scaling.type"] == "yarn"
+    go = _fields(test_models[("gpt-oss", "MXFP4_MOE", "default")])
+    assert go["gpt-oss.attention.sliding_window"] == 16 and go["gpt-oss.attention.key_length"] == 64
+    assert go["gpt-oss.expert_used_count"] == 4 and go["gpt-oss.rope.scaling.type"] == "yarn"
     for key, path in test_models.items():
         f = _fields(path)
         assert f["general.architecture"] == key[0]

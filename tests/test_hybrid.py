@@ -193,3 +193,21 @@ def test_glm4moe_through_cache_and_cpu_pool_is_exact(test_models):
     assert np.array_equal(logits, want[0]) and gen == want[1]
     assert st["cpu_experts"] > 0 and st["predictor_calls"] > 0
     assert set(st["per_layer"]) == {1, 2}
+
+
+def test_gpt_oss_biases_follow_experts_into_slots_and_the_cpu_pool(test_models):
+    """gpt-oss's expert biases stay resident and are picked by expert id wherever the expert runs (a
+    cache slot, the CPU pool): copy mode and hybrid are bitwise equal to the all-resident run."""
+    path = test_models[("gpt-oss", "MXFP4_MOE", "default")]
+    ref = Engine(path, n_ctx=128, n_batch=16, cpu_repack=False)
+    want = ref.logits(TOKENS), list(ref.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
+    for kw in (dict(cpu_experts="off", policy="lru"), dict(cpu_experts="all", policy="promoe", predictor="gate",
+                                                           link=SLOW_LINK)):
+        eng = Engine(path, n_ctx=128, n_batch=16, cache_rate=0.5, **kw)
+        try:
+            got = eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
+            st = eng.stats
+        finally:
+            eng.close()
+        assert np.array_equal(got[0], want[0]) and got[1] == want[1], kw
+        assert st["misses"] > 0 and (kw["cpu_experts"] == "off" or st["cpu_experts"] > 0)

@@ -17,13 +17,14 @@ from promoe_gguf.bench import real_shapes as rs
 
 # layer counts of the files written: DeepSeek-V2-Lite needs its dense layer 0 plus two MoE layers to
 # hold both expert-down fallbacks (Q5_0 and Q8_0); one layer of the others already has every type.
-# GLM-4.5-Air, Qwen3-235B-A22B and DeepSeek-V3 are checked by the quantizer's dry run only: their least
-# files would be 1.5-3.5 GB (GLM's: the dense layer 0, one MoE layer and the NextN block of 128 experts
-# of 1408); tests/test_parity.py runs their layouts (glm4moe, qwen3moe, deepseek2 "v3") against
+# GLM-4.5-Air, Qwen3-235B-A22B, DeepSeek-V3 and gpt-oss are checked by the quantizer's dry run only:
+# their least files would be 0.9-3.5 GB (GLM's: the dense layer 0, one MoE layer and the NextN block of 128 experts
+# of 1408); tests/test_parity.py runs their layouts (glm4moe, qwen3moe, deepseek2 "v3", gpt-oss) against
 # llama.cpp on factory models.
 FILE_LAYERS = {"mixtral-8x7b": 1, "qwen3-30b-a3b": 1, "deepseek-v2-lite": 3, "qwen1.5-moe-a2.7b": 1,
                "olmoe-1b-7b": 1}
-CUT_LAYERS = {**FILE_LAYERS, "glm-4.5-air": 2, "qwen3-235b-a22b": 1, "deepseek-v3": 4}
+CUT_LAYERS = {**FILE_LAYERS, "glm-4.5-air": 2, "qwen3-235b-a22b": 1, "deepseek-v3": 4, "gpt-oss-20b": 2,
+              "gpt-oss-120b": 2}
 NAMES = sorted(rs.SHAPES)
 FILE_NAMES = sorted(FILE_LAYERS)
 

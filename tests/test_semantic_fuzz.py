@@ -15,13 +15,14 @@ from gguf_edit import GGUFTemplate
 
 CI_MODELS = [("llama", "default"), ("qwen2moe", "default"), ("qwen3moe", "default"), ("olmoe", "default"),
              ("deepseek", "default"), ("deepseek2", "default"), ("granitemoe", "default"),
-             ("glm4moe", "default"), ("deepseek2", "v3"), ("deepseek2", "kvb")]
+             ("glm4moe", "default"), ("gpt-oss", "default"), ("deepseek2", "v3"), ("deepseek2", "kvb")]
 SLOW_MODELS = CI_MODELS + [("llama", "legacy"), ("deepseek2", "merged"), ("deepseek", "narrow")]
-SLOW_CASES_PER_MODEL = 850          # 13 models: 11,050 cases
+SLOW_CASES_PER_MODEL = 850          # 14 models: 11,900 cases
 
 
 def _template(test_models, arch, variant) -> GGUFTemplate:
-    return GGUFTemplate(test_models[(arch, "Q4_K_M", variant)])
+    quant = "Q4_K_M" if (arch, "Q4_K_M", variant) in test_models else "MXFP4_MOE"       # gpt-oss ships MXFP4
+    return GGUFTemplate(test_models[(arch, quant, variant)])
 
 
 def _run(template, cases, tmp_path):

@@ -14,12 +14,13 @@ from promoe_gguf import ModelError, open_model
 from promoe_gguf.engine import Engine
 from semantic_fuzz import memory_limit
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss")
 U32, I32, F32 = V.UINT32, V.INT32, V.FLOAT32
 
 
 def _open_changed(test_models, tmp_path, arch, changes, variant="default"):
-    t = GGUFTemplate(test_models[(arch, "Q4_K_M", variant)])
+    quant = "Q4_K_M" if (arch, "Q4_K_M", variant) in test_models else "MXFP4_MOE"       # gpt-oss ships MXFP4
+    t = GGUFTemplate(test_models[(arch, quant, variant)])
     path = t.write(tmp_path / "m.gguf", {f"{arch}.{k}" if not k.startswith("general.") else k: v
                                         for k, v in changes.items()})
     with pytest.raises(ModelError) as err:
@@ -74,7 +75,7 @@ def _cases(factory, arch):
              [rf"{arch}.rope.scaling.factor = -40", "> 0"]),
         ]
     else:
-        Dk = D if arch == "qwen3moe" else d // H
+        Dk = D if arch in ("qwen3moe", "gpt-oss") else d // H
         out += [
             ("heads_x_dims_vs_q", {"attention.key_length": (Dk // 2, U32), "rope.dimension_count": (16, U32)},
              [rf"{arch}.attention.key_length = {Dk // 2}", rf"{arch}.attention.head_count = {H}",
@@ -85,7 +86,8 @@ def _cases(factory, arch):
              [rf"{arch}.rope.dimension_count = {Dk + 2}", "within the head dimension"]),
         ]
     # the expert FF width: its own key where the arch has one, else feed_forward_length
-    ff_key = "expert_feed_forward_length" if arch in ("qwen2moe", "qwen3moe", "deepseek", "deepseek2", "glm4moe") \
+    ff_key = "expert_feed_forward_length" if arch in ("qwen2moe", "qwen3moe", "deepseek", "deepseek2", "glm4moe",
+                                                      "gpt-oss") \
         else "feed_forward_length"
     out.append(("expert_width_vs_experts", {ff_key: (s["n_ff_exp"] + 32, U32)},
                 [rf"{arch}.{ff_key} = {s['n_ff_exp'] + 32}",
@@ -114,6 +116,11 @@ def _cases(factory, arch):
                  [rf"{arch}.nextn_predict_layers = {s['n_layer']}", rf"below {arch}.block_count = {s['n_layer']}"]),
                 ("nextn_block_missing", {"block_count": (s["n_layer"] + 1, U32), "nextn_predict_layers": (2, U32)},
                  [rf"{arch}.block_count = {s['n_layer'] + 1}", rf"no tensor of layer {s['n_layer']}"])]
+    if arch == "gpt-oss":      # every other layer attends within the window: a window of 0 sees nothing
+        out += [("sliding_window_zero", {"attention.sliding_window": (0, U32)},
+                 [rf"'{arch}.attention.sliding_window' = 0", "integer >= 1"]),
+                ("sliding_window_unbounded", {"attention.sliding_window": (2**32 - 1, U32)},
+                 [rf"{arch}.attention.sliding_window = 4294967295", "<= 1.67772e\\+07"])]
     if arch == "deepseek":
         out.append(("weights_scale_inf", {"expert_weights_scale": (math.inf, F32)},
                     [rf"{arch}.expert_weights_scale = inf", "finite"]))

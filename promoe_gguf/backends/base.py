@@ -66,13 +66,37 @@ class StackedMatrix:
 
 
 @dataclass(frozen=True)
+class ExpertFn:
+    """What an expert computes beyond its three products. act: "silu" (SwiGLU) or "swiglu_oai"
+    (gpt-oss: gate clamped above at 7, up to [-7, 7], x * sigmoid(1.702 x) * (up + 1)). bias: ()
+    or the layer's (gate [E, F], up [E, F], down [E, d]) float32 biases on the device, a row per
+    expert id (resident: small, and never in a cache slot)."""
+    act: str = "silu"
+    bias: tuple = ()
+
+    def of(self, expert: int, host: bool = False) -> "ExpertFn":
+        """The same function for one expert: its bias rows as [1, n] (a stack of one); host: copied
+        to the host (a CPU pool job of a device engine)."""
+        if not self.bias:
+            return self
+        rows = tuple(b[expert:expert + 1] for b in self.bias)
+        return ExpertFn(self.act, tuple(r.cpu() for r in rows) if host else rows)
+
+
+SWIGLU = ExpertFn()
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0        # llama.cpp's constants for LLM_FFN_SWIGLU_OAI_MOE
+
+
+@dataclass(frozen=True)
 class ExpertStack:
     """Where one MoE layer's experts are, as the fused call reads them. `owners`: the uint8 tensors
-    holding gate, up and down (they keep the memory alive; the torch fallback reads through them)."""
+    holding gate, up and down (they keep the memory alive; the torch fallback reads through them).
+    `fn`: the activation and biases (biases by expert id, not by stack position)."""
     gate: StackedMatrix
     up: StackedMatrix
     down: StackedMatrix
     owners: tuple = ()
+    fn: ExpertFn = SWIGLU
 
 
 def matrix_at(owner: torch.Tensor, offset: int, name: str, qtype, shape) -> QMatrix:
@@ -140,7 +164,8 @@ class Backend(Protocol):
     def add_rms_norm(self, x, r, w, eps: float, scale: float = 1.0) -> tuple: ...      # (x + r*scale, norm of it)
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor: ...
     def ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor: ...
-    def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor: ...
+    def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix,
+                   fn: ExpertFn = SWIGLU) -> torch.Tensor: ...                              # fn: of one expert
     # attention over the KV cache (positions: the step's, on the device)
     def positions(self, n_past: int, T: int) -> torch.Tensor: ...                      # [T] int32
     def causal_mask(self, n_past: int, T: int): ...
@@ -148,7 +173,9 @@ class Backend(Protocol):
     def rope(self, x: torch.Tensor, spec, step) -> torch.Tensor: ...
     def rope_many(self, xs, spec, step) -> tuple: ...
     def store_kv(self, cache, layer: int, k: torch.Tensor, v: torch.Tensor, step) -> None: ...
-    def attention(self, q: torch.Tensor, cache, layer: int, step, scale: float) -> torch.Tensor: ...
+    def attention(self, q: torch.Tensor, cache, layer: int, step, scale: float,
+                  sinks: torch.Tensor | None = None, window: int = 0) -> torch.Tensor: ...    # window 0: causal
+    def softmax(self, x: torch.Tensor) -> torch.Tensor: ...                                # over the last dim
     # routed experts, routed on the device: ids [T, k] from the router, table [E] expert -> stack position
     def moe(self, x: torch.Tensor, stack: "ExpertStack", ids: torch.Tensor, weights: torch.Tensor,
             table: torch.Tensor | None = None) -> torch.Tensor: ...

@@ -24,7 +24,7 @@ import torch
 from ..errors import ModelError
 from . import torch_ops
 from .base import CPU_KV_PAD as KV_PAD
-from .base import BackendBase, ExpertStack, QMatrix, StackedMatrix
+from .base import OAI_ALPHA, OAI_LIMIT, SWIGLU, BackendBase, ExpertFn, ExpertStack, QMatrix, StackedMatrix
 from .base import kv_layout as layout_of
 from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
 
@@ -301,15 +301,18 @@ class CpuBackend(BackendBase):
                                         leaf_of(x)],
                              build, y)
 
-    def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
+    def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix,
+                   fn: ExpertFn = SWIGLU) -> torch.Tensor:
         """One routed expert over the n tokens routed to it: mul_mat_id over a stack of one, so each
         (token, row) product is the dot product llama.cpp's build_moe_ffn computes (mul_mat would
-        take other kernels, llamafile's sgemm among them, and round differently)."""
+        take other kernels, llamafile's sgemm among them, and round differently). `fn`: the
+        expert's own (ExpertFn.of)."""
         x = _f32(x)
         n = x.shape[0]
         one = ExpertStack(*(StackedMatrix(m.qtype, m.rows, m.cols, m.addr, m.rows * m.row_bytes, 1)
-                            for m in (gate, up, down)))
-        return self._moe_slots(x, one, np.zeros((n, 1), dtype=np.int32))[:, 0]
+                            for m in (gate, up, down)), fn=fn)
+        zeros = np.zeros((n, 1), dtype=np.int32)
+        return self._moe_slots(x, one, zeros, zeros)[:, 0]
 
     def moe(self, x: torch.Tensor, stack: ExpertStack, ids: torch.Tensor, weights: torch.Tensor,
             table: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,7 +323,7 @@ class CpuBackend(BackendBase):
         index = ids if table is None else table.long()[ids]
         if int(index.min()) < 0 or int(index.max()) >= stack.gate.count:
             raise ModelError(f"expert index out of range 0..{stack.gate.count - 1}: {index.tolist()}")
-        scaled = self._moe_slots(x, stack, index.numpy()) * weights.unsqueeze(-1)
+        scaled = self._moe_slots(x, stack, index.numpy(), ids.numpy()) * weights.unsqueeze(-1)
         out = scaled[:, 0]
         for j in range(1, scaled.shape[1]):
             out = out + scaled[:, j]
@@ -339,7 +342,8 @@ class CpuBackend(BackendBase):
         y = torch.zeros((T * k, stack.down.rows), dtype=torch.float32)
         t, s = np.nonzero(present.numpy())
         if len(t):
-            rows = self._moe_slots(x[torch.from_numpy(t)], stack, index.numpy()[t, s].reshape(-1, 1))[:, 0]
+            rows = self._moe_slots(x[torch.from_numpy(t)], stack, index.numpy()[t, s].reshape(-1, 1),
+                                   ids.numpy()[t, s].reshape(-1, 1))[:, 0]
             y[torch.from_numpy(t * k + s)] = rows * weights[torch.from_numpy(t), torch.from_numpy(s)].unsqueeze(-1)
         return y, present.reshape(-1).to(torch.int32)
 
@@ -347,33 +351,54 @@ class CpuBackend(BackendBase):
                     weights: torch.Tensor) -> torch.Tensor:
         return torch_ops.moe_combine(y, done, ext, weights)
 
-    def _moe_slots(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray) -> torch.Tensor:
-        """[T, k, d]: expert index[t, s] of the stack applied to x[t]. A merged gate+up tensor (its
-        experts' gate rows then up rows) is one mul_mat_id whose halves are viewed, as llama.cpp does."""
+    def _moe_slots(self, x: torch.Tensor, stack: ExpertStack, index: np.ndarray, experts: np.ndarray) -> torch.Tensor:
+        """[T, k, d]: expert index[t, s] of the stack applied to x[t] (experts[t, s] its expert id,
+        which picks its bias rows). A merged gate+up tensor (its experts' gate rows then up rows) is
+        one mul_mat_id whose halves are viewed, as llama.cpp does. With stack.fn's biases: add_id
+        after each product and the clamped SwiGLU, as build_moe_ffn for gpt-oss."""
         T, k = index.shape
         b = self.g.base
+        fn = stack.fn
         ids = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int32))
         g, u, dn = stack.gate, stack.up, stack.down
         slot_out = torch.empty((T, k, dn.rows), dtype=torch.float32)
         xs, li = leaf_of(x.view(T, 1, -1)), leaf_of(ids)
         merged = merged_gate_up(stack)
-        if merged is not None:
+        if merged is not None and not fn.bias:
             F = g.rows
 
             def build(ctx, lgu, ld, lx, li):
                 gu = b.ggml_mul_mat_id(ctx, lgu, lx, li)                          # [2F, k, T]
                 nb1, nb2 = 2 * F * 4, 2 * F * k * 4
-                h = b.ggml_swiglu_split(ctx, b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, 0),
-                                        b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, F * 4))
+                h = self._act(ctx, fn, b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, 0),
+                              b.ggml_view_3d(ctx, gu, F, k, T, nb1, nb2, F * 4))
                 return b.ggml_mul_mat_id(ctx, ld, h, li)
-            return self._compute(("moe_merged",), [self.leaf_of_stack(merged), self.leaf_of_stack(dn), xs, li],
+            return self._compute(("moe_merged", fn.act), [self.leaf_of_stack(merged), self.leaf_of_stack(dn), xs, li],
                                  build, slot_out)
+        mats = [self.leaf_of_stack(g), self.leaf_of_stack(u), self.leaf_of_stack(dn), xs, li]
+        if fn.bias:
+            eids = torch.from_numpy(np.ascontiguousarray(experts, dtype=np.int32))
+            keep = (eids, *fn.bias)                                   # alive through the compute
+            mats += [leaf_of(keep[0]), *(leaf_of(t) for t in fn.bias)]
+
+            def build(ctx, lg, lu, ld, lx, li, le, lgb, lub, ldb):
+                h = self._act(ctx, fn, b.ggml_add_id(ctx, b.ggml_mul_mat_id(ctx, lg, lx, li), lgb, le),
+                              b.ggml_add_id(ctx, b.ggml_mul_mat_id(ctx, lu, lx, li), lub, le))
+                return b.ggml_add_id(ctx, b.ggml_mul_mat_id(ctx, ld, h, li), ldb, le)
+            out = self._compute(("moe_biased", fn.act), mats, build, slot_out)
+            del keep
+            return out
 
         def build(ctx, lg, lu, ld, lx, li):
-            h = b.ggml_swiglu_split(ctx, b.ggml_mul_mat_id(ctx, lg, lx, li), b.ggml_mul_mat_id(ctx, lu, lx, li))
+            h = self._act(ctx, fn, b.ggml_mul_mat_id(ctx, lg, lx, li), b.ggml_mul_mat_id(ctx, lu, lx, li))
             return b.ggml_mul_mat_id(ctx, ld, h, li)                              # [d, k, T]
-        return self._compute(("moe",), [self.leaf_of_stack(g), self.leaf_of_stack(u), self.leaf_of_stack(dn), xs, li],
-                             build, slot_out)
+        return self._compute(("moe", fn.act), mats, build, slot_out)
+
+    def _act(self, ctx, fn: ExpertFn, gate, up):
+        b = self.g.base
+        if fn.act == "swiglu_oai":
+            return b.ggml_swiglu_oai(ctx, gate, up, OAI_ALPHA, OAI_LIMIT)
+        return b.ggml_swiglu_split(ctx, gate, up)
 
     # ---- norms, activations --------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -430,25 +455,46 @@ class CpuBackend(BackendBase):
                              lambda ctx, *ls: tuple(b.ggml_rope_ext(ctx, lx, ls[n], None, *args) for lx in ls[:n]),
                              tuple(torch.empty(x.shape, dtype=torch.float32) for x in xs))
 
-    def attention(self, q, cache, layer: int, step, scale: float) -> torch.Tensor:
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """ggml_soft_max over the last dim (gpt-oss's weights over the chosen experts)."""
+        x = _f32(x).contiguous()
+        return self._compute(("soft_max",), [leaf_of(x)], lambda ctx, lx: self.g.base.ggml_soft_max(ctx, lx),
+                             torch.empty_like(x))
+
+    def window_mask(self, step, window: int) -> torch.Tensor:
+        """step.mask with positions `window` or more behind each query masked too (llama.cpp's
+        standard sliding window: p_query - p_key >= window is masked); made once per step."""
+        mask = step.tables.get(("window", window))
+        if mask is None:
+            span = step.mask.shape[1]
+            q = torch.arange(step.n_past, step.n_past + step.mask.shape[0])[:, None]
+            far = q - torch.arange(span)[None, :] >= window
+            mask = step.tables[("window", window)] = step.mask.masked_fill(far, float("-inf"))
+        return mask
+
+    def attention(self, q, cache, layer: int, step, scale: float, sinks=None, window: int = 0) -> torch.Tensor:
         """q [T, H, Dk] against the cache's first P' positions -> [T, H*Dv], as llama.cpp's non-flash
         attention: kq = K q, soft_max_ext(kq, mask, scale), kqv = V^T kq. The span P' is padded to
         KV_PAD with masked positions: ggml's F32 dot products then add the same partial sums in the
         same order as llama.cpp's (whose span is padded to 256), so the result is bit-identical."""
         T, H, _ = q.shape
-        mask = step.mask
+        mask = self.window_mask(step, window) if window else step.mask
         span = mask.shape[1]
         K = cache.k[layer][:, :span]                       # [Hkv, P', Dk]
         Vt = cache.v[layer][:, :, :span]                   # [Hkv, Dv, P']
         Dv = Vt.shape[1]
         b = self.g.base
 
-        def build(ctx, lq, lk, lv, lm):
+        def build(ctx, lq, lk, lv, lm, *ls):
             kq = b.ggml_soft_max_ext(ctx, b.ggml_mul_mat(ctx, lk, lq), lm, scale, 0.0)
+            if ls:                                                     # gpt-oss: a sink logit per head
+                b.ggml_soft_max_add_sinks(kq, ls[0])
             return b.ggml_mul_mat(ctx, lv, kq)                          # [Dv, T, H]
         out = torch.empty((H, T, Dv), dtype=torch.float32)
-        self._compute(("attention", float(scale)), [leaf_of(_f32(q).transpose(0, 1)), leaf_of(K), leaf_of(Vt), leaf_of(mask)],
-                      build, out)
+        leaves = [leaf_of(_f32(q).transpose(0, 1)), leaf_of(K), leaf_of(Vt), leaf_of(mask)]
+        if sinks is not None:
+            leaves.append(leaf_of(sinks))
+        self._compute(("attention", float(scale)), leaves, build, out)
         return out.transpose(0, 1).reshape(T, H * Dv)
 
     def embed(self, tokens: torch.Tensor, w: QMatrix) -> torch.Tensor:

@@ -36,7 +36,7 @@ from ..format.quants import dequantize_torch
 from ..kernels import launch as L
 from ..kernels import plans as P
 from . import torch_ops
-from .base import FLOAT_TYPES, BackendBase, ExpertStack, QMatrix
+from .base import FLOAT_TYPES, OAI_ALPHA, OAI_LIMIT, SWIGLU, BackendBase, ExpertFn, ExpertStack, QMatrix
 from .base import kv_layout as layout_of
 
 log = logging.getLogger("promoe.cuda")
@@ -294,11 +294,19 @@ class CudaBackend(BackendBase):
             kc[:, p] = k.transpose(0, 1).to(kc.dtype)
             vc[:, p] = v.transpose(0, 1).to(vc.dtype)
 
-    def attention(self, q, cache, layer: int, step, scale: float) -> torch.Tensor:
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x.float(), dim=-1)
+
+    def attention(self, q, cache, layer: int, step, scale: float, sinks=None, window: int = 0) -> torch.Tensor:
         """q [T, H, Dk] against the cache -> [T, H*Dv]. Up to 8 tokens: the split kernel, query t seeing
-        positions 0..pos[t]; more (prefill): SDPA over the first n_past + T positions in fp32."""
+        positions 0..pos[t]; more (prefill): SDPA over the first n_past + T positions in fp32. With
+        sinks or a window (gpt-oss): torch over the cache, masked from the positions on the device
+        (the kernels have neither yet)."""
         T, H, _ = q.shape
         K, V = cache.k[layer], cache.v[layer]                # [Hkv, n, Dk], [Hkv, n, Dv]
+        if sinks is not None or window:
+            end = cache.n_alloc if step.n_past is None else step.n_past + T      # recorded: the whole cache
+            return torch_ops.attention_sinks(q, K[:, :end], V[:, :end], step.pos, scale, sinks, window)
         hkv, dk, dv = K.shape[0], K.shape[2], V.shape[2]
         if T <= L.MAX_NCOLS:
             q = _f32_rows(q)
@@ -360,11 +368,17 @@ class CudaBackend(BackendBase):
 
     # ---- experts -------------------------------------------------------------------------------
     def ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
-        """down(silu(gate x) * up x): a dense FFN, a shared expert, or one routed expert's tokens."""
+        """down(silu(gate x) * up x): a dense FFN or a shared expert."""
         g, u = self.linears(x, [gate, up])
         return self.linear(F.silu(g) * u, down)
 
-    expert_ffn = ffn
+    def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix, fn: ExpertFn = SWIGLU):
+        """One routed expert's tokens; `fn` its own activation and bias rows ([1, n])."""
+        if not fn.bias:
+            return self.ffn(x, gate, up, down)
+        gb, ub, db = fn.bias
+        g, u = self.linears(x, [gate, up])
+        return self.linear(_expert_act(fn, g + gb, u + ub), down) + db
 
     def _gate_up(self, x: torch.Tensor, stack: ExpertStack, route: P.Route, n_pairs: int):
         """h [n_pairs, n_ff] = silu(gate x) * up x of each pair the route computes, or None."""
@@ -393,6 +407,9 @@ class CudaBackend(BackendBase):
         T, k = ids.shape
         table = table if table is not None else self._identity(stack.gate.count)
         ids = ids.contiguous()
+        if stack.fn.bias:
+            y, done = self._moe_biased(x, stack, ids, w, table, None)
+            return self.moe_combine(y, done, None, w)
         route = P.Route(ids.data_ptr(), table.data_ptr(), 0, k)
         h = self._gate_up(x, stack, route, T * k)
         dn = stack.down
@@ -413,6 +430,8 @@ class CudaBackend(BackendBase):
         x, w = _f32(x), _f32(weights)
         T, k = ids.shape
         ids = ids.contiguous()
+        if stack.fn.bias:
+            return self._moe_biased(x, stack, ids, w, table, skip)
         route = P.Route(ids.data_ptr(), table.data_ptr(), 0 if skip is None else skip.data_ptr(), k)
         n = T * k
         dn = stack.down
@@ -441,10 +460,37 @@ class CudaBackend(BackendBase):
             return out
         return torch_ops.moe_combine(y, done, ext, w)
 
+    def _moe_biased(self, x, stack: ExpertStack, ids, w, table, skip):
+        """(y [T*k, d] weighted, done [T*k]) for experts with biases (gpt-oss): gate, up and down are
+        the routed matvec kernels (unscaled); biases, picked by expert id, and the clamped SwiGLU in
+        torch between them, all on the device."""
+        T, k = ids.shape
+        n = T * k
+        g, u, dn = stack.gate, stack.up, stack.down
+        gb, ub, db = stack.fn.bias
+        e = ids.reshape(-1).long()
+        route = P.Route(ids.data_ptr(), table.data_ptr(), 0 if skip is None else skip.data_ptr(), k)
+        act, keep = self._act(x)
+        gu = torch.empty((2, n, g.rows), dtype=torch.float32, device=self.device)
+        done = torch.empty(n, dtype=torch.int32, device=self.device)
+        ok = all(self._launch(P.plan_moe_matvec(m.qtype, m.rows, m.cols, route, n, m.addr, m.stride, act, k, 0,
+                                                gu[i].data_ptr(), m.rows, done.data_ptr()), "moe", m.qtype)
+                 for i, m in enumerate((g, u)))
+        del keep
+        if ok:
+            h = _f32(_expert_act(stack.fn, gu[0] + gb[e], gu[1] + ub[e]))
+            hact, keep = self._act(h)
+            y = torch.empty((n, dn.rows), dtype=torch.float32, device=self.device)
+            if self._launch(P.plan_moe_matvec(dn.qtype, dn.rows, dn.cols, route, n, dn.addr, dn.stride, hact, 1, 0,
+                                              y.data_ptr(), dn.rows), "moe", dn.qtype):
+                y = torch.where(done.bool()[:, None], (y + db[e]) * w.reshape(-1, 1), 0.0)
+                return y, done
+        return self._moe_torch(x, stack, ids, table, skip, w, combine=False)
+
     def _identity(self, n: int) -> torch.Tensor:
         return self._const(("identity", n), lambda: torch.arange(n, dtype=torch.int32, device=self.device))
 
-    def _moe_torch(self, x, stack: ExpertStack, ids, table, skip, weights):
+    def _moe_torch(self, x, stack: ExpertStack, ids, table, skip, weights, combine: bool = True):
         """Each pair through dequantize + matmul, after a kernel failure.
         Routed on the device (the slot of each pair is gathered there, absent or skipped pairs masked),
         so a decode step with it still records as a graph. One pair at a time: one expert's matrices
@@ -457,17 +503,28 @@ class CudaBackend(BackendBase):
             present &= skip.long()[flat] == 0
         slots = slots.clamp(min=0)
         mats = [_stacked_bytes(o, m) for o, m in zip(stack.owners, (stack.gate, stack.up, stack.down))]
+        fn = stack.fn
         y = torch.empty((T * k, stack.down.rows), dtype=torch.float32, device=self.device)
         for p in range(T * k):
             g, u, dn = (dequantize_torch(b[slots[p:p + 1]].reshape(-1), m.qtype, (m.rows, m.cols))
                         for b, m in zip(mats, (stack.gate, stack.up, stack.down)))
             xt = x[p // k]
-            y[p] = (F.silu(g @ xt) * (u @ xt)) @ dn.T * weights.reshape(-1)[p]
+            if fn.bias:                          # biases by expert id, gathered on the device
+                gb, ub, db = (b.index_select(0, flat[p:p + 1])[0] for b in fn.bias)
+                y[p] = (_expert_act(fn, g @ xt + gb, u @ xt + ub) @ dn.T + db) * weights.reshape(-1)[p]
+            else:
+                y[p] = (F.silu(g @ xt) * (u @ xt)) @ dn.T * weights.reshape(-1)[p]
         y = torch.where(present[:, None], y, 0.0)                 # a masked pair read a stand-in slot
         done = present.to(torch.int32)
-        if skip is None:
+        if skip is None and combine:
             return self.moe_combine(y, done, None, weights), None
         return y, done
+
+
+def _expert_act(fn: ExpertFn, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    if fn.act == "swiglu_oai":
+        return torch_ops.swiglu_oai(g, u, OAI_ALPHA, OAI_LIMIT)
+    return F.silu(g) * u
 
 
 def _stacked_bytes(owner: torch.Tensor, m) -> torch.Tensor:

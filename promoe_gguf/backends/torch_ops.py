@@ -95,6 +95,35 @@ def attention(q, K, V, mask, scale: float) -> torch.Tensor:
     return o[0].transpose(0, 1).reshape(T, H * Dv)
 
 
+def attention_sinks(q, K, V, pos: torch.Tensor, scale: float, sinks: torch.Tensor | None, window: int) -> torch.Tensor:
+    """gpt-oss's attention: q [T, H, Dk] at positions pos [T] (on the device) against K [Hkv, P, Dk],
+    V [Hkv, P, Dv] -> [T, H*Dv]; key j is seen where j <= pos and, with a window, pos - j < window; a
+    sink logit per head [H] joins each softmax's denominator. Masks from device values only, so a
+    recorded step holds it."""
+    T, H, _ = q.shape
+    Hkv, P, Dv = K.shape[0], K.shape[1], V.shape[-1]
+    g = H // Hkv
+    qh = q.float().transpose(0, 1).reshape(Hkv, g * T, -1)                       # [Hkv, g*T, Dk]
+    s = torch.matmul(qh, K.float().transpose(1, 2)).view(H, T, P) * scale         # [H, T, P]
+    j = torch.arange(P, device=q.device)[None, :]
+    p = pos.long()[:, None]
+    allowed = j <= p
+    if window:
+        allowed = allowed & (p - j < window)
+    s = s.masked_fill(~allowed[None], float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.float()[:, None, None].expand(H, T, 1)], dim=-1)
+    a = torch.softmax(s, dim=-1)[..., :P]                                          # the sink takes no value
+    o = torch.matmul(a.reshape(Hkv, g * T, P), V.float()).view(H, T, Dv)
+    return o.transpose(0, 1).reshape(T, H * Dv)
+
+
+def swiglu_oai(g: torch.Tensor, u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU, as ggml computes it: x = min(g, limit), x / (1 + e^(-alpha x)) * (clamp(u) + 1)."""
+    x = g.clamp(max=limit)
+    return x / (1.0 + torch.exp(-alpha * x)) * (u.clamp(-limit, limit) + 1.0)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 

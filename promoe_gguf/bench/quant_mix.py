@@ -23,10 +23,12 @@ from gguf import GGMLQuantizationType as T
 
 from . import real_shapes
 
-# (shape, llama.cpp file type): the low-bit mixes people run big MoE models at on a consumer card
-MIXES = (("qwen3-235b-a22b", "IQ2_XXS"), ("deepseek-v3", "IQ1_M"))
+# (shape, llama.cpp file type): the low-bit mixes people run big MoE models at on a consumer card, and
+# gpt-oss as published (MXFP4 experts)
+MIXES = (("qwen3-235b-a22b", "IQ2_XXS"), ("deepseek-v3", "IQ1_M"), ("gpt-oss-20b", "MXFP4_MOE"),
+         ("gpt-oss-120b", "MXFP4_MOE"))
 FTYPES = {"IQ1_S": 24, "IQ1_M": 31, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ2_M": 29, "IQ3_XXS": 23, "IQ3_S": 26,
-          "Q2_K": 10, "Q4_K_M": 15}
+          "Q2_K": 10, "Q4_K_M": 15, "MXFP4_MOE": 38}
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS")
 
 

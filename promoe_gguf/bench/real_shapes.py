@@ -26,11 +26,16 @@ qwen3-235b-a22b    qwen3moe    94 layers, d 4096, 64/4 heads of 128 (q/k norms),
 deepseek-v3        deepseek2   61 layers (layers 0-2 dense, ffn 18432), d 7168, MLA 128 heads (q_lora 1536,
                                kv_lora 512, nope 128, rope 64, v 128), 256 experts top-8 of 2048 + 1 shared,
                                8 groups of which 4 used, sigmoid routing with exp_probs_b, x2.5, vocab 129280
+gpt-oss-20b        gpt-oss     24 layers, d 2880, 64/8 heads of 64 (q/k/v/output biases, a sink per head, a
+                               128-position window on even layers), 32 experts top-4 of 2880 with biases,
+                               YaRN x32 over 4096, vocab 201088
+gpt-oss-120b       gpt-oss     the same with 36 layers and 128 experts
 =================  ==========  ==============================================================================
 
 The quant type of every tensor follows llama.cpp's Q4_K_M rules (src/llama-quant.cpp), for a file of
 the chosen layer count (use_more_bits depends on it, so n_layers=None gives exactly the published
-files' mix): ``q4_k_m_type``. The low-bit mixes (qwen3-235b-a22b at IQ2_XXS, deepseek-v3 at IQ1_M) are
+files' mix): ``q4_k_m_type``. The low-bit mixes (qwen3-235b-a22b at IQ2_XXS, deepseek-v3 at IQ1_M) and
+gpt-oss's published MXFP4_MOE mix (experts MXFP4, the rest Q8_0) are
 what llama.cpp's quantizer chooses for the whole model, recorded by quant_mix.py in
 promoe_gguf/data/quant_mixes.json (``tensor_plan(name, ftype=...)``). tests/test_real_shapes.py checks it against llama.cpp's own quantizer
 (a dry run on a sparse F16 skeleton of the same shapes).
@@ -117,6 +122,12 @@ SHAPES = {s.name: s for s in (
           extra=dict(q_lora=1536, kv_lora=512, qk_nope=128, qk_rope=64, v_head=128, yarn_factor=40.0,
                      yarn_orig_ctx=4096, yarn_log_mul=0.1, weights_scale=2.5, sigmoid=True, n_group=8,
                      n_group_used=4)),
+    Shape("gpt-oss-20b", "gpt-oss", "openai/gpt-oss-20b", n_layer=24, n_embd=2880, n_vocab=201088, n_ctx=131072,
+          n_head=64, n_head_kv=8, head_dim=64, n_expert=32, n_used=4, n_ff_exp=2880, n_ff=2880, rms_eps=1e-5,
+          rope_base=150000.0, extra=dict(sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096)),
+    Shape("gpt-oss-120b", "gpt-oss", "openai/gpt-oss-120b", n_layer=36, n_embd=2880, n_vocab=201088, n_ctx=131072,
+          n_head=64, n_head_kv=8, head_dim=64, n_expert=128, n_used=4, n_ff_exp=2880, n_ff=2880, rms_eps=1e-5,
+          rope_base=150000.0, extra=dict(sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096)),
 )}
 MIX_TABLE = Path(__file__).resolve().parent.parent / "data" / "quant_mixes.json"
 
@@ -242,7 +253,7 @@ def _layer_tensors(s: Shape, i: int):
         yield p + "attn_q.weight", (E, H * D)
         yield p + "attn_k.weight", (E, Hkv * D)
         yield p + "attn_v.weight", (E, Hkv * D)
-        if s.arch in ("qwen2moe", "glm4moe"):
+        if s.arch in ("qwen2moe", "glm4moe", "gpt-oss"):
             yield p + "attn_q.bias", (H * D,)
             yield p + "attn_k.bias", (Hkv * D,)
             yield p + "attn_v.bias", (Hkv * D,)
@@ -253,7 +264,10 @@ def _layer_tensors(s: Shape, i: int):
             yield p + "attn_q_norm.weight", (H * D,)
             yield p + "attn_k_norm.weight", (Hkv * D,)
         yield p + "attn_output.weight", (H * D, E)
-    yield p + ("post_attention_norm.weight" if s.arch == "glm4moe" else "ffn_norm.weight"), (E,)
+        if s.arch == "gpt-oss":
+            yield p + "attn_output.bias", (E,)
+            yield p + "attn_sinks.weight", (H,)
+    yield p + ("post_attention_norm.weight" if s.arch in ("glm4moe", "gpt-oss") else "ffn_norm.weight"), (E,)
     if i < s.n_dense:
         yield p + "ffn_gate.weight", (E, s.n_ff)
         yield p + "ffn_up.weight", (E, s.n_ff)
@@ -265,6 +279,11 @@ def _layer_tensors(s: Shape, i: int):
     yield p + "ffn_gate_exps.weight", (E, F, X)
     yield p + "ffn_up_exps.weight", (E, F, X)
     yield p + "ffn_down_exps.weight", (F, E, X)
+    if s.arch == "gpt-oss":
+        yield p + "ffn_gate_inp.bias", (X,)
+        yield p + "ffn_gate_exps.bias", (F, X)
+        yield p + "ffn_up_exps.bias", (F, X)
+        yield p + "ffn_down_exps.bias", (E, X)
     if s.n_ff_shexp:
         if s.arch == "qwen2moe":
             yield p + "ffn_gate_inp_shexp.weight", (E,)
@@ -370,6 +389,15 @@ def write_metadata(w: gguf.GGUFWriter, name: str, n_layers: int | None = None) -
         w.add_expert_weights_norm(True)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_uint32(f"{s.arch}.nextn_predict_layers", s.n_nextn)
+    elif s.arch == "gpt-oss":
+        x = s.extra
+        w.add_key_length(s.head_dim)          # 64: q is 4096 wide, d is 2880
+        w.add_value_length(s.head_dim)
+        w.add_expert_feed_forward_length(s.n_ff_exp)
+        w.add_sliding_window(x["sliding_window"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(x["yarn_factor"])
+        w.add_rope_scaling_orig_ctx_len(x["yarn_orig_ctx"])
     _add_padded_byte_vocab(w, s.n_vocab)
 
 

@@ -45,6 +45,10 @@ def model_info(model, device: str = "cuda", n_ctx=None) -> dict:
         "n_layers": cfg.n_layers,
         "moe_layers": len(cfg.moe_layers),
         "nextn_layers": cfg.n_nextn_layers,
+        "sliding_window": cfg.sliding_window,
+        "swa_layers": [layer for layer in range(cfg.n_layers) if cfg.is_swa(layer)],
+        "expert_biases": any(n.endswith("_exps.bias") for n in model.resident_names),
+        "attention_sinks": any(n.endswith("attn_sinks.weight") for n in model.resident_names),
         "n_experts": cfg.n_experts,
         "n_experts_used": cfg.n_experts_used,
         "n_embd": cfg.n_embd,
@@ -72,8 +76,12 @@ def format_info(info: dict) -> str:
         f"arch         {info['arch']}: {info['n_layers']} layers ({info['moe_layers']} MoE), d={info['n_embd']}, "
         f"vocab {info['n_vocab']}, context {info['n_ctx_train']}"
         + (f"; {info['nextn_layers']} NextN block(s) in the file, not run" if info["nextn_layers"] else ""),
+        *([f"attention    a {info['sliding_window']}-position sliding window on {len(info['swa_layers'])} of "
+           f"{info['n_layers']} layers" + ("; a sink logit per head" if info["attention_sinks"] else "")]
+          if info["sliding_window"] else []),
         f"experts      {info['n_experts']} per layer, top-{info['n_experts_used']}, FF width {info['n_ff_exp']}"
-        + (f", shared expert FF {info['n_ff_shexp']}" if info["n_ff_shexp"] else ""),
+        + (f", shared expert FF {info['n_ff_shexp']}" if info["n_ff_shexp"] else "")
+        + ("; biases on every expert matrix (resident, by expert id); clamped SwiGLU" if info["expert_biases"] else ""),
     ]
     for m, types in info["quant_types"].items():
         lines.append(f"  {m:<5}      " + ", ".join(f"{t} x{n}" for t, n in sorted(types.items())))
@@ -82,7 +90,8 @@ def format_info(info: dict) -> str:
     lines += [
         f"expert size  {size}",
         f"experts      {info['routed_experts']} routed, {_mib(info['expert_bytes_total'])} in all",
-        f"resident     {_mib(info['resident_bytes_total'])} (attention, embeddings, norms, routers, shared/dense FFN)",
+        f"resident     {_mib(info['resident_bytes_total'])} (attention, embeddings, norms, routers, shared/dense FFN"
+        + (", expert biases" if info["expert_biases"] else "") + ")",
         f"{info['device']} memory per expert budget (what Engine.memory reports for the same settings):",
         f"  {'budget':<18} {'slots':>5} {'resident':>12} {'kv_cache':>12} {'experts':>12} {'workspace':>12} "
         f"{'activations':>12} {'total':>12}",

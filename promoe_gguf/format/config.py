@@ -11,11 +11,15 @@ from typing import Callable
 
 from ..errors import ModelError
 
-SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe")
+SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe",
+                   "gpt-oss")
 # the shared expert is expert_shared_count experts wide (no key of its own)
 SHARED_FROM_COUNT = ("deepseek", "deepseek2", "glm4moe")
 # leading_dense_block_count is read (llama.cpp ignores it elsewhere)
 LEADING_DENSE = ("deepseek", "deepseek2", "glm4moe")
+# a sliding-window attention layer every n-th: layer L has the window when L % n < n - 1 (llama.cpp's
+# set_swa_pattern); attention.sliding_window is then required
+SWA_PATTERN = {"gpt-oss": 2}
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,11 @@ ARCH_DEFAULTS = {
     "deepseek2":  ("norm", None),   # None: read {arch}.expert_weights_norm (default false)
     "granitemoe": ("norm", True),
     "glm4moe":    ("neox", None),
+    "gpt-oss":    ("neox", False),
 }
+# the router's gating where llama.cpp fixes it in code (softmax_weight: the top-k of the raw logits,
+# then a softmax over those k)
+GATING = {"gpt-oss": "softmax_weight"}
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,12 @@ class ModelConfig:
     n_nextn_layers: int = 0         # glm4moe: NextN (MTP) blocks after the last layer, in the file, never run
     norm_topk: bool = False
     weights_scale: float = 0.0      # 0 or 1: none
-    gating: str = "softmax"         # softmax | sigmoid
+    gating: str = "softmax"         # softmax | sigmoid | softmax_weight
     n_expert_groups: int = 1
     n_group_used: int = 1
+    # sliding-window attention (gpt-oss): window in positions, and every swa_pattern-th layer is full
+    sliding_window: int = 0
+    swa_pattern: int = 0
     # granite
     embedding_scale: float = 0.0
     residual_scale: float = 0.0
@@ -101,6 +112,11 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         """Layers that have routed experts (n_layers: the layers the forward pass runs)."""
         return list(range(self.n_leading_dense, self.n_layers))
+
+    def is_swa(self, layer: int) -> bool:
+        """Whether `layer` attends within the sliding window (llama.cpp's set_swa_pattern)."""
+        n = self.swa_pattern
+        return n > 0 and layer % n < n - 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -186,6 +202,8 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         raise ModelError(f"{path}: {arch}.expert_gating_func = {gating_raw} is not 1 (softmax) or 2 (sigmoid)")
     if gating_raw == 0:                      # unset: llama.cpp's glm4moe scores with sigmoid, the rest softmax
         gating_raw = 2 if arch == "glm4moe" else 1
+    swa_pattern = SWA_PATTERN.get(arch, 0)
+    sliding_window = req("attention.sliding_window") if swa_pattern else 0
     rope = RopeConfig(
         n_dims=opt("rope.dimension_count", head_k, 1),
         base=optf("rope.freq_base", 10000.0),
@@ -207,7 +225,8 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         n_experts=n_experts, n_experts_used=n_used, n_ff_exp=n_ff_exp, n_ff=n_ff,
         n_ff_shexp=n_ff_shexp, n_expert_shared=n_shared, n_leading_dense=n_dense, n_nextn_layers=n_nextn,
         norm_topk=norm, weights_scale=optf("expert_weights_scale", 0.0),
-        gating="sigmoid" if gating_raw == 2 else "softmax",
+        gating=GATING.get(arch) or ("sigmoid" if gating_raw == 2 else "softmax"),
+        sliding_window=sliding_window, swa_pattern=swa_pattern,
         n_expert_groups=opt("expert_group_count", 1, 1), n_group_used=opt("expert_group_used_count", 1, 1),
         embedding_scale=optf("embedding_scale", 0.0), residual_scale=optf("residual_scale", 0.0),
         attention_scale=optf("attention.scale", 0.0), logit_scale=optf("logit_scale", 0.0),

@@ -101,11 +101,12 @@ def build_expert_index(tensors: dict, cfg, path: str) -> dict[tuple[int, int], t
 
 
 def is_expert_tensor(name: str) -> bool:
-    """True for the tensors the expert index covers (they are not resident weights)."""
+    """True for the tensors the expert index covers (they are not resident weights; the experts'
+    biases, gpt-oss's ffn_*_exps.bias, are: small, and read by expert id)."""
     if not name.startswith("blk."):
         return False
     rest = name.split(".", 2)[2]
     if rest.startswith(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")):
-        return True
+        return rest.endswith(".weight")
     parts = rest.split(".")  # legacy: ffn_gate.E.weight
     return len(parts) == 3 and parts[0] in ("ffn_gate", "ffn_up", "ffn_down") and parts[1].isdigit()

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from .config import LEADING_DENSE, SHARED_FROM_COUNT, ModelConfig
 
 # the norm before the feed-forward block, where a family names it otherwise than ffn_norm
-FFN_NORM = {"glm4moe": "post_attention_norm"}
+FFN_NORM = {"glm4moe": "post_attention_norm", "gpt-oss": "post_attention_norm"}
+# biases llama.cpp requires on the attention output, the router and every expert matrix, and per-head
+# attention sinks (gpt-oss)
+BIASED_EXPERTS = ("gpt-oss",)
 
 
 def ffn_norm_name(c: ModelConfig, layer: int) -> str:
@@ -110,6 +113,9 @@ def _attention_expectations(c: ModelConfig, p: str, shapes: dict):
         has = p + "attn_q_norm.weight" in shapes
         yield Expect(p + "attn_q_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=False)
         yield Expect(p + "attn_k_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=has)
+    if c.arch in BIASED_EXPERTS:
+        yield Expect(p + "attn_output.bias", (d,), ("n_embd",), "(embedding_length,)")
+        yield Expect(p + "attn_sinks.weight", (H,), ("n_head",), "(head_count,)")
     if c.arch == "olmoe":        # RMS norm over the whole projection
         yield Expect(p + "attn_q_norm.weight", (H * Dk,), ("n_head", "head_dim_k"), "(head_count x key_length,)")
         yield Expect(p + "attn_k_norm.weight", (Hkv * Dk,), ("n_head_kv", "head_dim_k"),
@@ -169,6 +175,11 @@ def _routed_expectations(chk, layer: int, p: str):
             yield Expect(f"{p}ffn_up.{e}.weight", (F, d), w, "(expert FF width, embedding_length)")
             yield Expect(f"{p}ffn_down.{e}.weight", (d, F), w, "(embedding_length, expert FF width)")
         chk.absent(f"{p}ffn_down.{E}.weight", ("n_experts",), f"expert_count says layer {layer} has {E} experts")
+    if c.arch in BIASED_EXPERTS:
+        yield Expect(p + "ffn_gate_inp.bias", (E,), ("n_experts",), "(expert_count,)")
+        yield Expect(p + "ffn_gate_exps.bias", (E, F), ("n_experts", "n_ff_exp"), "(expert_count, expert FF width)")
+        yield Expect(p + "ffn_up_exps.bias", (E, F), ("n_experts", "n_ff_exp"), "(expert_count, expert FF width)")
+        yield Expect(p + "ffn_down_exps.bias", (E, d), ("n_experts", "n_embd"), "(expert_count, embedding_length)")
 
 
 def _shared_expectations(chk, p: str):

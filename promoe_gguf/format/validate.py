@@ -61,6 +61,7 @@ KEYS = {
     "logit_scale": ("logit_scale", "default"),
     "q_lora_rank": ("attention.q_lora_rank", "default"),
     "kv_lora_rank": ("attention.kv_lora_rank", "default"),
+    "sliding_window": ("attention.sliding_window", None),
     "key_length_mla": ("attention.key_length_mla", "=head_dim_k"),
     "value_length_mla": ("attention.value_length_mla", "=head_dim_v"),
 }
@@ -130,6 +131,7 @@ RANGES = (
     Range("logit_scale", 0.0, 1e6),
     Range("q_lora_rank", 0, MAX_DIM),
     Range("kv_lora_rank", 0, MAX_DIM),
+    Range("sliding_window", 0, MAX_CTX),
     Range("key_length_mla", 1, MAX_HEAD_DIM),
     Range("value_length_mla", 1, MAX_HEAD_DIM),
 )

@@ -2,11 +2,12 @@
 from ..errors import ModelError
 from .deepseek import DeepSeek
 from .glm4_moe import GLM4MoE
+from .gpt_oss import GptOss
 from .mixtral import Mixtral
 from .olmoe import OLMoE
 from .qwen_moe import QwenMoE
 
-FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek, GLM4MoE) for arch in cls.archs}
+FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek, GLM4MoE, GptOss) for arch in cls.archs}
 
 
 def build_decoder(model, experts, backend):

@@ -23,7 +23,7 @@ class ResidentWeights:
 
     Matrices keep their GGUF encoding as bytes (QMatrix: where the backend reads weights in place,
     the CPU, the file's memory map itself; else a device copy of the same bytes); 1-D tensors
-    (norms, biases, gate vectors) become float32."""
+    (norms, biases, gate vectors) and biases of any rank (gpt-oss's per-expert [E, n]) become float32."""
 
     def __init__(self, model, backend):
         self.model, self.device = model, backend.device
@@ -32,7 +32,7 @@ class ResidentWeights:
         file = torch.from_numpy(model.resident_data) if backend.weights_in_place else None
         for name in model.resident_names:
             ref = model.tensor_ref(name)
-            if len(ref.shape) == 1:
+            if len(ref.shape) == 1 or name.endswith(".bias"):
                 self.vecs[name] = torch.from_numpy(model.tensor_f32(name).copy()).to(self.device)
                 continue
             if file is not None:

@@ -21,6 +21,7 @@ the source does.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from ..backends import FUSED_MAX_TOKENS, ExpertStack, StackedMatrix, matrix_at
+from ..backends import ExpertFn
 from ..errors import ModelError
 from ..format.expert_index import MATRICES
 from ..numerics import OFF as NUMERICS_OFF
@@ -221,6 +223,14 @@ class MoEExperts:
         self.listeners = []
         self._io: dict = {}
 
+    def set_fn(self, layer: int, fn: ExpertFn) -> None:
+        """The layer's experts compute `fn` (an activation other than SwiGLU, biases by expert id):
+        kept on the source's stack, so every route and the CPU pool see it."""
+        self.source.stacks[layer] = dataclasses.replace(self.source.stacks[layer], fn=fn)
+
+    def _fn(self, layer: int, expert: int) -> ExpertFn:
+        return self.source.stacks[layer].fn.of(expert)
+
     def begin_step(self, positions: list[int]) -> None:
         self.source.begin_step(positions)
         for ob in (*self.listeners, *self.observers):
@@ -253,7 +263,7 @@ class MoEExperts:
         """Expert `expert`'s own output for token t (only to name the expert behind a non-finite
         fused result)."""
         try:
-            return self.backend.expert_ffn(x[t:t + 1], *self.source.matrices(layer, expert))[0]
+            return self.backend.expert_ffn(x[t:t + 1], *self.source.matrices(layer, expert), self._fn(layer, expert))[0]
         finally:
             self.source.done(layer, expert)
 
@@ -304,7 +314,8 @@ class MoEExperts:
                 rows = self.source.cpu_result(layer, e, job)
                 if rows is None:                         # the CPU failed: copy the expert, compute it here
                     try:
-                        rows = self.backend.expert_ffn(job.x.to(self.backend.device), *self.source.matrices(layer, e))
+                        rows = self.backend.expert_ffn(job.x.to(self.backend.device), *self.source.matrices(layer, e),
+                                                       self._fn(layer, e))
                     finally:
                         self.source.done(layer, e)
                 io.ext_np[job.rows, job.cols] = rows.cpu().numpy()
@@ -323,7 +334,7 @@ class MoEExperts:
                 raise ModelError(f"expert source yielded expert {e} of layer {layer}, which no token chose")
             r, c = torch.from_numpy(rows).to(x.device), torch.from_numpy(cols).to(x.device)
             try:
-                slot_out[r, c] = be.expert_ffn(x[r], *self.source.matrices(layer, e))
+                slot_out[r, c] = be.expert_ffn(x[r], *self.source.matrices(layer, e), self._fn(layer, e))
             finally:
                 self.source.done(layer, e)
         self.source.end_layer(layer)

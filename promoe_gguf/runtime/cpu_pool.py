@@ -15,14 +15,17 @@ import time
 
 import torch
 
+from ..backends.base import SWIGLU
+
 log = logging.getLogger("promoe.runtime")
 
 
 class CpuJob:
-    """One expert over its tokens: out = down(silu(gate x) * up x), x on the host."""
+    """One expert over its tokens: out = down(silu(gate x) * up x), x on the host; `fn` the expert's
+    own activation and bias rows (on the host) where the family has them."""
 
-    def __init__(self, key, x, mats):
-        self.key, self.x, self.mats = key, x, mats
+    def __init__(self, key, x, mats, fn=SWIGLU):
+        self.key, self.x, self.mats, self.fn = key, x, mats, fn
         self.out: torch.Tensor | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -80,7 +83,7 @@ class CpuExpertPool:
             if self.fault is not None:
                 self.fault()
             t0 = time.perf_counter()
-            job.out = self.backend.expert_ffn(job.x, *job.mats)
+            job.out = self.backend.expert_ffn(job.x, *job.mats, job.fn)
             job.seconds = time.perf_counter() - t0
         except BaseException as e:  # noqa: BLE001 - reported to the waiting caller, pool turned off
             job.error = e

@@ -210,7 +210,7 @@ class CachedExpertSource:
         # one token (decode): its row as it is (the seam's buffer is not rewritten before the job is
         # collected); more: the tokens' rows gathered
         xr = x[:1] if ids.shape[0] == 1 else x[torch.from_numpy(rows)]
-        job = CpuJob(key, xr, self.store.matrices(key))
+        job = CpuJob(key, xr, self.store.matrices(key), self.stacks[key[0]].fn.of(key[1], host=True))
         job.rows, job.cols = rows, cols
         return job
 

@@ -96,6 +96,11 @@ PROFILES = {p.name: p for p in (
             source="RTX 3060 12 GB (360 GB/s, PCIe 4.0 x16) + 8-core CPU, dual-channel DDR5-5600"),
     Profile("rtx4070ti-12g", gpu_gbs=455, gpu_mem_gb=12, gpu_tflops=80, **_DESKTOP,
             source="RTX 4070 Ti 12 GB (504 GB/s, PCIe 4.0 x16) + 8-core CPU, dual-channel DDR5-5600"),
+    # the 8 and 16 GB cards people offload to: RTX 4060 / 4060 Ti are PCIe 4.0 x8 (~13 GB/s pinned)
+    Profile("rtx4060-8g", gpu_gbs=245, gpu_mem_gb=8, gpu_tflops=30, **{**_DESKTOP, "h2d_gbs": 13.0},
+            source="RTX 4060 8 GB (272 GB/s, PCIe 4.0 x8) + 8-core CPU, dual-channel DDR5-5600"),
+    Profile("rtx4060ti-16g", gpu_gbs=260, gpu_mem_gb=16, gpu_tflops=35, **{**_DESKTOP, "h2d_gbs": 13.0},
+            source="RTX 4060 Ti 16 GB (288 GB/s, PCIe 4.0 x8) + 8-core CPU, dual-channel DDR5-5600"),
     Profile("rtx4090-24g", gpu_gbs=910, gpu_mem_gb=24, gpu_tflops=165, **_DESKTOP,
             source="RTX 4090 24 GB (1008 GB/s, PCIe 4.0 x16) + 8-core CPU, dual-channel DDR5-5600"),
     Profile("h200", gpu_gbs=4300, gpu_mem_gb=139, gpu_tflops=500, h2d_gbs=50, cpu_gbs=150, cpu_threads=16,

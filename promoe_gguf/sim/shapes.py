@@ -13,8 +13,8 @@ from gguf import GGMLQuantizationType as T
 
 from ..bench import real_shapes
 from ..errors import ModelError
-from ..format.config import ModelConfig, RopeConfig
-from ..format.expert_index import MatrixSlice
+from ..format.config import GATING, SWA_PATTERN, ModelConfig, RopeConfig
+from ..format.expert_index import MatrixSlice, is_expert_tensor
 from ..format.model_file import MoEModel, TensorRef
 
 QUANTS = ("q4_k_m", "f16")
@@ -44,7 +44,8 @@ class VirtualModel(MoEModel):
             n_experts_used=a.n_used, n_ff_exp=a.n_ff_exp, n_ff=a.n_ff if a.n_dense else a.n_ff_exp,
             n_ff_shexp=a.n_ff_shexp, n_expert_shared=a.n_shared, n_leading_dense=a.n_dense,
             n_nextn_layers=a.n_nextn, norm_topk=a.arch in ("llama", "qwen3moe", "glm4moe") or x.get("sigmoid", False),
-            gating="sigmoid" if a.arch == "glm4moe" or x.get("sigmoid") else "softmax",
+            gating=GATING.get(a.arch) or ("sigmoid" if a.arch == "glm4moe" or x.get("sigmoid") else "softmax"),
+            sliding_window=x.get("sliding_window", 0), swa_pattern=SWA_PATTERN.get(a.arch, 0),
             weights_scale=x.get("weights_scale", 0.0), n_expert_groups=x.get("n_group", 1),
             n_group_used=x.get("n_group_used", 1), q_lora_rank=x.get("q_lora", 0), kv_lora_rank=x.get("kv_lora", 0))
         self._resident, self._experts = {}, {}
@@ -54,7 +55,7 @@ class VirtualModel(MoEModel):
                 continue                   # a NextN block: in the file, never loaded
             if quant == "f16" and real_shapes.is_quantized_by_llamacpp(t.name, t.ne):
                 t = real_shapes.PlannedTensor(t.name, t.ne, T.F16)
-            if "_exps." not in t.name:
+            if not is_expert_tensor(t.name):      # gpt-oss's expert biases stay resident, as in a file
                 self._resident[t.name] = TensorRef(t.name, t.qtype, tuple(reversed(t.ne)), 0, t.nbytes)
                 continue
             layer, mat = int(t.name.split(".")[1]), t.name.split(".")[2][4:-5]     # blk.L.ffn_gate_exps.weight

@@ -33,6 +33,10 @@ glm4moe     GLM-4.5-Air layout: layer 0 dense (ffn 768), 8 experts top-2 + 1 sha
             exp_probs_b, normalized weights x2.5, q/k/v biases, half the head rotated (NEOX), the norm before
             the FFN named post_attention_norm, and one NextN (MTP) block after the last layer that
             llama.cpp loads but never runs (nextn_predict_layers 1)
+gpt-oss     gpt-oss-20b layout: 8 heads of 64 (q wider than n_embd), GQA 8/2, biases on q/k/v/output,
+            the router and every expert matrix, per-head attention sinks, a 16-token sliding window on
+            even layers, YaRN, 8 experts top-4 with softmax over the chosen logits, clamped SwiGLU
+            (gate/up 2.5x wider so the clamp at 7 bites); made as F32, Q8_0 and MXFP4_MOE
 ==========  =========================================================================================
 
 Variants: "default"; "narrow" (expert FF width 352 = 11*32, like the real 1408: K-quants fall back
@@ -64,7 +68,7 @@ from ..format import byte_vocab
 # bump whenever the produced files would change (names carry it, so stale caches are never reused)
 FACTORY_VERSION = "fv2"
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss")
 
 # name -> llama_ftype (llama.h)
 QUANTS = {
@@ -79,6 +83,9 @@ CORE_QUANTS = ("F32", "F16", "Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "Q2_K", "IQ4_XS
 # made for the llama arch only: together with CORE_QUANTS every quant block type appears somewhere
 EXTRA_QUANTS = ("BF16", "Q4_1", "Q5_0", "Q5_1", "Q3_K_M", "Q6_K", "IQ4_NL",
                 "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S", "MXFP4_MOE")
+
+# the quants an arch gets instead of CORE_QUANTS: gpt-oss ships as MXFP4 experts (the rest Q8_0)
+ARCH_QUANTS = {"gpt-oss": ("F32", "Q8_0", "MXFP4_MOE")}
 
 # the type llama.cpp gives the routed-expert gate/up tensors for each ftype (ne0 = 256)
 BASE_TYPE = {
@@ -147,6 +154,11 @@ def spec(arch: str, variant: str = "default") -> dict:
     elif arch == "glm4moe":
         s.update(n_dense=1, n_ff=768, n_shared=1, rope_dims=N_EMBD // N_HEAD // 2, gating=2, weights_norm=True,
                  weights_scale=2.5, n_nextn=1, qk_norm=variant == "qknorm")
+    elif arch == "gpt-oss":
+        # gpt-oss-20b's layout, small: q is 8 x 64 wide (not n_embd), top-4, biases everywhere, sinks, every
+        # other layer a sliding window (16 here, so the tests' 64 tokens cross it), YaRN (factor 4 over 128)
+        s.update(n_head=8, head_dim=64, n_used=4, rope_base=150000.0, sliding_window=16, yarn_factor=4.0,
+                 yarn_orig_ctx=128, expert_scale=2.5)
     elif arch == "granitemoe":
         # scales chosen so that every term matters (embeddings ~0.1 * 8, layers * 0.5, tied logits / 0.5)
         s.update(n_expert=4, tied=True, embd_std=0.1, embedding_scale=8.0, residual_scale=0.5,
@@ -226,6 +238,14 @@ def _metadata(w: gguf.GGUFWriter, s: dict) -> None:
         w.add_expert_weights_norm(s["weights_norm"])
         w.add_expert_gating_func(gguf.ExpertGatingFuncType(s["gating"]))
         w.add_uint32(f"{arch}.nextn_predict_layers", s["n_nextn"])
+    elif arch == "gpt-oss":
+        w.add_key_length(s["head_dim"])
+        w.add_value_length(s["head_dim"])
+        w.add_expert_feed_forward_length(s["n_ff_exp"])
+        w.add_sliding_window(s["sliding_window"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s["yarn_factor"])
+        w.add_rope_scaling_orig_ctx_len(s["yarn_orig_ctx"])
     elif arch == "granitemoe":
         w.add_embedding_scale(s["embedding_scale"])
         w.add_residual_scale(s["residual_scale"])
@@ -243,8 +263,8 @@ def _tensors(s: dict, rng: np.random.Generator):
     def lin(n_out, n_in, scale=1.0):       # ne = [n_in, n_out]
         return (rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(scale / math.sqrt(n_in)))
 
-    def exps(n_out, n_in):                 # ne = [n_in, n_out, n_expert]
-        return (rng.standard_normal((nx, n_out, n_in), dtype=np.float32) * np.float32(1.0 / math.sqrt(n_in)))
+    def exps(n_out, n_in, scale=1.0):      # ne = [n_in, n_out, n_expert]
+        return (rng.standard_normal((nx, n_out, n_in), dtype=np.float32) * np.float32(scale / math.sqrt(n_in)))
 
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
@@ -278,7 +298,7 @@ def _tensors(s: dict, rng: np.random.Generator):
             yield p + "attn_q.weight", lin(H * D, E)
             yield p + "attn_k.weight", lin(Hkv * D, E)
             yield p + "attn_v.weight", lin(Hkv * D, E)
-            if arch in ("qwen2moe", "glm4moe"):
+            if arch in ("qwen2moe", "glm4moe", "gpt-oss"):
                 yield p + "attn_q.bias", vec(H * D, 0.2)
                 yield p + "attn_k.bias", vec(Hkv * D, 0.2)
                 yield p + "attn_v.bias", vec(Hkv * D, 0.2)
@@ -289,7 +309,10 @@ def _tensors(s: dict, rng: np.random.Generator):
                 yield p + "attn_q_norm.weight", norm(H * D)
                 yield p + "attn_k_norm.weight", norm(Hkv * D)
             yield p + "attn_output.weight", lin(E, H * D)
-        yield p + ("post_attention_norm.weight" if arch == "glm4moe" else "ffn_norm.weight"), norm(E)
+            if arch == "gpt-oss":
+                yield p + "attn_output.bias", vec(E, 0.2)
+                yield p + "attn_sinks.weight", vec(H, 2.0)
+        yield p + ("post_attention_norm.weight" if arch in ("glm4moe", "gpt-oss") else "ffn_norm.weight"), norm(E)
         if i < s["n_dense"]:
             yield p + "ffn_gate.weight", lin(s["n_ff"], E)
             yield p + "ffn_up.weight", lin(s["n_ff"], E)
@@ -300,9 +323,16 @@ def _tensors(s: dict, rng: np.random.Generator):
         yield p + "ffn_gate_inp.weight", lin(nx, E, scale=s["router_scale"])
         if s.get("gating") == 2:
             yield p + "exp_probs_b.bias", vec(nx, 0.1)
-        yield p + "ffn_gate_exps.weight", exps(F, E)
-        yield p + "ffn_up_exps.weight", exps(F, E)
+        # gpt-oss: gate/up wide enough that its SwiGLU's clamp at 7 bites
+        xs = s.get("expert_scale", 1.0)
+        yield p + "ffn_gate_exps.weight", exps(F, E, xs)
+        yield p + "ffn_up_exps.weight", exps(F, E, xs)
         yield p + "ffn_down_exps.weight", exps(E, F)
+        if arch == "gpt-oss":
+            yield p + "ffn_gate_inp.bias", vec(nx, 0.5)
+            yield p + "ffn_gate_exps.bias", vec(nx * F, 0.5).reshape(nx, F)
+            yield p + "ffn_up_exps.bias", vec(nx * F, 0.5).reshape(nx, F)
+            yield p + "ffn_down_exps.bias", vec(nx * E, 0.2).reshape(nx, E)
         n_sh = s["n_ff_shexp"] or F * s["n_shared"]
         if n_sh:
             if arch == "qwen2moe":
@@ -553,7 +583,7 @@ def plan(archs=ARCHS, quants=None) -> list[tuple[str, str, str]]:
         return q in default_set if quants is None else q in quants
 
     for a in archs:
-        qs = CORE_QUANTS + (EXTRA_QUANTS if a == "llama" else ())
+        qs = ARCH_QUANTS.get(a, CORE_QUANTS) + (EXTRA_QUANTS if a == "llama" else ())
         all_q = ["F32"] + [q for q in QUANTS if q != "F32"]
         for q in all_q:
             if want(q, qs):
