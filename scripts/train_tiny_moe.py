@@ -322,25 +322,20 @@ def export_gguf(model: TinyMoE, path: Path) -> Path:
     assert cfg.n_vocab == bv.N_VOCAB, (cfg.n_vocab, bv.N_VOCAB)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from promoe_gguf.testing.spec import ModelSpec, model_tensors, write_metadata
+    spec = ModelSpec(MODEL_NAME, "llama", n_layer=cfg.n_layers, n_embd=cfg.n_embd, n_vocab=cfg.n_vocab,
+                     n_ctx=cfg.n_ctx, n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim=cfg.head_dim,
+                     n_expert=cfg.n_expert, n_used=cfg.n_expert_used, n_ff_exp=cfg.n_ff, n_ff=cfg.n_ff,
+                     rms_eps=cfg.rms_eps, rope_base=cfg.rope_base)
+    tensors = gguf_tensors(model)
+    want = {t.name: t.ne for t in model_tensors(spec)}
+    got = {name: tuple(reversed(arr.shape)) for name, arr in tensors.items()}
+    assert got == want, f"the trained model's tensors are not the llama layout of testing/spec.py: {got} vs {want}"
     w = gguf.GGUFWriter(str(path), arch="llama")
-    w.add_name(MODEL_NAME)
+    write_metadata(w, spec, file_type=gguf.LlamaFileType.ALL_F32)
     w.add_description("Tiny byte-level MoE (Mixtral layout) trained on Python stdlib sources; "
                       "promoe-gguf's embedded default model")
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_context_length(cfg.n_ctx)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.n_ff)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_head_kv)
-    w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_base)
-    w.add_expert_count(cfg.n_expert)
-    w.add_expert_used_count(cfg.n_expert_used)
-    w.add_vocab_size(cfg.n_vocab)
-    bv.add_byte_vocab(w)
-    for name, arr in gguf_tensors(model).items():
+    for name, arr in tensors.items():
         w.add_tensor(name, arr.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

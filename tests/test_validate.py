@@ -46,10 +46,10 @@ def _cases(factory, arch):
          [rf"{arch}.attention.head_count = {H}", rf"{arch}.attention.head_count_kv = 3", "multiple"]),
         ("rope_dims_even", {"rope.dimension_count": (31, U32)},
          [rf"{arch}.rope.dimension_count = 31", "must be even"]),
-        ("block_count_too_big", {"block_count": (s["n_layer"] + 1, U32)},
-         [rf"{arch}.block_count = {s['n_layer'] + 1}", rf"no tensor of layer {s['n_layer']}"]),
-        ("block_count_too_small", {"block_count": (s["n_layer"] - 1, U32)},
-         [rf"{arch}.block_count = {s['n_layer'] - 1}", rf"blk\.{s['n_layer'] - 1}\.\S+ belongs to layer"]),
+        ("block_count_too_big", {"block_count": (s.n_blocks + 1, U32)},
+         [rf"{arch}.block_count = {s.n_blocks + 1}", rf"no tensor of layer {s.n_blocks}"]),
+        ("block_count_too_small", {"block_count": (s.n_blocks - 1, U32)},
+         [rf"{arch}.block_count = {s.n_blocks - 1}", rf"blk\.{s.n_blocks - 1}\.\S+ belongs to layer"]),
         ("rms_eps_nan", {"attention.layer_norm_rms_epsilon": (math.nan, F32)},
          [rf"{arch}.attention.layer_norm_rms_epsilon = nan", "must be finite"]),
         ("rope_base_zero", {"rope.freq_base": (0.0, F32)}, [rf"{arch}.rope.freq_base = 0", "> 1"]),
@@ -112,10 +112,10 @@ def _cases(factory, arch):
         out += [("residual_scale_negative", {"residual_scale": (-0.5, F32)}, [rf"{arch}.residual_scale = -0.5", ">= 0"]),
                 ("logit_scale_inf", {"logit_scale": (math.inf, F32)}, [rf"{arch}.logit_scale = inf", "finite"])]
     if arch == "glm4moe":      # the NextN block after the last layer: in the file, never run
-        out += [("nextn_all_layers", {"nextn_predict_layers": (s["n_layer"], U32)},
-                 [rf"{arch}.nextn_predict_layers = {s['n_layer']}", rf"below {arch}.block_count = {s['n_layer']}"]),
-                ("nextn_block_missing", {"block_count": (s["n_layer"] + 1, U32), "nextn_predict_layers": (2, U32)},
-                 [rf"{arch}.block_count = {s['n_layer'] + 1}", rf"no tensor of layer {s['n_layer']}"])]
+        out += [("nextn_all_layers", {"nextn_predict_layers": (s.n_blocks, U32)},
+                 [rf"{arch}.nextn_predict_layers = {s.n_blocks}", rf"below {arch}.block_count = {s.n_blocks}"]),
+                ("nextn_block_missing", {"block_count": (s.n_blocks + 1, U32), "nextn_predict_layers": (2, U32)},
+                 [rf"{arch}.block_count = {s.n_blocks + 1}", rf"no tensor of layer {s.n_blocks}"])]
     if arch == "gpt-oss":      # every other layer attends within the window: a window of 0 sees nothing
         out += [("sliding_window_zero", {"attention.sliding_window": (0, U32)},
                  [rf"'{arch}.attention.sliding_window' = 0", "integer >= 1"]),
@@ -164,7 +164,7 @@ def test_every_factory_model_passes(test_models):
 def test_kv_cache_is_sized_before_allocating(test_models, tmp_path, factory):
     """A context the metadata allows but memory does not: ModelError before the KV cache exists."""
     s = factory.spec("llama")
-    gib = (1 << 24) * s["n_layer"] * s["n_head_kv"] * 2 * s["head_dim"] * 4 / 2**30    # K and V, float32
+    gib = (1 << 24) * s.n_blocks * s["n_head_kv"] * 2 * s["head_dim"] * 4 / 2**30    # K and V, float32
     t = GGUFTemplate(test_models[("llama", "Q4_K_M", "default")])
     path = t.write(tmp_path / "m.gguf", {"llama.context_length": (1 << 24, U32)})
     with memory_limit(1 << 30), pytest.raises(ModelError, match=rf"KV cache of 16777216 positions needs {gib:.2f} GiB"):

@@ -72,12 +72,16 @@ def token_types() -> list[int]:
     return types
 
 
-def add_byte_vocab(writer: gguf.GGUFWriter, chat_template: bool = True) -> None:
-    """Write the byte tokenizer's metadata into ``writer`` (call before ``write_header_to_file``)."""
+def add_byte_vocab(writer: gguf.GGUFWriter, chat_template: bool = True, n_vocab: int = N_VOCAB) -> None:
+    """Write the byte tokenizer's metadata into ``writer`` (call before ``write_header_to_file``);
+    n_vocab above N_VOCAB pads it with unused tokens (a real model's embedding and output sizes)."""
+    pad = n_vocab - N_VOCAB
+    if pad < 0:
+        raise ValueError(f"n_vocab {n_vocab} is below the byte vocabulary's {N_VOCAB} tokens")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(token_texts())
-    writer.add_token_types(token_types())
+    writer.add_token_list(token_texts() + [f"<|unused_{i}|>" for i in range(pad)])
+    writer.add_token_types(token_types() + [int(gguf.TokenType.UNUSED)] * pad)
     writer.add_token_merges([_INERT_MERGE])
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)

@@ -13,9 +13,10 @@ from gguf import GGMLQuantizationType as T
 
 from ..bench import real_shapes
 from ..errors import ModelError
-from ..format.config import GATING, SWA_PATTERN, ModelConfig, RopeConfig
+from ..format.config import config_from_metadata
 from ..format.expert_index import MatrixSlice, is_expert_tensor
 from ..format.model_file import MoEModel, TensorRef
+from ..testing.spec import ModelSpec, metadata
 
 QUANTS = ("q4_k_m", "f16")
 ARCHS = real_shapes.SHAPES
@@ -25,7 +26,7 @@ class VirtualModel(MoEModel):
     """A MoEModel with an index and tensor table but no file: the planners' view of a model that does not
     exist here (reading bytes raises)."""
 
-    def __init__(self, a: real_shapes.Shape, quant: str = "q4_k_m", n_layers: int | None = None):
+    def __init__(self, a: ModelSpec, quant: str = "q4_k_m", n_layers: int | None = None):
         mixes = {f.lower() for f in real_shapes.recorded_mixes().get(a.name, {})}
         if quant not in QUANTS and quant not in mixes:
             raise ModelError(f"shape quantization {quant!r}: one of {', '.join(QUANTS + tuple(sorted(mixes)))}")
@@ -36,18 +37,9 @@ class VirtualModel(MoEModel):
             raise ModelError(f"shape {a.name}:{quant}: llama.cpp's mix is recorded for all {a.n_layer} layers, not {L}")
         self.arch_spec, self.quant = a, quant
         self.path = f"{a.name}:{quant}" + (f" ({L} layers)" if L != a.n_layer else "")
-        x = a.extra
-        self.config = ModelConfig(
-            arch=a.arch, n_layers=L, n_embd=a.n_embd, n_vocab=a.n_vocab, n_ctx_train=a.n_ctx, n_head=a.n_head,
-            n_head_kv=a.n_head_kv, head_dim_k=a.head_dim, head_dim_v=x.get("v_head", a.head_dim), rms_eps=a.rms_eps,
-            rope=RopeConfig(n_dims=x.get("qk_rope", x.get("rope_dims", a.head_dim))), n_experts=a.n_expert,
-            n_experts_used=a.n_used, n_ff_exp=a.n_ff_exp, n_ff=a.n_ff if a.n_dense else a.n_ff_exp,
-            n_ff_shexp=a.n_ff_shexp, n_expert_shared=a.n_shared, n_leading_dense=a.n_dense,
-            n_nextn_layers=a.n_nextn, norm_topk=a.arch in ("llama", "qwen3moe", "glm4moe") or x.get("sigmoid", False),
-            gating=GATING.get(a.arch) or ("sigmoid" if a.arch == "glm4moe" or x.get("sigmoid") else "softmax"),
-            sliding_window=x.get("sliding_window", 0), swa_pattern=SWA_PATTERN.get(a.arch, 0),
-            weights_scale=x.get("weights_scale", 0.0), n_expert_groups=x.get("n_group", 1),
-            n_group_used=x.get("n_group_used", 1), q_lora_rank=x.get("q_lora", 0), kv_lora_rank=x.get("kv_lora", 0))
+        # the config is parsed from the metadata a file of this shape carries, as from any GGUF
+        meta = metadata(real_shapes.cut(a, L))
+        self.config = config_from_metadata(meta.get, self.path)
         self._resident, self._experts = {}, {}
         ftype = "Q4_K_M" if quant in QUANTS else quant.upper()
         for t in real_shapes.tensor_plan(a.name, L if ftype == "Q4_K_M" else None, ftype):

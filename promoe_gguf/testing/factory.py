@@ -1,7 +1,9 @@
 """Test-model factory: small random-weight MoE GGUFs in the exact layouts stock llama.cpp loads.
 
 Every model is written as F32 with gguf-py's GGUFWriter and quantized by llama.cpp's own quantizer
-(``llama_cpp.llama_model_quantize``), so the quantized blocks are exactly what users have.
+(``llama_cpp.llama_model_quantize``), so the quantized blocks are exactly what users have. What a
+model's file holds (metadata, tensors, how they are filled) is testing/spec.py's; `spec()` here only
+picks the numbers of each test model.
 
 From tests (the `factory` fixture) and scripts::
 
@@ -64,6 +66,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 
 from ..format import byte_vocab
+from .spec import ModelSpec, model_tensors, write_metadata
 
 # bump whenever the produced files would change (names carry it, so stale caches are never reused)
 FACTORY_VERSION = "fv2"
@@ -119,8 +122,8 @@ def llama_cpp_loads(key) -> bool:
 # architecture specs
 # ----------------------------------------------------------------------------------------------
 
-def spec(arch: str, variant: str = "default") -> dict:
-    """Hyperparameters of one test model."""
+def spec(arch: str, variant: str = "default") -> ModelSpec:
+    """Hyperparameters of one test model (testing/spec.py describes its file from them)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     if variant not in FLOAT_VARIANTS:
@@ -129,225 +132,71 @@ def spec(arch: str, variant: str = "default") -> dict:
         raise ValueError(f"variant {variant!r} exists only for deepseek2")
     if variant == "qknorm" and arch != "glm4moe":
         raise ValueError("variant 'qknorm' exists only for glm4moe")
-    s = dict(arch=arch, variant=variant, n_embd=N_EMBD, n_head=N_HEAD, n_head_kv=2, head_dim=N_EMBD // N_HEAD,
-             n_ctx=N_CTX, n_dense=0, n_expert=8, n_used=2, n_ff_exp=256, n_ff=256, n_ff_shexp=0,
-             n_shared=0, rms_eps=1e-5, rope_base=10000.0, n_vocab=byte_vocab.N_VOCAB, tied=False, embd_std=1.0,
-             router_scale=2.0)
+    s = ModelSpec(name=f"promoe-test-{arch}-{variant}", arch=arch, variant=variant, n_layer=N_MOE_LAYERS,
+                  n_embd=N_EMBD, n_vocab=byte_vocab.N_VOCAB, n_ctx=N_CTX, n_head=N_HEAD, n_head_kv=2,
+                  head_dim=N_EMBD // N_HEAD, n_expert=8, n_used=2, n_ff_exp=256, n_ff=256, rms_eps=1e-5,
+                  rope_base=10000.0)
     if arch == "llama":
-        s.update(rope_base=1e6)
+        s = s.with_(rope_base=1e6)
     elif arch == "qwen2moe":
-        s.update(n_expert=4, n_ff_shexp=512, n_ff=512, rms_eps=1e-6, rope_base=1e6)
+        s = s.with_(n_expert=4, n_ff_shexp=512, n_ff=512, rms_eps=1e-6, rope_base=1e6)
     elif arch == "qwen3moe":
-        s.update(head_dim=128, n_ff=768, rms_eps=1e-6, rope_base=1e6)
+        s = s.with_(head_dim=128, n_ff=768, rms_eps=1e-6, rope_base=1e6)
     elif arch == "olmoe":
-        s.update(n_head_kv=N_HEAD)          # llama.cpp's olmoe: k_norm is [n_embd], so no GQA
+        s = s.with_(n_head_kv=N_HEAD)          # llama.cpp's olmoe: k_norm is [n_embd], so no GQA
     elif arch == "deepseek":
-        s.update(n_dense=1, n_ff=768, n_shared=2)
+        s = s.with_(n_dense=1, n_ff=768, n_shared=2, n_ff_shexp=2 * 256)
     elif arch == "deepseek2":
-        s.update(n_dense=1, n_ff=768, n_shared=2, n_head_kv=1, rms_eps=1e-6,
-                 kv_lora=512, qk_nope=64, qk_rope=32, v_head=64, q_lora=0,
-                 yarn_factor=40.0, yarn_orig_ctx=4096, yarn_log_mul=0.0707)
+        s = s.with_(n_dense=1, n_ff=768, n_shared=2, n_ff_shexp=2 * 256, n_head_kv=1, rms_eps=1e-6,
+                    kv_lora=512, qk_nope=64, qk_rope=32, v_head=64, q_lora=0,
+                    yarn_factor=40.0, yarn_orig_ctx=4096, yarn_log_mul=0.0707)
         if variant == "kvb":
-            s.update(n_head_kv=N_HEAD)
+            s = s.with_(n_head_kv=N_HEAD, kv_b_unsplit=True)
         if variant == "v3":
-            s.update(q_lora=512, gating=2, weights_norm=True, weights_scale=2.5, n_group=4, n_group_used=2)
+            s = s.with_(q_lora=512, sigmoid=True, weights_scale=2.5, n_group=4, n_group_used=2)
     elif arch == "glm4moe":
-        s.update(n_dense=1, n_ff=768, n_shared=1, rope_dims=N_EMBD // N_HEAD // 2, gating=2, weights_norm=True,
-                 weights_scale=2.5, n_nextn=1, qk_norm=variant == "qknorm")
+        s = s.with_(n_dense=1, n_ff=768, n_shared=1, n_ff_shexp=256, rope_dims=N_EMBD // N_HEAD // 2,
+                    weights_scale=2.5, n_nextn=1, qk_norm=variant == "qknorm")
     elif arch == "gpt-oss":
         # gpt-oss-20b's layout, small: q is 8 x 64 wide (not n_embd), top-4, biases everywhere, sinks, every
         # other layer a sliding window (16 here, so the tests' 64 tokens cross it), YaRN (factor 4 over 128)
-        s.update(n_head=8, head_dim=64, n_used=4, rope_base=150000.0, sliding_window=16, yarn_factor=4.0,
-                 yarn_orig_ctx=128, expert_scale=2.5)
+        s = s.with_(n_head=8, head_dim=64, n_used=4, rope_base=150000.0, sliding_window=16, yarn_factor=4.0,
+                    yarn_orig_ctx=128, expert_scale=2.5)
     elif arch == "granitemoe":
         # scales chosen so that every term matters (embeddings ~0.1 * 8, layers * 0.5, tied logits / 0.5)
-        s.update(n_expert=4, tied=True, embd_std=0.1, embedding_scale=8.0, residual_scale=0.5,
-                 attention_scale=0.25, logit_scale=0.5)
+        s = s.with_(n_expert=4, tied=True, embd_std=0.1, embedding_scale=8.0, residual_scale=0.5,
+                    attention_scale=0.25, logit_scale=0.5)
     if variant == "narrow":
-        s["n_ff_exp"] = NARROW_FF
+        s = s.with_(n_ff_exp=NARROW_FF, n_ff_shexp=s.n_shared * NARROW_FF if s.n_shared else s.n_ff_shexp)
         if arch in ("llama", "olmoe", "granitemoe"):
-            s["n_ff"] = NARROW_FF           # these archs take the expert width from feed_forward_length
-    s["n_layer"] = s["n_dense"] + N_MOE_LAYERS + s.get("n_nextn", 0)
-    return s
+            s = s.with_(n_ff=NARROW_FF)     # these archs take the expert width from feed_forward_length
+    return s.with_(n_layer=s.n_dense + N_MOE_LAYERS)
 
 
-def _metadata(w: gguf.GGUFWriter, s: dict) -> None:
-    arch = s["arch"]
-    w.add_name(f"promoe-test-{arch}-{s['variant']}")
-    w.add_file_type(0)                                   # LLAMA_FTYPE_ALL_F32
-    w.add_vocab_size(s["n_vocab"])
-    w.add_context_length(s["n_ctx"])
-    w.add_embedding_length(s["n_embd"])
-    w.add_block_count(s["n_layer"])
-    w.add_feed_forward_length(s["n_ff"])
-    w.add_head_count(s["n_head"])
-    w.add_head_count_kv(s["n_head_kv"])
-    w.add_layer_norm_rms_eps(s["rms_eps"])
-    w.add_rope_freq_base(s["rope_base"])
-    w.add_expert_count(s["n_expert"])
-    w.add_expert_used_count(s["n_used"])
-    if arch in ("llama", "deepseek", "granitemoe"):
-        w.add_rope_dimension_count(s["head_dim"])
-    if arch == "qwen2moe":
-        w.add_expert_feed_forward_length(s["n_ff_exp"])
-        w.add_expert_shared_feed_forward_length(s["n_ff_shexp"])
-    elif arch == "qwen3moe":
-        w.add_key_length(s["head_dim"])
-        w.add_value_length(s["head_dim"])
-        w.add_expert_feed_forward_length(s["n_ff_exp"])
-    elif arch == "deepseek":
-        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
-        w.add_leading_dense_block_count(s["n_dense"])
-        w.add_expert_feed_forward_length(s["n_ff_exp"])
-        w.add_expert_weights_scale(1.0)
-        w.add_expert_shared_count(s["n_shared"])
-    elif arch == "deepseek2":
-        w.add_leading_dense_block_count(s["n_dense"])
-        # llama.cpp requires q_lora_rank unless n_layer is one of the Lite counts (26/27); 0 = attn_q
-        w.add_q_lora_rank(s["q_lora"])
-        w.add_kv_lora_rank(s["kv_lora"])
-        if s["variant"] == "kvb":       # old GGUFs: per-head K/V sizes, unsplit attn_kv_b
-            w.add_key_length(s["qk_nope"] + s["qk_rope"])
-            w.add_value_length(s["v_head"])
-        else:                           # current convert_hf_to_gguf: MLA as MQA over the latent
-            w.add_key_length(s["kv_lora"] + s["qk_rope"])
-            w.add_value_length(s["kv_lora"])
-            w.add_key_length_mla(s["qk_nope"] + s["qk_rope"])
-            w.add_value_length_mla(s["v_head"])
-        w.add_expert_feed_forward_length(s["n_ff_exp"])
-        w.add_expert_shared_count(s["n_shared"])
-        w.add_expert_weights_scale(s.get("weights_scale", 1.0))
-        if s.get("weights_norm"):
-            w.add_expert_weights_norm(True)
-        if s.get("gating"):
-            w.add_expert_gating_func(gguf.ExpertGatingFuncType(s["gating"]))
-        if s.get("n_group"):
-            w.add_uint32(f"{arch}.expert_group_count", s["n_group"])
-            w.add_uint32(f"{arch}.expert_group_used_count", s["n_group_used"])
-        w.add_rope_dimension_count(s["qk_rope"])
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(s["yarn_factor"])
-        w.add_rope_scaling_orig_ctx_len(s["yarn_orig_ctx"])
-        w.add_rope_scaling_yarn_log_mul(s["yarn_log_mul"])
-    elif arch == "glm4moe":
-        w.add_leading_dense_block_count(s["n_dense"])
-        w.add_rope_dimension_count(s["rope_dims"])
-        w.add_expert_feed_forward_length(s["n_ff_exp"])
-        w.add_expert_shared_count(s["n_shared"])
-        w.add_expert_weights_scale(s["weights_scale"])
-        w.add_expert_weights_norm(s["weights_norm"])
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType(s["gating"]))
-        w.add_uint32(f"{arch}.nextn_predict_layers", s["n_nextn"])
-    elif arch == "gpt-oss":
-        w.add_key_length(s["head_dim"])
-        w.add_value_length(s["head_dim"])
-        w.add_expert_feed_forward_length(s["n_ff_exp"])
-        w.add_sliding_window(s["sliding_window"])
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(s["yarn_factor"])
-        w.add_rope_scaling_orig_ctx_len(s["yarn_orig_ctx"])
-    elif arch == "granitemoe":
-        w.add_embedding_scale(s["embedding_scale"])
-        w.add_residual_scale(s["residual_scale"])
-        w.add_attention_scale(s["attention_scale"])
-        w.add_logit_scale(s["logit_scale"])
-    byte_vocab.add_byte_vocab(w)
-
-
-def _tensors(s: dict, rng: np.random.Generator):
-    """Yield (name, float32 array in numpy order = reversed GGUF ne)."""
-    E, H, Hkv, D = s["n_embd"], s["n_head"], s["n_head_kv"], s["head_dim"]
-    nx, F = s["n_expert"], s["n_ff_exp"]
-    arch = s["arch"]
-
-    def lin(n_out, n_in, scale=1.0):       # ne = [n_in, n_out]
-        return (rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(scale / math.sqrt(n_in)))
-
-    def exps(n_out, n_in, scale=1.0):      # ne = [n_in, n_out, n_expert]
-        return (rng.standard_normal((nx, n_out, n_in), dtype=np.float32) * np.float32(scale / math.sqrt(n_in)))
-
-    def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
-
-    def vec(n, scale):
-        return (scale * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
-
-    yield "token_embd.weight", rng.standard_normal((s["n_vocab"], E), dtype=np.float32) * np.float32(s["embd_std"])
-    for i in range(s["n_layer"]):
-        p = f"blk.{i}."
-        yield p + "attn_norm.weight", norm(E)
-        if arch == "deepseek2":
-            nope, rope, vh, kvl = s["qk_nope"], s["qk_rope"], s["v_head"], s["kv_lora"]
-            if s["q_lora"]:
-                yield p + "attn_q_a.weight", lin(s["q_lora"], E)
-                yield p + "attn_q_a_norm.weight", norm(s["q_lora"])
-                yield p + "attn_q_b.weight", lin(H * (nope + rope), s["q_lora"])
-            else:
-                yield p + "attn_q.weight", lin(H * (nope + rope), E)
-            yield p + "attn_kv_a_mqa.weight", lin(kvl + rope, E)
-            yield p + "attn_kv_a_norm.weight", norm(kvl)
-            # HF kv_b_proj: [n_head * (nope + v), kv_lora]
-            kv_b = lin(H * (nope + vh), kvl).reshape(H, nope + vh, kvl)
-            if s["variant"] == "kvb":
-                yield p + "attn_kv_b.weight", kv_b.reshape(H * (nope + vh), kvl)
-            else:   # as convert_hf_to_gguf splits it: k_b transposed, ne [nope, kv_lora, n_head]
-                yield p + "attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope, :].transpose(0, 2, 1))
-                yield p + "attn_v_b.weight", np.ascontiguousarray(kv_b[:, nope:, :])  # ne [kv_lora, v, n_head]
-            yield p + "attn_output.weight", lin(E, H * vh)
+def _tensors(s: ModelSpec, rng: np.random.Generator):
+    """Yield (name, float32 array in numpy order = reversed GGUF ne), filled as testing/spec.py says."""
+    kv_b_v = None
+    for t in model_tensors(s):
+        shape = tuple(reversed(t.ne))
+        if t.fill == "embedding":
+            arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(t.scale)
+        elif t.fill == "norm":
+            arr = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        elif t.fill in ("linear", "experts"):
+            arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(t.scale / math.sqrt(t.ne[0]))
+        elif t.fill == "vector":
+            arr = (t.scale * rng.standard_normal(math.prod(shape), dtype=np.float32)).astype(np.float32).reshape(shape)
+        elif t.fill == "kv_b" and kv_b_v is None:
+            # HF's kv_b_proj [heads x (nope + v), kv_lora], split as convert_hf_to_gguf does: k_b transposed
+            H, nope, vh, kvl = s.n_head, s["qk_nope"], s["v_head"], s["kv_lora"]
+            kv_b = (rng.standard_normal((H * (nope + vh), kvl), dtype=np.float32)
+                    * np.float32(1.0 / math.sqrt(kvl))).reshape(H, nope + vh, kvl)
+            arr, kv_b_v = np.ascontiguousarray(kv_b[:, :nope, :].transpose(0, 2, 1)), np.ascontiguousarray(kv_b[:, nope:, :])
+        elif t.fill == "kv_b":
+            arr, kv_b_v = kv_b_v, None
         else:
-            yield p + "attn_q.weight", lin(H * D, E)
-            yield p + "attn_k.weight", lin(Hkv * D, E)
-            yield p + "attn_v.weight", lin(Hkv * D, E)
-            if arch in ("qwen2moe", "glm4moe", "gpt-oss"):
-                yield p + "attn_q.bias", vec(H * D, 0.2)
-                yield p + "attn_k.bias", vec(Hkv * D, 0.2)
-                yield p + "attn_v.bias", vec(Hkv * D, 0.2)
-            if arch == "qwen3moe" or s.get("qk_norm"):
-                yield p + "attn_q_norm.weight", norm(D)
-                yield p + "attn_k_norm.weight", norm(D)
-            if arch == "olmoe":
-                yield p + "attn_q_norm.weight", norm(H * D)
-                yield p + "attn_k_norm.weight", norm(Hkv * D)
-            yield p + "attn_output.weight", lin(E, H * D)
-            if arch == "gpt-oss":
-                yield p + "attn_output.bias", vec(E, 0.2)
-                yield p + "attn_sinks.weight", vec(H, 2.0)
-        yield p + ("post_attention_norm.weight" if arch in ("glm4moe", "gpt-oss") else "ffn_norm.weight"), norm(E)
-        if i < s["n_dense"]:
-            yield p + "ffn_gate.weight", lin(s["n_ff"], E)
-            yield p + "ffn_up.weight", lin(s["n_ff"], E)
-            yield p + "ffn_down.weight", lin(E, s["n_ff"])
-            continue
-        # router: weights 2x the 1/sqrt(fan_in) scale, so routing is clearly not uniform (router logits
-        # std ~2) while llama.cpp's 8-bit activation rounding moves its logits only ~2-4% off the twin
-        yield p + "ffn_gate_inp.weight", lin(nx, E, scale=s["router_scale"])
-        if s.get("gating") == 2:
-            yield p + "exp_probs_b.bias", vec(nx, 0.1)
-        # gpt-oss: gate/up wide enough that its SwiGLU's clamp at 7 bites
-        xs = s.get("expert_scale", 1.0)
-        yield p + "ffn_gate_exps.weight", exps(F, E, xs)
-        yield p + "ffn_up_exps.weight", exps(F, E, xs)
-        yield p + "ffn_down_exps.weight", exps(E, F)
-        if arch == "gpt-oss":
-            yield p + "ffn_gate_inp.bias", vec(nx, 0.5)
-            yield p + "ffn_gate_exps.bias", vec(nx * F, 0.5).reshape(nx, F)
-            yield p + "ffn_up_exps.bias", vec(nx * F, 0.5).reshape(nx, F)
-            yield p + "ffn_down_exps.bias", vec(nx * E, 0.2).reshape(nx, E)
-        n_sh = s["n_ff_shexp"] or F * s["n_shared"]
-        if n_sh:
-            if arch == "qwen2moe":
-                yield p + "ffn_gate_inp_shexp.weight", vec(E, 1.0 / math.sqrt(E))   # 1D [n_embd]
-            yield p + "ffn_gate_shexp.weight", lin(n_sh, E)
-            yield p + "ffn_up_shexp.weight", lin(n_sh, E)
-            yield p + "ffn_down_shexp.weight", lin(E, n_sh)
-        if i >= s["n_layer"] - s.get("n_nextn", 0):      # a NextN (MTP) block: in the file, never run
-            yield p + "nextn.eh_proj.weight", lin(E, 2 * E)
-            yield p + "nextn.enorm.weight", norm(E)
-            yield p + "nextn.hnorm.weight", norm(E)
-            yield p + "nextn.shared_head_norm.weight", norm(E)
-    yield "output_norm.weight", norm(E)
-    if not s["tied"]:
-        yield "output.weight", lin(s["n_vocab"], E, scale=2.0)
+            raise ValueError(f"{t.name}: unknown fill {t.fill!r}")
+        yield t.name, arr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +227,7 @@ def make_float_model(arch: str, path, seed: int = 0, variant: str = "default"):
     rng = np.random.default_rng(_seed_for(arch, seed))
     with _atomic(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
-        _metadata(w, s)
+        write_metadata(w, s, file_type=0)                   # LLAMA_FTYPE_ALL_F32
         for name, arr in _tensors(s, rng):
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         w.write_header_to_file()
@@ -398,14 +247,13 @@ def make_mixtral_shaped(out_dir, n_layers: int = 4, n_embd: int = 2048, n_ff: in
     dst = out_dir / f"{name}-{quant}.gguf"
     if dst.exists():
         return dst
-    s = spec("llama")
-    s.update(variant="bench", n_embd=n_embd, n_head=n_embd // 128, n_head_kv=max(1, n_embd // 512), head_dim=128,
-             n_ff_exp=n_ff, n_ff=n_ff, n_layer=n_layers, n_ctx=4096)
+    s = spec("llama").with_(variant="bench", n_embd=n_embd, n_head=n_embd // 128, n_head_kv=max(1, n_embd // 512),
+                            head_dim=128, n_ff_exp=n_ff, n_ff=n_ff, n_layer=n_layers, n_ctx=4096)
     rng = np.random.default_rng([int(seed), 99])
     src = out_dir / f"{name}-F16.gguf"
     with _atomic(src) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
-        _metadata(w, s)
+        write_metadata(w, s, file_type=0)
         for tname, arr in _tensors(s, rng):
             w.add_tensor(tname, np.ascontiguousarray(arr, dtype=np.float16 if arr.ndim > 1 else np.float32))
         _finish(w)
