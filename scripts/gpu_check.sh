@@ -14,7 +14,7 @@
 #   1. the GPU name, driver and date (nvidia-smi)                       -> OUT_DIR/env.txt
 #   2. PyTorch sees a CUDA device, CuPy imports                         -> OUT_DIR/preflight.txt
 #   3. scripts/gpu_e2e.py: decode through Engine(device="cuda") on real-shape Mixtral-8x7B (2 layers),
-#      Qwen3-30B-A3B (4), Qwen1.5-MoE-A2.7B (qwen2moe) and DeepSeek-V2-Lite (deepseek2): us per decode
+#      Qwen3-30B-A3B (4), Qwen1.5-MoE-A2.7B (qwen2moe), DeepSeek-V2-Lite (deepseek2) and gpt-oss-20b: us per decode
 #      layer eager vs graphs, kernels per token (torch.profiler), syncs (sync debug mode), replays and
 #      host waits per token; graphs == eager bitwise; cache tokens == resident; hybrid with
 #      cpu_experts="all" ran CPU experts; llama-bench (the committed CUDA bundle) on the same files,

@@ -4,7 +4,9 @@ llama.cpp needed). Exits non-zero on any failed check; writes OUT.json after eve
 crash late keeps what ran early.
 
 Models (--models): mixtral-8x7b and qwen3-30b-a3b (--layers, default 2 and 4), qwen1.5-moe-a2.7b
-(qwen2moe: biases, the 1-D gated shared expert) and deepseek-v2-lite (deepseek2: MLA, a dense layer).
+(qwen2moe: biases, the 1-D gated shared expert), deepseek-v2-lite (deepseek2: MLA, a dense layer) and,
+last (a short lease keeps what ran before it), gpt-oss-20b (sinks, a window, expert biases: torch
+between the routed matvec kernels).
 For each, decoding the same prompt greedily:
   * all resident, graphs and eager: us per decode layer, kernels per token (torch.profiler), host
     syncs per token (torch.cuda.set_sync_debug_mode), graph replays per token; the logits of every
@@ -31,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-MODELS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 4, "qwen1.5-moe-a2.7b": 2, "deepseek-v2-lite": 2}
+MODELS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 4, "qwen1.5-moe-a2.7b": 2, "deepseek-v2-lite": 2, "gpt-oss-20b": 2}
 PROMPT = list(range(1, 17))
 
 
