@@ -3,6 +3,7 @@ the plan `promoe info` prints for the same settings, and the host store packs ex
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -92,3 +93,38 @@ def test_host_store_packs_experts_at_their_own_size(test_models):
         region = store.region(key).numpy()
         for m, off in store.layout[key]:
             assert region[off:off + m.nbytes].tobytes() == model.matrix_bytes(key[0], key[1], m.matrix).tobytes()
+
+
+_KV_LOG = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers.*?K \(f16\):\s*([\d.]+) MiB, "
+                     r"V \(f16\):\s*([\d.]+) MiB")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "granitemoe", "gpt-oss",
+                                  "glm4moe", "deepseek2"])
+def test_kv_cache_bytes_against_llama_cpps_allocation_log(test_models, arch):
+    """The CUDA plan's fp16 KV cache (memory.kv_cache_bytes, what Engine.memory reports) against what
+    llama.cpp allocates for the same file and context, read from its own log. Equal where both keep K
+    and V per layer (gpt-oss: llama-cpp-python keeps its windowed layers' cache full size). Two known
+    differences, asserted exactly: llama.cpp also allocates glm4moe's NextN block, which it never runs;
+    for deepseek2's latent attention llama.cpp keeps one latent row per position (V is a view of it)
+    where we keep the latent K row and a separate V row of kv_lora_rank."""
+    from promoe_gguf import memory
+    from promoe_gguf.bench.quant_mix import captured_llama_log
+    import llama_cpp
+    key = (arch, "Q4_K_M", "default") if (arch, "Q4_K_M", "default") in test_models else (arch, "MXFP4_MOE", "default")
+    n_ctx = 4096                       # MiB with two decimals: 0.25% or better at this size
+    log: list[str] = []
+    with captured_llama_log(log):
+        llm = llama_cpp.Llama(test_models[key], n_ctx=n_ctx, n_batch=64, type_k=1, type_v=1, n_threads=1, verbose=True)
+    del llm
+    caches = [tuple(float(g) for g in m.groups()) for m in _KV_LOG.finditer("".join(log))]
+    assert caches, "llama.cpp logged no KV cache size"
+    theirs = sum(c[0] for c in caches) * 2**20
+    model = open_model(test_models[key])
+    ours = memory.kv_cache_bytes(model, n_ctx, "cuda")
+    c = model.config
+    if arch == "glm4moe":
+        theirs = theirs * c.n_layers / (c.n_layers + c.n_nextn_layers)
+    if arch == "deepseek2":
+        theirs += c.n_layers * n_ctx * c.kv_lora_rank * 2
+    assert abs(ours - theirs) <= 0.006 * 2**20 * len(caches), (ours / 2**20, theirs / 2**20, caches)
