@@ -3,6 +3,7 @@ layouts, the Backend protocol and BackendBase. The backends (cpu.py, cuda.py) im
 package imports them only to build one (make_backend): no import cycle."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,17 +71,23 @@ class ExpertFn:
     """What an expert computes beyond its three products. act: "silu" (SwiGLU) or "swiglu_oai"
     (gpt-oss: gate clamped above at 7, up to [-7, 7], x * sigmoid(1.702 x) * (up + 1)). bias: ()
     or the layer's (gate [E, F], up [E, F], down [E, d]) float32 biases on the device, a row per
-    expert id (resident: small, and never in a cache slot)."""
+    expert id (resident: small, and never in a cache slot); host_bias: the same on the host, copied
+    once (what CPU pool jobs read: no device read per job)."""
     act: str = "silu"
     bias: tuple = ()
+    host_bias: tuple = ()
+
+    def on_host(self) -> "ExpertFn":
+        """This function with its biases copied to the host once (a no-op on the CPU)."""
+        return self if not self.bias else dataclasses.replace(self, host_bias=tuple(b.cpu() for b in self.bias))
 
     def of(self, expert: int, host: bool = False) -> "ExpertFn":
-        """The same function for one expert: its bias rows as [1, n] (a stack of one); host: copied
-        to the host (a CPU pool job of a device engine)."""
+        """The same function for one expert: its bias rows as [1, n] (a stack of one); host: the rows
+        of the host copy (a CPU pool job of a device engine)."""
         if not self.bias:
             return self
-        rows = tuple(b[expert:expert + 1] for b in self.bias)
-        return ExpertFn(self.act, tuple(r.cpu() for r in rows) if host else rows)
+        src = (self.host_bias or self.bias) if host else self.bias
+        return ExpertFn(self.act, tuple(b[expert:expert + 1] for b in src))
 
 
 SWIGLU = ExpertFn()

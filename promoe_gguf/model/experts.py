@@ -226,7 +226,7 @@ class MoEExperts:
     def set_fn(self, layer: int, fn: ExpertFn) -> None:
         """The layer's experts compute `fn` (an activation other than SwiGLU, biases by expert id):
         kept on the source's stack, so every route and the CPU pool see it."""
-        self.source.stacks[layer] = dataclasses.replace(self.source.stacks[layer], fn=fn)
+        self.source.stacks[layer] = dataclasses.replace(self.source.stacks[layer], fn=fn.on_host())
 
     def _fn(self, layer: int, expert: int) -> ExpertFn:
         return self.source.stacks[layer].fn.of(expert)
