@@ -147,4 +147,4 @@ def test_fit_bad_input(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         lc.fit_offload(tmp_path / "nope.gguf", 1 << 30)
     with pytest.raises(ValueError, match="unknown real shape"):
-        lc.ModelLayout.from_real_shape("gpt-oss-20b")
+        lc.ModelLayout.from_real_shape("no-such-model-7b")
