@@ -26,6 +26,7 @@ from .backends.cuda import ATTN_QUERY_BLOCK
 from .backends.cuda import tile_bytes as cuda_tile_bytes
 from .errors import ModelError
 from .model import FAMILIES
+from .model.common import recurrent_state_bytes
 from .model.experts import resident_expert_bytes
 from .runtime.host_store import StoreLayout
 
@@ -44,8 +45,11 @@ def resident_bytes(model) -> int:
 
 
 def kv_cache_bytes(model, n_ctx: int, device: str = "cuda", kv_type: str | None = None) -> int:
-    """The KV cache's bytes as the Engine allocates it (the backend's layout: padding, element type)."""
-    return kv_layout(device, kv_type).nbytes(model.config.n_layers, n_ctx, *FAMILIES[model.config.arch].cache_dims(model))
+    """The KV cache's bytes as the Engine allocates it (the backend's layout: padding, element type),
+    with the recurrent layers' states where the model has them (KV only for its attention layers)."""
+    c = model.config
+    kv = kv_layout(device, kv_type).nbytes(len(c.attention_layers), n_ctx, *FAMILIES[c.arch].cache_dims(model))
+    return kv + recurrent_state_bytes(c)
 
 
 def _matrix_shapes(model):

@@ -76,7 +76,7 @@ def test_parity_without_repacking(test_models):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe",
-                                  "glm4moe", "gpt-oss"])
+                                  "glm4moe", "gpt-oss", "qwen35moe"])
 def test_greedy_generation_matches(test_models, arch):
     key = (arch, "F32", "default")
     if key not in test_models:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ParameterError, clip
-from .base import (CPU_KV_PAD, FLOAT_TYPES, FUSED_MAX_TOKENS, KV_TYPES, Backend, BackendBase, ExpertFn, ExpertStack,
+from .base import (CPU_KV_PAD, FLOAT_TYPES, FUSED_MAX_TOKENS, KV_TYPES, Backend, BackendBase, DeltaNet, ExpertFn, ExpertStack,
                    KVLayout, QMatrix, StackedMatrix, kv_layout, matrix_at)
 
 
@@ -41,5 +41,5 @@ def make_backend(device, n_threads: int | None = None, launcher=None, activation
     return CudaBackend(device, launcher=launcher, activations=activations or "q8", kv_type=kv_type or "f16")
 
 
-__all__ = ["QMatrix", "StackedMatrix", "ExpertStack", "ExpertFn", "Backend", "BackendBase", "KVLayout", "kv_layout", "make_backend",
+__all__ = ["QMatrix", "StackedMatrix", "ExpertStack", "ExpertFn", "DeltaNet", "Backend", "BackendBase", "KVLayout", "kv_layout", "make_backend",
            "parse_device", "matrix_at", "FLOAT_TYPES", "FUSED_MAX_TOKENS", "KV_TYPES", "CPU_KV_PAD"]

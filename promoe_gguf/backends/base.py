@@ -94,6 +94,22 @@ SWIGLU = ExpertFn()
 OAI_ALPHA, OAI_LIMIT = 1.702, 7.0        # llama.cpp's constants for LLM_FFN_SWIGLU_OAI_MOE
 
 
+@dataclass(frozen=True, eq=False)
+class DeltaNet:
+    """A gated delta net layer's small weights (float32, on the device) and its heads, as
+    `Backend.delta_net` takes them: conv [C, K] taps, dt_bias and a [Hv] (the decay's bias and
+    -exp(A_log)), norm [S] (the output's per-head RMS weight); q/k heads k_heads, v heads v_heads,
+    all of `head` wide."""
+    conv: torch.Tensor
+    dt_bias: torch.Tensor
+    a: torch.Tensor
+    norm: torch.Tensor
+    k_heads: int
+    v_heads: int
+    head: int
+    eps: float
+
+
 @dataclass(frozen=True)
 class ExpertStack:
     """Where one MoE layer's experts are, as the fused call reads them. `owners`: the uint8 tensors
@@ -183,6 +199,10 @@ class Backend(Protocol):
     def attention(self, q: torch.Tensor, cache, layer: int, step, scale: float,
                   sinks: torch.Tensor | None = None, window: int = 0) -> torch.Tensor: ...    # window 0: causal
     def softmax(self, x: torch.Tensor) -> torch.Tensor: ...                                # over the last dim
+    # gated linear attention: qkv [T, C], z [T, Hv*S], beta and alpha [T, Hv] (the projections) ->
+    # [T, Hv*S] (normed and gated, before ssm_out); conv [C, K-1] and ssm [Hv, S, S] states in place
+    def delta_net(self, qkv: torch.Tensor, z: torch.Tensor, beta: torch.Tensor, alpha: torch.Tensor,
+                  net: DeltaNet, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor: ...
     # routed experts, routed on the device: ids [T, k] from the router, table [E] expert -> stack position
     def moe(self, x: torch.Tensor, stack: "ExpertStack", ids: torch.Tensor, weights: torch.Tensor,
             table: torch.Tensor | None = None) -> torch.Tensor: ...

@@ -24,12 +24,13 @@ import torch
 from ..errors import ModelError
 from . import torch_ops
 from .base import CPU_KV_PAD as KV_PAD
-from .base import OAI_ALPHA, OAI_LIMIT, SWIGLU, BackendBase, ExpertFn, ExpertStack, QMatrix, StackedMatrix
+from .base import OAI_ALPHA, OAI_LIMIT, SWIGLU, BackendBase, DeltaNet, ExpertFn, ExpertStack, QMatrix, StackedMatrix
 from .base import kv_layout as layout_of
 from .ggml import GGML_TYPE_F32, GGML_TYPE_I32, CPlan, InitParams, lib
 
 MAX_GRAPHS = 1024      # cached graphs (a few per op signature and token count)
 MEM_ALIGN = 64         # padding per tensor in a context (ggml aligns data to 16)
+MAX_NODES = 64         # tensors (views included) one op's graph may make: the delta net's makes ~35
 # types ggml's CPU_REPACK buffer may take on x86 (it declines shapes it has no kernel for: checked per weight)
 REPACKABLE = {"Q4_0", "Q4_K", "IQ4_NL", "Q8_0", "Q2_K", "Q5_K", "Q6_K", "MXFP4"}
 TORCH_TO_GGML = {torch.float32: GGML_TYPE_F32, torch.int32: GGML_TYPE_I32}
@@ -226,8 +227,8 @@ class CpuBackend(BackendBase):
         Repacked weights' leaves carry their buffer and kernel traits when planning (work size)."""
         b = self.g.base
         leaves = [leaf for leaf, _ in inputs]
-        n = len(leaves) + 16
-        size = n * (b.ggml_tensor_overhead() + MEM_ALIGN) + b.ggml_graph_overhead_custom(64, False) + scratch_bytes
+        n = len(leaves) + MAX_NODES
+        size = n * (b.ggml_tensor_overhead() + MEM_ALIGN) + b.ggml_graph_overhead_custom(MAX_NODES, False) + scratch_bytes
         ctx = b.ggml_init(InitParams(size, None, True))
         if not ctx:
             raise ModelError(f"ggml could not allocate a graph context of {size} bytes")
@@ -246,7 +247,7 @@ class CpuBackend(BackendBase):
                 self.g.set_buffer_extra(t, p.buffer, p.extra)
         b.ggml_set_no_alloc(ctx, measure)            # intermediate results live in the context
         out = build(ctx, *ts)
-        graph = b.ggml_new_graph_custom(ctx, 64, False)
+        graph = b.ggml_new_graph_custom(ctx, MAX_NODES, False)
         for o in (out if isinstance(out, tuple) else (out,)):
             b.ggml_build_forward_expand(graph, o)
         if measure:
@@ -445,14 +446,26 @@ class CpuBackend(BackendBase):
         return self.rope_many((x,), spec, step)[0]
 
     def rope_many(self, xs, spec, step) -> tuple:
-        """ggml_rope_ext over each x [T, heads, D] (q and k): one graph, one call."""
+        """ggml_rope_ext over each x [T, heads, D] (q and k): one graph, one call. IMROPE is
+        ggml_rope_multi over llama.cpp's text positions: t, h and w the token's, e zero."""
         pos = step.pos
         b = self.g.base
-        args = (spec.n_dims, spec.mode, spec.n_ctx_orig, spec.base, spec.freq_scale, spec.ext_factor,
-                spec.attn_factor, spec.beta_fast, spec.beta_slow)
+        tail = (spec.n_ctx_orig, spec.base, spec.freq_scale, spec.ext_factor, spec.attn_factor, spec.beta_fast,
+                spec.beta_slow)
         n = len(xs)
-        return self._compute(("rope", n, args), [*(leaf_of(x.float()) for x in xs), leaf_of(pos)],
-                             lambda ctx, *ls: tuple(b.ggml_rope_ext(ctx, lx, ls[n], None, *args) for lx in ls[:n]),
+        if spec.kind == "imrope":
+            pos = step.tables.get("imrope_pos")
+            if pos is None:
+                pos = step.tables["imrope_pos"] = torch.cat((step.pos, step.pos, step.pos, torch.zeros_like(step.pos)))
+            sections = (ctypes.c_int * 4)(*spec.sections)
+
+            def one(ctx, lx, lp):
+                return b.ggml_rope_multi(ctx, lx, lp, None, spec.n_dims, sections, spec.mode, *tail)
+        else:
+            def one(ctx, lx, lp):
+                return b.ggml_rope_ext(ctx, lx, lp, None, spec.n_dims, spec.mode, *tail)
+        return self._compute(("rope", n, spec), [*(leaf_of(x.float()) for x in xs), leaf_of(pos)],
+                             lambda ctx, *ls: tuple(one(ctx, lx, ls[n]) for lx in ls[:n]),
                              tuple(torch.empty(x.shape, dtype=torch.float32) for x in xs))
 
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
@@ -496,6 +509,43 @@ class CpuBackend(BackendBase):
             leaves.append(leaf_of(sinks))
         self._compute(("attention", float(scale)), leaves, build, out)
         return out.transpose(0, 1).reshape(T, H * Dv)
+
+    # ---- gated linear attention -----------------------------------------------------------------
+    def delta_net(self, qkv, z, beta, alpha, net: DeltaNet, conv_state, ssm_state) -> torch.Tensor:
+        """One graph as llama.cpp's qwen35moe builds it (one sequence): ssm_conv over [conv state | qkv^T],
+        silu, views of q, k, v, l2_norm, the fused ggml_gated_delta_net (which scales q by S^-1/2), an RMS
+        norm per head times silu(z). Writes the new conv and ssm states over the old ones in place
+        (the graph reads them before it writes them). Leaves come in the shapes the ops take (a view
+        of a leaf would keep the leaf's build-time address)."""
+        T, C = qkv.shape
+        Hk, Hv, S, K = net.k_heads, net.v_heads, net.head, net.conv.shape[1]
+        b, f = self.g.base, 4                                            # float32 bytes
+
+        def build(ctx, lx, lz, lbeta, lalpha, lcs, lss, lw, ldt, la, ln):
+            xin = b.ggml_concat(ctx, lcs, lx, 0)                                              # [K-1+T, C, 1]
+            row = (K - 1 + T) * f
+            new_conv = b.ggml_cont(ctx, b.ggml_view_3d(ctx, xin, K - 1, C, 1, row, row * C, T * f))
+            co = b.ggml_silu(ctx, b.ggml_ssm_conv(ctx, xin, lw))                             # [C, T, 1]
+            nb1 = C * f
+            q = b.ggml_view_4d(ctx, co, S, Hk, T, 1, S * f, nb1, nb1 * T, 0)
+            k = b.ggml_view_4d(ctx, co, S, Hk, T, 1, S * f, nb1, nb1 * T, Hk * S * f)
+            v = b.ggml_view_4d(ctx, co, S, Hv, T, 1, S * f, nb1, nb1 * T, 2 * Hk * S * f)
+            q, k = b.ggml_l2_norm(ctx, q, net.eps), b.ggml_l2_norm(ctx, k, net.eps)
+            bt = b.ggml_reshape_4d(ctx, b.ggml_sigmoid(ctx, lbeta), 1, Hv, T, 1)
+            g = b.ggml_mul(ctx, b.ggml_softplus(ctx, b.ggml_add(ctx, lalpha, ldt)), la)      # [Hv, T]
+            r = b.ggml_gated_delta_net(ctx, q, k, v, b.ggml_reshape_4d(ctx, g, 1, Hv, T, 1), bt, lss, 1)
+            o = b.ggml_view_4d(ctx, r, S, Hv, T, 1, S * f, S * Hv * f, S * Hv * T * f, 0)
+            new_ssm = b.ggml_cont(ctx, b.ggml_view_3d(ctx, r, S, S, Hv, S * f, S * S * f, S * Hv * T * f))
+            gated = b.ggml_mul(ctx, b.ggml_mul(ctx, b.ggml_rms_norm(ctx, o, net.eps), ln), b.ggml_silu(ctx, lz))
+            return gated, new_conv, new_ssm
+        out = torch.empty((T, Hv * S), dtype=torch.float32)
+        def dense(t, shape):                                             # fresh strides (size-1 dims included)
+            return torch.empty(shape, dtype=torch.float32).copy_(t.reshape(shape))
+        inputs = (dense(qkv.t(), (1, C, T)), dense(z, (T, Hv, S)), dense(beta, (T, Hv, 1)), dense(alpha, (T, Hv)),
+                  conv_state.view(1, C, K - 1), ssm_state, net.conv, net.dt_bias, net.a, net.norm)    # alive to the end
+        leaves = [leaf_of(t) for t in inputs]
+        self._compute(("delta_net", Hk, Hv, S, K, float(net.eps)), leaves, build, (out, conv_state, ssm_state))
+        return out
 
     def embed(self, tokens: torch.Tensor, w: QMatrix) -> torch.Tensor:
         """ggml_get_rows: the token rows dequantized (exactly gguf-py's values)."""

@@ -276,7 +276,7 @@ class CudaBackend(BackendBase):
                 ys = [self.rope_many((x,), spec, step)[0] for x in part]
             else:
                 plan = P.plan_rope([_heads(x) for x in part], [_heads(y) for y in ys], part[0].shape[0], D, spec.n_dims,
-                                   spec.kind == "neox", step.pos.data_ptr(), cos.data_ptr(), sin.data_ptr())
+                                   spec.kind != "norm", step.pos.data_ptr(), cos.data_ptr(), sin.data_ptr())
                 if not self._launch(plan, "rope", None):
                     tables = torch_ops.rope_tables(spec, step.pos.long())
                     ys = [torch_ops.rope(x, spec, tables) for x in part]
@@ -296,6 +296,11 @@ class CudaBackend(BackendBase):
 
     def softmax(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(x.float(), dim=-1)
+
+    def delta_net(self, qkv, z, beta, alpha, net, conv_state, ssm_state) -> torch.Tensor:
+        """Gated linear attention in torch on the device (a loop over the step's tokens; one in decode),
+        states updated in place, so a decode step records and replays it."""
+        return torch_ops.delta_net(qkv, z, beta, alpha, net, conv_state, ssm_state)
 
     def attention(self, q, cache, layer: int, step, scale: float, sinks=None, window: int = 0) -> torch.Tensor:
         """q [T, H, Dk] against the cache -> [T, H*Dv]. Up to 8 tokens: the split kernel, query t seeing

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class RopeSpec:
     """RoPE as ggml_rope_ext takes it: rotate the first n_dims of each head, NORM (adjacent pairs)
-    or NEOX (halves); YaRN when ext_factor != 0 (cos/sin scaled by attn_factor * (1 + 0.1 ln(1/freq_scale)))."""
-    kind: str                # "norm" | "neox"
+    or NEOX (halves); YaRN when ext_factor != 0 (cos/sin scaled by attn_factor * (1 + 0.1 ln(1/freq_scale))).
+    IMROPE (ggml_rope_multi, interleaved sections, NEOX halves) over text: the t, h and w positions
+    are the token's, the e position 0, so pairs of the e section do not rotate."""
+    kind: str                # "norm" | "neox" | "imrope"
     n_dims: int
     base: float
     freq_scale: float = 1.0
@@ -26,13 +28,27 @@ class RopeSpec:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     n_ctx_orig: int = 0
+    sections: tuple = ()     # imrope: pairs per t/h/w/e section
 
     @property
     def mode(self) -> int:
-        return 0 if self.kind == "norm" else 2       # GGML_ROPE_TYPE_NEOX
+        return {"norm": 0, "neox": 2, "imrope": 40}[self.kind]     # GGML_ROPE_TYPE_NORMAL / NEOX / IMROPE
+
+    def rotating_pairs(self) -> torch.Tensor:
+        """[n_dims/2] 1.0 where a pair turns with the token's position, 0.0 for imrope's e section
+        (ggml's sector rule: pair j's sector j mod sum(sections), interleaved t, h, w by sector mod 3)."""
+        n = self.n_dims // 2
+        if self.kind != "imrope":
+            return torch.ones(n, dtype=torch.float64)
+        t, h, w, _ = self.sections
+        sector = torch.arange(n) % max(1, sum(self.sections))
+        r = sector % 3
+        turns = ((r == 0) & (sector < 3 * t)) | ((r == 1) & (sector < 3 * h)) | ((r == 2) & (sector < 3 * w))
+        return turns.double()
 
     def theta(self, device) -> tuple[torch.Tensor, float]:
-        """Per-pair frequencies [n_dims/2] (float64) and the cos/sin magnitude, as ggml's rope_yarn."""
+        """Per-pair frequencies [n_dims/2] (float64; 0 for a pair that does not turn) and the cos/sin
+        magnitude, as ggml's rope_yarn."""
         n = self.n_dims
         i = torch.arange(0, n, 2, dtype=torch.float64)
         theta = self.base ** (-i / n)
@@ -47,7 +63,7 @@ class RopeSpec:
             mscale *= 1.0 + 0.1 * math.log(1.0 / self.freq_scale)
         else:
             theta = theta * self.freq_scale
-        return theta.to(device), mscale
+        return (theta * self.rotating_pairs()).to(device), mscale
 
 
 def rope_tables(spec: RopeSpec, pos: torch.Tensor):
@@ -139,3 +155,33 @@ def moe_combine(y: torch.Tensor, done: torch.Tensor, ext: torch.Tensor | None, w
     for j in range(1, k):
         out = out + parts[:, j]
     return out
+
+
+def delta_net(qkv, z, beta, alpha, net, conv_state, ssm_state) -> torch.Tensor:
+    """A gated delta net over T tokens in torch (see model/qwen35_moe.py for the equations), as
+    llama.cpp's graph computes it: causal conv over [conv state | qkv], silu, l2-normed q and k, a
+    decayed delta-rule update per token and v head, the RMS-normed output gated by silu(z).
+    qkv [T, C], z [T, Hv S], beta/alpha [T, Hv] -> [T, Hv S]; conv_state [C, K-1] and ssm_state
+    [Hv, S, S] are updated in place (recordable: no host reads)."""
+    T, C = qkv.shape
+    Hk, Hv, S, K = net.k_heads, net.v_heads, net.head, net.conv.shape[1]
+    x = torch.cat((conv_state, qkv.float().t()), dim=1)                        # [C, K-1+T]
+    conv_state.copy_(x[:, T:])
+    x = F.silu((x.unfold(1, K, 1) * net.conv[:, None, :]).sum(-1).t())          # [T, C]
+    q, k, v = x.split((Hk * S, Hk * S, Hv * S), dim=1)
+    q = F.normalize(q.reshape(T, Hk, S), dim=-1, eps=net.eps).repeat(1, Hv // Hk, 1) * S ** -0.5   # [T, Hv, S]
+    k = F.normalize(k.reshape(T, Hk, S), dim=-1, eps=net.eps).repeat(1, Hv // Hk, 1)
+    v = v.reshape(T, Hv, S)
+    decay = torch.exp(F.softplus(alpha.float() + net.dt_bias) * net.a)            # [T, Hv]
+    b = torch.sigmoid(beta.float())
+    s = ssm_state
+    out = []
+    for t in range(T):                                                          # s[h, j, i]: value j, key i
+        s = s * decay[t, :, None, None]
+        d = (v[t] - (s @ k[t, :, :, None])[..., 0]) * b[t, :, None]                # [Hv, S]
+        s = s + d[:, :, None] * k[t, :, None, :]
+        out.append((s @ q[t, :, :, None])[..., 0])
+    ssm_state.copy_(s)
+    o = torch.stack(out)                                                        # [T, Hv, S]
+    o = rms_norm(o, net.norm, net.eps) * F.silu(z.float().view(T, Hv, S))
+    return o.reshape(T, Hv * S)

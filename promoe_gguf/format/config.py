@@ -6,13 +6,16 @@ ARCH_DEFAULTS says so in one place.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from ..errors import ModelError
 
 SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe",
-                   "gpt-oss")
+                   "gpt-oss", "qwen35moe")
+# gated linear attention (a gated delta net with a recurrent state) in every layer but each
+# full_attention_interval-th (llama.cpp's is_recr: (L + 1) % interval != 0), which has gated attention
+LINEAR_ATTENTION = ("qwen35moe",)
 # the shared expert is expert_shared_count experts wide (no key of its own)
 SHARED_FROM_COUNT = ("deepseek", "deepseek2", "glm4moe")
 # leading_dense_block_count is read (llama.cpp ignores it elsewhere)
@@ -33,11 +36,12 @@ class Fallback:
 # the expert FF width when {arch}.expert_feed_forward_length is absent
 FF_EXP_FALLBACK = {
     **{a: Fallback("{arch}.feed_forward_length", lambda v: v["n_ff"]) for a in ("llama", "olmoe", "granitemoe")},
-    "qwen2moe": Fallback("{arch}.feed_forward_length / {arch}.expert_used_count", lambda v: v["n_ff"] // v["n_used"]),
+    **{a: Fallback("{arch}.feed_forward_length / {arch}.expert_used_count", lambda v: v["n_ff"] // v["n_used"])
+       for a in ("qwen2moe", "qwen35moe")},
 }
 # the shared expert width when {arch}.expert_shared_feed_forward_length is absent (SHARED_FROM_COUNT:
 # the expert FF width x expert_shared_count)
-SHEXP_FALLBACK = {"qwen2moe": Fallback("=n_ff", lambda v: v["n_ff"])}
+SHEXP_FALLBACK = {a: Fallback("=n_ff", lambda v: v["n_ff"]) for a in ("qwen2moe", "qwen35moe")}
 
 # Per-architecture behaviour that llama.cpp fixes in code rather than reading from the file.
 ARCH_DEFAULTS = {
@@ -51,6 +55,7 @@ ARCH_DEFAULTS = {
     "granitemoe": ("norm", True),
     "glm4moe":    ("neox", None),
     "gpt-oss":    ("neox", False),
+    "qwen35moe":  ("imrope", True),
 }
 # the router's gating where llama.cpp fixes it in code (softmax_weight: the top-k of the raw logits,
 # then a softmax over those k)
@@ -61,11 +66,39 @@ GATING = {"gpt-oss": "softmax_weight"}
 class RopeConfig:
     n_dims: int                     # rotated dims per head (rope.dimension_count)
     base: float = 10000.0
-    kind: str = "norm"              # "norm": adjacent pairs; "neox": halves
+    kind: str = "norm"              # "norm": adjacent pairs; "neox": halves; "imrope": halves, by sections
+    sections: tuple = ()            # imrope: rope.dimension_sections (pairs per t/h/w/e position; text: t=h=w)
     scaling: str = "none"           # none | linear | yarn
     factor: float = 1.0
     orig_ctx: int = 0
     yarn_log_mul: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig:
+    """A gated delta net (Qwen3.5 / Qwen3-Next's linear attention) as llama.cpp reads it: `ssm.*` keys.
+    q and k have k_heads heads of state_size, v has v_heads heads of state_size (inner_size = v_heads x
+    state_size); a causal depthwise conv of conv_kernel taps runs over [q | k | v] first."""
+    conv_kernel: int                # ssm.conv_kernel
+    inner_size: int                 # ssm.inner_size: the value width, v_heads x head dim
+    state_size: int                 # ssm.state_size: the q/k (and v) head dim
+    v_heads: int                    # ssm.time_step_rank
+    k_heads: int                    # ssm.group_count
+    interval: int = 4               # full_attention_interval: every interval-th layer is full attention
+
+    @property
+    def head_v(self) -> int:
+        return self.inner_size // self.v_heads
+
+    @property
+    def conv_channels(self) -> int:
+        """q, k and v side by side: what the conv runs over."""
+        return 2 * self.k_heads * self.state_size + self.inner_size
+
+    def state_floats(self) -> tuple[int, int]:
+        """(conv state, delta-net state) floats per layer and sequence: the last conv_kernel - 1 inputs,
+        and a [head_v x head_v] matrix per v head (llama.cpp's n_embd_r / n_embd_s)."""
+        return (self.conv_kernel - 1) * self.conv_channels, self.head_v * self.head_v * self.v_heads
 
 
 @dataclass(frozen=True)
@@ -106,6 +139,7 @@ class ModelConfig:
     # deepseek2 (MLA)
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
+    linear_attention: LinearAttentionConfig | None = None    # qwen35moe
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -117,6 +151,16 @@ class ModelConfig:
         """Whether `layer` attends within the sliding window (llama.cpp's set_swa_pattern)."""
         n = self.swa_pattern
         return n > 0 and layer % n < n - 1
+
+    def is_recurrent(self, layer: int) -> bool:
+        """Whether `layer` is a gated linear-attention layer (a recurrent state, no KV cache)."""
+        la = self.linear_attention
+        return la is not None and (layer + 1) % la.interval != 0
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """The layers that keep a KV cache (all but the recurrent ones)."""
+        return [layer for layer in range(self.n_layers) if not self.is_recurrent(layer)]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -213,6 +257,18 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         orig_ctx=opt("rope.scaling.original_context_length", 0),
         yarn_log_mul=optf("rope.scaling.yarn_log_multiplier", 0.0),
     )
+    if arch == "qwen35moe":
+        sections = a("rope.dimension_sections")
+        if not isinstance(sections, list) or len(sections) != 4:
+            raise ModelError(f"{path}: metadata key {arch}.rope.dimension_sections = {sections!r} is not an array "
+                             f"of 4 integers (required by {arch}'s multi-section RoPE)")
+        rope = replace(rope, sections=tuple(_int(v, f"{arch}.rope.dimension_sections", path) for v in sections))
+    linear = None
+    if arch in LINEAR_ATTENTION:
+        linear = LinearAttentionConfig(
+            conv_kernel=req("ssm.conv_kernel"), inner_size=req("ssm.inner_size"), state_size=req("ssm.state_size"),
+            v_heads=req("ssm.time_step_rank"), k_heads=req("ssm.group_count"),
+            interval=opt("full_attention_interval", 4, 1))
     vocab = a("vocab_size")
     if vocab is None:
         tokens = meta("tokenizer.ggml.tokens")
@@ -231,6 +287,7 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         embedding_scale=optf("embedding_scale", 0.0), residual_scale=optf("residual_scale", 0.0),
         attention_scale=optf("attention.scale", 0.0), logit_scale=optf("logit_scale", 0.0),
         q_lora_rank=opt("attention.q_lora_rank", 0), kv_lora_rank=opt("attention.kv_lora_rank", 0),
+        linear_attention=linear,
         extra={"rope_finetuned": a("rope.scaling.finetuned"),
                "key_length_mla": opt("attention.key_length_mla", None, 1),
                "value_length_mla": opt("attention.value_length_mla", None, 1)},

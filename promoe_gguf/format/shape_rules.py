@@ -14,13 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import LEADING_DENSE, SHARED_FROM_COUNT, ModelConfig
+from .config import LEADING_DENSE, LINEAR_ATTENTION, SHARED_FROM_COUNT, ModelConfig
 
 # the norm before the feed-forward block, where a family names it otherwise than ffn_norm
-FFN_NORM = {"glm4moe": "post_attention_norm", "gpt-oss": "post_attention_norm"}
+FFN_NORM = {"glm4moe": "post_attention_norm", "gpt-oss": "post_attention_norm", "qwen35moe": "post_attention_norm"}
 # biases llama.cpp requires on the attention output, the router and every expert matrix, and per-head
 # attention sinks (gpt-oss)
 BIASED_EXPERTS = ("gpt-oss",)
+
+
+# config fields of a gated delta net, as validation messages name them
+SSM_FIELDS = {"ssm_conv": "conv_kernel", "ssm_inner": "inner_size", "ssm_state": "state_size",
+              "ssm_v_heads": "v_heads", "ssm_groups": "k_heads"}
 
 
 def ffn_norm_name(c: ModelConfig, layer: int) -> str:
@@ -31,6 +36,8 @@ def field_value(cfg: ModelConfig, name: str):
     """A config field by name: "rope.base" reads cfg.rope.base, "key_length_mla" cfg.extra (else key_length)."""
     if name.startswith("rope."):
         return getattr(cfg.rope, name[5:])
+    if name in SSM_FIELDS:
+        return getattr(cfg.linear_attention, SSM_FIELDS[name])
     if name in ("key_length_mla", "value_length_mla"):
         return cfg.extra.get(name) or (cfg.head_dim_k if name == "key_length_mla" else cfg.head_dim_v)
     return getattr(cfg, name)
@@ -70,6 +77,18 @@ def cross_field_rules(c: ModelConfig):
         yield (("n_group_used", "n_expert_groups", "n_experts_used"),
                c.n_group_used * group_size >= c.n_experts_used,
                "the used expert groups must hold at least expert_used_count experts")
+    la = c.linear_attention
+    if la is not None:
+        yield (("ssm_inner", "ssm_v_heads"), la.inner_size % la.v_heads == 0,
+               "ssm.inner_size must be a multiple of ssm.time_step_rank (the value heads share it)")
+        yield (("ssm_inner", "ssm_v_heads", "ssm_state"), la.inner_size == la.v_heads * la.state_size,
+               "each value head must be ssm.state_size wide (the delta net's state is square)")
+        yield (("ssm_v_heads", "ssm_groups"), la.v_heads % la.k_heads == 0,
+               "ssm.time_step_rank must be a multiple of ssm.group_count (value heads share key heads)")
+        yield (("ssm_conv",), la.conv_kernel >= 2, "ssm.conv_kernel must be at least 2 (a causal conv with a state)")
+    if c.arch == "qwen35moe":
+        yield (("rope.sections",), sum(c.rope.sections) >= 1,
+               "rope.dimension_sections must give at least one pair a section (pairs take sections in turn)")
     if c.rope.scaling == "yarn":
         orig = c.rope.orig_ctx or c.n_ctx_train
         yield (("rope.orig_ctx", "n_ctx_train"), orig >= 1,
@@ -95,10 +114,32 @@ def global_expectations(c: ModelConfig, shapes: dict):
                  required=False)
 
 
+def _linear_attention_expectations(c: ModelConfig, p: str):
+    """A gated delta net layer (qwen35moe): the ssm.* keys size it."""
+    la, d = c.linear_attention, c.n_embd
+    C, V, Hv = la.conv_channels, la.inner_size, la.v_heads
+    conv = ("ssm_groups", "ssm_state", "ssm_inner")
+    yield Expect(p + "attn_qkv.weight", (C, d), conv + ("n_embd",),
+                 "(2 x ssm.group_count x ssm.state_size + ssm.inner_size, embedding_length)")
+    yield Expect(p + "attn_gate.weight", (V, d), ("ssm_inner", "n_embd"), "(ssm.inner_size, embedding_length)")
+    yield Expect(p + "ssm_conv1d.weight", (C, la.conv_kernel), conv + ("ssm_conv",),
+                 "(2 x ssm.group_count x ssm.state_size + ssm.inner_size, ssm.conv_kernel)")
+    yield Expect(p + "ssm_dt.bias", (Hv,), ("ssm_v_heads",), "(ssm.time_step_rank,)")
+    yield Expect(p + "ssm_a", (Hv,), ("ssm_v_heads",), "(ssm.time_step_rank,)")
+    yield Expect(p + "ssm_beta.weight", (Hv, d), ("ssm_v_heads", "n_embd"), "(ssm.time_step_rank, embedding_length)")
+    yield Expect(p + "ssm_alpha.weight", (Hv, d), ("ssm_v_heads", "n_embd"), "(ssm.time_step_rank, embedding_length)")
+    yield Expect(p + "ssm_norm.weight", (la.head_v,), ("ssm_inner", "ssm_v_heads"),
+                 "(ssm.inner_size / ssm.time_step_rank,)")
+    yield Expect(p + "ssm_out.weight", (d, V), ("n_embd", "ssm_inner"), "(embedding_length, ssm.inner_size)")
+
+
 def _attention_expectations(c: ModelConfig, p: str, shapes: dict):
     d, H, Hkv, Dk, Dv = c.n_embd, c.n_head, c.n_head_kv, c.head_dim_k, c.head_dim_v
     q_fields, kv_fields = ("n_head", "head_dim_k", "n_embd"), ("n_head_kv", "head_dim_k", "n_embd")
-    yield Expect(p + "attn_q.weight", (H * Dk, d), q_fields, "(head_count x key_length, embedding_length)")
+    if c.arch in LINEAR_ATTENTION:       # gated attention: a gate beside each query head
+        yield Expect(p + "attn_q.weight", (2 * H * Dk, d), q_fields, "(2 x head_count x key_length, embedding_length)")
+    else:
+        yield Expect(p + "attn_q.weight", (H * Dk, d), q_fields, "(head_count x key_length, embedding_length)")
     yield Expect(p + "attn_k.weight", (Hkv * Dk, d), kv_fields, "(head_count_kv x key_length, embedding_length)")
     yield Expect(p + "attn_v.weight", (Hkv * Dv, d), ("n_head_kv", "head_dim_v", "n_embd"),
                  "(head_count_kv x value_length, embedding_length)")
@@ -109,9 +150,9 @@ def _attention_expectations(c: ModelConfig, p: str, shapes: dict):
                  required=False)
     yield Expect(p + "attn_v.bias", (Hkv * Dv,), ("n_head_kv", "head_dim_v"), "(head_count_kv x value_length,)",
                  required=False)
-    if c.arch in ("qwen3moe", "glm4moe"):     # RMS norm per head (GLM-4.5's larger model has them)
-        has = p + "attn_q_norm.weight" in shapes
-        yield Expect(p + "attn_q_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=False)
+    if c.arch in ("qwen3moe", "glm4moe", "qwen35moe"):     # RMS norm per head (GLM-4.5's larger model has them)
+        has = p + "attn_q_norm.weight" in shapes or c.arch == "qwen35moe"
+        yield Expect(p + "attn_q_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=has)
         yield Expect(p + "attn_k_norm.weight", (Dk,), ("head_dim_k",), "(key_length,)", required=has)
     if c.arch in BIASED_EXPERTS:
         yield Expect(p + "attn_output.bias", (d,), ("n_embd",), "(embedding_length,)")
@@ -190,7 +231,7 @@ def _shared_expectations(chk, p: str):
         if not c.n_expert_shared:
             chk.absent(p + "ffn_up_shexp.weight", ("n_expert_shared",), "expert_shared_count = 0 means no shared expert")
             return
-    elif not present and not (c.arch == "qwen2moe" and Fs):
+    elif not present and not (c.arch in ("qwen2moe", "qwen35moe") and Fs):
         return                   # no shared expert (granitemoe: optional)
     if not Fs and present:
         Fs = shapes[p + "ffn_up_shexp.weight"][0]
@@ -199,7 +240,7 @@ def _shared_expectations(chk, p: str):
     yield Expect(p + "ffn_up_shexp.weight", (Fs, d), f, "(shared expert FF width, embedding_length)")
     yield Expect(p + "ffn_down_shexp.weight", (d, Fs), f, "(embedding_length, shared expert FF width)")
     yield Expect(p + "ffn_gate_inp_shexp.weight", (d,), ("n_embd",), "(embedding_length,)",
-                 required=c.arch == "qwen2moe")
+                 required=c.arch in ("qwen2moe", "qwen35moe"))
 
 
 def layer_expectations(chk, layer: int):
@@ -209,6 +250,8 @@ def layer_expectations(chk, layer: int):
     yield Expect(ffn_norm_name(c, layer), (d,), ("n_embd",), "(embedding_length,)")
     if c.arch == "deepseek2":
         yield from _mla_expectations(chk, p)
+    elif c.is_recurrent(layer):
+        yield from _linear_attention_expectations(c, p)
     else:
         yield from _attention_expectations(c, p, chk.shapes)
     if layer < c.n_leading_dense:

@@ -40,6 +40,7 @@ KEYS = {
     "rms_eps": ("attention.layer_norm_rms_epsilon", "default"),
     "rope.n_dims": ("rope.dimension_count", "=head_dim_k"),
     "rope.base": ("rope.freq_base", "default"),
+    "rope.sections": ("rope.dimension_sections", None),
     "rope.scaling": ("rope.scaling.type", "default"),
     "rope.factor": ("rope.scaling.factor", "default"),
     "rope.orig_ctx": ("rope.scaling.original_context_length", "default"),
@@ -64,6 +65,11 @@ KEYS = {
     "sliding_window": ("attention.sliding_window", None),
     "key_length_mla": ("attention.key_length_mla", "=head_dim_k"),
     "value_length_mla": ("attention.value_length_mla", "=head_dim_v"),
+    "ssm_conv": ("ssm.conv_kernel", None),
+    "ssm_inner": ("ssm.inner_size", None),
+    "ssm_state": ("ssm.state_size", None),
+    "ssm_v_heads": ("ssm.time_step_rank", None),
+    "ssm_groups": ("ssm.group_count", None),
 }
 
 # ---- sane ranges ------------------------------------------------------------------------------

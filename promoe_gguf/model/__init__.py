@@ -5,9 +5,10 @@ from .glm4_moe import GLM4MoE
 from .gpt_oss import GptOss
 from .mixtral import Mixtral
 from .olmoe import OLMoE
+from .qwen35_moe import Qwen35MoE
 from .qwen_moe import QwenMoE
 
-FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek, GLM4MoE, GptOss) for arch in cls.archs}
+FAMILIES = {arch: cls for cls in (Mixtral, QwenMoE, OLMoE, DeepSeek, GLM4MoE, GptOss, Qwen35MoE) for arch in cls.archs}
 
 
 def build_decoder(model, experts, backend):

@@ -23,7 +23,8 @@ class ResidentWeights:
 
     Matrices keep their GGUF encoding as bytes (QMatrix: where the backend reads weights in place,
     the CPU, the file's memory map itself; else a device copy of the same bytes); 1-D tensors
-    (norms, biases, gate vectors) and biases of any rank (gpt-oss's per-expert [E, n]) become float32."""
+    (norms, biases, gate vectors), biases of any rank (gpt-oss's per-expert [E, n]) and a delta net's
+    conv taps (read whole per step, never multiplied as a matrix) become float32."""
 
     def __init__(self, model, backend):
         self.model, self.device = model, backend.device
@@ -32,7 +33,7 @@ class ResidentWeights:
         file = torch.from_numpy(model.resident_data) if backend.weights_in_place else None
         for name in model.resident_names:
             ref = model.tensor_ref(name)
-            if len(ref.shape) == 1 or name.endswith(".bias"):
+            if len(ref.shape) == 1 or name.endswith(".bias") or name.endswith(".ssm_conv1d.weight"):
                 self.vecs[name] = torch.from_numpy(model.tensor_f32(name).copy()).to(self.device)
                 continue
             if file is not None:
@@ -86,7 +87,8 @@ def rope_spec(cfg) -> RopeSpec:
         else:
             attn = (f32(0.1) * np.log(factor) + f32(1.0)) * cancel
     return RopeSpec(kind=r.kind, n_dims=r.n_dims, base=float(f32(r.base)), freq_scale=float(freq_scale),
-                    ext_factor=ext, attn_factor=float(attn), n_ctx_orig=int(r.orig_ctx or cfg.n_ctx_train or 0))
+                    ext_factor=ext, attn_factor=float(attn), n_ctx_orig=int(r.orig_ctx or cfg.n_ctx_train or 0),
+                    sections=r.sections)
 
 
 class KVCache:
@@ -95,26 +97,37 @@ class KVCache:
     in the backend's element type (fp16 on CUDA, as llama.cpp's default). Allocated once, zeroed
     (the CPU backend reads `pad`-aligned spans whose tail is masked out), for n = n_ctx rounded up
     to the layout's padding; `reset()` starts a new sequence in place. The positions written so
-    far, n_past, live on the host: a decode step reads its position from a device buffer."""
+    far, n_past, live on the host: a decode step reads its position from a device buffer.
+
+    Models with gated linear attention (qwen35moe) keep K and V only for their attention layers
+    (`layers`; None elsewhere) and, beside them, each recurrent layer's state (RecurrentState), as
+    llama.cpp's hybrid memory does."""
 
     def __init__(self, n_layers: int, n_ctx: int, k_dims: tuple[int, int], v_dims: tuple[int, int], device,
-                 layout: KVLayout):
+                 layout: KVLayout, layers: list[int] | None = None, linear=None):
         self.n_ctx, self.device, self.layout = n_ctx, torch.device(device), layout
         self.dtype, self.v_trans = layout.dtype, layout.v_trans
         self.n_alloc = layout.n_alloc(n_ctx)
+        layers = list(range(n_layers)) if layers is None else layers
         (hk, dk), (hv, dv) = k_dims, v_dims
-        nbytes = layout.nbytes(n_layers, n_ctx, k_dims, v_dims)
+        nbytes = layout.nbytes(len(layers), n_ctx, k_dims, v_dims)
         vshape = (hv, dv, self.n_alloc) if self.v_trans else (hv, self.n_alloc, dv)
+        self.k: list = [None] * n_layers
+        self.v: list = [None] * n_layers
         try:
-            self.k = [torch.zeros((hk, self.n_alloc, dk), dtype=self.dtype, device=self.device) for _ in range(n_layers)]
-            self.v = [torch.zeros(vshape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
+            for layer in layers:
+                self.k[layer] = torch.zeros((hk, self.n_alloc, dk), dtype=self.dtype, device=self.device)
+                self.v[layer] = torch.zeros(vshape, dtype=self.dtype, device=self.device)
+            self.recurrent = RecurrentState(n_layers, layers, linear, self.device) if linear is not None else None
         except (torch.OutOfMemoryError, RuntimeError) as e:
             raise ModelError(f"cannot allocate a KV cache of {n_ctx} positions ({nbytes:,} bytes): {e}") from e
-        self.nbytes = nbytes
+        self.nbytes = nbytes + (self.recurrent.nbytes if self.recurrent else 0)
         self.n_past = 0
 
     def reset(self) -> None:
         self.n_past = 0
+        if self.recurrent is not None:
+            self.recurrent.reset()
 
     def append(self, layer: int, k, v, start: int) -> None:
         """Store k [T, Hkv, Dk] / v [T, Hkv, Dv] at positions start..start+T (host positions)."""
@@ -127,6 +140,33 @@ class KVCache:
             self.v[layer][:, :, start:end] = v.permute(1, 2, 0)
         else:
             self.v[layer][:, start:end] = v.transpose(0, 1)
+
+
+def recurrent_state_bytes(cfg) -> int:
+    """Bytes of every recurrent layer's state for one sequence (float32, as llama.cpp's R and S)."""
+    la = cfg.linear_attention
+    if la is None:
+        return 0
+    n = sum(cfg.is_recurrent(layer) for layer in range(cfg.n_layers))
+    return n * sum(la.state_floats()) * 4
+
+
+class RecurrentState:
+    """Per recurrent layer: conv [C, K-1] (the conv's last K-1 inputs, C = q|k|v channels) and ssm
+    [Hv, S, S] (a delta net's matrix per v head, S[h, j, i]: value j, key i), float32, in ggml's
+    order (ne0 last). Zero at the start of a sequence; a forward step updates them in place, so a
+    recorded decode step replays on the same memory."""
+
+    def __init__(self, n_layers: int, attention_layers: list[int], linear, device):
+        K, C, Hv, S = linear.conv_kernel, linear.conv_channels, linear.v_heads, linear.head_v
+        rec = [layer for layer in range(n_layers) if layer not in set(attention_layers)]
+        self.conv = {layer: torch.zeros((C, K - 1), dtype=torch.float32, device=device) for layer in rec}
+        self.ssm = {layer: torch.zeros((Hv, S, S), dtype=torch.float32, device=device) for layer in rec}
+        self.nbytes = sum(t.numel() * 4 for t in (*self.conv.values(), *self.ssm.values()))
+
+    def reset(self) -> None:
+        for t in (*self.conv.values(), *self.ssm.values()):
+            t.zero_()
 
 
 class StepDriver(Protocol):

@@ -52,7 +52,9 @@ class Decoder:
         return (c.n_head_kv, c.head_dim_k), (c.n_head_kv, c.head_dim_v)
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.cfg.n_layers, n_ctx, *self.cache_dims(self.model), self.device, self.backend.kv_layout)
+        c = self.cfg
+        return KVCache(c.n_layers, n_ctx, *self.cache_dims(self.model), self.device, self.backend.kv_layout,
+                       layers=c.attention_layers, linear=c.linear_attention)
 
     # ---- the pieces a family writes ------------------------------------------------------
     def attention(self, layer: int, h, step: Step):
@@ -102,11 +104,14 @@ class Decoder:
 
     def standard_attention(self, layer: int, q, k, v, step: Step):
         """q [T, H, Dk], k [T, Hkv, Dk], v [T, Hkv, Dv] before RoPE -> attn_output projection [T, d]."""
+        return self.linear(self.standard_attention_core(layer, q, k, v, step), f"blk.{layer}.attn_output")
+
+    def standard_attention_core(self, layer: int, q, k, v, step: Step):
+        """RoPE, the KV cache and attention: q [T, H, Dk], k, v [T, Hkv, D] -> [T, H * Dv]."""
         be = self.backend
         q, k = be.rope_many((q, k), self.rope, step)
         be.store_kv(step.cache, layer, k, v, step)
-        a = be.attention(q, step.cache, layer, step, self.kq_scale)
-        return self.linear(a, f"blk.{layer}.attn_output")
+        return be.attention(q, step.cache, layer, step, self.kq_scale)
 
     def routed_experts(self, layer: int, h, step: Step):
         """Router -> top-k (on the device) -> the expert seam. h [T, d] -> [T, d]."""

@@ -40,7 +40,7 @@ class SimModel:
     out_params: int
     expert_bytes: dict            # layer -> bytes of one routed expert (gate + up + down)
     expert_params: dict           # layer -> matrix parameters of one expert
-    kv_elems: int                 # K + V elements per position per layer
+    kv_elems: int                 # K + V elements per position per layer (averaged: recurrent layers keep none)
     cpu_factor: float             # how much faster than K-quants a CPU thread streams these experts' types
     attn_dim: int                 # n_head * head_dim (attention flops per position)
     layout: StoreLayout
@@ -73,7 +73,7 @@ class SimModel:
         factor = FLOAT_THREAD_FACTOR if types <= {"F16", "BF16", "F32"} else 1.0
         return cls(model, getattr(model, "path", cfg.arch), cfg.n_layers, list(cfg.moe_layers), cfg.n_experts,
                    cfg.n_experts_used, cfg.n_embd, cfg.n_vocab, lb, lp, embd, out, outp, eb, ep,
-                   hk * dk + hv * dv, factor, cfg.n_head * cfg.head_dim_k, StoreLayout.of(model))
+                   (hk * dk + hv * dv) * len(cfg.attention_layers) // cfg.n_layers, factor, cfg.n_head * cfg.head_dim_k, StoreLayout.of(model))
 
     def cpu_bw(self, prof) -> float:
         return prof.cpu_bw(self.cpu_factor)

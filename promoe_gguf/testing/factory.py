@@ -71,7 +71,8 @@ from .spec import ModelSpec, model_tensors, write_metadata
 # bump whenever the produced files would change (names carry it, so stale caches are never reused)
 FACTORY_VERSION = "fv2"
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss",
+         "qwen35moe")
 
 # name -> llama_ftype (llama.h)
 QUANTS = {
@@ -88,7 +89,7 @@ EXTRA_QUANTS = ("BF16", "Q4_1", "Q5_0", "Q5_1", "Q3_K_M", "Q6_K", "IQ4_NL",
                 "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S", "MXFP4_MOE")
 
 # the quants an arch gets instead of CORE_QUANTS: gpt-oss ships as MXFP4 experts (the rest Q8_0)
-ARCH_QUANTS = {"gpt-oss": ("F32", "Q8_0", "MXFP4_MOE")}
+ARCH_QUANTS = {"gpt-oss": ("F32", "Q8_0", "MXFP4_MOE"), "qwen35moe": ("F32", "Q8_0", "Q4_K_M")}
 
 # the type llama.cpp gives the routed-expert gate/up tensors for each ftype (ne0 = 256)
 BASE_TYPE = {
@@ -162,6 +163,12 @@ def spec(arch: str, variant: str = "default") -> ModelSpec:
         # other layer a sliding window (16 here, so the tests' 64 tokens cross it), YaRN (factor 4 over 128)
         s = s.with_(n_head=8, head_dim=64, n_used=4, rope_base=150000.0, sliding_window=16, yarn_factor=4.0,
                     yarn_orig_ctx=128, expert_scale=2.5)
+    elif arch == "qwen35moe":
+        # Qwen3.5-35B-A3B's layout, small: layers alternate gated delta net / gated attention (interval 2
+        # here, 4 there), 2 k heads and 4 v heads of 32 (v heads share k heads, as 16/32 there), a 4-tap
+        # conv, 2 KV heads of 64 with a quarter rotated by multi-section RoPE, top-2 + a gated shared expert
+        s = s.with_(head_dim=64, n_ff_shexp=256, rms_eps=1e-6, rope_base=1e7, rope_dims=16, rope_sections=(3, 3, 2, 0),
+                    ssm_conv=4, ssm_state=32, ssm_k_heads=2, ssm_v_heads=4, attn_interval=2)
     elif arch == "granitemoe":
         # scales chosen so that every term matters (embeddings ~0.1 * 8, layers * 0.5, tied logits / 0.5)
         s = s.with_(n_expert=4, tied=True, embd_std=0.1, embedding_scale=8.0, residual_scale=0.5,
@@ -184,6 +191,8 @@ def _tensors(s: ModelSpec, rng: np.random.Generator):
             arr = (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
         elif t.fill in ("linear", "experts"):
             arr = rng.standard_normal(shape, dtype=np.float32) * np.float32(t.scale / math.sqrt(t.ne[0]))
+        elif t.fill == "decay":
+            arr = (-np.exp(0.5 * rng.standard_normal(shape, dtype=np.float32))).astype(np.float32)
         elif t.fill == "vector":
             arr = (t.scale * rng.standard_normal(math.prod(shape), dtype=np.float32)).astype(np.float32).reshape(shape)
         elif t.fill == "kv_b" and kv_b_v is None:

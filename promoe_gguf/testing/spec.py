@@ -13,7 +13,7 @@ from this metadata exactly as from a file). Adding an architecture touches its c
     metadata()         the same keys as a dict (a header-only model's metadata)
 
 A float model fills each tensor by `fill`: "embedding" N(0, scale^2); "norm" 1 + 0.1 N; "linear" and
-"experts" N * scale / sqrt(fan-in); "vector" N * scale; "kv_b" DeepSeek2's attn_k_b and attn_v_b cut
+"experts" N * scale / sqrt(fan-in); "vector" N * scale; "decay" -exp(0.5 N) (a delta net's A, < 0); "kv_b" DeepSeek2's attn_k_b and attn_v_b cut
 from one [heads x (nope + v), kv_lora] draw (as convert_hf_to_gguf splits kv_b_proj).
 """
 from __future__ import annotations
@@ -86,8 +86,36 @@ class TensorSpec:
 
 # ---- tensors --------------------------------------------------------------------------------------
 
+def is_recurrent(s: ModelSpec, i: int) -> bool:
+    """qwen35moe: a gated linear-attention layer (llama.cpp's default: all but every 4th)."""
+    return s.arch == "qwen35moe" and i < s.n_layer and (i + 1) % s.x("attn_interval", 4) != 0
+
+
+def _linear_attention(s: ModelSpec, p: str):
+    """Qwen3.5's gated delta net: qkv and gate projections, conv, decay (dt bias, A), beta, norm, out."""
+    E, S, Hk, Hv = s.n_embd, s.x("ssm_state"), s.x("ssm_k_heads"), s.x("ssm_v_heads")
+    conv = 2 * Hk * S + Hv * S
+    yield TensorSpec(p + "attn_qkv.weight", (E, conv), "linear")
+    yield TensorSpec(p + "attn_gate.weight", (E, Hv * S), "linear")
+    yield TensorSpec(p + "ssm_conv1d.weight", (s.x("ssm_conv"), conv), "linear")
+    yield TensorSpec(p + "ssm_dt.bias", (Hv,), "vector", 0.5)
+    yield TensorSpec(p + "ssm_a", (Hv,), "decay")                  # -exp(A_log), as the converter writes it
+    yield TensorSpec(p + "ssm_beta.weight", (E, Hv), "linear")
+    yield TensorSpec(p + "ssm_alpha.weight", (E, Hv), "linear")
+    yield TensorSpec(p + "ssm_norm.weight", (S,), "norm")
+    yield TensorSpec(p + "ssm_out.weight", (Hv * S, E), "linear")
+
+
 def _attention(s: ModelSpec, p: str):
     E, H, Hkv, D = s.n_embd, s.n_head, s.n_head_kv, s.head_dim
+    if s.arch == "qwen35moe":        # gated attention: attn_q is [q | gate] per head
+        yield TensorSpec(p + "attn_q.weight", (E, 2 * H * D), "linear")
+        yield TensorSpec(p + "attn_k.weight", (E, Hkv * D), "linear")
+        yield TensorSpec(p + "attn_v.weight", (E, Hkv * D), "linear")
+        yield TensorSpec(p + "attn_q_norm.weight", (D,), "norm")
+        yield TensorSpec(p + "attn_k_norm.weight", (D,), "norm")
+        yield TensorSpec(p + "attn_output.weight", (H * D, E), "linear")
+        return
     if s.arch == "deepseek2":
         nope, rope, vh, kvl, ql = s.x("qk_nope"), s.x("qk_rope"), s.x("v_head"), s.x("kv_lora"), s.x("q_lora", 0)
         if ql:
@@ -145,20 +173,20 @@ def _feed_forward(s: ModelSpec, i: int, p: str):
         yield TensorSpec(p + "ffn_up_exps.bias", (F, X), "vector", 0.5)
         yield TensorSpec(p + "ffn_down_exps.bias", (E, X), "vector", 0.2)
     if s.n_ff_shexp:
-        if s.arch == "qwen2moe":         # one gate per token, a 1D [n_embd] row
+        if s.arch in ("qwen2moe", "qwen35moe"):     # one gate per token, a 1D [n_embd] row
             yield TensorSpec(p + "ffn_gate_inp_shexp.weight", (E,), "vector", E ** -0.5)
         yield TensorSpec(p + "ffn_gate_shexp.weight", (E, s.n_ff_shexp), "linear")
         yield TensorSpec(p + "ffn_up_shexp.weight", (E, s.n_ff_shexp), "linear")
         yield TensorSpec(p + "ffn_down_shexp.weight", (s.n_ff_shexp, E), "linear")
 
 
-FFN_NORM = {"glm4moe": "post_attention_norm", "gpt-oss": "post_attention_norm"}
+FFN_NORM = {"glm4moe": "post_attention_norm", "gpt-oss": "post_attention_norm", "qwen35moe": "post_attention_norm"}
 
 
 def layer_tensors(s: ModelSpec, i: int):
     p = f"blk.{i}."
     yield TensorSpec(p + "attn_norm.weight", (s.n_embd,), "norm")
-    yield from _attention(s, p)
+    yield from (_linear_attention if is_recurrent(s, i) else _attention)(s, p)
     yield TensorSpec(p + FFN_NORM.get(s.arch, "ffn_norm") + ".weight", (s.n_embd,), "norm")
     yield from _feed_forward(s, i, p)
 
@@ -250,6 +278,19 @@ def write_metadata(w: gguf.GGUFWriter, s: ModelSpec, file_type: int, title: str 
         w.add_expert_weights_norm(True)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         w.add_uint32(f"{arch}.nextn_predict_layers", s.n_nextn)
+    elif arch == "qwen35moe":
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
+        w.add_rope_dimension_count(x("rope_dims"))
+        w.add_rope_dimension_sections(list(x("rope_sections")))
+        w.add_expert_feed_forward_length(s.n_ff_exp)
+        w.add_expert_shared_feed_forward_length(s.n_ff_shexp)
+        w.add_ssm_conv_kernel(x("ssm_conv"))
+        w.add_ssm_state_size(x("ssm_state"))
+        w.add_ssm_group_count(x("ssm_k_heads"))
+        w.add_ssm_time_step_rank(x("ssm_v_heads"))
+        w.add_ssm_inner_size(x("ssm_v_heads") * x("ssm_state"))
+        w.add_full_attention_interval(x("attn_interval", 4))
     elif arch == "granitemoe":
         w.add_embedding_scale(x("embedding_scale"))
         w.add_residual_scale(x("residual_scale"))
