@@ -99,15 +99,19 @@ _KV_LOG = re.compile(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s
                      r"V \(f16\):\s*([\d.]+) MiB")
 
 
+_RS_LOG = re.compile(r"llama_memory_recurrent: size =\s*([\d.]+) MiB")
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "granitemoe", "gpt-oss",
-                                  "glm4moe", "deepseek2"])
+                                  "glm4moe", "deepseek2", "qwen35moe"])
 def test_kv_cache_bytes_against_llama_cpps_allocation_log(test_models, arch):
     """The CUDA plan's fp16 KV cache (memory.kv_cache_bytes, what Engine.memory reports) against what
     llama.cpp allocates for the same file and context, read from its own log. Equal where both keep K
     and V per layer (gpt-oss: llama-cpp-python keeps its windowed layers' cache full size). Two known
     differences, asserted exactly: llama.cpp also allocates glm4moe's NextN block, which it never runs;
     for deepseek2's latent attention llama.cpp keeps one latent row per position (V is a view of it)
-    where we keep the latent K row and a separate V row of kv_lora_rank."""
+    where we keep the latent K row and a separate V row of kv_lora_rank. qwen35moe: K and V of its
+    attention layers only, plus its recurrent layers' conv and delta-net states (llama.cpp's R and S)."""
     from promoe_gguf import memory
     from promoe_gguf.bench.quant_mix import captured_llama_log
     import llama_cpp
@@ -119,7 +123,8 @@ def test_kv_cache_bytes_against_llama_cpps_allocation_log(test_models, arch):
     del llm
     caches = [tuple(float(g) for g in m.groups()) for m in _KV_LOG.finditer("".join(log))]
     assert caches, "llama.cpp logged no KV cache size"
-    theirs = sum(c[0] for c in caches) * 2**20
+    states = [float(m.group(1)) for m in _RS_LOG.finditer("".join(log))]
+    theirs = (sum(c[0] for c in caches) + sum(states)) * 2**20
     model = open_model(test_models[key])
     ours = memory.kv_cache_bytes(model, n_ctx, "cuda")
     c = model.config
@@ -127,4 +132,8 @@ def test_kv_cache_bytes_against_llama_cpps_allocation_log(test_models, arch):
         theirs = theirs * c.n_layers / (c.n_layers + c.n_nextn_layers)
     if arch == "deepseek2":
         theirs += c.n_layers * n_ctx * c.kv_lora_rank * 2
-    assert abs(ours - theirs) <= 0.006 * 2**20 * len(caches), (ours / 2**20, theirs / 2**20, caches)
+    assert abs(ours - theirs) <= 0.006 * 2**20 * (len(caches) + len(states)), (ours / 2**20, theirs / 2**20, caches)
+    assert bool(states) == (c.linear_attention is not None)
+    if states:                         # the states alone, to the log's rounding
+        from promoe_gguf.model.common import recurrent_state_bytes
+        assert abs(recurrent_state_bytes(c) - sum(states) * 2**20) <= 0.005 * 2**20, (recurrent_state_bytes(c), states)

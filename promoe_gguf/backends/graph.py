@@ -10,7 +10,9 @@ the whole step instead of one per kernel, and no Python between kernels).
                     on a machine without a GPU): recording runs the step and keeps each device
                     operation (every aten op that computes, every kernel launch) as a node; replay
                     runs the nodes again on the same tensors, with no Python of the model in between.
-                    A host read of a device value while recording is an error, as on a GPU.
+                    A host read of a device value while recording is an error, as on a GPU; what
+                    recording wrote into memory made before it (a recurrent state) is put back
+                    afterwards (rewind), as a capture that computes nothing leaves it.
 
 Both count their replays; the emulation also times them (device time, not host work).
 """
@@ -36,6 +38,7 @@ class DeviceGraph(Protocol):
 
     def begin(self) -> None: ...
     def end(self) -> None: ...
+    def rewind(self) -> None: ...       # undo what recording computed (nothing to undo on a GPU)
     def replay(self) -> None: ...
 
 
@@ -55,6 +58,9 @@ class CudaGraph:
 
     def end(self) -> None:
         self.graph.capture_end()
+
+    def rewind(self) -> None:
+        """A capture computes nothing: nothing to undo."""
 
     def replay(self) -> None:
         self.graph.replay()
@@ -96,7 +102,15 @@ class EmulatedGraph:
     def end(self) -> None:
         self._mode.__exit__(None, None, None)
         self.backend.launcher = self._launcher
-        self._mode = None
+
+    def rewind(self) -> None:
+        """Put back what recording's aten ops wrote into memory made before it (a recurrent state
+        read and written by the step), as a GPU capture, which computes nothing, leaves it. Called
+        once the whole step has recorded (its later graphs read what earlier ones wrote), last
+        graph first."""
+        if self._mode is not None:
+            self._mode.restore()
+            self._mode = None
 
     @property
     def kernels(self) -> int:
@@ -127,16 +141,39 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, nodes: list, memory: list):
         super().__init__()
         self.nodes, self.memory = nodes, memory
+        self.saved: dict = {}            # (address, shape, strides) -> (tensor, its content before recording)
+        self.mine: set = set()           # storages made while recording
+
+    def _save_written(self, func, args, kwargs) -> None:
+        """Before an op writes a tensor made before recording, keep its content (once per view)."""
+        values = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
+        for a in func._schema.arguments:
+            v = values.get(a.name)
+            if a.alias_info is None or not a.alias_info.is_write or not isinstance(v, torch.Tensor):
+                continue
+            key = (v.data_ptr(), tuple(v.shape), v.stride())
+            if key not in self.saved and v.untyped_storage().data_ptr() not in self.mine:
+                self.saved[key] = (v, v.clone())
+
+    def restore(self) -> None:
+        with _disable_current_modes():
+            for v, before in reversed(self.saved.values()):
+                v.copy_(before)
+        self.saved.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.__name__.split(".")[0]
         if name in _SYNCING:
             raise GraphCaptureError(f"aten.{name} reads a device value on the host while a graph records")
+        if func._schema.is_mutable:
+            self._save_written(func, args, kwargs)
         out = func(*args, **kwargs)
         # kernels hold raw addresses: memory made while recording stays the graph's (a CUDA graph's
         # private pool), or a replay would write into memory the allocator has handed out again
-        self.memory.extend(o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor))
+        made = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+        self.memory.extend(made)
+        self.mine |= _storages(made)
         if func._schema.is_mutable:
             self.nodes.append(lambda: func(*args, **kwargs))
             return out

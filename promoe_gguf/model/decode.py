@@ -93,6 +93,12 @@ class _Recording:
 
     def close(self) -> None:
         self.segments[-1].graph.end()
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Undo what recording computed (the emulation runs while it records), last graph first."""
+        for seg in reversed(self.segments):
+            seg.graph.rewind()
 
 
 class Decoding:
@@ -191,6 +197,7 @@ class Decoding:
                     rec.segments[-1].graph.end()
                 except Exception:  # noqa: BLE001 - it may have ended already
                     pass
+                rec.rewind()
             self.graphs = False
             self.counts.mode, self.counts.why_eager = "eager", f"{type(e).__name__}: {e}"
             log.warning("decode steps run eagerly: recording the step as a device graph failed (%s: %s)",
