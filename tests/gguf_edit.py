@@ -26,9 +26,11 @@ def _string(s: str) -> bytes:
 
 
 def encode_kv(key: str, value, vtype: V) -> bytes:
-    """One KV item: key, value type, scalar or string value."""
+    """One KV item: key, value type, scalar or string value (V.ARRAY: a list of int32)."""
     if vtype == V.STRING:
         payload = _string(value)
+    elif vtype == V.ARRAY:
+        payload = struct.pack("<IQ", int(V.INT32), len(value)) + struct.pack(f"<{len(value)}i", *value)
     else:
         payload = struct.pack(SCALAR_FORMATS[vtype], value)
     return _string(key) + struct.pack("<I", int(vtype)) + payload

@@ -35,9 +35,11 @@ READ_KEYS = (
     "expert_shared_count", "leading_dense_block_count", "expert_weights_scale", "expert_weights_norm",
     "expert_gating_func", "expert_group_count", "expert_group_used_count",
     "embedding_scale", "residual_scale", "logit_scale", "nextn_predict_layers",
+    "ssm.conv_kernel", "ssm.inner_size", "ssm.state_size", "ssm.time_step_rank", "ssm.group_count",
+    "full_attention_interval",
 )
 OTHER_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss",
-               "gpt2")
+               "qwen35moe", "gpt2")
 
 
 def _int_like(v) -> bool:

@@ -15,7 +15,8 @@ from gguf_edit import GGUFTemplate
 
 CI_MODELS = [("llama", "default"), ("qwen2moe", "default"), ("qwen3moe", "default"), ("olmoe", "default"),
              ("deepseek", "default"), ("deepseek2", "default"), ("granitemoe", "default"),
-             ("glm4moe", "default"), ("gpt-oss", "default"), ("deepseek2", "v3"), ("deepseek2", "kvb")]
+             ("glm4moe", "default"), ("gpt-oss", "default"), ("qwen35moe", "default"), ("deepseek2", "v3"),
+             ("deepseek2", "kvb")]
 SLOW_MODELS = CI_MODELS + [("llama", "legacy"), ("deepseek2", "merged"), ("deepseek", "narrow")]
 SLOW_CASES_PER_MODEL = 850          # 14 models: 11,900 cases
 

@@ -14,7 +14,8 @@ from promoe_gguf import ModelError, open_model
 from promoe_gguf.engine import Engine
 from semantic_fuzz import memory_limit
 
-ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss")
+ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe", "gpt-oss",
+         "qwen35moe")
 U32, I32, F32 = V.UINT32, V.INT32, V.FLOAT32
 
 
@@ -75,19 +76,21 @@ def _cases(factory, arch):
              [rf"{arch}.rope.scaling.factor = -40", "> 0"]),
         ]
     else:
-        Dk = D if arch in ("qwen3moe", "gpt-oss") else d // H
+        Dk = D if arch in ("qwen3moe", "gpt-oss", "qwen35moe") else d // H
+        L = 1 if arch == "qwen35moe" else 0            # the first layer with attention (qwen35moe's 0 is recurrent)
+        Q = 2 * H * Dk if arch == "qwen35moe" else H * Dk       # qwen35moe: a gate beside each query head
         out += [
             ("heads_x_dims_vs_q", {"attention.key_length": (Dk // 2, U32), "rope.dimension_count": (16, U32)},
              [rf"{arch}.attention.key_length = {Dk // 2}", rf"{arch}.attention.head_count = {H}",
-              rf"blk.0.attn_q.weight has shape \({H * Dk}, {d}\)"]),
+              rf"blk.{L}.attn_q.weight has shape \({Q}, {d}\)"]),
             ("value_dims_vs_v", {"attention.value_length": (Dk + 32, U32)},
-             [rf"{arch}.attention.value_length = {Dk + 32}", rf"blk.0.attn_v.weight has shape \({Hkv * Dk}, {d}\)"]),
+             [rf"{arch}.attention.value_length = {Dk + 32}", rf"blk.{L}.attn_v.weight has shape \({Hkv * Dk}, {d}\)"]),
             ("rope_within_head_dim", {"rope.dimension_count": (Dk + 2, U32)},
              [rf"{arch}.rope.dimension_count = {Dk + 2}", "within the head dimension"]),
         ]
     # the expert FF width: its own key where the arch has one, else feed_forward_length
     ff_key = "expert_feed_forward_length" if arch in ("qwen2moe", "qwen3moe", "deepseek", "deepseek2", "glm4moe",
-                                                      "gpt-oss") \
+                                                      "gpt-oss", "qwen35moe") \
         else "feed_forward_length"
     out.append(("expert_width_vs_experts", {ff_key: (s["n_ff_exp"] + 32, U32)},
                 [rf"{arch}.{ff_key} = {s['n_ff_exp'] + 32}",
@@ -121,6 +124,24 @@ def _cases(factory, arch):
                  [rf"'{arch}.attention.sliding_window' = 0", "integer >= 1"]),
                 ("sliding_window_unbounded", {"attention.sliding_window": (2**32 - 1, U32)},
                  [rf"{arch}.attention.sliding_window = 4294967295", "<= 1.67772e\\+07"])]
+    if arch == "qwen35moe":    # the gated delta net's ssm.* keys against its tensors and each other
+        S, Hk, Hv = s["ssm_state"], s["ssm_k_heads"], s["ssm_v_heads"]
+        C = 2 * Hk * S + Hv * S
+        out += [("ssm_state_vs_qkv", {"ssm.state_size": (S * 2, U32), "ssm.inner_size": (Hv * S * 2, U32)},
+                 [rf"{arch}.ssm.state_size = {S * 2}", rf"blk.0.attn_qkv.weight has shape \({C}, {d}\)"]),
+                ("ssm_inner_vs_heads", {"ssm.inner_size": (Hv * S + 1, U32)},
+                 [rf"{arch}.ssm.inner_size = {Hv * S + 1}", "multiple of ssm.time_step_rank"]),
+                ("ssm_groups_vs_v_heads", {"ssm.group_count": (3, U32)},
+                 [rf"{arch}.ssm.group_count = 3", "multiple of ssm.group_count"]),
+                ("ssm_v_heads_vs_width", {"ssm.time_step_rank": (Hv * 2, U32)},
+                 [rf"{arch}.ssm.time_step_rank = {Hv * 2}", "ssm.state_size wide"]),
+                ("ssm_conv_one_tap", {"ssm.conv_kernel": (1, U32)}, [rf"{arch}.ssm.conv_kernel = 1", "at least 2"]),
+                ("ssm_conv_vs_taps", {"ssm.conv_kernel": (s["ssm_conv"] + 1, U32)},
+                 [rf"{arch}.ssm.conv_kernel = {s['ssm_conv'] + 1}", rf"blk.0.ssm_conv1d.weight has shape \({C}, {s['ssm_conv']}\)"]),
+                ("attention_interval_vs_tensors", {"full_attention_interval": (3, U32)},
+                 [r"blk.1.attn_qkv.weight is missing"]),
+                ("rope_sections_not_four", {"rope.dimension_sections": ([4, 4], V.ARRAY)},
+                 [rf"{arch}.rope.dimension_sections = \[4, 4\]", "array of 4"])]
     if arch == "deepseek":
         out.append(("weights_scale_inf", {"expert_weights_scale": (math.inf, F32)},
                     [rf"{arch}.expert_weights_scale = inf", "finite"]))

@@ -12,7 +12,7 @@ tensors that must not be there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import LEADING_DENSE, LINEAR_ATTENTION, SHARED_FROM_COUNT, ModelConfig
 
@@ -25,7 +25,7 @@ BIASED_EXPERTS = ("gpt-oss",)
 
 # config fields of a gated delta net, as validation messages name them
 SSM_FIELDS = {"ssm_conv": "conv_kernel", "ssm_inner": "inner_size", "ssm_state": "state_size",
-              "ssm_v_heads": "v_heads", "ssm_groups": "k_heads"}
+              "ssm_v_heads": "v_heads", "ssm_groups": "k_heads", "attn_interval": "interval"}
 
 
 def ffn_norm_name(c: ModelConfig, layer: int) -> str:
@@ -250,8 +250,9 @@ def layer_expectations(chk, layer: int):
     yield Expect(ffn_norm_name(c, layer), (d,), ("n_embd",), "(embedding_length,)")
     if c.arch == "deepseek2":
         yield from _mla_expectations(chk, p)
-    elif c.is_recurrent(layer):
-        yield from _linear_attention_expectations(c, p)
+    elif c.linear_attention is not None:      # full_attention_interval decides which layers these are
+        kind = _linear_attention_expectations(c, p) if c.is_recurrent(layer) else _attention_expectations(c, p, chk.shapes)
+        yield from (replace(e, fields=("attn_interval", *e.fields)) for e in kind)
     else:
         yield from _attention_expectations(c, p, chk.shapes)
     if layer < c.n_leading_dense:

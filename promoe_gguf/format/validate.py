@@ -70,6 +70,7 @@ KEYS = {
     "ssm_state": ("ssm.state_size", None),
     "ssm_v_heads": ("ssm.time_step_rank", None),
     "ssm_groups": ("ssm.group_count", None),
+    "attn_interval": ("full_attention_interval", "default"),
 }
 
 # ---- sane ranges ------------------------------------------------------------------------------
