@@ -23,7 +23,7 @@ from promoe_gguf.sim.routing import calibration_rows
 from promoe_gguf.sim.run import best, llamacpp_modes
 
 MODELS = ["mixtral-8x7b", "qwen3-30b-a3b", "glm-4.5-air", "qwen3-235b-a22b:iq2_xxs", "deepseek-v3:iq1_m",
-          "gpt-oss-20b:mxfp4_moe", "gpt-oss-120b:mxfp4_moe"]
+          "gpt-oss-20b:mxfp4_moe", "gpt-oss-120b:mxfp4_moe", "qwen3.5-35b-a3b"]
 QUICK_MODELS = MODELS[:2]    # --quick (scripts/gpu_check.sh's time budget): the two reference models
 GPUS = ["rtx4060-8g", "rtx4070ti-12g", "rtx3060-12g", "rtx4060ti-16g", "rtx4090-24g"]
 # the small-expert models people run on 8-16 GB cards get every card; the big ones the cards they fit

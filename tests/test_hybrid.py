@@ -211,3 +211,24 @@ def test_gpt_oss_biases_follow_experts_into_slots_and_the_cpu_pool(test_models):
             eng.close()
         assert np.array_equal(got[0], want[0]) and got[1] == want[1], kw
         assert st["misses"] > 0 and (kw["cpu_experts"] == "off" or st["cpu_experts"] > 0)
+
+
+def test_qwen35moe_recurrent_state_with_a_cache_and_across_sequences(test_models):
+    """qwen35moe's gated delta net carries a state through the sequence: with an expert cache (misses
+    copied, or computed on the CPU) the logits and tokens are bitwise the all-resident run's, and a
+    second sequence on the same Engine starts from a zero state (the same tokens again)."""
+    path = test_models[("qwen35moe", "Q4_K_M", "default")]
+    ref = Engine(path, n_ctx=128, n_batch=16, cpu_repack=False)
+    want = ref.logits(TOKENS), list(ref.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
+    assert list(ref.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True)) == want[1]
+    assert np.array_equal(ref.logits(TOKENS), want[0])
+    for kw in (dict(cpu_experts="off", policy="lru"), dict(cpu_experts="all", policy="promoe", predictor="gate",
+                                                           link=SLOW_LINK)):
+        eng = Engine(path, n_ctx=128, n_batch=16, cache_rate=0.5, **kw)
+        try:
+            got = eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
+            st = eng.stats
+        finally:
+            eng.close()
+        assert np.array_equal(got[0], want[0]) and got[1] == want[1], kw
+        assert st["misses"] > 0 and (kw["cpu_experts"] == "off" or st["cpu_experts"] > 0)

@@ -24,7 +24,7 @@ from promoe_gguf.bench import real_shapes as rs
 FILE_LAYERS = {"mixtral-8x7b": 1, "qwen3-30b-a3b": 1, "deepseek-v2-lite": 3, "qwen1.5-moe-a2.7b": 1,
                "olmoe-1b-7b": 1}
 CUT_LAYERS = {**FILE_LAYERS, "glm-4.5-air": 2, "qwen3-235b-a22b": 1, "deepseek-v3": 4, "gpt-oss-20b": 2,
-              "gpt-oss-120b": 2}
+              "gpt-oss-120b": 2, "qwen3.5-35b-a3b": 4}
 NAMES = sorted(rs.SHAPES)
 FILE_NAMES = sorted(FILE_LAYERS)
 

@@ -157,12 +157,16 @@ def moe_combine(y: torch.Tensor, done: torch.Tensor, ext: torch.Tensor | None, w
     return out
 
 
+DELTA_CHUNK = 64        # tokens a prefill step's delta net takes at once (llama.cpp's chunking uses 64 too)
+
+
 def delta_net(qkv, z, beta, alpha, net, conv_state, ssm_state) -> torch.Tensor:
     """A gated delta net over T tokens in torch (see model/qwen35_moe.py for the equations), as
     llama.cpp's graph computes it: causal conv over [conv state | qkv], silu, l2-normed q and k, a
     decayed delta-rule update per token and v head, the RMS-normed output gated by silu(z).
     qkv [T, C], z [T, Hv S], beta/alpha [T, Hv] -> [T, Hv S]; conv_state [C, K-1] and ssm_state
-    [Hv, S, S] are updated in place (recordable: no host reads)."""
+    [Hv, S, S] are updated in place (recordable: no host reads). One token (decode) steps the
+    recurrence; more (prefill) take it DELTA_CHUNK tokens at a time in matrix form."""
     T, C = qkv.shape
     Hk, Hv, S, K = net.k_heads, net.v_heads, net.head, net.conv.shape[1]
     x = torch.cat((conv_state, qkv.float().t()), dim=1)                        # [C, K-1+T]
@@ -172,16 +176,52 @@ def delta_net(qkv, z, beta, alpha, net, conv_state, ssm_state) -> torch.Tensor:
     q = F.normalize(q.reshape(T, Hk, S), dim=-1, eps=net.eps).repeat(1, Hv // Hk, 1) * S ** -0.5   # [T, Hv, S]
     k = F.normalize(k.reshape(T, Hk, S), dim=-1, eps=net.eps).repeat(1, Hv // Hk, 1)
     v = v.reshape(T, Hv, S)
-    decay = torch.exp(F.softplus(alpha.float() + net.dt_bias) * net.a)            # [T, Hv]
+    g = F.softplus(alpha.float() + net.dt_bias) * net.a                        # [T, Hv] log decay (< 0)
     b = torch.sigmoid(beta.float())
-    s = ssm_state
-    out = []
-    for t in range(T):                                                          # s[h, j, i]: value j, key i
-        s = s * decay[t, :, None, None]
-        d = (v[t] - (s @ k[t, :, :, None])[..., 0]) * b[t, :, None]                # [Hv, S]
-        s = s + d[:, :, None] * k[t, :, None, :]
-        out.append((s @ q[t, :, :, None])[..., 0])
-    ssm_state.copy_(s)
-    o = torch.stack(out)                                                        # [T, Hv, S]
+    o = _delta_step(q, k, v, g, b, ssm_state) if T == 1 else _delta_chunked(q, k, v, g, b, ssm_state)
     o = rms_norm(o, net.norm, net.eps) * F.silu(z.float().view(T, Hv, S))
     return o.reshape(T, Hv * S)
+
+
+def _delta_step(q, k, v, g, b, state) -> torch.Tensor:
+    """One token: S = exp(g) S; S += b (v - S k) k^T; o = S q. state [Hv, S(value), S(key)]."""
+    s = state * torch.exp(g[0])[:, None, None]
+    d = (v[0] - (s @ k[0, :, :, None])[..., 0]) * b[0, :, None]                  # [Hv, S]
+    s = s + d[:, :, None] * k[0, :, None, :]
+    state.copy_(s)
+    return (s @ q[0, :, :, None])[..., 0][None]                                 # [1, Hv, S]
+
+
+def _delta_chunked(q, k, v, g, b, state, chunk: int = DELTA_CHUNK) -> torch.Tensor:
+    """The same recurrence over T tokens, `chunk` at a time: within a chunk the delta rule's
+    corrections are one triangular solve (the WY form), across chunks the state carries over.
+    q, k, v [T, H, S], g, b [T, H] -> o [T, H, S]; state [H, S(value), S(key)] in place."""
+    T, H, S = q.shape
+    pad = -T % chunk
+    n = (T + pad) // chunk
+
+    def blocks(t):                                                   # [T, H, ...] -> [H, n, chunk, ...]
+        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if t.dim() == 2 else F.pad(t, (0, 0, 0, 0, 0, pad))
+        return t.reshape(n, chunk, H, *t.shape[2:]).transpose(0, 2).transpose(1, 2)
+    q, k, v = blocks(q), blocks(k), blocks(v)                         # [H, n, c, S]
+    g, b = blocks(g), blocks(b)                                       # [H, n, c]
+    gc = g.cumsum(-1)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp((gc[..., :, None] - gc[..., None, :]).masked_fill(~lower, float("-inf")))   # [H, n, c, c]
+    kb = k * b[..., None]
+    eye = torch.eye(chunk, device=q.device)
+    A = eye + (kb @ k.transpose(-1, -2) * decay).tril(-1)             # I + strictly lower corrections
+    W = torch.linalg.solve_triangular(A, eye.expand_as(A), upper=False, unitriangular=True)
+    u = W @ (v * b[..., None])                                        # corrected values [H, n, c, S]
+    w = W @ (kb * torch.exp(gc)[..., None])                           # what the carried state removes
+    qk = (q @ k.transpose(-1, -2) * decay)                            # causal within the chunk
+    s = state.transpose(-1, -2)                                       # [H, S(key), S(value)]
+    outs = []
+    for i in range(n):
+        new_v = u[:, i] - w[:, i] @ s                                             # [H, c, S]
+        outs.append((q[:, i] * torch.exp(gc[:, i])[..., None]) @ s + qk[:, i] @ new_v)
+        last = gc[:, i, -1]                                                       # [H]
+        s = s * torch.exp(last)[:, None, None] + (k[:, i] * torch.exp(last[:, None] - gc[:, i])[..., None]).transpose(-1, -2) @ new_v
+    state.copy_(s.transpose(-1, -2))
+    o = torch.stack(outs, 1).reshape(H, n * chunk, S)[:, :T]          # [H, T, S]
+    return o.transpose(0, 1)

@@ -31,6 +31,10 @@ gpt-oss-20b        gpt-oss     24 layers, d 2880, 64/8 heads of 64 (q/k/v/output
                                128-position window on even layers), 32 experts top-4 of 2880 with biases,
                                YaRN x32 over 4096, vocab 201088
 gpt-oss-120b       gpt-oss     the same with 36 layers and 128 experts
+qwen3.5-35b-a3b    qwen35moe   40 layers (30 gated delta nets: 16 k / 32 v heads of 128, a 4-tap conv; 10
+                               gated attention: 16/2 heads of 256, a quarter rotated by 11/11/10 sections), d
+                               2048, 256 experts top-8 of 512 + a gated shared expert of 512, vocab 248320
+                               (no NextN block: the GGUFs users run carry none)
 =================  ==========  ==============================================================================
 
 The quant type of every tensor follows llama.cpp's Q4_K_M rules (src/llama-quant.cpp), for a file of
@@ -102,6 +106,11 @@ SHAPES = {s.name: s for s in (
     ModelSpec("gpt-oss-20b", "gpt-oss", hf_repo="openai/gpt-oss-20b", n_layer=24, n_embd=2880, n_vocab=201088, n_ctx=131072,
           n_head=64, n_head_kv=8, head_dim=64, n_expert=32, n_used=4, n_ff_exp=2880, n_ff=2880, rms_eps=1e-5,
           rope_base=150000.0, extra=dict(sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096)),
+    ModelSpec("qwen3.5-35b-a3b", "qwen35moe", hf_repo="Qwen/Qwen3.5-35B-A3B", n_layer=40, n_embd=2048, n_vocab=248320,
+          n_ctx=262144, n_head=16, n_head_kv=2, head_dim=256, n_expert=256, n_used=8, n_ff_exp=512, n_ff=512,
+          rms_eps=1e-6, rope_base=1e7, n_ff_shexp=512,
+          extra=dict(rope_dims=64, rope_sections=(11, 11, 10, 0), ssm_conv=4, ssm_state=128, ssm_k_heads=16,
+                     ssm_v_heads=32, attn_interval=4)),
     ModelSpec("gpt-oss-120b", "gpt-oss", hf_repo="openai/gpt-oss-120b", n_layer=36, n_embd=2880, n_vocab=201088, n_ctx=131072,
           n_head=64, n_head_kv=8, head_dim=64, n_expert=128, n_used=4, n_ff_exp=2880, n_ff=2880, rms_eps=1e-5,
           rope_base=150000.0, extra=dict(sliding_window=128, yarn_factor=32.0, yarn_orig_ctx=4096)),
@@ -149,7 +158,7 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 def is_quantized_by_llamacpp(name: str, ne) -> bool:
     """Which tensors llama.cpp's quantizer touches (the rest keep their F32 from the converter)."""
     return (len(ne) >= 2 and name.endswith("weight") and not name.endswith("_norm.weight")
-            and "ffn_gate_inp.weight" not in name)
+            and "ffn_gate_inp.weight" not in name and "ssm_conv1d.weight" not in name)
 
 
 def q4_k_m_type(name: str, ne, n_layer: int, n_expert: int, i_attn_v: int = 0, n_attn_v: int = 0) -> T:
