@@ -33,7 +33,8 @@ import time
 import warnings
 from pathlib import Path
 
-MODELS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 4, "qwen1.5-moe-a2.7b": 2, "deepseek-v2-lite": 2, "gpt-oss-20b": 2}
+MODELS = {"mixtral-8x7b": 2, "qwen3-30b-a3b": 4, "qwen1.5-moe-a2.7b": 2, "deepseek-v2-lite": 2, "gpt-oss-20b": 2,
+          "qwen3.5-35b-a3b": 4}
 PROMPT = list(range(1, 17))
 
 

@@ -39,6 +39,10 @@ gpt-oss     gpt-oss-20b layout: 8 heads of 64 (q wider than n_embd), GQA 8/2, bi
             the router and every expert matrix, per-head attention sinks, a 16-token sliding window on
             even layers, YaRN, 8 experts top-4 with softmax over the chosen logits, clamped SwiGLU
             (gate/up 2.5x wider so the clamp at 7 bites); made as F32, Q8_0 and MXFP4_MOE
+qwen35moe   Qwen3.5-35B-A3B layout: layer 0 a gated delta net (2 k heads, 4 v heads of 32, a 4-tap conv,
+            full_attention_interval 2 here), layer 1 gated attention (attn_q [q | gate] per head, q/k
+            norms, 16 of 64 dims rotated by sections 3/3/2/0), top-2 + a sigmoid-gated shared expert;
+            made as F32, Q8_0 and Q4_K_M
 ==========  =========================================================================================
 
 Variants: "default"; "narrow" (expert FF width 352 = 11*32, like the real 1408: K-quants fall back
