@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model import FAMILIES
+from ..model.common import recurrent_state_bytes
 from ..runtime.host_store import StoreLayout
 
 
@@ -44,6 +45,7 @@ class SimModel:
     cpu_factor: float             # how much faster than K-quants a CPU thread streams these experts' types
     attn_dim: int                 # n_head * head_dim (attention flops per position)
     layout: StoreLayout
+    state_bytes: int = 0          # recurrent state read and written per step, averaged per layer (qwen35moe)
 
     @classmethod
     def of(cls, model) -> "SimModel":
@@ -73,7 +75,8 @@ class SimModel:
         factor = FLOAT_THREAD_FACTOR if types <= {"F16", "BF16", "F32"} else 1.0
         return cls(model, getattr(model, "path", cfg.arch), cfg.n_layers, list(cfg.moe_layers), cfg.n_experts,
                    cfg.n_experts_used, cfg.n_embd, cfg.n_vocab, lb, lp, embd, out, outp, eb, ep,
-                   (hk * dk + hv * dv) * len(cfg.attention_layers) // cfg.n_layers, factor, cfg.n_head * cfg.head_dim_k, StoreLayout.of(model))
+                   (hk * dk + hv * dv) * len(cfg.attention_layers) // cfg.n_layers, factor, cfg.n_head * cfg.head_dim_k,
+                   StoreLayout.of(model), 2 * recurrent_state_bytes(cfg) // cfg.n_layers)
 
     def cpu_bw(self, prof) -> float:
         return prof.cpu_bw(self.cpu_factor)
@@ -99,8 +102,9 @@ def cpu_expert_s(m: SimModel, prof, layer: int, T: int) -> float:
 
 
 def attention_work(m: SimModel, T: int, ctx: float, elem_bytes: int) -> tuple[float, float]:
-    """(KV bytes read, flops) of one layer's attention for T tokens seeing `ctx` positions on average."""
-    return ctx * m.kv_elems * elem_bytes, 4.0 * T * ctx * m.attn_dim
+    """(KV and recurrent-state bytes read, flops) of one layer's attention for T tokens seeing `ctx`
+    positions on average."""
+    return ctx * m.kv_elems * elem_bytes + m.state_bytes, 4.0 * T * ctx * m.attn_dim
 
 
 def layer_gpu_s(m: SimModel, prof, layer: int, T: int, ctx: float, kv_elem_bytes: int) -> float:
