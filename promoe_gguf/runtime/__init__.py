@@ -13,7 +13,7 @@ from ..backends import ExpertStack, StackedMatrix
 from ..errors import ModelError, ParameterError, clip
 from ..model.experts import ExpertSource, ResidentSource
 from ..predict import make_predictor
-from .cache import READY, ExpertCache, StaticPolicy, make_policy, slots_for_budget
+from .cache import READY, ExpertCache, make_policy, slots_for_budget
 from .cost import CostModel, measure
 from .cpu_pool import CpuExpertPool
 from .host_store import HostStore
@@ -66,8 +66,9 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     source = CachedExpertSource(model, device, store, cache, transfer, stats, prefetcher, wait_timeout,
                                 cpu_pool=pool, cpu_experts=cpu_experts)
     source.link_ratio = spec.get("ratio")
-    if isinstance(cache.policy, StaticPolicy):
-        _preload_hot(source, cache.policy.hot_set(store.keys, n_slots), wait_timeout)
+    hot = cache.policy.hot_set(store.keys, n_slots)
+    if hot:
+        _preload_hot(source, hot, wait_timeout)
     return source
 
 

@@ -45,6 +45,7 @@ class Policy:
     prefetch_touches = False         # does loading a prediction count as a use?
     partitioned = True
     reactive = True                  # load on miss, in plain order (mixtral-offloading's baseline)
+    guards_predictions = False       # are the next layer's predicted experts safe from other guesses?
 
     def rank(self, cache: "ExpertCache", slot: Slot):
         """Lower goes first."""
@@ -53,6 +54,10 @@ class Policy:
     def worth(self, cache: "ExpertCache", key, victim: Slot) -> bool:
         """May a guess for `key` displace `victim`? (LRU: any victim it may touch at all.)"""
         return True
+
+    def hot_set(self, keys: list, n_slots: int) -> list:
+        """Experts copied in at start-up and kept for good (none but for the static policy)."""
+        return []
 
     def victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
         slot = self._victim(cache, protected, layer, speculative)
@@ -95,6 +100,7 @@ class PromoePolicy(Policy):
     name = "promoe"
     prefetch_touches = False         # a guess is valued by its prediction bonus, not as a use
     reactive = False
+    guards_predictions = True
 
     def rank(self, cache, slot):
         return (cache.value(slot.key), slot.last_use)
@@ -220,7 +226,7 @@ class ExpertCache:
         # a reactive baseline computes in plain order, so it may evict an expert its layer still
         # needs (LRU thrashing in prefill, as in the systems it stands for); promoe never does
         guard = set() if self.policy.reactive and not speculative and not self.hold_needed else self.needed
-        if speculative and isinstance(self.policy, PromoePolicy):
+        if speculative and self.policy.guards_predictions:
             guard = guard | self.protected
         self.admitting = key
         slot = self.policy.victim(self, guard, key[0], speculative)

@@ -24,7 +24,7 @@ import torch
 from ..backends import FUSED_MAX_TOKENS
 from ..errors import ModelError
 from ..predict.base import Predictor
-from ..runtime.cache import READY, ExpertCache, StaticPolicy, make_policy
+from ..runtime.cache import READY, ExpertCache, make_policy
 from ..runtime.cost import CostModel
 from ..runtime.prefetcher import Predictions
 from ..runtime.source import CPU_EXPERTS, CachedExpertSource
@@ -317,11 +317,8 @@ class OursSim:
     def _preload(self, src) -> None:
         """All resident: every expert in its slot. static: the hot set, copied before the run (start-up)."""
         cache = src.cache
-        if self.all_resident:
-            keys = self.store.keys
-        elif isinstance(cache.policy, StaticPolicy):
-            keys = cache.policy.hot_set(self.store.keys, self.n_slots)
-        else:
+        keys = self.store.keys if self.all_resident else cache.policy.hot_set(self.store.keys, self.n_slots)
+        if not keys:
             return
         with cache.cv:
             for key in keys:
