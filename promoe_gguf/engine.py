@@ -33,6 +33,11 @@ class Timing:
         return (self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
                 self.decode_tokens / self.decode_s if self.decode_s else 0.0)
 
+    def reset(self) -> None:
+        """Count from zero (a benchmark's measured run after its warm-up)."""
+        self.prefill_tokens, self.prefill_s, self.decode_tokens, self.decode_s = 0, 0.0, 0, 0.0
+        self.extra.clear()
+
 
 def default_threads() -> int:
     """ggml's CPU threads when none are given: one per physical core (about half the logical CPUs)."""

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from promoe_gguf import DEFAULT_MODEL, Engine
+from promoe_gguf.bench.phases import run_phases
 from promoe_gguf.predict.oracle import RoutingRecorder
 
 PROMPTS = ["def parse_args(argv=None):\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self"]
@@ -30,21 +31,12 @@ PROMPTS = ["def parse_args(argv=None):\n", "import os\nimport sys\n\n", "class C
 def run_config(model, prompt, n, **kw):
     """Generate `n` greedy tokens; returns (tokens, {"prefill": stats, "decode": stats})."""
     eng = Engine(model, n_threads=1, **kw)
-    out, phases = [], {}
     try:
-        t0 = time.perf_counter()
-        for tok in eng.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True):
-            if not out:                    # prefill done: snapshot, the rest is decode
-                t1, first = time.perf_counter(), eng.stats
-            out.append(tok)
-        t2, last = time.perf_counter(), eng.stats
+        run = run_phases(eng, prompt, n)
     finally:
         eng.close()
-    numeric = [k for k, v in last.items() if isinstance(v, (int, float))]
-    phases["prefill"] = {**{k: first[k] for k in numeric}, "wall_s": t1 - t0, "tokens": eng.timing.prefill_tokens}
-    phases["decode"] = {**{k: last[k] - first[k] for k in numeric}, "wall_s": t2 - t1, "tokens": n - 1}
-    phases["link"] = last["link"]
-    return out, phases
+    phases = {"prefill": run.prefill, "decode": run.decode, "link": run.last["link"]}
+    return run.tokens, phases
 
 
 def main(argv=None) -> int:

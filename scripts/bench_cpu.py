@@ -41,7 +41,7 @@ def model_path(name: str) -> str:
 def ours(path, prompt, n, threads):
     eng = Engine(path, n_threads=threads, n_batch=len(prompt), n_ctx=len(prompt) + n + 8)
     list(eng.generate(prompt[:8], max_tokens=2, temperature=0, ignore_eos=True))             # warm-up
-    eng.timing.__init__()
+    eng.timing.reset()
     t0 = time.perf_counter()
     gen = eng.generate(prompt, max_tokens=n + 1, temperature=0, ignore_eos=True)
     next(gen)

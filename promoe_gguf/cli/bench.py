@@ -54,6 +54,7 @@ def _engine_device(device: str) -> dict:
 
 def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
     from ..engine import Engine
+    from ..bench.phases import run_phases
     n_ctx = max(len(p) for p in prompts) + n_decode + 8
     cached = kw.get("cache_rate") or kw.get("gpu_mem")
     on = _engine_device(device)
@@ -70,25 +71,19 @@ def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
             ttft = time.perf_counter() - t0
             out["prefill"].append({"tokens": len(p), "ttft_s": ttft, "tok_s": len(p) / ttft,
                                    "stall_s": eng.stats["stall_s"] - before["stall_s"]})
-        gen = eng.generate(prompts[-1][:16], max_tokens=n_decode + 3, temperature=0, ignore_eos=True)
-        next(gen), next(gen), next(gen)            # decode warmed up (graphs recorded)
-        mid = eng.stats
-        counts = eng.decoding.counts.copy()
-        t0 = time.perf_counter()
-        for _ in gen:
-            pass
-        dt = time.perf_counter() - t0
-        st = eng.stats
-        d = {k: st[k] - mid[k] for k in ("hits", "misses", "bytes_h2d", "stall_s", "cpu_experts", "copies")
-             if k in st}
-        out["decode"] = {"tokens": n_decode, "tok_s": n_decode / dt, **d,
+        counts = []                                # decode measured once warmed up (graphs recorded)
+        run = run_phases(eng, prompts[-1][:16], n_decode + 3, split_after=3,
+                         at_split=lambda: counts.append(eng.decoding.counts.copy()))
+        st, dec = run.last, run.decode
+        d = {k: dec[k] for k in ("hits", "misses", "bytes_h2d", "stall_s", "cpu_experts", "copies") if k in dec}
+        out["decode"] = {"tokens": n_decode, "tok_s": n_decode / dec["wall_s"], **d,
                          "wait_copy_share": st.get("decode_wait_copy_share", 0.0),
                          "wait_cpu_share": st.get("decode_wait_cpu_share", 0.0)}
         kernels = eng.decoding.kernels_per_token
         L = eng.config.n_layers
-        dispatch = eng.decoding.counts.since(counts, L)
+        dispatch = eng.decoding.counts.since(counts[0], L)
         # host work: the host's time less its waits for copies and CPU experts (reported as stall shares)
-        waits = sum(st.get(k, 0.0) - mid.get(k, 0.0) for k in ("stall_s", "wait_cpu_s"))
+        waits = sum(dec.get(k, 0.0) for k in ("stall_s", "wait_cpu_s"))
         dispatch["host_work_us_per_layer"] = max(0.0, dispatch["host_us_per_layer"] - waits / n_decode / L * 1e6)
         dispatch["kernels_per_layer"] = None if kernels is None else kernels / L
         out["dispatch"] = dispatch

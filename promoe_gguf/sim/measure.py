@@ -60,26 +60,25 @@ def _decode_run(model, threads: int, tokens: int, prompt: str, warm: bool, decod
     """Per decode token: wall time, time waiting for copies, misses and CPU experts of one Engine run
     (optionally after a warm-up generation; with `decode_link` bytes/s, the emulated link is set to it
     once the prompt is in)."""
+    from ..bench.phases import run_phases
     from ..engine import Engine
     eng = Engine(model, n_threads=threads, **kw)
     try:
         if warm:
             list(eng.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True))
-        eng.timing.__init__()
-        first = None
-        for _ in eng.generate(prompt, max_tokens=tokens, temperature=0, ignore_eos=True):
-            if first is None:
-                first = eng.stats
-                if decode_link:
-                    eng.source.transfer.link.bandwidth = decode_link
-        last, tm = eng.stats, eng.timing
+
+        def set_decode_link():
+            if decode_link:
+                eng.source.transfer.link.bandwidth = decode_link
+        run = run_phases(eng, prompt, tokens, at_split=set_decode_link)
+        tm = run.timing
         eb = float(np.mean(list(eng.source.store.expert_bytes.values())))
         chunks = len(eng.source.store.chunks(eng.source.store.keys[0]))
         cfg = eng.model.config
     finally:
         eng.close()
     n = max(1, tm.decode_tokens)
-    d = {k: (last[k] - first[k]) / n for k in ("misses", "cpu_experts", "stall_s")}
+    d = {k: run.decode[k] / n for k in ("misses", "cpu_experts", "stall_s")}
     return {"step_s": tm.decode_s / n, "prefill_s": tm.prefill_s, "prefill_tokens": tm.prefill_tokens,
             **d, "expert_bytes": eb, "chunks": chunks, "cfg": cfg}
 

@@ -54,6 +54,7 @@ def measured_run(model, trace, rate: float, policy: str, predictor: str, cpu: st
                  lookahead: int) -> dict:
     """One configuration on the real Engine, each traced prompt on a fresh engine (as bench_cache does);
     checks every output against the trace (the routing the simulator replays is the run's)."""
+    from ..bench.phases import run_phases
     from ..engine import Engine
     from .routing import TraceRouting
     counts = TraceRouting(trace).use_counts()
@@ -67,23 +68,19 @@ def measured_run(model, trace, rate: float, policy: str, predictor: str, cpu: st
                      link=f"{link_bps / 1e6:.6f}MB/s", profile=counts, lookahead=lookahead,
                      routes=trace.routes(s) if predictor == "oracle" else None)
         try:
-            out, first = [], None
-            for tok in eng.generate(prompt, max_tokens=n_decode + 1, temperature=0, ignore_eos=True):
-                if first is None:
-                    first = eng.stats
-                out.append(tok)
-            last, tm = eng.stats, eng.timing
+            run = run_phases(eng, prompt, n_decode + 1)
         finally:
             eng.close()
-        if out[:n_decode] != want:
+        if run.tokens[:n_decode] != want:
             raise RuntimeError(f"{policy}/{predictor}/{cpu} at rate {rate} decoded other tokens than the trace")
+        tm = run.timing
         acc["prefill_tokens"] += tm.prefill_tokens
         acc["prefill_s"] += tm.prefill_s
         acc["decode_tokens"] += tm.decode_tokens
         acc["decode_s"] += tm.decode_s
         for k in ("hits", "misses", "stall_s", "bytes_h2d", "cpu_experts"):
-            stats["prefill"][k] = stats["prefill"].get(k, 0) + first[k]
-            stats["decode"][k] = stats["decode"].get(k, 0) + last[k] - first[k]
+            stats["prefill"][k] = stats["prefill"].get(k, 0) + run.prefill[k]
+            stats["decode"][k] = stats["decode"].get(k, 0) + run.decode[k]
     out = {"decode_tok_s": acc["decode_tokens"] / acc["decode_s"], "prefill_tok_s": acc["prefill_tokens"] / acc["prefill_s"]}
     for ph in ("decode", "prefill"):
         st = stats[ph]
