@@ -32,7 +32,7 @@ def ffn_norm_name(c: ModelConfig, layer: int) -> str:
     return f"blk.{layer}.{FFN_NORM.get(c.arch, 'ffn_norm')}.weight"
 
 
-def field_value(cfg: ModelConfig, name: str):
+def config_field(cfg: ModelConfig, name: str):
     """A config field by name: "rope.base" reads cfg.rope.base, "key_length_mla" cfg.extra (else key_length)."""
     if name.startswith("rope."):
         return getattr(cfg.rope, name[5:])
@@ -95,7 +95,7 @@ def cross_field_rules(c: ModelConfig):
                "YaRN needs the original context length (rope.scaling.original_context_length or context_length)")
     if c.arch == "deepseek2":
         yield (("kv_lora_rank",), c.kv_lora_rank >= 1, "deepseek2's latent attention (MLA) needs kv_lora_rank >= 1")
-        yield (("rope.n_dims", "key_length_mla"), c.rope.n_dims <= field_value(c, "key_length_mla"),
+        yield (("rope.n_dims", "key_length_mla"), c.rope.n_dims <= config_field(c, "key_length_mla"),
                "rope dimension count must be within the query/key head dimension (key_length_mla)")
         if c.extra.get("key_length_mla"):
             # the MQA-over-latent form: key_length = kv_lora_rank + rope dims, value_length = kv_lora_rank
@@ -168,7 +168,7 @@ def _mla_expectations(chk, p: str):
     c, shapes = chk.cfg, chk.shapes
     d, H, kvl, ql, rot = c.n_embd, c.n_head, c.kv_lora_rank, c.q_lora_rank, c.rope.n_dims
     dk_f, dv_f = "key_length_mla", "value_length_mla"        # (absent: key_length / value_length)
-    dk, dv = field_value(c, dk_f), field_value(c, dv_f)
+    dk, dv = config_field(c, dk_f), config_field(c, dv_f)
     nope = dk - rot
     if ql:
         chk.absent(p + "attn_q.weight", ("q_lora_rank",), "q_lora_rank > 0 means q comes from attn_q_a/attn_q_b")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..errors import ModelError
 from .config import FF_EXP_FALLBACK, SHARED_FROM_COUNT, SHEXP_FALLBACK, ModelConfig
-from .shape_rules import Expect, cross_field_rules, field_value, global_expectations, layer_expectations
+from .shape_rules import Expect, config_field, cross_field_rules, global_expectations, layer_expectations
 
 # ---- how each config field is named in the file ------------------------------------------------
 # field -> (key after "{arch}.", what applies when the key is absent: a literal, "=FIELD" for the
@@ -154,7 +154,7 @@ class _Namer:
         self.cfg, self.meta, self.origin = cfg, meta, origin
 
     def _shown(self, name: str) -> str:
-        v = field_value(self.cfg, name)
+        v = config_field(self.cfg, name)
         if name == "n_layers":
             v += self.cfg.n_nextn_layers             # block_count counts the NextN blocks too
         return f"{v:g}" if isinstance(v, float) else repr(v) if isinstance(v, str) else str(v)
@@ -203,7 +203,7 @@ class _Checker:
     # ---- ranges and cross-field rules -----------------------------------------------------
     def ranges(self) -> None:
         for r in RANGES:
-            if not r.holds(field_value(self.cfg, r.field)):
+            if not r.holds(config_field(self.cfg, r.field)):
                 raise self.fail([r.field], r.text())
         if self.cfg.rope.scaling not in ROPE_SCALINGS:
             raise self.fail(["rope.scaling"], f"rope scaling must be one of {', '.join(ROPE_SCALINGS)}")
