@@ -2,10 +2,10 @@
 """Prompts for routing traces, from the Python standard library's .py sources (the default model's corpus).
 
 Training prompts come only from the files the default model trained on; evaluation prompts only from
-its held-out files (scripts/train_tiny_moe.py: `is_heldout`), so a predictor is evaluated on text
-neither it nor the model has seen. Each prompt is a run of whole lines of about --bytes UTF-8 bytes;
-the chunks are taken evenly spaced over the sorted files, so the output is deterministic for a given
-Python installation.
+its held-out files (promoe_gguf/testing/tiny_moe/corpus.py: `is_heldout`), so a predictor is
+evaluated on text neither it nor the model has seen. Each prompt is a run of whole lines of about
+--bytes UTF-8 bytes; the chunks are taken evenly spaced over the sorted files, so the output is
+deterministic for a given Python installation.
 
     python scripts/make_prompts.py --out build/prompts.jsonl               # 720 train + 80 eval
     python scripts/make_prompts.py --train 20 --eval 4 --out /tmp/p.jsonl  # small
@@ -15,22 +15,18 @@ Output: JSON lines {"prompt": text, "split": "train"|"eval", "source": "relpath:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from promoe_gguf.testing.tiny_moe.corpus import corpus_files, is_heldout, stdlib_dir
 
 
 def _corpus():
-    """(stdlib_dir, corpus_files, is_heldout) from scripts/train_tiny_moe.py (one definition of the split)."""
-    spec = importlib.util.spec_from_file_location("_promoe_train_tiny_moe", ROOT / "scripts" / "train_tiny_moe.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod            # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod.stdlib_dir(), mod.corpus_files(), mod.is_heldout
+    """(stdlib_dir, corpus_files, is_heldout) from promoe_gguf/testing/tiny_moe/corpus.py (one
+    definition of the split)."""
+    return stdlib_dir(), corpus_files(), is_heldout
 
 
 def chunks(path: str, rel: str, n_bytes: int, min_bytes: int):

@@ -5,15 +5,11 @@ library text as llama.cpp scores it, and that its routing is neither collapsed n
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import train_tiny_moe as T  # noqa: E402
+from promoe_gguf.format import byte_vocab
+from promoe_gguf.testing import tiny_moe as T
 
 GGUF_PATH = T.SHIPPED_GGUF
 CARD_PATH = T.MODEL_CARD
@@ -46,7 +42,7 @@ def test_metadata():
     assert _field(r, "llama.expert_count") == 8
     assert _field(r, "llama.expert_used_count") == 2
     assert _field(r, "llama.context_length") >= 512
-    bv = T.byte_vocab()
+    bv = byte_vocab
     assert _field(r, "llama.vocab_size") == bv.N_VOCAB
     names = {t.name: t for t in r.tensors}
     n_layers = _field(r, "llama.block_count")
@@ -83,8 +79,8 @@ def test_routing_not_collapsed_nor_uniform(windows):
 
 
 def test_torch_forward_matches_llama_cpp_on_dequantized_weights(windows):
-    """The script's torch forward on gguf-py-dequantized weights tracks llama.cpp's quantized run
-    (llama.cpp rounds activations to 8 bits, so a few % relative L2 is expected)."""
+    """The torch forward (tiny_moe/model.py) on gguf-py-dequantized weights tracks llama.cpp's
+    quantized run (llama.cpp rounds activations to 8 bits, so a few % relative L2 is expected)."""
     pytest.importorskip("llama_cpp")
     model = T.model_from_gguf(GGUF_PATH)
     w = windows[0][:128]
