@@ -141,7 +141,14 @@ def _cases(factory, arch):
                 ("attention_interval_vs_tensors", {"full_attention_interval": (3, U32)},
                  [r"blk.1.attn_qkv.weight is missing"]),
                 ("rope_sections_not_four", {"rope.dimension_sections": ([4, 4], V.ARRAY)},
-                 [rf"{arch}.rope.dimension_sections = \[4, 4\]", "array of 4"])]
+                 [rf"{arch}.rope.dimension_sections = \[4, 4\]", "array of 4"]),
+                ("recurrent_flags_vs_tensors", {"attention.recurrent_layers": ([0, 1], V.ARRAY)},
+                 [rf"{arch}.attention.recurrent_layers \(R recurrent, A attention\) = 'AR'",
+                  r"blk.0.attn_q.weight is missing"]),
+                ("recurrent_flags_short", {"attention.recurrent_layers": ([1], V.ARRAY)},
+                 [rf"{arch}.attention.recurrent_layers has 1 flags", "a flag for every layer"]),
+                ("recurrent_flags_not_bool", {"attention.recurrent_layers": ([1, 7], V.ARRAY)},
+                 [rf"'{arch}.attention.recurrent_layers' = \[1, 7\]", "array of booleans"])]
     if arch == "deepseek":
         out.append(("weights_scale_inf", {"expert_weights_scale": (math.inf, F32)},
                     [rf"{arch}.expert_weights_scale = inf", "finite"]))
@@ -200,3 +207,15 @@ def test_tokenizer_llama_cpp_refuses_is_a_model_error(tmp_path):
     path = GGUFTemplate(DEFAULT_MODEL).write(tmp_path / "t.gguf", {"tokenizer.ggml.model": ("nonsense", V.STRING)})
     with Engine(path) as eng, pytest.raises(ModelError, match=rf"^{re.escape(path)}: llama.cpp cannot load the tokenizer"):
         eng.tokenize("def f(")
+
+
+def test_qwen35moe_recurrent_flags_decide_as_the_interval_does(test_models, tmp_path):
+    """attention.recurrent_layers (llama.cpp reads it before full_attention_interval): flags that say what
+    the interval said give the same logits with the interval key removed."""
+    import numpy as np
+    src = test_models[("qwen35moe", "Q4_K_M", "default")]
+    path = GGUFTemplate(src).write(tmp_path / "flags.gguf", {"qwen35moe.attention.recurrent_layers": ([1, 0], V.ARRAY),
+                                                            "qwen35moe.full_attention_interval": None})
+    tokens = list(range(1, 20))
+    with Engine(src, n_ctx=64) as a, Engine(path, n_ctx=64) as b:
+        assert np.array_equal(a.logits(tokens), b.logits(tokens))

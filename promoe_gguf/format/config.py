@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from ..errors import ModelError
+from ..errors import ModelError, clip
 
 SUPPORTED_ARCHS = ("llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek", "deepseek2", "granitemoe", "glm4moe",
                    "gpt-oss", "qwen35moe")
@@ -85,6 +85,7 @@ class LinearAttentionConfig:
     v_heads: int                    # ssm.time_step_rank
     k_heads: int                    # ssm.group_count
     interval: int = 4               # full_attention_interval: every interval-th layer is full attention
+    recurrent: tuple = ()           # attention.recurrent_layers: a flag per layer, where the file says so
 
     @property
     def head_v(self) -> int:
@@ -155,7 +156,11 @@ class ModelConfig:
     def is_recurrent(self, layer: int) -> bool:
         """Whether `layer` is a gated linear-attention layer (a recurrent state, no KV cache)."""
         la = self.linear_attention
-        return la is not None and (layer + 1) % la.interval != 0
+        if la is None:
+            return False
+        if la.recurrent:                   # llama.cpp reads the per-layer flags before the interval
+            return layer < len(la.recurrent) and bool(la.recurrent[layer])
+        return (layer + 1) % la.interval != 0
 
     @property
     def attention_layers(self) -> list[int]:
@@ -182,6 +187,15 @@ def _int(v, key: str, path: str, lo: int = 0) -> int:
     if not ok or v < lo:
         raise ModelError(f"{path}: metadata key {key!r} = {v!r} is not an integer >= {lo}")
     return int(v)
+
+
+def _flags(v, key: str, path: str) -> tuple:
+    """A per-layer array of booleans (or 0/1), or () when the key is absent."""
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not v or any(not isinstance(x, (bool, int)) or x not in (0, 1) for x in v):
+        raise ModelError(f"{path}: metadata key {key!r} = {clip(v)} is not a non-empty array of booleans")
+    return tuple(bool(x) for x in v)
 
 
 def config_from_metadata(meta, path: str) -> ModelConfig:
@@ -265,10 +279,14 @@ def config_from_metadata(meta, path: str) -> ModelConfig:
         rope = replace(rope, sections=tuple(_int(v, f"{arch}.rope.dimension_sections", path) for v in sections))
     linear = None
     if arch in LINEAR_ATTENTION:
+        flags = _flags(a("attention.recurrent_layers"), f"{arch}.attention.recurrent_layers", path)
+        if flags and len(flags) < n_layers:
+            raise ModelError(f"{path}: metadata key {arch}.attention.recurrent_layers has {len(flags)} flags, but "
+                             f"{arch}.block_count = {n_layers + n_nextn} needs a flag for every layer")
         linear = LinearAttentionConfig(
             conv_kernel=req("ssm.conv_kernel"), inner_size=req("ssm.inner_size"), state_size=req("ssm.state_size"),
             v_heads=req("ssm.time_step_rank"), k_heads=req("ssm.group_count"),
-            interval=opt("full_attention_interval", 4, 1))
+            interval=opt("full_attention_interval", 4, 1), recurrent=flags)
     vocab = a("vocab_size")
     if vocab is None:
         tokens = meta("tokenizer.ggml.tokens")

@@ -37,7 +37,10 @@ def config_field(cfg: ModelConfig, name: str):
     if name.startswith("rope."):
         return getattr(cfg.rope, name[5:])
     if name in SSM_FIELDS:
-        return getattr(cfg.linear_attention, SSM_FIELDS[name])
+        la = cfg.linear_attention
+        if name == "attn_interval" and la.recurrent:          # the per-layer flags decide
+            return "".join("R" if r else "A" for r in la.recurrent)
+        return getattr(la, SSM_FIELDS[name])
     if name in ("key_length_mla", "value_length_mla"):
         return cfg.extra.get(name) or (cfg.head_dim_k if name == "key_length_mla" else cfg.head_dim_v)
     return getattr(cfg, name)

@@ -285,5 +285,7 @@ def checked_config(cfg: ModelConfig, shapes: dict, meta, path: str, origin: dict
         origin = {**origin, "n_ff_exp": f"expert FF width (no metadata key: from layer {cfg.n_leading_dense}'s experts)"}
         if cfg.arch in SHARED_FROM_COUNT and cfg.n_expert_shared and not cfg.n_ff_shexp:
             cfg = dataclasses.replace(cfg, n_ff_shexp=cfg.n_ff_exp * cfg.n_expert_shared)
+    if cfg.linear_attention is not None and cfg.linear_attention.recurrent:      # the flags decide, not the interval
+        origin = {**origin, "attn_interval": f"{cfg.arch}.attention.recurrent_layers (R recurrent, A attention)"}
     _Checker(cfg, shapes, meta, path, origin, labels).run()
     return cfg
