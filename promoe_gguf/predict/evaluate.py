@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, ParameterError
+from ..runtime.link import parse_link as runtime_link
 
 REQUIRED_KEYS = ("predictor", "lookahead", "accuracy", "recall", "fetch_rate", "goodpred")
 
@@ -61,24 +61,11 @@ def set_metrics(pred: np.ndarray, true: np.ndarray) -> dict:
 
 
 def parse_link(text) -> tuple[str, float]:
-    """'25GB/s' | '900MB/s' | '3.2e10' (bytes/s) -> ("bw", bytes/s); 'ratio=R' -> ("ratio", R)."""
-    t = str(text).strip()
-    m = re.fullmatch(r"ratio\s*=\s*([0-9.eE+-]+)", t)
-    if m:
-        r = float(m.group(1))
-        if not r > 0:
-            raise ModelError(f"--link {text!r}: the ratio must be > 0")
-        return "ratio", r
-    m = re.fullmatch(r"([0-9.eE+-]+)\s*([KMGT]?)(i?)B?(/s)?", t, flags=re.I)
-    if not m:
-        raise ModelError(f"--link {text!r} is neither a bandwidth (e.g. 25GB/s) nor ratio=R")
-    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2).upper()]
-    if m.group(3):
-        mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
-    bw = float(m.group(1)) * mult
-    if not bw > 0:
-        raise ModelError(f"--link {text!r}: the bandwidth must be > 0")
-    return "bw", bw
+    """--link in the runtime's grammar (runtime.link.parse_link) as ("bw", bytes/s) or ("ratio", R)."""
+    spec = runtime_link(text)
+    if not spec:
+        raise ParameterError("link", "is empty: give a bandwidth (e.g. 25GB/s) or ratio=R")
+    return ("ratio", spec["ratio"]) if "ratio" in spec else ("bw", spec["bandwidth"])
 
 
 def fetch_timeline(issue: np.ndarray, deadline: np.ndarray, tau: np.ndarray) -> np.ndarray:

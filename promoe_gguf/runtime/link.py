@@ -18,11 +18,11 @@ from ..limits import LINK_RATIO_MAX
 
 
 _NUM = r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
-LINK_FORMAT = "'NGB/s[,Lus][,jitter=Jus]' or 'ratio=R'"
+LINK_FORMAT = "'NGB/s (or GiB/s)[,Lus][,jitter=Jus]' or 'ratio=R'"
 
 
 def parse_link(spec) -> dict:
-    """'25GB/s', '25GB/s,10us', '1.5e3MB/s', 'ratio=10' -> {'bandwidth': bytes/s} / {'ratio': 10.0};
+    """'25GB/s', '1GiB/s', '25GB/s,10us', '1.5e3MB/s', 'ratio=10' -> {'bandwidth': bytes/s} / {'ratio': 10.0};
     None -> {}. A rate must be > 0 and a ratio within what the emulation can run (ParameterError)."""
     if spec is None or spec == "":
         return {}
@@ -36,14 +36,15 @@ def parse_link(spec) -> dict:
             raise ParameterError("link", f"ratio {m.group(1)} must be in (0, {LINK_RATIO_MAX:g}]: the copy of one "
                                          "expert takes ratio x one layer's decode compute")
         return {"ratio": ratio}
-    m = re.fullmatch(_NUM + r"([KMG]?)B/s(?:," + _NUM + r"(us|ms))?(?:,jitter=" + _NUM + r"(us|ms))?", text, re.I)
+    m = re.fullmatch(_NUM + r"([KMG]?)(i?)B/s(?:," + _NUM + r"(us|ms))?(?:,jitter=" + _NUM + r"(us|ms))?", text, re.I)
     if not m:
         raise ParameterError("link", f"{clip(spec)} is not {LINK_FORMAT}")
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2).upper()]
+    unit = m.group(2).upper()
+    scale = ({"": 1, "K": 2**10, "M": 2**20, "G": 2**30} if m.group(3) else {"": 1, "K": 1e3, "M": 1e6, "G": 1e9})[unit]
     out = {"bandwidth": float(m.group(1)) * scale}
     if not 0 < out["bandwidth"] < math.inf:
-        raise ParameterError("link", f"rate {m.group(1)}{m.group(2)}B/s must be > 0 and finite")
-    for key, value, unit in (("latency", m.group(3), m.group(4)), ("jitter", m.group(5), m.group(6))):
+        raise ParameterError("link", f"rate {m.group(1)}{m.group(2)}{m.group(3)}B/s must be > 0 and finite")
+    for key, value, unit in (("latency", m.group(4), m.group(5)), ("jitter", m.group(6), m.group(7))):
         if value:
             out[key] = float(value) * (1e-6 if unit.lower() == "us" else 1e-3)
             if not out[key] < 60:
