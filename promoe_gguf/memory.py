@@ -24,6 +24,7 @@ import numpy as np
 from .backends import kv_layout
 from .backends.cuda import ATTN_QUERY_BLOCK
 from .backends.cuda import tile_bytes as cuda_tile_bytes
+from .backends.torch_ops import DELTA_CHUNK
 from .errors import ModelError
 from .model import FAMILIES
 from .model.common import recurrent_state_bytes
@@ -73,7 +74,9 @@ def activation_bytes(model, device: str, n_batch: int, n_ctx: int) -> int:
     """CUDA: the intermediates of one prefill chunk of n_batch tokens, at their largest (fp32): hidden
     states and attention projections (8 x [T, d]), the queries' scores against the whole context one
     block at a time and the cache read as float, a layer's expert outputs [T, k, d], and one expert's (or a
-    dense FFN's) gate, up and product over every token of the chunk (3 x [T, ff]). CPU: 0."""
+    dense FFN's) gate, up and product over every token of the chunk (3 x [T, ff]); a gated delta net's
+    (qwen35moe) conv taps over every channel, q/k/v per value head and its chunked form's per-head
+    [T, chunk] matrices and [T, S] products (torch_ops.delta_net). CPU: 0."""
     if device != "cuda":
         return 0
     cfg = model.config
@@ -83,6 +86,9 @@ def activation_bytes(model, device: str, n_batch: int, n_ctx: int) -> int:
     floats = (8 * T * max(cfg.n_embd, heads) + cfg.n_head * min(T, ATTN_QUERY_BLOCK) * n_ctx
               + 2 * cfg.n_head_kv * n_ctx * max(cfg.head_dim_k, cfg.head_dim_v)
               + T * cfg.n_experts_used * cfg.n_embd + 3 * T * ff + cfg.n_vocab)
+    la = cfg.linear_attention
+    if la is not None:
+        floats += T * (la.conv_channels * (la.conv_kernel + 2) + 8 * la.v_heads * la.head_v + 4 * la.v_heads * DELTA_CHUNK)
     return 4 * floats
 
 
