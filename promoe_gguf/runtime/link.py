@@ -18,7 +18,7 @@ from ..limits import LINK_RATIO_MAX
 
 
 _NUM = r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
-LINK_FORMAT = "'NGB/s (or GiB/s)[,Lus][,jitter=Jus]' or 'ratio=R'"
+LINK_FORMAT = "'NGB/s[,Lus][,jitter=Jus]' or 'ratio=R'"
 
 
 def parse_link(spec) -> dict:
