@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+from ..bench.real_shapes import SHAPES, recorded_mixes
 from ..errors import ModelError, ParameterError
+from ..sim.profile import PROFILES
 from .flags import ranged, setting, size
 
 
@@ -13,12 +15,10 @@ def add_parsers(sub) -> None:
     src = s.add_argument_group("inputs")
     src.add_argument("--trace", default=None, help="a routing trace (promoe trace); its model is --shape "
                                                     "(default: the embedded model)")
-    src.add_argument("--shape", default=None, help="mixtral-8x7b | qwen3-30b-a3b | deepseek-v2-lite | qwen1.5-moe-a2.7b "
-                                                    "| olmoe-1b-7b | glm-4.5-air | qwen3-235b-a22b | deepseek-v3 "
-                                                    "(Q4_K_M; ':f16' for F16; qwen3-235b-a22b:iq2_xxs and "
-                                                    "deepseek-v3:iq1_m for llama.cpp's low-bit mixes) or a GGUF / "
-                                                    "cache dir")
-    src.add_argument("--profile", required=True, help="rtx3060-12g | rtx4070ti-12g | rtx4090-24g | h200 | a JSON file "
+    mixes = ", ".join(f"{n}:{f.lower()}" for n, fs in recorded_mixes().items() for f in fs)
+    src.add_argument("--shape", default=None, help=" | ".join(SHAPES) + " (Q4_K_M; ':f16' for F16; " + mixes
+                     + " for the recorded mixes of llama.cpp's quantizer) or a GGUF / cache dir")
+    src.add_argument("--profile", required=True, help=" | ".join(PROFILES) + " | a JSON file "
                                                        "| 'gpu_gbs=448,gpu_mem_gb=8,h2d_gbs=12,cpu_gbs=102,cpu_threads=10'")
     src.add_argument("--layer-cost", default=None, metavar="US|PROFILE.json",
                      help="our fixed decode cost per layer: microseconds, or the ours_layer_us of a profile file "

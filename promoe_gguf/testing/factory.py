@@ -15,8 +15,8 @@ Command line (scripts/make_test_model.py)::
     python scripts/make_test_model.py OUT_DIR [--arch A ...] [--quant Q ...]
     python scripts/make_test_model.py OUT_DIR --real-shape mixtral-8x7b [--layers 4]
 
-Real-shape models (make_real_shape): the exact tensor shapes, metadata and Q4_K_M quant mix of
-Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V2-Lite, Qwen1.5-MoE-A2.7B and OLMoE-1B-7B with fewer layers and
+Real-shape models (make_real_shape): the exact tensor shapes, metadata and Q4_K_M quant mix of the
+published models bench/real_shapes.py lists (Mixtral-8x7B ... Qwen3.5-35B-A3B) with fewer layers and
 random valid blocks written directly (promoe_gguf/bench/real_shapes.py), for benchmarks.
 
 Architectures (n_embd 256, 4 heads, byte vocabulary of 260 tokens, context 512):
@@ -279,8 +279,7 @@ def make_mixtral_shaped(out_dir, n_layers: int = 4, n_embd: int = 2048, n_ff: in
 
 def make_real_shape(name: str, out_dir, n_layers: int | None = None) -> Path:
     """A GGUF with the exact tensor shapes, metadata and Q4_K_M quant mix of a published MoE model
-    (promoe_gguf.bench.real_shapes.SHAPES: mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite,
-    qwen1.5-moe-a2.7b, olmoe-1b-7b), cut to n_layers (default real_shapes.DEFAULT_LAYERS; None is not
+    (promoe_gguf.bench.real_shapes.SHAPES), cut to n_layers (default real_shapes.DEFAULT_LAYERS; None is not
     "all" here: the full models are 4-28 GB). Random valid blocks written directly, no quantizer pass.
     Cached under out_dir by name, layer count and version; written atomically under the dir lock."""
     from ..bench import real_shapes
@@ -555,14 +554,14 @@ def build_models(out_dir, archs=ARCHS, quants=None, progress: bool = True) -> di
 
 
 def main(argv=None) -> int:
+    from ..bench import real_shapes
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--arch", action="append", choices=ARCHS, help="arch to build (repeatable; default all)")
     ap.add_argument("--quant", action="append", choices=sorted(QUANTS),
                     help="quant to build (repeatable; default CORE_QUANTS + llama extras)")
     ap.add_argument("--real-shape", action="append", metavar="NAME",
-                    help="write only this real-shape model (repeatable): mixtral-8x7b, qwen3-30b-a3b, "
-                         "deepseek-v2-lite, qwen1.5-moe-a2.7b, olmoe-1b-7b")
+                    help="write only this real-shape model (repeatable): " + ", ".join(real_shapes.SHAPES))
     ap.add_argument("--layers", type=int, default=None, help="layers of the --real-shape models (default 2)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
