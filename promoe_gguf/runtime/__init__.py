@@ -83,7 +83,7 @@ def _preload_hot(source: CachedExpertSource, hot: list, timeout: float) -> None:
                 raise RuntimeError("static policy: hot experts were not loaded in time")
             cache.cv.wait(0.05)
         for k in hot:
-            cache.where[k].permanent = True
+            cache.keep(cache.where[k])
 
 
 def calibrate_link_ratio(source: CachedExpertSource, decoder, experts, ratio: float, steps: int = 3) -> float:

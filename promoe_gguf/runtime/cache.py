@@ -182,8 +182,21 @@ class ExpertCache:
         self.tables = torch.full((n_moe_layers, n_experts), -1, dtype=torch.int32, device=self.device)
 
     def mark_present(self, slot: Slot) -> None:
-        """(cv held) slot's copy has landed: the device table points at it."""
+        """(cv held) slot's copy has landed: READY, and the device table points at it."""
+        slot.state = READY
         self.tables[self.table_row[slot.key[0]], slot.key[1]] = slot.index
+
+    def keep(self, slot: Slot) -> None:
+        """(cv held) slot stays for good (the static policy's hot set, copied at start-up)."""
+        slot.permanent = True
+
+    def chunk_landed(self, slot: Slot, n_ready: int) -> None:
+        """(cv held) the first n_ready chunks of slot's copy are on the device (a reader may start)."""
+        slot.ready_chunks = n_ready
+
+    def loading(self, slot: Slot, speculative: bool) -> None:
+        """(cv held) a copy into slot starts: a guess (speculative) or a precise request."""
+        slot.state, slot.ready_chunks, slot.speculative = LOADING, 0, speculative
 
     def first_empty(self) -> Slot | None:
         """(cv held) The lowest EMPTY slot (slots fill in index order and are never emptied)."""
@@ -245,6 +258,42 @@ class ExpertCache:
         slot.key, slot.state, slot.ready_chunks, slot.speculative = key, LOADING, 0, False
         self.where[key] = slot
         return slot
+
+    # ---- what the compute thread and the predictor change (cv held), through these methods only ----
+    def mark_needed(self, keys) -> None:
+        """The experts the current layer uses: a precise request never evicts one of them."""
+        self.needed = set(keys)
+
+    def hold_layer(self) -> None:
+        """The needed experts must be co-resident for one launch: none evicts another."""
+        self.hold_needed = True
+
+    def release_layer(self) -> None:
+        """The layer has run: its experts are ordinary residents again."""
+        self.needed = set()
+        self.hold_needed = False
+
+    def pin(self, slot: Slot) -> None:
+        """The compute thread reads `slot` from now on (a use): it is not evicted until unpinned."""
+        slot.pins += 1
+        slot.speculative = False
+        self.touch(slot)
+
+    def unpin(self, slot: Slot, free_event=None) -> bool:
+        """The compute thread is done with `slot` (its reads are queued before `free_event`, a device
+        event a copy into the slot waits for); True when no one holds it any more."""
+        if free_event is not None:
+            slot.free_event = free_event
+        slot.pins -= 1
+        self.needed.discard(slot.key)
+        return slot.pins == 0
+
+    def expect(self, protect: set, expected: dict) -> None:
+        """The predictor's view: `protect` (the next layer's predicted experts, safe from other guesses)
+        and {key: step} experts valued as predicted until that step has run."""
+        self.protected = protect
+        for key, t_step in expected.items():
+            self.predicted[key] = max(t_step, self.predicted.get(key, 0))
 
     def view(self, slot: Slot, offset: int, nbytes: int) -> torch.Tensor:
         return self.arena[slot.index, offset:offset + nbytes]

@@ -55,9 +55,7 @@ class Predictions:
                 protect.update((t_layer, e) for e in experts)
             expected.update(((t_layer, e), t_step) for e in experts)
         with self.cache.cv:
-            self.cache.protected = protect
-            for key, t_step in expected.items():      # valued by the cache until that step has run
-                self.cache.predicted[key] = max(t_step, self.cache.predicted.get(key, 0))
+            self.cache.expect(protect, expected)      # valued by the cache until that step has run
         for key in expected:
             self.transfer.request(key, LOW)
 

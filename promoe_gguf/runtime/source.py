@@ -95,7 +95,7 @@ class CachedExpertSource:
         needed = [(layer, e) for e in sorted(set(ids.ravel().tolist()))]
         cache = self.cache
         with cache.cv:
-            cache.needed = set(needed)
+            cache.mark_needed(needed)
             misses = sum(1 for key in needed if (slot := cache.where.get(key)) is None or slot.state != READY)
             self.transfer.drop_speculative(layer)
         self._uses.append((layer, needed, misses))
@@ -134,7 +134,7 @@ class CachedExpertSource:
         lut = np.full(self.model.config.n_experts, -1, dtype=np.int64)
         missing = []
         with cache.cv:
-            cache.hold_needed = True                  # co-resident for one launch: no needed expert evicts another
+            cache.hold_layer()
             for key in device:
                 slot = cache.where.get(key)
                 if slot is not None and slot.state == READY:
@@ -169,14 +169,9 @@ class CachedExpertSource:
         with cache.cv:
             freed = False
             for key in self._pinned:
-                slot = cache.where[key]
-                if event is not None:
-                    slot.free_event = event
-                slot.pins -= 1
-                freed |= slot.pins == 0
+                freed |= cache.unpin(cache.where[key], event)
             self._pinned = []
-            cache.needed = set()
-            cache.hold_needed = False
+            cache.release_layer()
             if freed and self.transfer.starved:
                 cache.cv.notify_all()                 # a copy was waiting for a slot
 
@@ -268,8 +263,7 @@ class CachedExpertSource:
 
     def end_layer(self, layer):
         with self.cache.cv:
-            self.cache.needed = set()
-            self.cache.hold_needed = False
+            self.cache.release_layer()
 
     # ---- waiting and pinning -------------------------------------------------------------------
     def wait_until_copied(self, key):
@@ -308,21 +302,17 @@ class CachedExpertSource:
 
     def _pin(self, slot) -> None:
         """(cv held) The compute thread reads `slot` from now on: a use (and a useful prefetch)."""
-        slot.pins += 1
         if slot.speculative:
-            slot.speculative = False
             self.counters.add(slot.key[0], "prefetch_useful")
-        self.cache.touch(slot)
+        self.cache.pin(slot)
 
     def _unpin(self, key) -> None:
         with self.cache.cv:
-            slot = self.cache.where[key]
+            ev = None
             if self.cache.device.type == "cuda":
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.cache.device))
-                slot.free_event = ev
-            slot.pins -= 1
-            self.cache.needed.discard(key)
+            self.cache.unpin(self.cache.where[key], ev)
             self.cache.cv.notify_all()
 
     def stats(self) -> dict:

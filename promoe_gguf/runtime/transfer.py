@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .cache import LOADING, READY
+from .cache import READY
 
 log = logging.getLogger("promoe.runtime")
 HIGH, LOW = 0, 1
@@ -103,7 +103,7 @@ class CopyQueue:
                 task = q[0]
                 task.slot = self.cache.allocate(task.key, self.stats.on_evict, speculative=priority == LOW)
                 if task.slot is not None:
-                    task.slot.speculative = priority == LOW
+                    self.cache.loading(task.slot, priority == LOW)
                 elif priority == LOW:                     # nothing evictable: drop the guess
                     q.popleft()
                     task.dropped = True
@@ -120,11 +120,10 @@ class CopyQueue:
         """(cv held) The task's next chunk is on the device: count it; its last chunk makes the slot
         READY and retires the task."""
         task.next_chunk += 1
-        task.slot.ready_chunks = task.next_chunk
+        self.cache.chunk_landed(task.slot, task.next_chunk)
         self.stats.copied(task.key, nbytes, task.priority == LOW)
         if task.next_chunk == len(self.store.chunks(task.key)):
             self.cache.mark_present(task.slot)
-            task.slot.state = READY
             self.stats.add(task.key[0], "copies")
             if task.priority == LOW and self.cache.policy.prefetch_touches:
                 self.cache.touch(task.slot)
@@ -188,16 +187,15 @@ class TransferEngine(CopyQueue):
                 while (slot := self.cache.allocate(key, self.stats.on_evict)) is None:
                     if not cv.wait(0.05) and time.monotonic() > deadline:
                         raise RuntimeError(f"no cache slot came free for expert {key[1]} of layer {key[0]}")
-            slot.state, slot.ready_chunks, slot.speculative = LOADING, 0, False
+            self.cache.loading(slot, False)
         for i, (offset, nbytes) in enumerate(self.store.chunks(key)):
             self.link.copy(self.cache.view(slot, offset, nbytes), self.store.region(key)[offset:offset + nbytes],
                            slot.free_event)
             with cv:
-                slot.ready_chunks = i + 1
+                self.cache.chunk_landed(slot, i + 1)
                 self.stats.copied(key, nbytes, False)
         with cv:
             self.cache.mark_present(slot)
-            slot.state = READY
             self.stats.add(key[0], "copies")
             cv.notify_all()
 

@@ -24,7 +24,7 @@ import torch
 from ..backends import FUSED_MAX_TOKENS
 from ..errors import ModelError
 from ..predict.base import Predictor
-from ..runtime.cache import READY, ExpertCache, make_policy
+from ..runtime.cache import ExpertCache, make_policy
 from ..runtime.cost import CostModel
 from ..runtime.prefetcher import Predictions
 from ..runtime.source import CPU_EXPERTS, CachedExpertSource
@@ -323,7 +323,9 @@ class OursSim:
         with cache.cv:
             for key in keys:
                 slot = cache.allocate(key, src.counters.on_evict)
-                slot.state, slot.ready_chunks, slot.permanent = READY, len(self.store.chunks(key)), True
+                cache.chunk_landed(slot, len(self.store.chunks(key)))
+                cache.mark_present(slot)
+                cache.keep(slot)
 
     def _snap(self, src) -> dict:
         src.settle_uses()
