@@ -195,22 +195,29 @@ def test_glm4moe_through_cache_and_cpu_pool_is_exact(test_models):
     assert set(st["per_layer"]) == {1, 2}
 
 
-def test_gpt_oss_biases_follow_experts_into_slots_and_the_cpu_pool(test_models):
-    """gpt-oss's expert biases stay resident and are picked by expert id wherever the expert runs (a
-    cache slot, the CPU pool): copy mode and hybrid are bitwise equal to the all-resident run."""
-    path = test_models[("gpt-oss", "MXFP4_MOE", "default")]
-    ref = Engine(path, n_ctx=128, n_batch=16, cpu_repack=False)
-    want = ref.logits(TOKENS), list(ref.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
+def _run_pair(eng) -> tuple:
+    """The logits of TOKENS and 16 greedy tokens after their first 8."""
+    return eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
+
+
+def _cache_modes_match(path, want) -> None:
+    """Copy mode (lru) and hybrid (every miss on the CPU, promoe + gate) at cache rate 0.5: bitwise `want`."""
     for kw in (dict(cpu_experts="off", policy="lru"), dict(cpu_experts="all", policy="promoe", predictor="gate",
                                                            link=SLOW_LINK)):
         eng = Engine(path, n_ctx=128, n_batch=16, cache_rate=0.5, **kw)
         try:
-            got = eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
-            st = eng.stats
+            got, st = _run_pair(eng), eng.stats
         finally:
             eng.close()
         assert np.array_equal(got[0], want[0]) and got[1] == want[1], kw
         assert st["misses"] > 0 and (kw["cpu_experts"] == "off" or st["cpu_experts"] > 0)
+
+
+def test_gpt_oss_biases_follow_experts_into_slots_and_the_cpu_pool(test_models):
+    """gpt-oss's expert biases stay resident and are picked by expert id wherever the expert runs (a
+    cache slot, the CPU pool): copy mode and hybrid are bitwise equal to the all-resident run."""
+    path = test_models[("gpt-oss", "MXFP4_MOE", "default")]
+    _cache_modes_match(path, _run_pair(Engine(path, n_ctx=128, n_batch=16, cpu_repack=False)))
 
 
 def test_qwen35moe_recurrent_state_with_a_cache_and_across_sequences(test_models):
@@ -219,16 +226,7 @@ def test_qwen35moe_recurrent_state_with_a_cache_and_across_sequences(test_models
     second sequence on the same Engine starts from a zero state (the same tokens again)."""
     path = test_models[("qwen35moe", "Q4_K_M", "default")]
     ref = Engine(path, n_ctx=128, n_batch=16, cpu_repack=False)
-    want = ref.logits(TOKENS), list(ref.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
-    assert list(ref.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True)) == want[1]
-    assert np.array_equal(ref.logits(TOKENS), want[0])
-    for kw in (dict(cpu_experts="off", policy="lru"), dict(cpu_experts="all", policy="promoe", predictor="gate",
-                                                           link=SLOW_LINK)):
-        eng = Engine(path, n_ctx=128, n_batch=16, cache_rate=0.5, **kw)
-        try:
-            got = eng.logits(TOKENS), list(eng.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
-            st = eng.stats
-        finally:
-            eng.close()
-        assert np.array_equal(got[0], want[0]) and got[1] == want[1], kw
-        assert st["misses"] > 0 and (kw["cpu_experts"] == "off" or st["cpu_experts"] > 0)
+    want = _run_pair(ref)
+    again = _run_pair(ref)
+    assert np.array_equal(again[0], want[0]) and again[1] == want[1]
+    _cache_modes_match(path, want)
