@@ -201,7 +201,7 @@ def _delta_chunked(q, k, v, g, b, state, chunk: int = DELTA_CHUNK) -> torch.Tens
     n = (T + pad) // chunk
 
     def blocks(t):                                                   # [T, H, ...] -> [H, n, chunk, ...]
-        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if t.dim() == 2 else F.pad(t, (0, 0, 0, 0, 0, pad))
+        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad))             # the token dim (first) padded
         return t.reshape(n, chunk, H, *t.shape[2:]).transpose(0, 2).transpose(1, 2)
     q, k, v = blocks(q), blocks(k), blocks(v)                         # [H, n, c, S]
     g, b = blocks(g), blocks(b)                                       # [H, n, c]

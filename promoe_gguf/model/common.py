@@ -159,7 +159,8 @@ class RecurrentState:
 
     def __init__(self, n_layers: int, attention_layers: list[int], linear, device):
         K, C, Hv, S = linear.conv_kernel, linear.conv_channels, linear.v_heads, linear.head_v
-        rec = [layer for layer in range(n_layers) if layer not in set(attention_layers)]
+        attention = set(attention_layers)
+        rec = [layer for layer in range(n_layers) if layer not in attention]
         self.conv = {layer: torch.zeros((C, K - 1), dtype=torch.float32, device=device) for layer in rec}
         self.ssm = {layer: torch.zeros((Hv, S, S), dtype=torch.float32, device=device) for layer in rec}
         self.nbytes = sum(t.numel() * 4 for t in (*self.conv.values(), *self.ssm.values()))
