@@ -334,7 +334,8 @@ def test_moe_routed_on_device(emu, gate, up, down, n_embd, n_ff, slots, q8):
 
 def test_moe_absent_and_skipped_pairs_come_from_the_cpu_rows(emu):
     """An expert absent from the table or marked skip is not computed (done = 0, its y untouched);
-    moe_combine takes w * ext for it, in slot order, with every other pair's y."""
+    moe_combine takes w * ext for it, in slot order, with every other pair's y; a pair with both (an
+    expert split by rows: the device's share in y, the CPU's in ext) gets their sum."""
     layout = P.ExpertLayout(n_embd=64, n_ff=32, gate=T.Q8_0, up=T.Q8_0, down=T.Q8_0)
     g = _gen(9)
     lay = _Layer(layout, 4, g, absent=(2,))
@@ -352,14 +353,17 @@ def test_moe_absent_and_skipped_pairs_come_from_the_cpu_rows(emu):
     emu.run(P.plan_moe_matvec(T.Q8_0, 64, 32, route, 6, lay.base("down"), lay.stride, P.F32Act(h.data_ptr(), 32), 1,
                               w.data_ptr(), y.data_ptr(), 64, done.data_ptr()), rd + [h])
     assert done.tolist() == [1, 0, 1, 0, 1, 1]
-    ext = torch.randn(2, 3, 64, generator=g)
+    ext = torch.randn(2, 3, 64, generator=g) * (1 - done.view(2, 3, 1))     # the CPU's rows where it ran...
+    ext[1, 2] = torch.randn(64, generator=g)                                   # ...and a split pair's share
     out = torch.empty(2, 64)
     emu.run(P.plan_moe_combine(done.data_ptr(), y.data_ptr(), ext.data_ptr(), w.data_ptr(), 2, 3, 64, out.data_ptr()),
             [done, y, ext, w])
     y3, wx = y.view(2, 3, 64), w.unsqueeze(-1) * ext
     parts = torch.where(done.view(2, 3, 1).bool(), y3, wx)
+    parts[1, 2] = y3[1, 2] + wx[1, 2]
     want = (parts[:, 0] + parts[:, 1]) + parts[:, 2]
     assert torch.equal(out, want)
+    assert not torch.equal(out[1], ((parts[1, 0] + parts[1, 1]) + y3[1, 2]))
 
 
 def test_moe_pair_result_independent_of_other_pairs(emu):

@@ -143,7 +143,7 @@ def _stack(be, n_exp: int, d: int, f: int, types, seed: int):
 def test_moe_routed_and_hybrid_pairs(where, types, activations):
     """The fused MoE from the router's ids on the device (a permuted slot table), against float64;
     the hybrid route (some experts skipped, their rows from the CPU) gives the same bits for the
-    pairs it computes and takes w * ext for the others."""
+    pairs it computes and adds w * ext (the CPU's rows, zero elsewhere) to every pair."""
     be = _backend(where, activations=activations)
     d, f, E = 256, 512, 6
     st, dense = _stack(be, E, d, f, types, 7)
@@ -162,7 +162,7 @@ def test_moe_routed_and_hybrid_pairs(where, types, activations):
     skip[4] = 1
     y, done = be.moe_pairs(x.to(be.device), st, ids.to(be.device), w.to(be.device), table, skip.to(be.device))
     assert done.cpu().tolist() == [0, 1, 1, 0, 1, 1]
-    ext = torch.randn(3, 2, d, generator=_gen(5))
+    ext = torch.randn(3, 2, d, generator=_gen(5)) * (1 - done.cpu().view(3, 2, 1))   # zero where the CPU took no part
     got = be.moe_combine(y, done, ext.to(be.device), w.to(be.device)).cpu()
     full, _ = be.moe_pairs(x.to(be.device), st, ids.to(be.device), w.to(be.device), table, None)
     parts = torch.where(done.cpu().view(3, 2, 1).bool(), full.cpu().view(3, 2, d), w.unsqueeze(-1) * ext)

@@ -28,6 +28,7 @@ class QMatrix:
     qtype: T
     shape: tuple[int, ...]
     data: torch.Tensor
+    pitch: int = 0               # bytes from one row to the next when not row_bytes (a column range)
 
     @property
     def rows(self) -> int:
@@ -60,10 +61,15 @@ class StackedMatrix:
     addr: int
     stride: int
     count: int
+    pitch: int = 0               # bytes from one row to the next when not row_bytes (a column range)
 
     @property
     def row_bytes(self) -> int:
         return quant_type(self.qtype).row_bytes(self.cols)
+
+    @property
+    def row_pitch(self) -> int:
+        return self.pitch or self.row_bytes
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,44 @@ def matrix_at(owner: torch.Tensor, offset: int, name: str, qtype, shape) -> QMat
     qt = quant_type(qtype)
     n = int(np.prod(shape[:-1])) * qt.row_bytes(shape[-1])
     return QMatrix(name, qt.ggml_type, tuple(shape), owner[offset:offset + n])
+
+
+def split_unit(mats) -> int:
+    """The rows of an expert's intermediate layer one split step moves (down's block, whose columns
+    they are); 0 when the expert cannot be split: a zeroed block of some matrix would not decode to
+    zeros (a device slot holds zeros where the CPU's rows are)."""
+    if any(not _zero_is_zero(m.qtype) for m in mats):
+        return 0
+    return quant_type(mats[2].qtype).block_size
+
+
+def _zero_is_zero(qtype) -> bool:
+    from ..format.quants import dequantize_torch
+    qt = quant_type(qtype)
+    return bool((dequantize_torch(torch.zeros(qt.type_size, dtype=torch.uint8), qtype, (qt.block_size,)) == 0).all())
+
+
+def expert_part(mats, lo: int, hi: int) -> tuple:
+    """An expert's (gate, up, down) restricted to intermediate rows [lo, hi): gate's and up's rows, and
+    down's columns as a view whose rows stay `pitch` bytes apart (the CPU backend reads it in place).
+    lo and hi are multiples of split_unit."""
+    gate, up, down = mats
+    out = [QMatrix(m.name, m.qtype, (hi - lo, m.cols), m.data[lo * m.row_bytes:hi * m.row_bytes]) for m in (gate, up)]
+    qt = quant_type(down.qtype)
+    a, b = lo // qt.block_size * qt.type_size, hi // qt.block_size * qt.type_size
+    rb = down.row_bytes
+    out.append(QMatrix(down.name, down.qtype, (down.rows, hi - lo), down.data[a:(down.rows - 1) * rb + b], pitch=rb))
+    return tuple(out)
+
+
+def contiguous(m: QMatrix) -> QMatrix:
+    """A pitched QMatrix's rows packed into a buffer of their own (for a device that reads rows
+    back to back)."""
+    if not m.pitch:
+        return m
+    rb = m.row_bytes
+    rows = torch.as_strided(m.data, (m.rows, rb), (m.pitch, 1))
+    return QMatrix(m.name, m.qtype, m.shape, rows.contiguous().view(-1))
 
 
 @dataclass(frozen=True)

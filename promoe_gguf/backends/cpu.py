@@ -118,7 +118,7 @@ class CpuBackend(BackendBase):
         hit = self._leaves.get(id(w))
         if hit is not None and hit[0] is w:
             return hit[1]
-        rb = w.row_bytes
+        rb = w.pitch or w.row_bytes
         if len(w.shape) == 3:
             leaf = _weight_leaf(self._repacked, int(w.qtype), (w.cols, w.rows, w.shape[0]), (0, rb, rb * w.rows), w.addr)
         else:
@@ -131,7 +131,7 @@ class CpuBackend(BackendBase):
         hit = self._leaves.get(m)
         if hit is None:
             hit = self._leaves[m] = _weight_leaf(self._repacked, int(m.qtype), (m.cols, m.rows, m.count),
-                                                 (0, m.row_bytes, m.stride), m.addr)
+                                                 (0, m.row_pitch, m.stride), m.addr)
         return hit
 
     def repack(self, addr: int, qtype, ne: tuple, nbytes: int) -> bool:
@@ -164,12 +164,12 @@ class CpuBackend(BackendBase):
         return True
 
     def repack_weight(self, w: QMatrix) -> bool:
-        if len(w.shape) != 2 or w.qtype.name not in REPACKABLE:
+        if len(w.shape) != 2 or w.pitch or w.qtype.name not in REPACKABLE:
             return False
         return self.repack(w.addr, w.qtype, (w.cols, w.rows), w.nbytes)
 
     def repack_stack(self, m: StackedMatrix) -> bool:
-        if m.stride != m.rows * m.row_bytes or m.qtype.name not in REPACKABLE:
+        if m.stride != m.rows * m.row_bytes or m.pitch or m.qtype.name not in REPACKABLE:
             return False                                   # only a contiguous stack copies as one tensor
         return self.repack(m.addr, m.qtype, (m.cols, m.rows, m.count), m.stride * m.count)
 
@@ -310,7 +310,7 @@ class CpuBackend(BackendBase):
         expert's own (ExpertFn.of)."""
         x = _f32(x)
         n = x.shape[0]
-        one = ExpertStack(*(StackedMatrix(m.qtype, m.rows, m.cols, m.addr, m.rows * m.row_bytes, 1)
+        one = ExpertStack(*(StackedMatrix(m.qtype, m.rows, m.cols, m.addr, m.rows * (m.pitch or m.row_bytes), 1, m.pitch)
                             for m in (gate, up, down)), fn=fn)
         zeros = np.zeros((n, 1), dtype=np.int32)
         return self._moe_slots(x, one, zeros, zeros)[:, 0]

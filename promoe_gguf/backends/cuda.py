@@ -453,8 +453,8 @@ class CudaBackend(BackendBase):
 
     def moe_combine(self, y: torch.Tensor, done: torch.Tensor, ext: torch.Tensor | None,
                     weights: torch.Tensor) -> torch.Tensor:
-        """[T, d]: each token's slots added in slot order, a pair's output from y where done, else
-        weights * ext (the CPU's unweighted rows [T, k, d])."""
+        """[T, d]: each token's slots added in slot order, a pair's output from y where done, plus
+        weights * ext (the CPU's unweighted rows [T, k, d], zero where the CPU took no part)."""
         w = _f32(weights)
         T, k = w.shape
         n = y.shape[-1]

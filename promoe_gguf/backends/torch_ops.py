@@ -146,11 +146,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def moe_combine(y: torch.Tensor, done: torch.Tensor, ext: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
     """[T, d]: each token's slots added in slot order (as llama.cpp's build_moe_ffn), a pair's output
-    y [T*k, d] (already weighted) where done [T*k], else w * ext (unweighted rows [T, k, d])."""
+    y [T*k, d] (already weighted) where done [T*k], plus w * ext (the CPU's unweighted rows [T, k, d],
+    zero where the CPU took no part; a split expert has both)."""
     T, k = w.shape
     y3 = y.view(T, k, -1)
-    other = torch.zeros_like(y3) if ext is None else w.unsqueeze(-1) * ext.view(T, k, -1)
-    parts = torch.where(done.view(T, k, 1).bool(), y3, other)
+    parts = torch.where(done.view(T, k, 1).bool(), y3, torch.zeros((), dtype=y3.dtype))
+    if ext is not None:
+        parts = parts + w.unsqueeze(-1) * ext.view(T, k, -1)
     out = parts[:, 0]
     for j in range(1, k):
         out = out + parts[:, j]

@@ -1,6 +1,7 @@
 """`promoe bench MODEL [--vs-llamacpp]`: prefill and decode speed per cache mode and budget, side by side.
 
-For each mode (all resident; lru and promoe copying every miss; hybrid: promoe with CPU experts; or
+For each mode (all resident; lru and promoe copying every miss; hybrid: promoe with CPU experts, one
+miss per layer split by rows where that finishes sooner; hybrid-whole: the same, every miss whole; or
 any POLICY/PREDICTOR/CPU_EXPERTS triple, e.g. promoe/mlp:FILE/auto) at
 each cache rate or --gpu-mem budget: time to first token and prefill tok/s for each prompt length,
 decode tok/s, hit rate, the share of decode spent waiting (copies, CPU pool), where experts ran, and
@@ -38,6 +39,7 @@ MODES = {            # name -> Engine options (with a cache)
     "lru": dict(policy="lru", predictor="none", cpu_experts="off"),
     "promoe": dict(policy="promoe", predictor="gate", cpu_experts="off"),
     "hybrid": dict(policy="promoe", predictor="gate", cpu_experts="auto"),
+    "hybrid-whole": dict(policy="promoe", predictor="gate", cpu_experts="whole"),   # hybrid without row splits
 }
 
 
@@ -75,7 +77,8 @@ def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
         run = run_phases(eng, prompts[-1][:16], n_decode + 3, split_after=3,
                          at_split=lambda: counts.append(eng.decoding.counts.copy()))
         st, dec = run.last, run.decode
-        d = {k: dec[k] for k in ("hits", "misses", "bytes_h2d", "stall_s", "cpu_experts", "copies") if k in dec}
+        d = {k: dec[k] for k in ("hits", "misses", "bytes_h2d", "stall_s", "cpu_experts", "split_experts", "copies")
+             if k in dec}
         out["decode"] = {"tokens": n_decode, "tok_s": n_decode / dec["wall_s"], **d,
                          "wait_copy_share": st.get("decode_wait_copy_share", 0.0),
                          "wait_cpu_share": st.get("decode_wait_cpu_share", 0.0)}
@@ -119,7 +122,7 @@ def _bound(r: dict, device_gbs: float, cpu_gbs: float, link_gbs: float) -> float
 
 def _mode(text: str) -> dict:
     """A --modes entry: a name in MODES, or POLICY/PREDICTOR/CPU_EXPERTS (the predictor may hold a path)."""
-    from ..runtime.source import CPU_EXPERTS
+    from ..runtime.placement import CPU_EXPERTS
     if text in MODES:
         return MODES[text]
     parts = text.split("/")
@@ -325,7 +328,7 @@ def _markdown(res: dict) -> str:
             f"{rate['link'] or 0:.4g} GB/s.", ""]
     lens = res["prompt_lengths"]
     cols = " | ".join(f"prefill {n} tok/s (TTFT s)" for n in lens)
-    head += [f"| mode | budget | {cols} | decode tok/s | vs llama.cpp | hit rate | on CPU | copied | wait copies | "
+    head += [f"| mode | budget | {cols} | decode tok/s | vs llama.cpp | hit rate | on CPU (+split) | copied | wait copies | "
              "wait CPU | gap to bound | decode: graphs replayed / launches outside / host waits per token | "
              "host us per layer: work (CPU) |", "|" + "---|" * (len(lens) + 12)]
     llama = [r for r in res["rows"] if r["mode"].startswith("llama.cpp")]
@@ -339,7 +342,8 @@ def _markdown(res: dict) -> str:
                    default=None)
         vs = f"{dec['tok_s'] / best:.2f}x" if best else "-"
         head.append(f"| {r['mode']} | {r['budget']} | {pre} | {dec['tok_s']:.1f} | {vs} | "
-                    f"{(dec.get('hits', 0) / lookups) if lookups else 1.0:.2f} | {dec.get('cpu_experts', '-')} | "
+                    f"{(dec.get('hits', 0) / lookups) if lookups else 1.0:.2f} | {dec.get('cpu_experts', '-')}"
+                    f"{' (+' + str(dec['split_experts']) + ')' if dec.get('split_experts') else ''} | "
                     f"{dec.get('copies', '-')} | {dec.get('wait_copy_share', 0):.0%} | {dec.get('wait_cpu_share', 0):.0%} | "
                     + (f"{r['gap_to_bound']:.1f}x |" if "gap_to_bound" in r else "- |") + _dispatch_cells(r))
     src = sorted({r["source"] for r in llama})
@@ -386,7 +390,7 @@ def _plot(res: dict, path: str) -> None:
 def add_parsers(sub) -> None:
     s = sub.add_parser("bench", help="prefill/decode speed per cache mode and budget (and vs llama.cpp)")
     s.add_argument("model", help="GGUF file or cache directory")
-    s.add_argument("--modes", default="lru,promoe,hybrid", help="comma-separated: lru, promoe, hybrid, or POLICY/PREDICTOR/CPU_EXPERTS "
+    s.add_argument("--modes", default="lru,promoe,hybrid", help="comma-separated: lru, promoe, hybrid, hybrid-whole, or POLICY/PREDICTOR/CPU_EXPERTS "
                                                           "(e.g. static/none/off, promoe/mlp:FILE/auto)")
     s.add_argument("--rates", type=_rates, default=None, help="cache rates, each in (0, 1] (default 0.25,0.5,0.75)")
     s.add_argument("--gpu-mem", type=size, default=None, help="one device memory budget instead of --rates")

@@ -8,6 +8,7 @@ import math
 import re
 
 from .. import limits
+from ..runtime.placement import CPU_EXPERTS
 from ..errors import ModelError, ParameterError, clip
 from ..sampling import DEFAULTS
 
@@ -121,9 +122,10 @@ def add_cache_flags(p) -> None:
                    help="cache replacement (with an expert cache)")
     p.add_argument("--predictor", default="none",
                    help="none | gate | mlp:PATH | history[:TRACE] | freq[:TRACE] (with an expert cache)")
-    p.add_argument("--cpu-experts", default="auto", choices=("auto", "off", "all"),
+    p.add_argument("--cpu-experts", default="auto", choices=CPU_EXPERTS,
                    help="with an expert cache: compute misses on the CPU when the cost model says it is faster "
-                        "than copying them (auto), always (all), or copy every miss (off)")
+                        "than copying them, splitting one by rows so the CPU and the link finish together (auto); "
+                        "the same with every miss whole on one side (whole); always (all); or copy every miss (off)")
     p.add_argument("--cpu-threads", type=setting("cpu_threads"), default=None,
                    help="ggml threads of the CPU expert pool (with an expert cache; default: --threads)")
     p.add_argument("--gpu-mem", type=size, default=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..bench.real_shapes import SHAPES, recorded_mixes
+from ..runtime.placement import CPU_EXPERTS
 from ..errors import ModelError, ParameterError
 from ..sim.profile import PROFILES
 from .flags import ranged, setting, size
@@ -38,8 +39,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--policy", default=None, choices=("lru", "static", "promoe"), help="ours: cache policy (default lru)")
     e.add_argument("--predictor", default=None, choices=("none", "gate", "oracle"),
                    help="ours: expert predictor (default none; oracle = the true future from the routing)")
-    e.add_argument("--cpu-experts", default=None, choices=("auto", "off", "all"),
-                   help="ours: misses on the CPU (default auto)")
+    e.add_argument("--cpu-experts", default=None, choices=CPU_EXPERTS,
+                   help="ours: misses on the CPU, one split by rows where that finishes sooner (default auto; "
+                        "whole: never split)")
     e.add_argument("--cache-rate", type=setting("cache_rate"), default=None,
                    help="ours: fraction of routed experts the cache holds, in (0, 1]")
     e.add_argument("--gpu-mem", type=size, default=None, help="device memory for everything (e.g. 10G); default: fit the profile")

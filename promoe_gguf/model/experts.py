@@ -30,6 +30,7 @@ import torch
 
 from ..backends import FUSED_MAX_TOKENS, ExpertStack, StackedMatrix, matrix_at
 from ..backends import ExpertFn
+from ..backends.base import contiguous, expert_part
 from ..errors import ModelError
 from ..format.expert_index import MATRICES
 from ..numerics import OFF as NUMERICS_OFF
@@ -201,6 +202,7 @@ class _LayerIO:
     ext: torch.Tensor            # the same on the device
     jobs: dict = field(default_factory=dict)
     refused: bool = False        # the source cannot hold every chosen expert at once: per-expert route
+    written: tuple | None = None  # (rows, cols) of ext_h the last step's CPU jobs wrote (zeroed before the next)
 
     def __post_init__(self):
         self.ids_np, self.skip_np, self.ext_np = self.ids_h.numpy(), self.skip_h.numpy(), self.ext_h.numpy()
@@ -305,20 +307,29 @@ class MoEExperts:
             return
         io.jobs = placed[2]
         io.skip_np[:] = 0
-        io.skip_np[list(io.jobs)] = 1
+        io.skip_np[[e for e, job in io.jobs.items() if job.part is None]] = 1    # a split expert runs on both
+        if io.written is not None:                       # the last step's CPU rows (the device has read them)
+            io.ext_np[io.written] = 0
+            io.written = None
 
     def _collect(self, layer: int, io: _LayerIO) -> None:
         """Host, once the device's pairs are queued: the CPU's rows into ext, the layer's slots released."""
         try:
+            written = []
             for e, job in io.jobs.items():
                 rows = self.source.cpu_result(layer, e, job)
                 if rows is None:                         # the CPU failed: copy the expert, compute it here
                     try:
-                        rows = self.backend.expert_ffn(job.x.to(self.backend.device), *self.source.matrices(layer, e),
-                                                       self._fn(layer, e))
+                        mats = self.source.matrices(layer, e)
+                        if job.part is not None:         # only the CPU's rows (the device has the rest)
+                            mats = tuple(contiguous(m) for m in expert_part(mats, *job.part))
+                        rows = self.backend.expert_ffn(job.x.to(self.backend.device), *mats, self._fn(layer, e))
                     finally:
                         self.source.done(layer, e)
                 io.ext_np[job.rows, job.cols] = rows.cpu().numpy()
+                written.append((job.rows, job.cols))
+            if written:
+                io.written = tuple(np.concatenate(a) for a in zip(*written))
         finally:
             io.jobs = {}
             self.source.release(layer)

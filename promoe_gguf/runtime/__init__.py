@@ -19,7 +19,8 @@ from .cpu_pool import CpuExpertPool
 from .host_store import HostStore
 from .link import Link, parse_link
 from .prefetcher import Prefetcher
-from .source import CPU_EXPERTS, CachedExpertSource
+from .placement import CPU_EXPERTS
+from .source import CachedExpertSource, staging_slots
 from .stats import Stats
 from .transfer import HIGH, TransferEngine
 
@@ -34,7 +35,8 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     `in_place`, the CPU backend's way); else the cache runtime.
 
     cpu_experts: "auto" (the cost model sends misses to the CPU pool when that is faster than a
-    copy), "all" (every miss on the CPU), "off" (misses are copied: the ProMoE runtime).
+    copy, or splits one by rows so the CPU and the link finish together), "whole" (auto, but a miss
+    runs whole on one side), "all" (every miss on the CPU), "off" (misses are copied: the ProMoE runtime).
     profile: {(layer, expert): uses} for the static policy; routes: a recorded routing for the
     oracle predictor; fault / cpu_fault: tests only, called in the copy thread / CPU worker.
     """
@@ -50,7 +52,7 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     store = HostStore(model, pin=device.type == "cuda", progress=progress)
     n_slots = slots_for_budget(store, cfg.n_experts_used, cache_rate, cache_mem)
     cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, profile),
-                        cfg.moe_layers, cfg.n_experts)
+                        cfg.moe_layers, cfg.n_experts, staging_slots(store, n_slots, cfg.n_experts_used, cpu_experts))
     spec = parse_link(link)
     stats = Stats()
     transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0), spec.get("jitter", 0.0)),

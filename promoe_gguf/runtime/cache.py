@@ -153,7 +153,8 @@ class ExpertCache:
     once the copy has landed (before the expert is READY), so a kernel that finds a slot in the
     table reads a whole expert."""
 
-    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, moe_layers=(0,), n_experts: int = 1):
+    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, moe_layers=(0,), n_experts: int = 1,
+                 n_staging: int = 0):
         self.device = torch.device(device)
         n_moe_layers = len(moe_layers)
         try:
@@ -161,7 +162,12 @@ class ExpertCache:
         except torch.OutOfMemoryError as e:
             raise ModelError(f"out of device memory allocating the expert cache "
                              f"({n_slots} slots x {slot_bytes:,} bytes): {e}") from e
+        n_slots -= n_staging
         self.slots = [Slot(i) for i in range(n_slots)]
+        # the arena's last rows: the device's part of a split expert (runtime/placement.py), used in
+        # turn by consecutive layers, never holding a cached expert
+        self.staging = [Slot(n_slots + i) for i in range(n_staging)]
+        self.staged: dict = {}          # key -> staging slot while its layer computes a split expert
         self.filled = 0                 # slots below this index hold an expert; the rest are EMPTY
         self.by_layer: dict[int, set] = {}                # the slots each layer holds
         self.where: dict[tuple, Slot] = {}
@@ -182,9 +188,22 @@ class ExpertCache:
         self.tables = torch.full((n_moe_layers, n_experts), -1, dtype=torch.int32, device=self.device)
 
     def mark_present(self, slot: Slot) -> None:
-        """(cv held) slot's copy has landed: READY, and the device table points at it."""
+        """(cv held) slot's copy has landed: READY, and the device table points at it (unless the
+        expert is split this layer: the table points at its part until unstage)."""
         slot.state = READY
-        self.tables[self.table_row[slot.key[0]], slot.key[1]] = slot.index
+        if slot.key not in self.staged:
+            self.tables[self.table_row[slot.key[0]], slot.key[1]] = slot.index
+
+    def stage(self, key, slot: Slot) -> None:
+        """(cv held) The layer computes `key`'s device part from staging `slot`: the table points there."""
+        self.staged[key] = slot
+        self.tables[self.table_row[key[0]], key[1]] = slot.index
+
+    def unstage(self, key) -> None:
+        """(cv held) The split layer has run: the table points at the cached copy, if any, again."""
+        del self.staged[key]
+        slot = self.where.get(key)
+        self.tables[self.table_row[key[0]], key[1]] = slot.index if slot is not None and slot.state == READY else -1
 
     def keep(self, slot: Slot) -> None:
         """(cv held) slot stays for good (the static policy's hot set, copied at start-up)."""
@@ -203,6 +222,8 @@ class ExpertCache:
         return self.slots[self.filled] if self.filled < len(self.slots) else None
 
     def _mark_absent(self, key) -> None:
+        if key in self.staged:                  # the table points at its part for this layer
+            return
         self.tables[self.table_row[key[0]], key[1]] = -1
 
     @property
@@ -297,3 +318,7 @@ class ExpertCache:
 
     def view(self, slot: Slot, offset: int, nbytes: int) -> torch.Tensor:
         return self.arena[slot.index, offset:offset + nbytes]
+
+    def piece(self, slot: Slot, piece) -> torch.Tensor:
+        """A host_store.Piece's bytes in `slot`."""
+        return piece.view(self.arena.view(-1), slot.index * self.arena.shape[1])

@@ -26,6 +26,7 @@ class CpuJob:
 
     def __init__(self, key, x, mats, fn=SWIGLU):
         self.key, self.x, self.mats, self.fn = key, x, mats, fn
+        self.part: tuple | None = None       # (lo, hi): a split expert's intermediate rows (mats are that part)
         self.out: torch.Tensor | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0

@@ -30,6 +30,27 @@ def _align(n: int, a: int = MATRIX_ALIGN) -> int:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """A copy unit: `rows` runs of `nbytes` bytes, `pitch` apart, from `offset` of an expert's region
+    to the same offsets of a slot; zero: zeros written there instead (nothing crosses the link)."""
+    offset: int
+    nbytes: int
+    rows: int = 1
+    pitch: int = 0
+    zero: bool = False
+
+    @property
+    def wire_bytes(self) -> int:
+        return 0 if self.zero else self.nbytes * self.rows
+
+    def view(self, flat: torch.Tensor, base: int) -> torch.Tensor:
+        """The piece's bytes in `flat` (a uint8 tensor) when the region starts at `base`."""
+        if self.rows == 1:
+            return flat[base + self.offset:base + self.offset + self.nbytes]
+        return torch.as_strided(flat, (self.rows, self.nbytes), (self.pitch, 1), flat.storage_offset() + base + self.offset)
+
+
+@dataclass(frozen=True)
 class StoreLayout:
     """Where every expert goes, computed from the model's index alone (no bytes read)."""
     keys: list                      # (layer, expert), in store order
@@ -62,6 +83,27 @@ class StoreLayout:
             for lo in range(0, m.nbytes, CHUNK_BYTES):
                 out.append((off + lo, min(CHUNK_BYTES, m.nbytes - lo)))
         return out
+
+
+    def part_pieces(self, key, lo: int) -> list[Piece]:
+        """The copy of an expert split at intermediate row `lo` (a multiple of down's block): zeros
+        where the CPU's rows are (gate's and up's first lo rows, down's first lo columns), then the
+        device's rows, in pieces of at most CHUNK_BYTES."""
+        (gate, g_off), (up, u_off), (down, d_off) = self.matrices[key]
+        zeros, copies = [], []
+        for m, off in ((gate, g_off), (up, u_off)):
+            rb = m.nbytes // m.shape[0]
+            zeros.append(Piece(off, lo * rb, zero=True))
+            for a in range(lo * rb, m.nbytes, CHUNK_BYTES):
+                copies.append(Piece(off + a, min(CHUNK_BYTES, m.nbytes - a)))
+        rows, rb = down.shape[0], down.nbytes // down.shape[0]
+        cut = lo * rb // down.shape[1]                 # bytes of a down row that hold its first lo columns
+        zeros.append(Piece(d_off, cut, rows, rb, zero=True))
+        step = max(1, CHUNK_BYTES // max(1, rb - cut))
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            copies.append(Piece(d_off + r * rb + cut, rb - cut, n, rb))
+        return [p for p in zeros if p.nbytes] + copies
 
 
 class HostStore:
@@ -103,6 +145,9 @@ class HostStore:
     def region(self, key) -> torch.Tensor:
         start, n = self._region[key]
         return self.buf[start:start + n]
+
+    def piece(self, key, piece: Piece) -> torch.Tensor:
+        return piece.view(self.buf, self._region[key][0])
 
     def matrices(self, key):
         """(gate, up, down) of an expert as QMatrix views of the store (the CPU computes from these);

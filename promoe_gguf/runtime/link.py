@@ -71,8 +71,22 @@ class Link:
             return "emulated link (CPU): unthrottled memcpy"
         return f"emulated link (CPU): {self.bandwidth / 1e9:.3g} GB/s, {self.latency * 1e6:.0f} us latency"
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> None:
-        """dst <- src. `after`: a CUDA event the copy must wait for (the slot's last reader)."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor | None, after=None) -> None:
+        """dst <- src, or zeros when src is None (a memset on the device: nothing crosses the link).
+        `after`: a CUDA event the copy must wait for (the slot's last reader). A strided (2-D) src is
+        one copy: on CUDA torch stages it through a packed host buffer."""
+        if src is None:
+            if self.emulated:
+                dst.zero_()
+                return
+            with torch.cuda.stream(self.stream):
+                if after is not None:
+                    self.stream.wait_event(after)
+                dst.zero_()
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            done.synchronize()
+            return
         if self.emulated:
             t0 = time.perf_counter()
             dst.copy_(src)

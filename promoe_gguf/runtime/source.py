@@ -27,15 +27,27 @@ import numpy as np
 import torch
 
 from ..backends import ExpertStack, StackedMatrix, matrix_at
+from ..backends.base import expert_part, split_unit
 from ..format.expert_index import MATRICES
 from .cache import READY
-from .placement import Miss, cpu_share
+from .placement import Miss, Placement, place
 from .transfer import HIGH, LOW
 
 log = logging.getLogger("promoe.runtime")
 
 
-CPU_EXPERTS = ("auto", "off", "all")
+STAGING_SLOTS = 2          # a split expert's device part: consecutive layers use them in turn
+
+
+def staging_slots(store, n_slots: int, n_used: int, cpu_experts: str) -> int:
+    """Slots of the cache's budget kept for split experts' device parts: STAGING_SLOTS when misses
+    may split (cpu_experts auto, some expert to miss, the experts' types splittable) and the rest
+    still holds a layer's top-k, else 0."""
+    if cpu_experts != "auto" or n_slots >= len(store.keys) or n_slots - STAGING_SLOTS < n_used:
+        return 0
+    mats = [m for m, _ in store.layout[store.keys[0]]]
+    unit = split_unit(mats)
+    return STAGING_SLOTS if unit and mats[2].shape[1] // unit >= 2 else 0
 
 
 class CachedExpertSource:
@@ -54,8 +66,17 @@ class CachedExpertSource:
         self._step_t0 = None
         self._step_tokens = 0
         self._uses: list = []                      # (layer, needed keys, misses) of the step, for settle_uses
+        self._staged: list = []                    # the layer's split experts' keys
+        self._next_staging = 0
         self.stacks = {layer: self._arena_stack(layer) for layer in model.config.moe_layers}
         self.nbytes = cache.capacity_bytes
+        # row groups an expert splits into (0: it cannot be split), per layer
+        self.split_parts = {}
+        if cache.staging:
+            for layer in model.config.moe_layers:
+                mats = [m for m, _ in store.layout[(layer, 0)]]
+                unit = split_unit(mats)
+                self.split_parts[layer] = mats[2].shape[1] // unit if unit else 0
 
     def _arena_stack(self, layer: int) -> ExpertStack:
         """Layer `layer`'s experts as the fused call sees them: slot i at arena + i * slot_bytes."""
@@ -87,11 +108,12 @@ class CachedExpertSource:
             self.prefetcher.reset()
         self._step_t0 = None
 
-    def _admit(self, layer: int, x, ids: np.ndarray, on_cpu=lambda needed, ids: set(),
-               static: bool = False) -> tuple[list, set]:
-        """(compute thread, once per layer) The layer's chosen experts, and those on_cpu sends to the
-        CPU pool; the misses the policy copies at once are queued. static: x and ids are the step's
-        own host buffers (the prefetcher reads them on its thread)."""
+    def _admit(self, layer: int, x, ids: np.ndarray, on_cpu=lambda needed, ids: Placement(),
+               static: bool = False) -> tuple[list, Placement]:
+        """(compute thread, once per layer) The layer's chosen experts, and where on_cpu places the
+        misses that do not go over the link whole (the CPU pool, or split); the misses the policy
+        copies at once are queued. static: x and ids are the step's own host buffers (the prefetcher
+        reads them on its thread)."""
         needed = [(layer, e) for e in sorted(set(ids.ravel().tolist()))]
         cache = self.cache
         with cache.cv:
@@ -102,7 +124,7 @@ class CachedExpertSource:
         cpu = on_cpu(needed, ids)
         if not cache.policy.reactive:                # early preemption: all of the layer's copies queued now
             for key in needed:
-                if key not in cpu:
+                if key not in cpu.cpu and key not in cpu.split:
                     self.transfer.request(key, HIGH)
         if self.prefetcher is not None:
             self.prefetcher.layer(layer, x, ids, static)
@@ -128,8 +150,9 @@ class CachedExpertSource:
         pinned at once, under one lock; misses are all queued before the first wait."""
         if len(set(ids.ravel().tolist())) > self.model.config.n_experts_used and len(self.cache.slots) < len(self.store.keys):
             return None
-        needed, cpu = self._admit(layer, x, ids, self._place, static=True)
-        device = [key for key in needed if key not in cpu]
+        needed, placed = self._admit(layer, x, ids, self._place, static=True)
+        cpu, split = placed.cpu, placed.split
+        device = [key for key in needed if key not in cpu and key not in split]
         cache = self.cache
         lut = np.full(self.model.config.n_experts, -1, dtype=np.int64)
         missing = []
@@ -143,12 +166,26 @@ class CachedExpertSource:
                     lut[key[1]] = slot.index
                 else:
                     missing.append(key)
+        unit = {key: self.store.layout[key][2][0].shape[1] // self.split_parts[key[0]] for key in split}
         jobs = {key[1]: self.cpu_job(key, x, ids) for key in cpu}
+        jobs.update({key[1]: self.cpu_job(key, x, ids, part=(0, j * unit[key])) for key, j in split.items()})
         if jobs:
             self.cpu_pool.submit(list(jobs.values()))  # one hand-off to the worker for the layer
         for key in missing:                           # every copy queued before the first wait
             self.transfer.request(key, HIGH)
+        parts = {}
+        for key, j in split.items():                  # a split's share last on the link, as placement counts it
+            staging = cache.staging[self._next_staging]
+            self._next_staging = (self._next_staging + 1) % len(cache.staging)
+            parts[key] = self.transfer.request_part(key, j * unit[key], staging), j * unit[key]
         try:
+            for key, (task, _) in parts.items():
+                self.wait_until_staged(task)
+                with cache.cv:
+                    cache.stage(key, task.slot)
+                self._staged.append(key)
+                lut[key[1]] = task.slot.index
+                self.counters.add(layer, "split_experts")
             for key in missing:
                 slot = self.wait_until_copied(key)
                 self._pinned.append(key)
@@ -171,42 +208,54 @@ class CachedExpertSource:
             for key in self._pinned:
                 freed |= cache.unpin(cache.where[key], event)
             self._pinned = []
+            for key in self._staged:
+                cache.staged[key].free_event = event
+                cache.unstage(key)
+            self._staged = []
             cache.release_layer()
             if freed and self.transfer.starved:
                 cache.cv.notify_all()                 # a copy was waiting for a slot
 
     # ---- CPU experts ---------------------------------------------------------------------------
-    def _place(self, needed: list, ids: np.ndarray) -> set:
-        """The misses to compute on the CPU (placement.cpu_share), from the cache's and the link's state."""
+    def _place(self, needed: list, ids: np.ndarray) -> Placement:
+        """Where the misses run (placement.place), from the cache's and the link's state. An expert
+        splits only if nothing of it is on the device or on its way (cpu_experts auto)."""
         pool = self.cpu_pool
         if pool is None or not pool.alive or self.cpu_experts == "off":
-            return set()
+            return Placement()
         everything = self.cpu_experts == "all" or not self.transfer.alive    # no copy thread: the CPU it is
         misses = []
         with self.cache.cv:
             missing = [(key, slot) for key in needed
                        if (slot := self.cache.where.get(key)) is None or slot.state != READY]
             if everything:
-                return {key for key, _ in missing}
+                return Placement({key for key, _ in missing})
+            splits = self.cpu_experts == "auto"
             queued = self.transfer.queued_bytes(HIGH)         # once per layer: the queue does not move here
             for key, slot in missing:
                 T = int((ids == key[1]).sum())
                 sig = self.cost.signature(m for m, _ in self.store.layout[key])
                 left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
+                parts = self.split_parts.get(key[0], 0) if (splits and slot is None and key not in self.transfer.tasks
+                                                            and not self.stacks[key[0]].fn.bias) else 0
                 misses.append(Miss(key, self.cost.cpu_seconds(sig, T), left, self.cost.device_seconds(sig, T),
-                                   queued - self.transfer.queued_bytes_of(key, HIGH)))
-        return cpu_share(misses, self.cost.copy_seconds, self.cost.cpu_handoff_s)
+                                   queued - self.transfer.queued_bytes_of(key, HIGH), parts))
+        return place(misses, self.cost.copy_seconds, self.cost.cpu_handoff_s)
 
-    def cpu_job(self, key, x, ids):
+    def cpu_job(self, key, x, ids, part=None):
         """A CPU pool job for `key` over its tokens' rows of x (the router input, on the host); the
-        caller hands a layer's jobs to the pool together."""
+        caller hands a layer's jobs to the pool together. part: (lo, hi), only those intermediate rows
+        (a split expert: the device computes the rest)."""
         from .cpu_pool import CpuJob
         rows, cols = np.nonzero(ids == key[1])
         # one token (decode): its row as it is (the seam's buffer is not rewritten before the job is
         # collected); more: the tokens' rows gathered
         xr = x[:1] if ids.shape[0] == 1 else x[torch.from_numpy(rows)]
-        job = CpuJob(key, xr, self.store.matrices(key), self.stacks[key[0]].fn.of(key[1], host=True))
-        job.rows, job.cols = rows, cols
+        mats = self.store.matrices(key)
+        if part is not None:
+            mats = expert_part(mats, *part)
+        job = CpuJob(key, xr, mats, self.stacks[key[0]].fn.of(key[1], host=True))
+        job.rows, job.cols, job.part = rows, cols, part
         return job
 
     def cpu_result(self, layer: int, expert: int, job) -> torch.Tensor | None:
@@ -222,9 +271,10 @@ class CachedExpertSource:
         if self._step_tokens == 1:
             self.counters.decode_wait_cpu_s += waited
         if out is not None:
-            self.counters.add(layer, "cpu_experts")
             self.counters.add(layer, "cpu_s", job.seconds)
-            self.counters.add(layer, "copies_avoided")
+            if job.part is None:
+                self.counters.add(layer, "cpu_experts")
+                self.counters.add(layer, "copies_avoided")
             self.transfer.request(key, LOW)          # admission: a valuable expert may take a slot in idle time
             return out
         if job.error is None:
@@ -266,6 +316,24 @@ class CachedExpertSource:
             self.cache.release_layer()
 
     # ---- waiting and pinning -------------------------------------------------------------------
+    def wait_until_staged(self, task) -> None:
+        """Block until a split expert's device part has landed in its staging slot."""
+        cv = self.cache.cv
+        t0 = time.perf_counter()
+        deadline = t0 + self.wait_timeout
+        with cv:
+            while not task.landed and self.transfer.alive:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"the device part of expert {task.key[1]} of layer {task.key[0]} was not "
+                                       f"copied within {self.wait_timeout:.0f} s (transfer engine stalled)")
+                cv.wait(0.05)
+        if not task.landed:
+            self.transfer.load_part_now(task)
+        waited = time.perf_counter() - t0
+        self.counters.add(task.key[0], "stall_s", waited)
+        if self._step_tokens == 1:
+            self.counters.decode_wait_copy_s += waited
+
     def wait_until_copied(self, key):
         """Block until every chunk of `key` is on the device; returns its slot, pinned."""
         cv = self.cache.cv

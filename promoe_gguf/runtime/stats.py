@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 FIELDS = ("hits", "misses", "bytes_h2d", "copies", "stall_s", "prefetch_useful", "prefetch_wasted",
-          "cpu_experts", "cpu_s", "copies_avoided", "wait_cpu_s")
+          "cpu_experts", "cpu_s", "copies_avoided", "wait_cpu_s", "split_experts")
 
 
 class Stats:

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .cache import READY
+from .host_store import Piece
 
 log = logging.getLogger("promoe.runtime")
 HIGH, LOW = 0, 1
@@ -27,6 +28,11 @@ class Task:
     slot: object = None
     next_chunk: int = 0
     dropped: bool = False
+    pieces: list | None = None       # a split expert's device part (into a staging slot); None: the whole expert
+
+    @property
+    def landed(self) -> bool:
+        return self.pieces is not None and self.next_chunk == len(self.pieces)
 
 
 class CopyQueue:
@@ -38,6 +44,7 @@ class CopyQueue:
         self.store, self.cache, self.stats = store, cache, stats
         self.queues = (deque(), deque())             # HIGH, LOW
         self.tasks: dict[tuple, Task] = {}           # pending or running, by expert
+        self.parts: dict[tuple, Task] = {}           # split experts' device parts, pending or running
         self.alive = True                            # False: nothing copies any more (the caller loads)
         self.starved = False                         # a precise copy waits for a slot to come free
 
@@ -60,6 +67,19 @@ class CopyQueue:
             else:
                 return                                # already queued as it is: nobody to wake
             cv.notify_all()
+
+    def request_part(self, key, lo: int, staging) -> Task:
+        """(any thread) Copy `key`'s intermediate rows from `lo` on into `staging` (zeros where the
+        CPU's rows are), as a precise copy; the caller waits for `task.landed`."""
+        task = Task(key, HIGH, slot=staging, pieces=self.store.store_layout.part_pieces(key, lo))
+        with self.cache.cv:
+            self.parts[key] = task
+            self.queues[HIGH].append(task)
+            self.cache.cv.notify_all()
+        return task
+
+    def pieces(self, task: Task) -> list:
+        return task.pieces if task.pieces is not None else [Piece(o, n) for o, n in self.store.chunks(task.key)]
 
     def drop_speculative(self, layer: int) -> int:
         """Early preemption: forget LOW tasks for `layer` that have not started."""
@@ -90,7 +110,7 @@ class CopyQueue:
         return self._left(task) if task is not None and task.priority == priority else 0
 
     def _left(self, task) -> int:
-        return sum(n for _, n in self.store.chunks(task.key)[task.next_chunk:])
+        return sum(p.wire_bytes for p in self.pieces(task)[task.next_chunk:])
 
     def next_task(self):
         """(cv held) The task to advance next and its slot, or None. Tasks go in queue order; when the
@@ -118,8 +138,15 @@ class CopyQueue:
 
     def landed(self, task: Task, nbytes: int) -> None:
         """(cv held) The task's next chunk is on the device: count it; its last chunk makes the slot
-        READY and retires the task."""
+        READY and retires the task (a split part: its waiter sees task.landed)."""
         task.next_chunk += 1
+        if task.pieces is not None:
+            if nbytes:
+                self.stats.copied(task.key, nbytes, False)
+            if task.landed:
+                self.queues[task.priority].remove(task)
+                del self.parts[task.key]
+            return
         self.cache.chunk_landed(task.slot, task.next_chunk)
         self.stats.copied(task.key, nbytes, task.priority == LOW)
         if task.next_chunk == len(self.store.chunks(task.key)):
@@ -153,16 +180,14 @@ class TransferEngine(CopyQueue):
                         cv.wait(0.05)
                     if self.stopping:
                         return
-                    slot, i = task.slot, task.next_chunk
-                    offset, nbytes = self.store.chunks(task.key)[i]
+                    slot, piece = task.slot, self.pieces(task)[task.next_chunk]
                     after = slot.free_event
                 if self.fault is not None:
                     self.fault()
-                self.link.copy(self.cache.view(slot, offset, nbytes),
-                               self.store.region(task.key)[offset:offset + nbytes], after)
+                self.copy_piece(task, piece, after)
                 with cv:
-                    self.landed(task, nbytes)
-                    if task.slot.state == READY:      # waiters want whole experts: wake them once per copy
+                    self.landed(task, piece.wire_bytes)
+                    if task.landed or task.slot.state == READY:   # waiters want whole experts or parts
                         cv.notify_all()
         except BaseException as e:  # noqa: BLE001 - any failure degrades to reactive loading
             log.warning("expert copy thread died (%s: %s); loading experts reactively from now on",
@@ -170,6 +195,22 @@ class TransferEngine(CopyQueue):
             with cv:
                 self.alive = False
                 cv.notify_all()
+
+    def copy_piece(self, task: Task, piece: Piece, after) -> None:
+        self.link.copy(self.cache.piece(task.slot, piece), None if piece.zero else self.store.piece(task.key, piece), after)
+
+    def load_part_now(self, task: Task) -> None:
+        """Reactive fallback on the caller's thread (copy thread dead): the rest of a split part."""
+        cv = self.cache.cv
+        with cv:
+            if task.landed:
+                return
+            if task in self.queues[HIGH]:
+                self.queues[HIGH].remove(task)
+            self.parts.pop(task.key, None)
+        while task.next_chunk < len(task.pieces):
+            self.copy_piece(task, task.pieces[task.next_chunk], task.slot.free_event)
+            task.next_chunk += 1
 
     def load_now(self, key) -> None:
         """Reactive fallback on the caller's thread (copy thread dead): copy `key` synchronously."""

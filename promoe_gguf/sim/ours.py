@@ -3,8 +3,8 @@
 What is reused unchanged (promoe_gguf.runtime), as subclasses that call their base's constructor:
 ExpertCache and its policies (victims, values, protection); CopyQueue (two priorities, a slot taken at
 a copy's first chunk; TransferEngine is it plus the copy thread); CachedExpertSource whole (hit/miss,
-early preemption, placement.cpu_share for CPU experts, the fused decode path, reordered prefill),
-with its two hooks, `wait_until_copied` and `cpu_job`, run on the clock; Predictions (protection,
+early preemption, placement.place for CPU and split experts, the fused decode path, reordered
+prefill), with its three hooks, `wait_until_copied`, `wait_until_staged` and `cpu_job`, run on the clock; Predictions (protection,
 prediction values, speculative requests; Prefetcher is it plus the predictor thread); CostModel,
 Stats, and memory.fit_cache for the budget.
 
@@ -27,7 +27,8 @@ from ..predict.base import Predictor
 from ..runtime.cache import ExpertCache, make_policy
 from ..runtime.cost import CostModel
 from ..runtime.prefetcher import Predictions
-from ..runtime.source import CPU_EXPERTS, CachedExpertSource
+from ..runtime.placement import CPU_EXPERTS
+from ..runtime.source import CachedExpertSource, staging_slots
 from ..runtime.stats import Stats
 from ..runtime.transfer import HIGH, LOW, CopyQueue
 from .clock import Clock
@@ -67,6 +68,11 @@ class SimTransfer(CopyQueue):
         super().request(key, priority)
         self.kick()
 
+    def request_part(self, key, lo: int, staging):
+        task = super().request_part(key, lo, staging)
+        self.kick()
+        return task
+
     def kick(self) -> None:
         """Start the next chunk if the link is idle (the choice is remade after every chunk)."""
         if self.busy:
@@ -75,10 +81,10 @@ class SimTransfer(CopyQueue):
             task = self.next_task()
         if task is None:
             return
-        nbytes = self.store.chunks(task.key)[task.next_chunk][1]
+        nbytes = self.pieces(task)[task.next_chunk].wire_bytes
         self.busy = True
-        self.clock.at(self.clock.now + self.link.latency + nbytes / self.link.bandwidth,
-                      lambda: self._land(task, nbytes))
+        wire = self.link.latency + nbytes / self.link.bandwidth if nbytes else 0.0   # zeros: a device memset
+        self.clock.at(self.clock.now + wire, lambda: self._land(task, nbytes))
 
     def _land(self, task, nbytes: int) -> None:
         self.busy = False
@@ -155,6 +161,7 @@ class SimJob:
     tokens: int
     seconds: float
     finish: float
+    part: tuple | None = None        # a split expert's intermediate rows (lo, hi)
 
 
 class SimPool:
@@ -203,12 +210,23 @@ class SimSource(CachedExpertSource):
             self.clock.advance(self.clock.now + self.prof.miss_us * 1e-6)
         return slot
 
-    def cpu_job(self, key, x, ids):
+    def wait_until_staged(self, task) -> None:
+        """Step the clock until a split expert's device part has landed."""
+        t0 = self.clock.now
+        while not task.landed:
+            if not self.clock.step():
+                raise ModelError(f"simulation stuck: the device part of expert {task.key[1]} of layer {task.key[0]} "
+                                 "can never be copied")
+        self.counters.add(task.key[0], "stall_s", self.clock.now - t0)
+        self.wait_copy += self.clock.now - t0
+
+    def cpu_job(self, key, x, ids, part=None):
         T = int((ids == key[1]).sum())
-        secs = cpu_expert_s(self.m, self.prof, key[0], T) + self.prof.expert_call_us * 1e-6
+        share = 1.0 if part is None else (part[1] - part[0]) / self.store.layout[key][2][0].shape[1]
+        secs = share * cpu_expert_s(self.m, self.prof, key[0], T) + self.prof.expert_call_us * 1e-6
         start = max(self.clock.now + self.handoff / 2, self.cpu_pool.free_at)
         self.cpu_pool.free_at = start + secs
-        return SimJob(key, T, secs, start + secs)
+        return SimJob(key, T, secs, start + secs, part)
 
 
 def make_cost(m: SimModel, prof, store) -> CostModel:
@@ -235,6 +253,7 @@ class Phase:
     cpu_bytes: float = 0.0           # expert weights the CPU read
     gpu_bytes: float = 0.0           # weights the device read
     cpu_experts: int = 0
+    split_experts: int = 0           # misses split by rows between the CPU and the device
     miss_bytes: float = 0.0          # experts needed that were not on the device (the bound's host side)
     prefetch_useful: int = 0
     prefetch_wasted: int = 0
@@ -285,15 +304,15 @@ class OursSim:
         """A fresh runtime: empty cache (the static hot set, or everything when all fit, preloaded)."""
         m, prof = self.m, self.prof
         clock, stats = Clock(), Stats()
+        hybrid = self.cpu_experts != "off" and not self.all_resident
         cache = ExpertCache(
             self.n_slots, self.store.slot_bytes, "meta", make_policy(self.policy_name, m.k, self.profile),
-            m.moe_layers, m.E)
+            m.moe_layers, m.E, staging_slots(self.store, self.n_slots, m.k, self.cpu_experts if hybrid else "off"))
         transfer = SimTransfer(self.store, cache, stats, clock, prof)
         prefetcher = None
         if self.predictor != "none" and not self.all_resident:
             prefetcher = SimPrefetcher(SimPredictor(self.routing, self.predictor, s, self.lookahead), transfer,
                                        cache, stats, m.n_layers, m.k, clock, prof)
-        hybrid = self.cpu_experts != "off" and not self.all_resident
         self.src = src = SimSource(m, prof, self.store, cache, transfer, stats, prefetcher,
                                    SimPool() if hybrid else None, self.cpu_experts, make_cost(m, prof, self.store), clock)
         self._preload(src)
@@ -330,13 +349,15 @@ class OursSim:
     def _snap(self, src) -> dict:
         src.settle_uses()
         st = src.counters.snapshot()
-        return {**{k: st[k] for k in ("hits", "misses", "bytes_h2d", "cpu_experts", "prefetch_useful", "prefetch_wasted")},
+        return {**{k: st[k] for k in ("hits", "misses", "bytes_h2d", "cpu_experts", "split_experts", "prefetch_useful",
+                                      "prefetch_wasted")},
                 "wait_copy": src.wait_copy, "wait_cpu": src.wait_cpu, "cpu_bytes": src.cpu_bytes}
 
     @staticmethod
     def _diff(ph: Phase, a: dict, b: dict) -> None:
         ph.hits, ph.misses = b["hits"] - a["hits"], b["misses"] - a["misses"]
         ph.h2d_bytes, ph.cpu_experts = b["bytes_h2d"] - a["bytes_h2d"], b["cpu_experts"] - a["cpu_experts"]
+        ph.split_experts = b["split_experts"] - a["split_experts"]
         ph.prefetch_useful = b["prefetch_useful"] - a["prefetch_useful"]
         ph.prefetch_wasted = b["prefetch_wasted"] - a["prefetch_wasted"]
         ph.wait_copy_s, ph.wait_cpu_s = b["wait_copy"] - a["wait_copy"], b["wait_cpu"] - a["wait_cpu"]
@@ -377,10 +398,12 @@ class OursSim:
                     if done > clock.now:
                         src.wait_cpu += done - clock.now
                         clock.advance(done)
-                    src.counters.add(layer, "cpu_experts")
                     src.counters.add(layer, "cpu_s", job.seconds)
-                    src.counters.add(layer, "copies_avoided")
-                    src.cpu_bytes += m.expert_bytes[layer]
+                    if job.part is None:
+                        src.counters.add(layer, "cpu_experts")
+                        src.counters.add(layer, "copies_avoided")
+                    share = 1.0 if job.part is None else (job.part[1] - job.part[0]) / src.store.layout[job.key][2][0].shape[1]
+                    src.cpu_bytes += share * m.expert_bytes[layer]
                     src.transfer.request(job.key, LOW)
                 clock.advance(max(clock.now, t_dev))
                 src.release(layer)

@@ -31,6 +31,8 @@ def format_result(r: dict) -> str:
         f"{'waiting for the CPU':22}{_pct(r['decode_cpu_wait_share']):>12}{'':>12}",
         f"{'experts on the CPU/tok':22}{r['decode_cpu_experts_per_token']:>12.2f}{r['prefill_cpu_experts_per_token']:>12.2f}",
     ]
+    if r.get("decode_split_experts_per_token"):
+        lines.append(f"{'split CPU+device/tok':22}{r['decode_split_experts_per_token']:>12.2f}{'':>12}")
     for link, label in (("h2d", "host->device /token"), ("cpu_read", "CPU reads /token"), ("gpu_read", "GPU reads /token")):
         lines.append(f"{label:22}{_mb(r['decode_bytes_per_token'][link]):>12}{_mb(r['prefill_bytes_per_token'][link]):>12}")
     return "\n".join(lines)

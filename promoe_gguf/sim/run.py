@@ -263,6 +263,7 @@ def summarize(inp: Inputs, engine: str, mode: str, res: dict, extra: dict) -> di
         out[f"{name}_bytes_per_token"] = {"h2d": ph.h2d_bytes / n, "cpu_read": ph.cpu_bytes / n,
                                           "gpu_read": ph.gpu_bytes / n}
         out[f"{name}_cpu_experts_per_token"] = ph.cpu_experts / n
+        out[f"{name}_split_experts_per_token"] = ph.split_experts / n
     if inp.calibrated is not None:
         out["routing_calibrated"] = inp.calibrated
     return {**out, **extra}

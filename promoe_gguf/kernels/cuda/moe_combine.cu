@@ -1,12 +1,14 @@
 // moe_combine.cu: the weighted sum of a layer's expert outputs, slot by slot, wherever each ran.
 //
 //   out[t, j] = (((o(t, 0) + o(t, 1)) + o(t, 2)) + ...)[j]
-//   o(t, s)   = y[t, s]                  when done[t * n_slots + s] (computed on the device, already
-//                                        scaled by its routing weight: moe_matvec's scale)
-//             = w[t, s] * ext[t, s]      otherwise (the CPU pool's unweighted rows; ext may be null
-//                                        when every pair ran on the device)
-// Slots are added in slot order, each product rounded once, so a result never depends on where or
-// when an expert ran, only on its output. Grid ceil(n_tokens * n / 256), block 256.
+//   o(t, s)   = y[t, s] (when done[t * n_slots + s]: computed on the device, already scaled by its
+//               routing weight, moe_matvec's scale; else 0)
+//             + w[t, s] * ext[t, s]  (the CPU pool's unweighted rows, zero where the CPU took no part;
+//               ext may be null when every pair ran on the device)
+// A pair runs on the device, on the CPU, or on both (an expert split by rows: each side computes a
+// share of its intermediate rows); adding a zero leaves the other side's value as it was, so a pair
+// that ran on one side is exact. Slots are added in slot order, each product rounded once, so a
+// result depends on where an expert ran, never on when. Grid ceil(n_tokens * n / 256), block 256.
 //
 // Entry point (type-independent): moe_combine.
 extern "C" __global__ void __launch_bounds__(256) moe_combine(
@@ -18,9 +20,8 @@ extern "C" __global__ void __launch_bounds__(256) moe_combine(
     float s = 0.0f;
     for (int k = 0; k < n_slots; ++k) {
         const long long p = t * n_slots + k;
-        float v = 0.0f;
-        if (done[p]) v = y[p * n + j];
-        else if (ext != nullptr) v = w[p] * ext[p * n + j];
+        float v = done[p] ? y[p * n + j] : 0.0f;
+        if (ext != nullptr) v += w[p] * ext[p * n + j];
         s = k == 0 ? v : s + v;
     }
     out[i] = s;
