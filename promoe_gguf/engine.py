@@ -128,7 +128,7 @@ class Engine:
             self.experts = MoEExperts(self.source, self.backend)
             self.decoder = build_decoder(self.model, self.experts, self.backend)
             attach_numerics(self.decoder, self.experts, check_numerics, self.model_path)
-            self.cache = self.decoder.new_cache(self.n_ctx)
+            self.kv_cache = self.decoder.new_cache(self.n_ctx)
             if cpu_repack and self.backend.kind == "cpu" and self.source.resident:
                 self._repack()
             from .runtime import attach
@@ -139,7 +139,7 @@ class Engine:
         self.n_batch = int(n_batch)
         from .memory import workspace_bytes
         self.backend.reserve(workspace_bytes(self.model, self.backend.kind, self.n_batch))
-        self.decoding = Decoding(self.decoder, self.cache, graphs=graphs)
+        self.decoding = Decoding(self.decoder, self.kv_cache, graphs=graphs)
         self._tokenizer = None
         self.timing = Timing()
         self._sequence = 0                # which call owns the KV cache now
@@ -165,7 +165,7 @@ class Engine:
         or every routed expert when there is no cache; workspace: the backend's scratch buffers;
         activations: the room kept for one prefill chunk's intermediates (CUDA; torch allocates them)."""
         from .memory import activation_bytes
-        out = {"resident": self.decoder.W.nbytes, "kv_cache": self.cache.nbytes,
+        out = {"resident": self.decoder.W.nbytes, "kv_cache": self.kv_cache.nbytes,
                "expert_arena": self.source.nbytes, "workspace": self.backend.workspace_bytes,
                "activations": activation_bytes(self.model, self.backend.kind, self.n_batch, self.n_ctx)}
         out["total"] = sum(out.values())
@@ -197,7 +197,7 @@ class Engine:
         """Claim the Engine's one KV cache for a new sequence (an earlier generator loses it); the
         predictor's per-sequence state is reset too."""
         self._sequence += 1
-        self.cache.reset()
+        self.kv_cache.reset()
         self.source.reset_sequence()
         return self._sequence
 
@@ -210,7 +210,7 @@ class Engine:
         tokens = check_tokens(token_ids, self.config.n_vocab)
         self._check_length(len(tokens))
         self._new_sequence()
-        cache = self.cache
+        cache = self.kv_cache
         t0 = time.perf_counter()
         out = self._prefill(cache, tokens)
         self.timing.prefill_tokens += len(tokens)
@@ -231,7 +231,7 @@ class Engine:
         sampler = Sampler(**sampling)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         eos = None if ignore_eos else self.tokenizer.eos_id
-        seq, cache = self._new_sequence(), self.cache
+        seq, cache = self._new_sequence(), self.kv_cache
         history = tokens.tolist()
         t0 = time.perf_counter()
         logits = self._prefill(cache, tokens, last_only=True)[-1]

@@ -35,10 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 GiB = 1 << 30
 MIXTRAL = (14336, 4096)          # n_ff, n_embd
 QWEN3 = (768, 2048)              # Qwen3-30B-A3B: expert n_ff, n_embd

@@ -67,7 +67,7 @@ def decode(eng, tokens: int, profile: bool) -> dict:
     on_gpu = eng.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(eng.device)) if on_gpu else (lambda: None)
     eng._new_sequence()
-    logits = eng._prefill(eng.cache, torch.tensor(PROMPT), last_only=True)[-1].float().cpu()
+    logits = eng._prefill(eng.kv_cache, torch.tensor(PROMPT), last_only=True)[-1].float().cpu()
     out, steps = [], []
     for _ in range(3):                                        # warm-up: eager, recorded, replayed
         tok = int(torch.argmax(logits))

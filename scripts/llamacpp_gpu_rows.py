@@ -25,12 +25,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from promoe_gguf.bench import llamacpp as lc
+from promoe_gguf.bench.real_shapes import SHAPES
+from promoe_gguf.errors import ModelError
 
-from promoe_gguf.bench import llamacpp as lc  # noqa: E402
-from promoe_gguf.bench.real_shapes import SHAPES  # noqa: E402
-from promoe_gguf.errors import ModelError  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_BUNDLE = REPO / "bench" / "llamacpp-cuda" / "llamacpp-cuda.tar.xz"
 

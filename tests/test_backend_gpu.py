@@ -33,7 +33,7 @@ def _ours(**kw) -> np.ndarray:
     eng = Engine(DEFAULT_MODEL, device="cuda", n_ctx=64, **kw)
     try:
         eng._new_sequence()
-        out = [eng._prefill(eng.cache, torch.tensor(TOKENS[:9])).float().cpu().numpy()]
+        out = [eng._prefill(eng.kv_cache, torch.tensor(TOKENS[:9])).float().cpu().numpy()]
         out += [eng.decoding.step(t).numpy()[None].copy() for t in TOKENS[9:]]
         assert not eng.backend.failed, eng.backend.failed
         assert eng.decoding.counts.mode == "graphs", eng.decoding.counts.why_eager
@@ -72,7 +72,7 @@ def test_graphs_equal_eager_and_the_cache_never_changes_tokens():
         eng = Engine(DEFAULT_MODEL, device="cuda", n_ctx=128, **kw)
         try:
             eng._new_sequence()
-            eng._prefill(eng.cache, torch.tensor(TOKENS[:8]), last_only=True)
+            eng._prefill(eng.kv_cache, torch.tensor(TOKENS[:8]), last_only=True)
             steps = [eng.decoding.step(t).clone() for t in TOKENS[8:20]]
             toks = list(eng.generate(TOKENS[:8], max_tokens=16, temperature=0, ignore_eos=True))
             return steps, toks, eng.stats

@@ -59,7 +59,7 @@ class DeviceOps(TorchDispatchMode):
 
 def _warm(eng, prompt=(1, 5, 9, 11)) -> None:
     eng._new_sequence()
-    eng._prefill(eng.cache, torch.tensor(prompt), last_only=True)
+    eng._prefill(eng.kv_cache, torch.tensor(prompt), last_only=True)
     eng.decoding.step(3)                      # eager: every kernel warmed up
     eng.decoding.step(7)                      # recorded, replayed
 
@@ -135,7 +135,7 @@ def test_graphs_and_eager_give_bitwise_equal_logits(test_models, emu, cache):
         eng = Engine(path, launcher=emu.launcher, n_ctx=48, **kw, **({} if name == "resident" else cache))
         try:
             eng._new_sequence()
-            eng._prefill(eng.cache, torch.tensor([1, 5, 9, 11]), last_only=True)
+            eng._prefill(eng.kv_cache, torch.tensor([1, 5, 9, 11]), last_only=True)
             runs[name] = [eng.decoding.step(t).clone() for t in (3, 7, 20, 21, 22)]
             if name == "graphs":
                 assert eng.decoding.counts.mode == "graphs"
@@ -163,7 +163,7 @@ def _ours(path, emu, tokens, **kw) -> np.ndarray:
     eng = Engine(path, launcher=emu.launcher, n_ctx=32, **kw)
     try:
         eng._new_sequence()
-        out = [eng._prefill(eng.cache, torch.tensor(tokens[:9])).cpu().numpy()]
+        out = [eng._prefill(eng.kv_cache, torch.tensor(tokens[:9])).cpu().numpy()]
         out += [eng.decoding.step(t).numpy()[None].copy() for t in tokens[9:]]
         assert not eng.backend.failed, eng.backend.failed
         return np.concatenate(out)
@@ -251,7 +251,7 @@ def test_new_architectures_on_the_cuda_path(test_models, factory, emu, key):
         eng = Engine(p, launcher=emu.launcher, n_ctx=64, **kw)
         try:
             eng._new_sequence()
-            out = [eng._prefill(eng.cache, torch.tensor(tokens[:30])).cpu().numpy()]
+            out = [eng._prefill(eng.kv_cache, torch.tensor(tokens[:30])).cpu().numpy()]
             out += [eng.decoding.step(t).numpy()[None].copy() for t in tokens[30:]]
             assert not eng.backend.failed and eng.decoding.counts.mode == "graphs", eng.decoding.counts
             return np.concatenate(out)

@@ -28,7 +28,7 @@ def _allocated(eng) -> dict:
     W = eng.decoder.W
     resident = sum(m.data.numel() * m.data.element_size() for n, m in W.mats.items() if n not in W.vecs) \
         + sum(v.numel() * v.element_size() for v in W.vecs.values())
-    kv = sum(t.numel() * t.element_size() for t in eng.cache.k + eng.cache.v)
+    kv = sum(t.numel() * t.element_size() for t in eng.kv_cache.k + eng.kv_cache.v)
     src = eng.source
     if hasattr(src, "cache"):
         arena = src.cache.arena.numel()

@@ -3,6 +3,7 @@ layouts, the Backend protocol and BackendBase. The backends (cpu.py, cuda.py) im
 package imports them only to build one (make_backend): no import cycle."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
@@ -259,6 +260,7 @@ class Backend(Protocol):
     def host_buffer(self, shape, dtype) -> torch.Tensor: ...                           # page-locked where it matters
     def sync(self) -> None: ...
     def new_graph(self): ...                                                             # a DeviceGraph
+    def capture_stream(self): ...                      # context: where a recording runs (CUDA: a side stream)
 
 
 class BackendBase:
@@ -298,6 +300,10 @@ class BackendBase:
 
     def new_graph(self):
         raise ModelError(f"the {self.kind} backend records no device graphs")
+
+    def capture_stream(self):
+        """Where a graph recording runs: here, the current stream."""
+        return contextlib.nullcontext()
 
     def _may_wait(self, what: str) -> None:
         if self.capturing:

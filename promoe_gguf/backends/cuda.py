@@ -24,6 +24,8 @@ and quant type, and that (kernel, quant type) then runs through torch instead.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 from functools import lru_cache
@@ -107,6 +109,19 @@ class CudaBackend(BackendBase):
         self.host_syncs += 1
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+    @contextlib.contextmanager
+    def capture_stream(self):
+        """CUDA: record on a side stream that waits for the current one (torch.cuda.graph's protocol);
+        the emulation records where it is."""
+        if self.device.type != "cuda":
+            yield
+            return
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.stream(side):
+            yield
 
     def new_graph(self):
         """A graph to record the next stretch of work into: CUDA graphs share one memory pool

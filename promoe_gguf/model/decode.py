@@ -102,11 +102,11 @@ class _Recording:
 
 
 class Decoding:
-    """One-token steps of `decoder` over `cache`. graphs=False: always eager (also the automatic
+    """One-token steps of `decoder` over `kv_cache`. graphs=False: always eager (also the automatic
     fallback). The KV cache's n_past is advanced here, as Decoder.forward does."""
 
-    def __init__(self, decoder, cache, graphs: bool = True):
-        self.decoder, self.cache, self.backend = decoder, cache, decoder.backend
+    def __init__(self, decoder, kv_cache, graphs: bool = True):
+        self.decoder, self.kv_cache, self.backend = decoder, kv_cache, decoder.backend
         be = self.backend
         self.inputs_h = be.host_buffer((2,), torch.int32)              # token, position
         self.inputs = torch.zeros(2, dtype=torch.int32, device=be.device)
@@ -127,7 +127,7 @@ class Decoding:
         the host): inputs in, logits out."""
         self.inputs.copy_(self.inputs_h, non_blocking=True)
         mask = None if n_past is None else self.backend.causal_mask(n_past, 1)
-        step = Step(self.inputs[1:2], n_past, self.cache, driver, mask)
+        step = Step(self.inputs[1:2], n_past, self.kv_cache, driver, mask)
         logits = self.decoder.run(self.inputs[0:1], step, last_only=True)
         self.logits_h.copy_(logits[-1], non_blocking=True)
 
@@ -135,7 +135,7 @@ class Decoding:
     def step(self, token: int) -> torch.Tensor:
         """Logits [n_vocab] (host, float32) after feeding `token` at position cache.n_past. The
         tensor is this object's buffer: read or copy it before the next step."""
-        cache, be, dec = self.cache, self.backend, self.decoder
+        cache, be, dec = self.kv_cache, self.backend, self.decoder
         if not 0 <= int(token) < dec.cfg.n_vocab:
             raise ModelError(f"token id {token} is out of range (vocabulary {dec.cfg.n_vocab})")
         if cache.n_past + 1 > cache.n_ctx:
@@ -187,7 +187,7 @@ class Decoding:
         rec = None
         be.capturing = True
         try:
-            with _capture_stream(be):
+            with be.capture_stream():
                 rec = _Recording(be)
                 self._body(rec, None)
                 rec.close()
@@ -206,28 +206,3 @@ class Decoding:
         finally:
             be.capturing = False
         self.segments = rec.segments
-
-
-class _capture_stream:
-    """CUDA: record on a side stream that waits for the current one (torch.cuda.graph's protocol);
-    elsewhere nothing."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.ctx = None
-
-    def __enter__(self):
-        dev = self.backend.device
-        if dev.type == "cuda":
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            torch.cuda.synchronize(dev)
-            self.ctx = torch.cuda.stream(side)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-        return False
-

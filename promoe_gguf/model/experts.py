@@ -68,17 +68,17 @@ class ExpertSource(Protocol):
 class ResidentSource:
     """Every routed expert resident on the device, one stack per MoE layer.
 
-    CPU: the model's own memory map, addressed in place when a layer's experts sit at a uniform
-    stride (stacked or merged GGUF tensors); otherwise, and on CUDA, one packed device buffer per
-    layer (expert e's gate, up and down at e * stride). The slot table is the identity."""
+    `in_place` (the backend's weights_in_place: the CPU): the model's own memory map, addressed in
+    place when a layer's experts sit at a uniform stride (stacked or merged GGUF tensors); otherwise
+    one packed device buffer per layer (expert e's gate, up and down at e * stride). The slot table
+    is the identity."""
 
     resident = True
 
-    def __init__(self, model, device="cpu", in_place: bool | None = None):
+    def __init__(self, model, device, in_place: bool):
         self.model, self.device = model, torch.device(device)
         self.fuse_any = False      # set for the CPU's repacked stacks (Engine._repack)
         self.stacks: dict[int, ExpertStack] = {}
-        in_place = self.device.type == "cpu" if in_place is None else in_place
         file = torch.from_numpy(model.expert_data) if in_place else None
         for layer in model.config.moe_layers:
             mats = [model.expert_matrices(layer, e) for e in range(model.config.n_experts)]

@@ -30,7 +30,7 @@ log = logging.getLogger("promoe.runtime")
 def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", predictor="none", link=None,
                 lookahead: int = 1, profile=None, routes=None, progress: bool = False,
                 wait_timeout: float = 60.0, fault=None, cpu_experts: str = "auto", cpu_threads: int = 1,
-                cpu_fault=None, in_place: bool | None = None) -> ExpertSource:
+                cpu_fault=None, in_place: bool = False) -> ExpertSource:
     """Every expert resident when no budget is given (read where the file maps them when
     `in_place`, the CPU backend's way); else the cache runtime.
 
