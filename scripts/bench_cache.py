@@ -61,11 +61,11 @@ def main(argv=None) -> int:
         rec.routes = {}
         want.append(list(ref.generate(p, max_tokens=args.tokens, temperature=0, ignore_eos=True)))
         routes[p] = dict(rec.routes)
-    profile = {}
+    use_counts = {}
     for r in routes.values():
         for (_, layer), experts in r.items():
             for e in experts:
-                profile[(layer, e)] = profile.get((layer, e), 0) + 1
+                use_counts[(layer, e)] = use_counts.get((layer, e), 0) + 1
 
     link = args.link
     if link.startswith("ratio="):   # calibrate once, so every configuration sees the same link
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             acc = {"prefill": {}, "decode": {}}
             for p, w in zip(PROMPTS, want):   # one engine per prompt: the oracle replays that prompt's routing
                 o, ph = run_config(args.model, p, args.tokens, cache_rate=rate, policy=policy,
-                                   predictor=predictor, link=link, profile=profile, cpu_experts=cpu,
+                                   predictor=predictor, link=link, use_counts=use_counts, cpu_experts=cpu,
                                    routes=routes[p] if predictor == "oracle" else None, lookahead=args.lookahead)
                 # on the CPU the "device" and the CPU pool both compute with ggml: even hybrid is exact here
                 assert o == w, f"{label}/{predictor} changed the output: the cache must never do that"

@@ -141,7 +141,7 @@ def test_gpu_mem_fit_plan_equals_allocation(model_path):
         mem = eng.memory
         assert mem == {k: plan[k] for k in mem}
         assert mem["total"] <= budget
-        assert len(eng.source.cache.slots) == plan["experts_on_device"] < plan["experts_total"]
+        assert len(eng.source.expert_cache.slots) == plan["experts_on_device"] < plan["experts_total"]
     finally:
         eng.close()
     with pytest.raises(ModelError, match="before any expert"):

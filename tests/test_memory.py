@@ -30,8 +30,8 @@ def _allocated(eng) -> dict:
         + sum(v.numel() * v.element_size() for v in W.vecs.values())
     kv = sum(t.numel() * t.element_size() for t in eng.kv_cache.k + eng.kv_cache.v)
     src = eng.source
-    if hasattr(src, "cache"):
-        arena = src.cache.arena.numel()
+    if not src.resident:
+        arena = src.expert_cache.arena.numel()
     else:                      # packed device buffers [E, stride], or the bytes a stack addresses in the file map
         arena = sum(st.owners[0].numel() if st.owners[0].dim() == 2 else
                     sum(m.count * m.rows * m.row_bytes for m in (st.gate, st.up, st.down)) for st in src.stacks.values())

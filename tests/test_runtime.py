@@ -115,6 +115,26 @@ def test_oracle_prefetch_is_useful_and_cuts_misses(model_path):
     assert runs["oracle"]["misses"] < runs["none"]["misses"]
 
 
+def test_static_policy_keeps_the_experts_counted_most(model_path):
+    """use_counts (`profile`, its earlier name, is still taken) decides the static policy's hot set:
+    the experts counted most are copied at start-up and never evicted; both at once are refused."""
+    from promoe_gguf import open_model
+    from promoe_gguf.errors import ParameterError
+    keys = open_model(model_path).expert_keys
+    counts = {key: 3 * i % len(keys) for i, key in enumerate(keys)}
+    for kw in (dict(use_counts=counts), dict(profile=counts)):
+        eng = Engine(model_path, n_ctx=64, cache_rate=0.5, policy="static", cpu_experts="off", **kw)
+        try:
+            hot = {s.key for s in eng.source.expert_cache.slots if s.permanent}
+            list(eng.generate(TOKENS[:4], max_tokens=4, temperature=0))
+            assert hot and hot == {s.key for s in eng.source.expert_cache.slots if s.permanent}
+        finally:
+            eng.close()
+        assert hot == set(sorted(keys, key=lambda k: (-counts[k], k))[:len(hot)]), kw
+    with pytest.raises(ParameterError, match="given twice"):
+        Engine(model_path, n_ctx=64, cache_rate=0.5, policy="static", use_counts=counts, profile=counts)
+
+
 def test_budget_never_exceeded_and_too_small_refused(model_path):
     from promoe_gguf.runtime.host_store import HostStore
     from promoe_gguf import open_model
@@ -122,9 +142,9 @@ def test_budget_never_exceeded_and_too_small_refused(model_path):
     budget = 5 * store.slot_bytes + store.slot_bytes // 2
     eng = Engine(model_path, n_ctx=128, cache_mem=budget, cpu_experts="off")
     try:
-        assert eng.source.cache.capacity_bytes <= budget
+        assert eng.source.expert_cache.capacity_bytes <= budget
         eng.logits(TOKENS[:20])
-        assert len(eng.source.cache.where) <= 5
+        assert len(eng.source.expert_cache.where) <= 5
     finally:
         eng.close()
     k = eng.config.n_experts_used
@@ -257,7 +277,7 @@ def test_stress_many_decode_steps_random_delays(model_path):
             want = list(ref.generate(prompt, max_tokens=n_steps, temperature=0.9, seed=seq, ignore_eos=True))
             got = list(eng.generate(prompt, max_tokens=n_steps, temperature=0.9, seed=seq, ignore_eos=True))
             assert got == want, seq
-            cache = eng.source.cache
+            cache = eng.source.expert_cache
             assert len(cache.where) <= len(cache.slots)
             assert all(s.pins == 0 for s in cache.slots)
             assert eng.source.prefetcher.q.qsize() <= 70

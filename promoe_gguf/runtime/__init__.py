@@ -28,18 +28,23 @@ log = logging.getLogger("promoe.runtime")
 
 
 def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", predictor="none", link=None,
-                lookahead: int = 1, profile=None, routes=None, progress: bool = False,
+                lookahead: int = 1, use_counts=None, routes=None, progress: bool = False,
                 wait_timeout: float = 60.0, fault=None, cpu_experts: str = "auto", cpu_threads: int = 1,
-                cpu_fault=None, in_place: bool = False) -> ExpertSource:
+                cpu_fault=None, in_place: bool = False, profile=None) -> ExpertSource:
     """Every expert resident when no budget is given (read where the file maps them when
     `in_place`, the CPU backend's way); else the cache runtime.
 
     cpu_experts: "auto" (the cost model sends misses to the CPU pool when that is faster than a
     copy, or splits one by rows so the CPU and the link finish together), "whole" (auto, but a miss
     runs whole on one side), "all" (every miss on the CPU), "off" (misses are copied: the ProMoE runtime).
-    profile: {(layer, expert): uses} for the static policy; routes: a recorded routing for the
+    use_counts: {(layer, expert): uses} for the static policy (`profile`: its earlier name, still
+    taken); routes: a recorded routing for the
     oracle predictor; fault / cpu_fault: tests only, called in the copy thread / CPU worker.
     """
+    if profile is not None:
+        if use_counts is not None:
+            raise ParameterError("use_counts", "given twice (profile is its earlier name)")
+        use_counts = profile
     if cpu_experts not in CPU_EXPERTS:
         raise ParameterError("cpu_experts", f"{clip(cpu_experts)} is not one of {', '.join(CPU_EXPERTS)}")
     if cache_rate is None and cache_mem is None:
@@ -51,7 +56,7 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     pred = make_predictor(predictor, model, lookahead, routes)  # first: a bad predictor file leaves no copy thread
     store = HostStore(model, pin=device.type == "cuda", progress=progress)
     n_slots = slots_for_budget(store, cfg.n_experts_used, cache_rate, cache_mem)
-    cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, profile),
+    cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, use_counts),
                         cfg.moe_layers, cfg.n_experts, staging_slots(store, n_slots, cfg.n_experts_used, cpu_experts))
     spec = parse_link(link)
     stats = Stats()
@@ -78,7 +83,7 @@ def _preload_hot(source: CachedExpertSource, hot: list, timeout: float) -> None:
     for key in hot:
         source.transfer.request(key, HIGH)
     deadline = time.monotonic() + timeout
-    cache = source.cache
+    cache = source.expert_cache
     with cache.cv:
         while not all(k in cache.where and cache.where[k].state == READY for k in hot):
             if time.monotonic() > deadline:

@@ -110,25 +110,25 @@ class PromoePolicy(Policy):
 
 
 class StaticPolicy(Policy):
-    """The most-used experts of a profile stay for good; the remaining slots serve misses (LRU)."""
+    """The most-used experts (by recorded use counts) stay for good; the remaining slots serve misses (LRU)."""
     name = "static"
     partitioned = False
 
-    def __init__(self, profile: dict | None, n_buffer: int):
-        self.profile, self.n_buffer = profile or {}, n_buffer
+    def __init__(self, use_counts: dict | None, n_buffer: int):
+        self.use_counts, self.n_buffer = use_counts or {}, n_buffer
 
     def hot_set(self, keys: list, n_slots: int) -> list:
-        ranked = sorted(keys, key=lambda k: (-self.profile.get(k, 0), k))
+        ranked = sorted(keys, key=lambda k: (-self.use_counts.get(k, 0), k))
         return ranked[:max(0, n_slots - self.n_buffer)]
 
 
-def make_policy(name: str, n_used: int, profile=None) -> Policy:
+def make_policy(name: str, n_used: int, use_counts=None) -> Policy:
     if name == "lru":
         return Policy()
     if name == "promoe":
         return PromoePolicy()
     if name == "static":
-        return StaticPolicy(profile, n_buffer=max(2, n_used))
+        return StaticPolicy(use_counts, n_buffer=max(2, n_used))
     raise ParameterError("policy", f"{clip(name)} is not one of lru, static, promoe")
 
 

@@ -58,7 +58,7 @@ class CachedExpertSource:
     def __init__(self, model, device, store, cache, transfer, stats, prefetcher=None, wait_timeout: float = 60.0,
                  cpu_pool=None, cpu_experts: str = "off", cost=None):
         self.model, self.device = model, torch.device(device)
-        self.store, self.cache, self.transfer, self.counters = store, cache, transfer, stats
+        self.store, self.expert_cache, self.transfer, self.counters = store, cache, transfer, stats
         self.prefetcher, self.wait_timeout = prefetcher, wait_timeout
         self.cpu_pool, self.cpu_experts, self.cost = cpu_pool, cpu_experts, cost
         self._degraded = False
@@ -80,7 +80,7 @@ class CachedExpertSource:
 
     def _arena_stack(self, layer: int) -> ExpertStack:
         """Layer `layer`'s experts as the fused call sees them: slot i at arena + i * slot_bytes."""
-        arena = self.cache.arena
+        arena = self.expert_cache.arena
         mats = self.store.layout[(layer, 0)]
         sm = [StackedMatrix(m.qtype, m.shape[0], m.shape[1], arena.data_ptr() + off, arena.shape[1], arena.shape[0])
               for m, off in mats]
@@ -88,7 +88,7 @@ class CachedExpertSource:
 
     def table(self, layer: int):
         """[E] int32 on the device: expert -> slot of the arena, -1 when absent."""
-        return self.cache.tables[self.cache.table_row[layer]]
+        return self.expert_cache.tables[self.expert_cache.table_row[layer]]
 
     def begin_step(self, positions):
         now = time.perf_counter()
@@ -97,8 +97,8 @@ class CachedExpertSource:
             self.counters.decode_s += now - self._step_t0
         self._step_t0, self._step_tokens = now, len(positions)
         self.settle_uses()
-        with self.cache.cv:
-            self.cache.begin_step()
+        with self.expert_cache.cv:
+            self.expert_cache.begin_step()
         if self.prefetcher is not None:
             self.prefetcher.begin_step(positions)
 
@@ -115,7 +115,7 @@ class CachedExpertSource:
         copies at once are queued. static: x and ids are the step's own host buffers (the prefetcher
         reads them on its thread)."""
         needed = [(layer, e) for e in sorted(set(ids.ravel().tolist()))]
-        cache = self.cache
+        cache = self.expert_cache
         with cache.cv:
             cache.mark_needed(needed)
             misses = sum(1 for key in needed if (slot := cache.where.get(key)) is None or slot.state != READY)
@@ -136,24 +136,24 @@ class CachedExpertSource:
         uses, self._uses = self._uses, []
         if not uses:
             return
-        with self.cache.cv:
+        with self.expert_cache.cv:
             for layer, needed, misses in uses:
                 self.counters.add(layer, "hits", len(needed) - misses)
                 self.counters.add(layer, "misses", misses)
                 for key in needed:
-                    self.cache.record_use(key)
+                    self.expert_cache.record_use(key)
 
     # ---- fused path ----------------------------------------------------------------------------
     def acquire(self, layer, x, ids):
         """None (take the per-expert path) when the step needs more experts than one token's top-k:
         pinned together they might not fit the layer's share of a small cache. Resident experts are
         pinned at once, under one lock; misses are all queued before the first wait."""
-        if len(set(ids.ravel().tolist())) > self.model.config.n_experts_used and len(self.cache.slots) < len(self.store.keys):
+        if len(set(ids.ravel().tolist())) > self.model.config.n_experts_used and len(self.expert_cache.slots) < len(self.store.keys):
             return None
         needed, placed = self._admit(layer, x, ids, self._place, static=True)
         cpu, split = placed.cpu, placed.split
         device = [key for key in needed if key not in cpu and key not in split]
-        cache = self.cache
+        cache = self.expert_cache
         lut = np.full(self.model.config.n_experts, -1, dtype=np.int64)
         missing = []
         with cache.cv:
@@ -198,7 +198,7 @@ class CachedExpertSource:
     def release(self, layer):
         """The layer's pinned experts may go once the work queued so far has read them (CUDA: an
         event the next copy into their slots waits for)."""
-        cache = self.cache
+        cache = self.expert_cache
         event = None
         if self._pinned and cache.device.type == "cuda":
             event = torch.cuda.Event()
@@ -225,9 +225,9 @@ class CachedExpertSource:
             return Placement()
         everything = self.cpu_experts == "all" or not self.transfer.alive    # no copy thread: the CPU it is
         misses = []
-        with self.cache.cv:
+        with self.expert_cache.cv:
             missing = [(key, slot) for key in needed
-                       if (slot := self.cache.where.get(key)) is None or slot.state != READY]
+                       if (slot := self.expert_cache.where.get(key)) is None or slot.state != READY]
             if everything:
                 return Placement({key for key, _ in missing})
             splits = self.cpu_experts == "auto"
@@ -284,15 +284,15 @@ class CachedExpertSource:
     # ---- per-expert path -----------------------------------------------------------------------
     def order(self, layer, x, ids):
         needed, _ = self._admit(layer, x, ids)
-        if self.cache.policy.reactive:                # baseline: plain order, each miss loaded when reached
+        if self.expert_cache.policy.reactive:                # baseline: plain order, each miss loaded when reached
             yield from (e for _, e in needed)
             return
         remaining = set(needed)
-        cv = self.cache.cv
+        cv = self.expert_cache.cv
         while remaining:                              # reordered: resident first, then most chunks landed
             with cv:
                 def readiness(key):
-                    slot = self.cache.where.get(key)
+                    slot = self.expert_cache.where.get(key)
                     if slot is None:
                         return (-1, -key[1])
                     return (1 << 30 if slot.state == READY else slot.ready_chunks, -key[1])
@@ -303,7 +303,7 @@ class CachedExpertSource:
     def matrices(self, layer, expert):
         key = (layer, expert)
         slot = self.wait_until_copied(key)
-        arena = self.cache.arena
+        arena = self.expert_cache.arena
         base = slot.index * arena.shape[1]
         return tuple(matrix_at(arena.view(-1), base + off, name, m.qtype, m.shape)
                      for (m, off), name in zip(self.store.layout[key], MATRICES))
@@ -312,13 +312,13 @@ class CachedExpertSource:
         self._unpin((layer, expert))
 
     def end_layer(self, layer):
-        with self.cache.cv:
-            self.cache.release_layer()
+        with self.expert_cache.cv:
+            self.expert_cache.release_layer()
 
     # ---- waiting and pinning -------------------------------------------------------------------
     def wait_until_staged(self, task) -> None:
         """Block until a split expert's device part has landed in its staging slot."""
-        cv = self.cache.cv
+        cv = self.expert_cache.cv
         t0 = time.perf_counter()
         deadline = t0 + self.wait_timeout
         with cv:
@@ -336,14 +336,14 @@ class CachedExpertSource:
 
     def wait_until_copied(self, key):
         """Block until every chunk of `key` is on the device; returns its slot, pinned."""
-        cv = self.cache.cv
+        cv = self.expert_cache.cv
         t0 = time.perf_counter()
         self.transfer.request(key, HIGH)              # a miss (no-op when resident or already queued)
         n_chunks = len(self.store.chunks(key))
         deadline = t0 + self.wait_timeout
         with cv:
             while True:
-                slot = self.cache.where.get(key)
+                slot = self.expert_cache.where.get(key)
                 if slot is not None and slot.ready_chunks >= n_chunks:
                     break
                 if slot is None and key not in self.transfer.tasks:
@@ -359,7 +359,7 @@ class CachedExpertSource:
                 self._degraded = True
                 log.warning("copy thread is gone: experts are now loaded reactively on the compute thread")
             self.transfer.load_now(key)
-            slot = self.cache.where[key]
+            slot = self.expert_cache.where[key]
         with cv:
             self._pin(slot)
         waited = time.perf_counter() - t0
@@ -372,25 +372,25 @@ class CachedExpertSource:
         """(cv held) The compute thread reads `slot` from now on: a use (and a useful prefetch)."""
         if slot.speculative:
             self.counters.add(slot.key[0], "prefetch_useful")
-        self.cache.pin(slot)
+        self.expert_cache.pin(slot)
 
     def _unpin(self, key) -> None:
-        with self.cache.cv:
+        with self.expert_cache.cv:
             ev = None
-            if self.cache.device.type == "cuda":
+            if self.expert_cache.device.type == "cuda":
                 ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(self.cache.device))
-            self.cache.unpin(self.cache.where[key], ev)
-            self.cache.cv.notify_all()
+                ev.record(torch.cuda.current_stream(self.expert_cache.device))
+            self.expert_cache.unpin(self.expert_cache.where[key], ev)
+            self.expert_cache.cv.notify_all()
 
     def stats(self) -> dict:
         self.settle_uses()
-        with self.cache.cv:
-            snap = self.counters.snapshot(self.cache.slots)
+        with self.expert_cache.cv:
+            snap = self.counters.snapshot(self.expert_cache.slots)
         snap["link"] = self.transfer.link.describe()
-        snap["cache_slots"] = len(self.cache.slots)
+        snap["cache_slots"] = len(self.expert_cache.slots)
         snap["slot_bytes"] = self.store.slot_bytes
-        snap["policy"] = self.cache.policy.name
+        snap["policy"] = self.expert_cache.policy.name
         snap["predictor"] = getattr(getattr(self.prefetcher, "predictor", None), "name", "none")
         snap["cpu_experts_mode"] = self.cpu_experts if self.cpu_pool is not None else "off"
         if self.cost is not None:

@@ -192,7 +192,7 @@ class SimSource(CachedExpertSource):
         self.transfer.request(key, HIGH)
         missed = False
         while True:
-            slot = self.cache.where.get(key)
+            slot = self.expert_cache.where.get(key)
             if slot is not None and slot.ready_chunks >= n:
                 break
             if slot is None and key not in self.transfer.tasks:
@@ -201,7 +201,7 @@ class SimSource(CachedExpertSource):
             if not self.clock.step():
                 raise ModelError(f"simulation stuck: expert {key[1]} of layer {key[0]} can never be copied "
                                  f"(every slot is pinned; the cache is smaller than one step's experts)")
-        with self.cache.cv:
+        with self.expert_cache.cv:
             self._pin(slot)
         waited = self.clock.now - t0
         self.counters.add(key[0], "stall_s", waited)
@@ -278,7 +278,7 @@ class OursSim:
         self.n_slots = len(self.store.keys) if n_slots is None else int(n_slots)
         self.all_resident = self.n_slots >= len(self.store.keys)
         self.lookahead, self.n_batch = int(lookahead), int(n_batch)
-        self.profile = routing.use_counts() if policy == "static" else None
+        self.use_counts = routing.use_counts() if policy == "static" else None
         self.mean_expert_bytes = float(np.mean([m.expert_bytes[i] for i in m.moe_layers]))
 
     def run(self, progress=None, warm: bool = False) -> dict:
@@ -306,7 +306,7 @@ class OursSim:
         clock, stats = Clock(), Stats()
         hybrid = self.cpu_experts != "off" and not self.all_resident
         cache = ExpertCache(
-            self.n_slots, self.store.slot_bytes, "meta", make_policy(self.policy_name, m.k, self.profile),
+            self.n_slots, self.store.slot_bytes, "meta", make_policy(self.policy_name, m.k, self.use_counts),
             m.moe_layers, m.E, staging_slots(self.store, self.n_slots, m.k, self.cpu_experts if hybrid else "off"))
         transfer = SimTransfer(self.store, cache, stats, clock, prof)
         prefetcher = None
@@ -335,7 +335,7 @@ class OursSim:
 
     def _preload(self, src) -> None:
         """All resident: every expert in its slot. static: the hot set, copied before the run (start-up)."""
-        cache = src.cache
+        cache = src.expert_cache
         keys = self.store.keys if self.all_resident else cache.policy.hot_set(self.store.keys, self.n_slots)
         if not keys:
             return
