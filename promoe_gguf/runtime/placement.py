@@ -103,4 +103,7 @@ def _share(miss: Miss, misses: list, cpu: set, copy_seconds, handoff_s):
             hi = mid
     current = miss.parts if miss.key in cpu else 0
     best = min({0, lo, hi, miss.parts}, key=lambda j: (finish(j), j != current))
-    return (best, finish(best)) if finish(best) < finish(current) else None
+    # a split adds the other side's fixed costs (a hand-off, a copy's latency per matrix), which the
+    # finish times above count once: it must win by more than those
+    margin = handoff_s + 3 * copy_seconds(0) if 0 < best < miss.parts else 0.0
+    return (best, finish(best)) if finish(best) + margin < finish(current) else None

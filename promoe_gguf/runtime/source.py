@@ -231,7 +231,7 @@ class CachedExpertSource:
             if everything:
                 return Placement({key for key, _ in missing})
             splits = self.cpu_experts == "auto"
-            queued = self.transfer.queued_bytes(HIGH)         # once per layer: the queue does not move here
+            queued = self.transfer.ahead_of_new()             # once per layer: the queue does not move here
             for key, slot in missing:
                 T = int((ids == key[1]).sum())
                 sig = self.cost.signature(m for m, _ in self.store.layout[key])

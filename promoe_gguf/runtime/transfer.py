@@ -47,6 +47,7 @@ class CopyQueue:
         self.parts: dict[tuple, Task] = {}           # split experts' device parts, pending or running
         self.alive = True                            # False: nothing copies any more (the caller loads)
         self.starved = False                         # a precise copy waits for a slot to come free
+        self.on_wire = 0                             # bytes of the chunk being copied now (any priority)
 
     # ---- requests (any thread; they take cache.cv) ------------------------------------------
     def request(self, key, priority: int) -> None:
@@ -103,6 +104,11 @@ class CopyQueue:
     def queued_bytes(self, priority: int) -> int:
         """(cv held) Bytes still to copy for the tasks queued at `priority`."""
         return sum(self._left(task) for task in self.queues[priority])
+
+    def ahead_of_new(self) -> int:
+        """(cv held) Bytes a precise copy requested now waits behind: the precise copies queued and
+        the chunk on the wire (a guess's chunk is not interrupted)."""
+        return self.queued_bytes(HIGH) + self.on_wire
 
     def queued_bytes_of(self, key, priority: int) -> int:
         """(cv held) Bytes still to copy for `key` if it is queued at `priority`, else 0."""
@@ -182,10 +188,12 @@ class TransferEngine(CopyQueue):
                         return
                     slot, piece = task.slot, self.pieces(task)[task.next_chunk]
                     after = slot.free_event
+                    self.on_wire = piece.wire_bytes
                 if self.fault is not None:
                     self.fault()
                 self.copy_piece(task, piece, after)
                 with cv:
+                    self.on_wire = 0
                     self.landed(task, piece.wire_bytes)
                     if task.landed or task.slot.state == READY:   # waiters want whole experts or parts
                         cv.notify_all()

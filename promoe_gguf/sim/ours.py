@@ -82,12 +82,12 @@ class SimTransfer(CopyQueue):
         if task is None:
             return
         nbytes = self.pieces(task)[task.next_chunk].wire_bytes
-        self.busy = True
+        self.busy, self.on_wire = True, nbytes
         wire = self.link.latency + nbytes / self.link.bandwidth if nbytes else 0.0   # zeros: a device memset
         self.clock.at(self.clock.now + wire, lambda: self._land(task, nbytes))
 
     def _land(self, task, nbytes: int) -> None:
-        self.busy = False
+        self.busy, self.on_wire = False, 0
         with self.cache.cv:
             self.landed(task, nbytes)
         self.kick()
