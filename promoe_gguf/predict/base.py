@@ -33,3 +33,7 @@ class Predictor:
     def reset(self) -> None:
         """A new sequence starts."""
         self.positions = []
+
+    def set_sequence(self, trace, rows) -> None:
+        """An evaluation replays `trace`'s rows `rows` next (a predictor that replays recorded routes
+        loads that sequence's; the others have nothing to do)."""

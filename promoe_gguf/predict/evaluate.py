@@ -117,8 +117,7 @@ def replay(predictor, trace, seqs, lookahead: int, topk: int, max_rows: int | No
     i = 0
     for seq_rows in rows_all:
         predictor.reset()
-        if hasattr(predictor, "set_sequence"):
-            predictor.set_sequence(trace, seq_rows)
+        predictor.set_sequence(trace, seq_rows)
         X = torch.from_numpy(np.asarray(trace.x[seq_rows[0]:seq_rows[-1] + 1]).astype(np.float32))
         IDS = torch.from_numpy(np.asarray(trace.ids[seq_rows[0]:seq_rows[-1] + 1]).astype(np.int64))
         POS = np.asarray(trace.pos[seq_rows[0]:seq_rows[-1] + 1])

@@ -153,7 +153,7 @@ class TraceTensors:
     def batch(self, net: PredictorNet, rows: torch.Tensor):
         """(features [P, n, F], target expert ids [P, n, k]) of every pair at trace rows `rows`."""
         s = net.spec
-        M, E = s.M, s.E
+        M = s.M
         prev = self.prev[rows]
         pm = (prev >= 0).float()
         pr = prev.clamp_min(0)

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import random
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -129,11 +130,9 @@ class Routing:
                 raise ModelError(f"simulated predictor {kind!r}: none, gate or oracle")
         return out
 
-    @property
+    @cached_property
     def _index(self) -> dict:
-        if not hasattr(self, "_idx"):
-            self._idx = {layer: j for j, layer in enumerate(self.moe_layers)}
-        return self._idx
+        return {layer: j for j, layer in enumerate(self.moe_layers)}
 
     def use_counts(self) -> dict:
         """{(layer, expert): selections} over every row: the static policy's (offline) profile."""
