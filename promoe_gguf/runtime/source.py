@@ -31,7 +31,7 @@ from ..backends.base import expert_part, split_unit
 from ..format.expert_index import MATRICES
 from .cache import READY
 from .placement import Miss, Placement, place
-from .transfer import HIGH, LOW
+from .transfer import ADMIT, HIGH
 
 log = logging.getLogger("promoe.runtime")
 
@@ -275,7 +275,7 @@ class CachedExpertSource:
             if job.part is None:
                 self.counters.add(layer, "cpu_experts")
                 self.counters.add(layer, "copies_avoided")
-            self.transfer.request(key, LOW)          # admission: a valuable expert may take a slot in idle time
+            self.transfer.request(key, ADMIT)        # admission: a valuable expert may take a slot in idle time
             return out
         if job.error is None:
             self.cpu_pool.mark_hung(job, waited)

@@ -30,7 +30,7 @@ from ..runtime.prefetcher import Predictions
 from ..runtime.placement import CPU_EXPERTS
 from ..runtime.source import CachedExpertSource, staging_slots
 from ..runtime.stats import Stats
-from ..runtime.transfer import HIGH, LOW, CopyQueue
+from ..runtime.transfer import ADMIT, HIGH, CopyQueue
 from .clock import Clock
 from .costs import SimModel, cpu_expert_s, gpu_expert_s, layer_gpu_s, roofline
 
@@ -404,7 +404,7 @@ class OursSim:
                         src.counters.add(layer, "copies_avoided")
                     share = 1.0 if job.part is None else (job.part[1] - job.part[0]) / src.store.layout[job.key][2][0].shape[1]
                     src.cpu_bytes += share * m.expert_bytes[layer]
-                    src.transfer.request(job.key, LOW)
+                    src.transfer.request(job.key, ADMIT)
                 clock.advance(max(clock.now, t_dev))
                 src.release(layer)
                 return n_dev * m.expert_bytes[layer]
