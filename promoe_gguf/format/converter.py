@@ -40,6 +40,18 @@ def _align(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
+def region_layout(matrices) -> tuple[list[int], int]:
+    """Where an expert's gate, up and down sit in its region (each at a multiple of MATRIX_ALIGN from
+    the region's start), and the region's size; regions start at multiples of EXPERT_ALIGN. The
+    converted file, the host store and the resident packed buffers all lay experts out this way."""
+    offs, pos = [], 0
+    for m in matrices:
+        pos = _align(pos, MATRIX_ALIGN)
+        offs.append(pos)
+        pos += m.nbytes
+    return offs, pos
+
+
 def header_sha256(model: GGUFModel) -> str:
     """Hash of the source GGUF's header (metadata + tensor infos): identifies the file cheaply."""
     return hashlib.sha256(model._reader.data[:model._reader.data_offset].tobytes()).hexdigest()
@@ -88,19 +100,19 @@ def _write_experts(model: GGUFModel, path: str, progress: bool) -> list[dict]:
                                        desc="experts", disable=not progress) as bar:
         for layer, expert in keys:
             region, h, mats = pos, hashlib.sha256(), []
-            for m in model.expert_matrices(layer, expert):
-                pos = _align(pos, MATRIX_ALIGN)
+            matrices = model.expert_matrices(layer, expert)
+            offs, size = region_layout(matrices)
+            for m, off in zip(matrices, offs):
                 data = model.matrix_bytes(layer, expert, m.matrix)
-                out.seek(pos)
+                out.seek(region + off)
                 out.write(data.tobytes())
                 h.update(data)
                 mats.append({"matrix": m.matrix, "qtype": m.qtype.name, "shape": list(m.shape),
-                             "offset": pos, "nbytes": m.nbytes})
-                pos += m.nbytes
+                             "offset": region + off, "nbytes": m.nbytes})
                 bar.update(m.nbytes)
-            entries.append({"layer": layer, "expert": expert, "offset": region, "size": pos - region,
+            entries.append({"layer": layer, "expert": expert, "offset": region, "size": size,
                             "sha256": h.hexdigest(), "matrices": mats})
-            pos = _align(pos, EXPERT_ALIGN)
+            pos = _align(region + size, EXPERT_ALIGN)
         out.truncate(pos)
     return entries
 

@@ -32,6 +32,7 @@ from ..backends import FUSED_MAX_TOKENS, ExpertStack, StackedMatrix, matrix_at
 from ..backends import ExpertFn
 from ..backends.base import contiguous, expert_part
 from ..errors import ModelError
+from ..format.converter import EXPERT_ALIGN, region_layout
 from ..format.expert_index import MATRICES
 from ..numerics import OFF as NUMERICS_OFF
 
@@ -148,12 +149,10 @@ class ResidentSource:
 
 
 def _packed_layout(matrices) -> tuple[list[int], int]:
-    """Offsets of gate, up, down in one expert's packed region, and the region's stride."""
-    offs, pos = [], 0
-    for m in matrices:
-        offs.append(pos)
-        pos = _align(pos + m.nbytes)
-    return offs, _align(pos, 4096)
+    """Offsets of gate, up, down in one expert's packed region (the converted file's layout), and
+    the stride from one expert's region to the next."""
+    offs, size = region_layout(matrices)
+    return offs, _align(size, EXPERT_ALIGN)
 
 
 def _uniform_stride(mats, j: int) -> int | None:

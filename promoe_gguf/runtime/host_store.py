@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from ..backends import matrix_at
-from ..format.converter import MATRIX_ALIGN
+from ..format.converter import EXPERT_ALIGN as REGION_ALIGN
+from ..format.converter import MATRIX_ALIGN, region_layout
 
 log = logging.getLogger("promoe.runtime")
-REGION_ALIGN = 4096
 CHUNK_BYTES = 8 << 20      # the copy unit: a precise copy waits behind at most one chunk of a speculative one
 
 
@@ -64,14 +64,11 @@ class StoreLayout:
         keys = model.expert_keys
         matrices, region, pos = {}, {}, 0
         for key in keys:
-            off, mats = 0, []
-            for m in model.expert_matrices(*key):
-                off = _align(off)
-                mats.append((m, off))
-                off += m.nbytes
-            matrices[key] = mats
-            region[key] = (pos, off)
-            pos = _align(pos + off, REGION_ALIGN)
+            mats = model.expert_matrices(*key)
+            offs, size = region_layout(mats)
+            matrices[key] = list(zip(mats, offs))
+            region[key] = (pos, size)
+            pos = _align(pos + size, REGION_ALIGN)
         slot = _align(max(n for _, n in region.values()))
         return cls(keys, matrices, region, pos, slot)
 
