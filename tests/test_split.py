@@ -80,7 +80,8 @@ def test_each_side_of_a_split_computes_its_own_rows(test_models, quant):
 def _finish(misses, cpu: set, split: dict, copy_seconds, handoff):
     """A layer's finish time by the definition: the CPU runs its misses and split shares back to back
     (a hand-off each); the link carries the whole misses in order, then a split's share, each behind
-    the precise copies queued before it, and the device computes each (its share) when it lands."""
+    the precise copies queued before it, and the device computes each when it lands (a split's whole
+    slot: zeros where the CPU's rows are)."""
     t_cpu, link_bytes, t_link = 0.0, 0, 0.0
     on_link = [m for m in misses if m.key not in cpu and m.key not in split] + [m for m in misses if m.key in split]
     for m in misses:
@@ -89,7 +90,7 @@ def _finish(misses, cpu: set, split: dict, copy_seconds, handoff):
     for m in on_link:
         share = 1.0 - split.get(m.key, 0) / m.parts if m.key in split else 1.0
         link_bytes += share * m.copy_bytes
-        t_link = max(t_link, copy_seconds(link_bytes + m.queued_bytes) + share * m.device_s)
+        t_link = max(t_link, copy_seconds(link_bytes + m.queued_bytes) + m.device_s)
     return max(t_cpu, t_link)
 
 
@@ -125,11 +126,13 @@ def _force_even_split(eng) -> None:
     """A cost model under which one expert's CPU time equals its copy time: every lone miss splits
     in half (the measured one would split at whatever ratio this machine's timings give)."""
     src = eng.source
+    assert not src.expert_cache.staging          # measured here the device is this CPU: a split cannot pay
     sig = CostModel.signature(m for m, _ in src.store.layout[src.store.keys[0]])
     cost = CostModel(link_bps=1e9, cpu_handoff_s=0.0)
     t = cost.copy_seconds(src.store.expert_bytes[src.store.keys[0]])
     cost.cpu_s[sig], cost.device_s[sig] = (t, t), (0.0, 0.0)
     src.cost = cost
+    assert src.reserve_staging() == (2 if src.cpu_experts == "auto" else 0)   # whole: never splits
 
 
 def _decode_logits(path, **kw):

@@ -20,7 +20,7 @@ from .host_store import HostStore
 from .link import Link, parse_link
 from .prefetcher import Prefetcher
 from .placement import CPU_EXPERTS
-from .source import CachedExpertSource, staging_slots
+from .source import CachedExpertSource
 from .stats import Stats
 from .transfer import HIGH, TransferEngine
 
@@ -57,7 +57,7 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     store = HostStore(model, pin=device.type == "cuda", progress=progress)
     n_slots = slots_for_budget(store, cfg.n_experts_used, cache_rate, cache_mem)
     cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, use_counts),
-                        cfg.moe_layers, cfg.n_experts, staging_slots(store, n_slots, cfg.n_experts_used, cpu_experts))
+                        cfg.moe_layers, cfg.n_experts)
     spec = parse_link(link)
     stats = Stats()
     transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0), spec.get("jitter", 0.0)),
@@ -130,6 +130,8 @@ def attach(source, decoder, experts) -> None:
     if getattr(source, "cpu_pool", None) is not None:
         source.cost = measure_costs(source, decoder.backend)
         log.info("cost model: %s", source.cost.describe())
+        if source.reserve_staging():
+            log.info("split experts on: %d cache slots kept as staging", len(source.expert_cache.staging))
 
 
 def measure_costs(source: CachedExpertSource, backend) -> CostModel:

@@ -153,8 +153,7 @@ class ExpertCache:
     once the copy has landed (before the expert is READY), so a kernel that finds a slot in the
     table reads a whole expert."""
 
-    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, moe_layers=(0,), n_experts: int = 1,
-                 n_staging: int = 0):
+    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, moe_layers=(0,), n_experts: int = 1):
         self.device = torch.device(device)
         n_moe_layers = len(moe_layers)
         try:
@@ -162,17 +161,17 @@ class ExpertCache:
         except torch.OutOfMemoryError as e:
             raise ModelError(f"out of device memory allocating the expert cache "
                              f"({n_slots} slots x {slot_bytes:,} bytes): {e}") from e
-        n_slots -= n_staging
         self.slots = [Slot(i) for i in range(n_slots)]
-        # the arena's last rows: the device's part of a split expert (runtime/placement.py), used in
-        # turn by consecutive layers, never holding a cached expert
-        self.staging = [Slot(n_slots + i) for i in range(n_staging)]
+        # take_staging: the arena's last rows for the device's part of a split expert
+        # (runtime/placement.py), used in turn by consecutive layers, never holding a cached expert
+        self.staging: list = []
         self.staged: dict = {}          # key -> staging slot while its layer computes a split expert
         self.filled = 0                 # slots below this index hold an expert; the rest are EMPTY
         self.by_layer: dict[int, set] = {}                # the slots each layer holds
         self.where: dict[tuple, Slot] = {}
         self.layer_count: dict[int, int] = {}             # slots held per layer
         self.layer_quota = max(1, n_slots // max(1, n_moe_layers))
+        self._n_moe_layers = n_moe_layers
         self.policy = policy
         self.cv = threading.Condition()
         self.tick = 0
@@ -193,6 +192,19 @@ class ExpertCache:
         slot.state = READY
         if slot.key not in self.staged:
             self.tables[self.table_row[slot.key[0]], slot.key[1]] = slot.index
+
+    def take_staging(self, n: int, keep_free: int = 1) -> bool:
+        """(cv held) The last n slots become staging rows, if none of them holds an expert yet and at
+        least keep_free of the rest can still take a miss (the budget stays the same: the cache has n
+        slots fewer)."""
+        keep = len(self.slots) - n
+        if (self.staging or n <= 0 or self.filled > keep
+                or sum(1 for s in self.slots[:keep] if not s.permanent) < keep_free):
+            return False
+        self.staging = [Slot(s.index) for s in self.slots[keep:]]
+        self.slots = self.slots[:keep]
+        self.layer_quota = max(1, keep // max(1, self._n_moe_layers))
+        return True
 
     def stage(self, key, slot: Slot) -> None:
         """(cv held) The layer computes `key`'s device part from staging `slot`: the table points there."""

@@ -86,8 +86,8 @@ def _share(miss: Miss, misses: list, cpu: set, copy_seconds, handoff_s):
         f = j / miss.parts
         t_cpu = others_cpu + (f * miss.cpu_s + handoff_s if j else 0.0)
         t_link = link_free
-        if j < miss.parts:
-            t_link = max(t_link, copy_seconds(link_bytes + queued + (1 - f) * miss.copy_bytes) + (1 - f) * miss.device_s)
+        if j < miss.parts:          # the device computes the whole slot (zeros where the CPU's rows are)
+            t_link = max(t_link, copy_seconds(link_bytes + queued + (1 - f) * miss.copy_bytes) + miss.device_s)
         return max(t_cpu, t_link)
 
     # t_cpu rises and t_link falls with j: the best j is next to where they cross
@@ -96,7 +96,7 @@ def _share(miss: Miss, misses: list, cpu: set, copy_seconds, handoff_s):
         mid = (lo + hi) // 2
         f = mid / miss.parts
         t_cpu = others_cpu + f * miss.cpu_s + handoff_s
-        t_link = copy_seconds(link_bytes + queued + (1 - f) * miss.copy_bytes) + (1 - f) * miss.device_s
+        t_link = copy_seconds(link_bytes + queued + (1 - f) * miss.copy_bytes) + miss.device_s
         if t_cpu < t_link:
             lo = mid
         else:

@@ -40,7 +40,7 @@ STAGING_SLOTS = 2          # a split expert's device part: consecutive layers us
 
 
 def staging_slots(store, n_slots: int, n_used: int, cpu_experts: str) -> int:
-    """Slots of the cache's budget kept for split experts' device parts: STAGING_SLOTS when misses
+    """Slots of the cache's budget to keep for split experts' device parts: STAGING_SLOTS when misses
     may split (cpu_experts auto, some expert to miss, the experts' types splittable) and the rest
     still holds a layer's top-k, else 0."""
     if cpu_experts != "auto" or n_slots >= len(store.keys) or n_slots - STAGING_SLOTS < n_used:
@@ -70,13 +70,26 @@ class CachedExpertSource:
         self._next_staging = 0
         self.stacks = {layer: self._arena_stack(layer) for layer in model.config.moe_layers}
         self.nbytes = cache.capacity_bytes
-        # row groups an expert splits into (0: it cannot be split), per layer
-        self.split_parts = {}
-        if cache.staging:
-            for layer in model.config.moe_layers:
-                mats = [m for m, _ in store.layout[(layer, 0)]]
-                unit = split_unit(mats)
-                self.split_parts[layer] = mats[2].shape[1] // unit if unit else 0
+        self.split_parts = {}                      # layer -> row groups an expert splits into (reserve_staging)
+
+    def reserve_staging(self) -> int:
+        """Once the cost model is known: keep STAGING_SLOTS of the cache for split experts when a split
+        can pay. The device computes a split expert's whole slot (zeros where the CPU's rows are), so
+        a split finishes sooner than the CPU alone only if the device computes an expert in well under
+        the CPU's time (any GPU; not the CPU standing in for one). Returns the slots kept."""
+        cache, cost = self.expert_cache, self.cost
+        n = staging_slots(self.store, len(cache.slots), self.model.config.n_experts_used, self.cpu_experts)
+        if not n or cost is None or not any(sig in cost.device_s and 2 * cost.device_s[sig][0] < one
+                                            for sig, (one, _) in cost.cpu_s.items()):
+            return 0
+        with cache.cv:
+            if not cache.take_staging(n, keep_free=self.model.config.n_experts_used):
+                return 0
+        for layer in self.model.config.moe_layers:
+            mats = [m for m, _ in self.store.layout[(layer, 0)]]
+            unit = split_unit(mats)
+            self.split_parts[layer] = mats[2].shape[1] // unit if unit else 0
+        return n
 
     def _arena_stack(self, layer: int) -> ExpertStack:
         """Layer `layer`'s experts as the fused call sees them: slot i at arena + i * slot_bytes."""

@@ -28,7 +28,7 @@ from ..runtime.cache import ExpertCache, make_policy
 from ..runtime.cost import CostModel
 from ..runtime.prefetcher import Predictions
 from ..runtime.placement import CPU_EXPERTS
-from ..runtime.source import CachedExpertSource, staging_slots
+from ..runtime.source import CachedExpertSource
 from ..runtime.stats import Stats
 from ..runtime.transfer import ADMIT, HIGH, CopyQueue
 from .clock import Clock
@@ -307,7 +307,7 @@ class OursSim:
         hybrid = self.cpu_experts != "off" and not self.all_resident
         cache = ExpertCache(
             self.n_slots, self.store.slot_bytes, "meta", make_policy(self.policy_name, m.k, self.use_counts),
-            m.moe_layers, m.E, staging_slots(self.store, self.n_slots, m.k, self.cpu_experts if hybrid else "off"))
+            m.moe_layers, m.E)
         transfer = SimTransfer(self.store, cache, stats, clock, prof)
         prefetcher = None
         if self.predictor != "none" and not self.all_resident:
@@ -316,6 +316,7 @@ class OursSim:
         self.src = src = SimSource(m, prof, self.store, cache, transfer, stats, prefetcher,
                                    SimPool() if hybrid else None, self.cpu_experts, make_cost(m, prof, self.store), clock)
         self._preload(src)
+        src.reserve_staging()
 
     def _sequence(self, s: int):
         src, clock = self.src, self.src.clock
