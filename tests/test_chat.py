@@ -63,7 +63,10 @@ def test_long_conversation_drops_oldest_exchanges():
 
 
 def test_streams_and_ctrl_c_stops_only_the_reply():
-    proc = subprocess.Popen([PROMOE, "chat", "--threads", "1", "-n", "400", "--n-ctx", "512", "--seed", "1"],
+    # every expert miss crosses a 10 MB/s emulated link: tens of tokens/s, so the reply is still
+    # streaming when Ctrl-C comes, however fast this machine is
+    proc = subprocess.Popen([PROMOE, "chat", "--threads", "1", "-n", "400", "--n-ctx", "512", "--seed", "1",
+                             "--cache-rate", "0.5", "--cpu-experts", "off", "--link", "10MB/s"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err = bytearray()
 

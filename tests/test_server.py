@@ -90,6 +90,16 @@ def url(server):
 
 
 @pytest.fixture(scope="module")
+def slow_url():
+    """A server whose expert misses all cross a 10 MB/s emulated link (tens of tokens/s, not
+    thousands): a stream holds the engine for seconds whatever this machine's speed."""
+    proc, url = start_server("--api-key", KEY, "--cache-rate", "0.5", "--cpu-experts", "off", "--link", "10MB/s")
+    yield url
+    if proc.poll() is None:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
 def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
@@ -348,8 +358,10 @@ def test_queue_overflow_gets_503_with_retry_after(url, model_id):
     assert results == [200] * MAX_QUEUE
 
 
-def test_client_leaving_the_queue_is_never_run(url, model_id):
-    """A non-streamed request whose client gives up while it waits is dropped: it never reaches the engine."""
+def test_client_leaving_the_queue_is_never_run(slow_url, model_id):
+    """A non-streamed request whose client gives up while it waits is dropped: it never reaches the engine.
+    The holder runs on the slow server, so it still holds the engine when the waiter gives up."""
+    url = slow_url
     before = metrics(url)
     with long_stream(url, model_id) as holder:
         lines = read_events(holder, 2)
