@@ -8,7 +8,9 @@ exchanges are dropped (the system prompt stays).
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 from .. import api
 from ..errors import ParameterError
@@ -65,12 +67,22 @@ class Chat:
             return
         before = self.engine.stats
         text = []
+        # Ctrl-C during a reply cancels it at the next token: a KeyboardInterrupt raised anywhere could
+        # land inside the expert cache's lock and leave it held
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, lambda *_: gen.cancel.set())
         try:
             for piece in gen:
                 text.append(piece)
                 self.out.write(piece)
                 self.out.flush()
         except KeyboardInterrupt:
+            gen.finish_reason = "interrupted"
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+        if gen.finish_reason == "cancelled":
             gen.finish_reason = "interrupted"
         self.out.write("\n")
         self.out.flush()
