@@ -18,10 +18,12 @@ Writes OUT_DIR/bench.json and OUT_DIR/bench.md (the copy bandwidths also to OUT_
 which scripts/gpu_e2e.py uses for its bound per token). llama.cpp's own kernels on the same
 matrices are measured end to end by scripts/gpu_e2e.py (llama-bench, every layer on the GPU).
 
-Timing: CUDA events around N back-to-back calls, queued behind a GPU sleep so that Python's
-launch overhead is hidden (the time includes the GPU's own gaps between consecutive kernels, as
-in decode). Each call reads a different copy of the matrix, with all copies together several
-times the L2 cache, so the weights come from HBM.
+Timing: N back-to-back calls recorded as one CUDA graph and replayed between CUDA events (the
+kernels' device time and the GPU's own gaps between them, as in a replayed decode step), and, as
+`us_eager`, the same calls launched from Python behind a GPU sleep (the first H200 run timed only
+that way: the small matrices and the fused MoE measured Python, about 20 and 190 us a call). Each
+call reads a different copy of the matrix, with all copies together several times the L2 cache, so
+the weights come from HBM.
 
     python scripts/gpu_bench.py OUT_DIR [--types Q4_K,Q6_K] [--iters 50]
 """
@@ -79,6 +81,37 @@ def best_of(torch, fn, n: int, reps: int = 3) -> float:
     return min(gpu_time(torch, fn, n) for _ in range(reps))
 
 
+def graph_time(torch, fn, n: int, reps: int = 3) -> float:
+    """Seconds per call of fn() on the device alone: n calls recorded as one CUDA graph (as a decode
+    step replays them), the best of reps replays timed with events. No Python between the kernels,
+    so this is kernel time (and the GPU's gaps between kernels), whatever the host costs."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        g.capture_begin()
+        try:
+            for _ in range(n):
+                fn()
+        finally:
+            g.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    g.replay()
+    torch.cuda.synchronize()
+    best = math.inf
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / n)
+    del g
+    return best
+
+
 def bench_copies(torch) -> dict:
     n = GiB
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
@@ -120,10 +153,12 @@ def bench_matvec(torch, qtype: str, l2_bytes: int, iters: int, d2d_GBps: float) 
                 def call():
                     be.linear(x, mats[i[0] % len(mats)])
                     i[0] += 1
-                t = best_of(torch, call, iters)
+                t = graph_time(torch, call, iters)
+                te = best_of(torch, call, iters)
                 gbps = nbytes / t / 1e9
                 out.append({"qtype": qtype, "rows": shape[0], "cols": shape[1], "tokens": ntok, "activations": activations,
-                            "bytes": nbytes, "us": t * 1e6, "GBps": gbps, "ratio_to_d2d": gbps / d2d_GBps})
+                            "bytes": nbytes, "us": t * 1e6, "us_eager": te * 1e6, "GBps": gbps,
+                            "ratio_to_d2d": gbps / d2d_GBps})
             if be.failed:
                 raise RuntimeError(f"kernels fell back to torch: {be.failed}")
         del mats
@@ -179,10 +214,12 @@ def bench_moe(torch, shape: tuple[int, int], n_exp: int, k: int, gate: str, down
     def call():
         be.moe(x, stack, choices[i[0] % len(choices)], w)
         i[0] += 1
-    t = best_of(torch, call, iters)
+    t = graph_time(torch, call, iters)
+    te = best_of(torch, call, iters)
     nbytes = k * sum(sizes)
     return {"layout": f"{n_ff}x{n_embd} top-{k} of {n_exp}, gate/up {gate}, down {down}", "tokens": 1, "experts": k,
-            "bytes": nbytes, "us": t * 1e6, "GBps": nbytes / t / 1e9, "ratio_to_d2d": nbytes / t / 1e9 / d2d_GBps}
+            "bytes": nbytes, "us": t * 1e6, "us_eager": te * 1e6, "GBps": nbytes / t / 1e9,
+            "ratio_to_d2d": nbytes / t / 1e9 / d2d_GBps}
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -193,6 +230,9 @@ def write_markdown(res: dict, path: Path) -> None:
          f"- device-to-device copy: **{cp['d2d_GBps']:.0f} GB/s** ({cp['d2d_note']})",
          f"- pinned host-to-device: **{cp['h2d_pinned_GBps']:.1f} GB/s** ({cp['h2d_note']})", "",
          "## Decode matvec: CudaBackend.linear (GB/s of quantized weight bytes; ratio to the D2D copy bandwidth)", "",
+         "Device time: the calls recorded as one CUDA graph and replayed (no host between kernels); "
+         "bench.json also has each call's eager time (`us_eager`, Python's launch cost included when it "
+         "is longer than the kernel).", "",
          "| type | activations | 14336x4096 1/8 tok | 4096x14336 1/8 tok | 768x2048 1/8 tok | 2048x768 1/8 tok | "
          "target (Mixtral, 1 tok >= 0.8) |", "|---|---|---:|---:|---:|---:|---|"]
     by = {}
@@ -213,9 +253,9 @@ def write_markdown(res: dict, path: Path) -> None:
     for r in res["upload"]:
         L.append(f"| {r['qtype']} | {r['expert_bytes'] / 1e6:.1f} | {r['ms']:.2f} | {r['GBps']:.1f} | {r['ratio_to_pinned']:.2f} |")
     L += ["", "## CudaBackend.moe (1 token, routed on the device, resident experts)", "",
-          "| layout | us | GB/s | ratio to D2D |", "|---|---:|---:|---:|"]
+          "| layout | us (graph) | GB/s | ratio to D2D | us (eager, host included) |", "|---|---:|---:|---:|---:|"]
     for r in res["moe"]:
-        L.append(f"| {r['layout']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['ratio_to_d2d']:.2f} |")
+        L.append(f"| {r['layout']} | {r['us']:.1f} | {r['GBps']:.0f} | {r['ratio_to_d2d']:.2f} | {r['us_eager']:.1f} |")
     path.write_text("\n".join(L))
 
 

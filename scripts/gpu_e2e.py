@@ -8,9 +8,10 @@ Models (--models): mixtral-8x7b and qwen3-30b-a3b (--layers, default 2 and 4), q
 last (a short lease keeps what ran before it), gpt-oss-20b (sinks, a window, expert biases: torch
 between the routed matvec kernels).
 For each, decoding the same prompt greedily:
-  * all resident, graphs and eager: us per decode layer, kernels per token (torch.profiler), host
-    syncs per token (torch.cuda.set_sync_debug_mode), graph replays per token; the logits of every
-    step bitwise equal (checked);
+  * all resident, graphs and eager: us per decode layer (timed with nothing watching), then kernels
+    per token (torch.profiler) and host syncs per token with the line that made each
+    (torch.cuda.set_sync_debug_mode) over a short profiled pass, graph replays per token; the logits
+    of every step bitwise equal (checked);
   * an expert cache at half the experts, misses copied (lru, graphs): tokens equal to the all-resident
     run (checked), host waits per token (one per MoE layer + one);
   * hybrid (promoe + gate, cpu_experts="all", graphs): experts computed on the CPU (checked > 0), greedy
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -61,56 +63,71 @@ def engine_options(device: str) -> dict:
     return {"device": device}
 
 
+PROFILED_TOKENS = 8
+
+
 def decode(eng, tokens: int, profile: bool) -> dict:
-    """Greedy decode of PROMPT: tokens, the logits of every step, per-token counts and timings."""
+    """Greedy decode of PROMPT: tokens, the logits of every step, per-token counts and timings.
+
+    Two passes after a warm-up (eager, recorded, replayed): `tokens` timed steps with nothing
+    watching, then (profile, on a GPU) PROFILED_TOKENS steps under torch.profiler and torch's sync
+    debug mode, for kernels and syncs per token and where each sync was made. Timing under the
+    profiler is not decode time: CUPTI's start-up and per-kernel tracing land in it (the first H200
+    run timed the first model 34x slower with graphs than eager that way)."""
     import torch
     on_gpu = eng.device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(eng.device)) if on_gpu else (lambda: None)
     eng._new_sequence()
     logits = eng._prefill(eng.kv_cache, torch.tensor(PROMPT), last_only=True)[-1].float().cpu()
     out, steps = [], []
-    for _ in range(3):                                        # warm-up: eager, recorded, replayed
-        tok = int(torch.argmax(logits))
-        out.append(tok)
-        logits = eng.decoding.step(tok).clone()
-        steps.append(logits)
-    sync()
-    before = eng.decoding.counts.copy()
-    caught, prof = [], None
-    t0 = time.perf_counter()
-    if profile and on_gpu:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as tprofile
-        prof = tprofile(activities=[ProfilerActivity.CUDA])
-        prof.__enter__()
-        ctx = warnings.catch_warnings(record=True)
-        caught = ctx.__enter__()
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-    try:
-        for _ in range(tokens):
+
+    def run(n: int):
+        nonlocal logits
+        for _ in range(n):
             tok = int(torch.argmax(logits))
             out.append(tok)
             logits = eng.decoding.step(tok).clone()
             steps.append(logits)
         sync()
-    finally:
-        if prof is not None:
-            torch.cuda.set_sync_debug_mode("default")
-            ctx.__exit__(None, None, None)
-            prof.__exit__(None, None, None)
+    run(3)                                                    # warm-up: eager, recorded, replayed
+    before = eng.decoding.counts.copy()
+    t0 = time.perf_counter()
+    run(tokens)
     wall = time.perf_counter() - t0
     n_layers = eng.config.n_layers
     counts = eng.decoding.counts.since(before, n_layers)
     row = {"tokens": out, "wall_us_per_layer": wall / tokens / n_layers * 1e6, "decode_tok_s": tokens / wall,
            **{k: counts[k] for k in ("mode", "replays_per_token", "host_syncs_per_token",
                                      "launches_outside_replays_per_token", "host_us_per_layer")}}
-    if prof is not None:
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
-        row["profiler_kernels_per_token"] = len(kernels) / tokens
-        row["torch_syncs_per_token"] = sum("synchroniz" in str(w.message).lower() for w in caught) / tokens
+    if profile and on_gpu:
+        row.update(profiled(torch, lambda: run(PROFILED_TOKENS)))
+        row["profiled_tokens"] = PROFILED_TOKENS
+        for k in ("profiler_kernels_per_token", "torch_syncs_per_token"):
+            row[k] /= PROFILED_TOKENS
     return row, steps
+
+
+def profiled(torch, fn) -> dict:
+    """Kernels (torch.profiler) and host syncs (torch's sync debug mode: every thread's, with the
+    Python line that made each) while fn runs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    sites: dict = {}
+    for w in syncs:
+        where = f"{Path(w.filename).name}:{w.lineno}"
+        sites[where] = sites.get(where, 0) + 1
+    return {"profiler_kernels_per_token": len(kernels), "torch_syncs_per_token": len(syncs),
+            "torch_sync_sites": dict(sorted(sites.items(), key=lambda kv: -kv[1]))}
 
 
 def bytes_per_token(model) -> float:
@@ -145,6 +162,8 @@ def run_model(name: str, layers, device: str, tokens: int, llamacpp, save) -> di
               f"launches outside / {row['host_syncs_per_token']:.0f} host waits per token"
               + (f", {row['profiler_kernels_per_token']:.0f} kernels and {row['torch_syncs_per_token']:.1f} torch syncs "
                  f"per token (profiler)" if "profiler_kernels_per_token" in row else ""), flush=True)
+        if row.get("torch_sync_sites"):
+            print(f"  syncs made at: {', '.join(f'{k} x{v}' for k, v in row['torch_sync_sites'].items())}", flush=True)
         return row, steps
 
     graphs, g_steps = one("resident, graphs")
@@ -179,7 +198,7 @@ def run_model(name: str, layers, device: str, tokens: int, llamacpp, save) -> di
 
 def measured_profile(results: list[dict], d2d_GBps: float):
     """The H200 profile with our fixed cost per decode layer as measured: the all-resident graphs
-    step's wall time per layer less its bytes at the device bandwidth (mean over the models)."""
+    step's wall time per layer less its bytes at the device bandwidth (median over the models)."""
     from promoe_gguf.sim.profile import PROFILES
     costs, cached = [], []
     for r in results:
@@ -188,8 +207,8 @@ def measured_profile(results: list[dict], d2d_GBps: float):
             costs.append(max(0.0, r["rows"]["resident, graphs"]["wall_us_per_layer"] - bw_us))
         if "hybrid, cpu_experts=all" in r["rows"]:          # hand-offs and CPU experts included: an upper bound
             cached.append(max(0.0, r["rows"]["hybrid, cpu_experts=all"]["wall_us_per_layer"] - bw_us))
-    resident = sum(costs) / len(costs)
-    hybrid = sum(cached) / len(cached) if cached else resident
+    resident = statistics.median(costs)
+    hybrid = statistics.median(cached) if cached else resident
     prof = PROFILES["h200"].with_(ours_layer_us=hybrid,
                                   extra={"layer_us_by_mode": {"all resident": resident, "hybrid": hybrid}})
     return prof, costs

@@ -155,7 +155,7 @@ def test_budget_never_exceeded_and_too_small_refused(model_path):
 
 
 def _three_ready(policy):
-    cache = ExpertCache(3, 16, "cpu", policy, moe_layers=(0,), n_experts=3)
+    cache = ExpertCache(3, 16, "cpu", policy, moe_layers=(0,))
     for i, key in enumerate([(0, 0), (0, 1), (0, 2)]):
         s = cache.allocate(key, lambda s: None)
         s.state, s.last_use = "ready", i
@@ -178,7 +178,7 @@ def test_a_copy_holding_a_slot_advances_while_the_first_waits_for_one(model_path
     that has none; with nothing evictable the copy thread must still advance the one holding a slot
     (the compute thread may wait for it), not sleep: `promoe bench` stalled 60 s here at cache rate
     0.25 with promoe + gate. The queue alone, then the Engine case that hit it."""
-    cache = ExpertCache(4, 16, "cpu", PromoePolicy(), moe_layers=(0, 1), n_experts=4)
+    cache = ExpertCache(4, 16, "cpu", PromoePolicy(), moe_layers=(0, 1))
     for i, key in enumerate([(0, 0), (0, 1), (1, 2)]):
         slot = cache.allocate(key, lambda s: None)
         slot.state, slot.last_use = "ready", i

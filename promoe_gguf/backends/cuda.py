@@ -325,7 +325,10 @@ class CudaBackend(BackendBase):
         T, H, _ = q.shape
         K, V = cache.k[layer], cache.v[layer]                # [Hkv, n, Dk], [Hkv, n, Dv]
         if sinks is not None or window:
-            end = cache.n_alloc if step.n_past is None else step.n_past + T      # recorded: the whole cache
+            # a decode step reads the whole cache, masked, eager or recorded (a recording cannot know
+            # n_past): the same products over the same lengths, so eager and replayed logits are
+            # bitwise equal (cuBLAS picks its reduction by length; the H200 showed them apart)
+            end = cache.n_alloc if step.n_past is None or T <= L.MAX_NCOLS else step.n_past + T
             return torch_ops.attention_sinks(q, K[:, :end], V[:, :end], step.pos, scale, sinks, window)
         hkv, dk, dv = K.shape[0], K.shape[2], V.shape[2]
         if T <= L.MAX_NCOLS:

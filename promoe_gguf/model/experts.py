@@ -50,11 +50,14 @@ class ExpertSource(Protocol):
     stacks: dict                                   # MoE layer -> ExpertStack (where the slots are)
     nbytes: int                                    # device bytes the experts take
 
-    def table(self, layer: int) -> torch.Tensor: ...              # [E] int32 on the device: expert -> slot
+    # [E] int32 on the device, expert -> slot: the resident route's table (a cached source's table
+    # is the host's, per layer and step, from acquire)
+    def table(self, layer: int) -> torch.Tensor: ...
     def begin_step(self, positions: list[int]) -> None: ...
     def reset_sequence(self) -> None: ...
-    # (stack, index, cpu jobs) or None; x [T, d] and ids [T, k] are the step's host buffers (the seam's
-    # per-layer log), rewritten only by the next step
+    # (stack, table [E] int32 on the host: expert -> slot, -1 where not on the device, cpu jobs) or
+    # None; x [T, d] and ids [T, k] are the step's host buffers (the seam's per-layer log), rewritten
+    # only by the next step
     def acquire(self, layer: int, x, ids: np.ndarray): ...
     def release(self, layer: int) -> None: ...
     def cpu_result(self, layer: int, expert: int, job) -> torch.Tensor | None: ...   # None: the CPU failed
@@ -115,7 +118,7 @@ class ResidentSource:
         pass
 
     def acquire(self, layer: int, x, ids: np.ndarray):
-        return self.stacks[layer], ids, {}
+        return self.stacks[layer], np.arange(self.model.config.n_experts, dtype=np.int32), {}
 
     def release(self, layer: int) -> None:
         pass
@@ -197,6 +200,8 @@ class _LayerIO:
     x_h: torch.Tensor            # [T, d] float32, host: the router input (CPU experts, the predictor)
     skip_h: torch.Tensor         # [E] int32, host: experts the CPU computes this step
     skip: torch.Tensor           # the same on the device
+    table_h: torch.Tensor        # [E] int32, host: expert -> slot for this step (acquire's answer)
+    table: torch.Tensor          # the same on the device
     ext_h: torch.Tensor          # [T, k, d] float32, host: the CPU's rows
     ext: torch.Tensor            # the same on the device
     jobs: dict = field(default_factory=dict)
@@ -205,6 +210,7 @@ class _LayerIO:
 
     def __post_init__(self):
         self.ids_np, self.skip_np, self.ext_np = self.ids_h.numpy(), self.skip_h.numpy(), self.ext_h.numpy()
+        self.table_np = self.table_h.numpy()
 
 
 class MoEExperts:
@@ -276,6 +282,7 @@ class MoEExperts:
             io = self._io[(layer, T)] = _LayerIO(
                 ids_h=be.host_buffer((T, k), torch.int64), x_h=be.host_buffer((T, d), torch.float32),
                 skip_h=be.host_buffer((E,), torch.int32), skip=torch.zeros(E, dtype=torch.int32, device=be.device),
+                table_h=be.host_buffer((E,), torch.int32), table=torch.full((E,), -1, dtype=torch.int32, device=be.device),
                 ext_h=be.host_buffer((T, k, d), torch.float32),
                 ext=torch.zeros((T, k, d), dtype=torch.float32, device=be.device))
         return io
@@ -293,7 +300,8 @@ class MoEExperts:
             io.refused = False
             return None
         io.skip.copy_(io.skip_h, non_blocking=True)
-        y, done = be.moe_pairs(x, src.stacks[layer], ids, weights, src.table(layer), io.skip)
+        io.table.copy_(io.table_h, non_blocking=True)
+        y, done = be.moe_pairs(x, src.stacks[layer], ids, weights, io.table, io.skip)
         step.driver.cut(lambda: self._collect(layer, io), sync=False)
         io.ext.copy_(io.ext_h, non_blocking=True)
         return be.moe_combine(y, done, io.ext, weights)
@@ -304,6 +312,7 @@ class MoEExperts:
         if placed is None:
             io.refused = True
             return
+        io.table_np[:] = placed[1]
         io.jobs = placed[2]
         io.skip_np[:] = 0
         io.skip_np[[e for e, job in io.jobs.items() if job.part is None]] = 1    # a split expert runs on both

@@ -57,7 +57,7 @@ def make_source(model, device, cache_rate=None, cache_mem=None, policy="lru", pr
     store = HostStore(model, pin=device.type == "cuda", progress=progress)
     n_slots = slots_for_budget(store, cfg.n_experts_used, cache_rate, cache_mem)
     cache = ExpertCache(n_slots, store.slot_bytes, device, make_policy(policy, cfg.n_experts_used, use_counts),
-                        cfg.moe_layers, cfg.n_experts)
+                        cfg.moe_layers)
     spec = parse_link(link)
     stats = Stats()
     transfer = TransferEngine(store, cache, Link(device, spec.get("bandwidth"), spec.get("latency", 0.0), spec.get("jitter", 0.0)),

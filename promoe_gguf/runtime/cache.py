@@ -147,13 +147,13 @@ def slots_for_budget(store, n_used: int, cache_rate=None, cache_mem=None) -> int
 
 
 class ExpertCache:
-    """The arena of slots, the residency map and, for the device, one slot table per MoE layer:
-    tables[i, e] = the slot holding expert e of the i-th MoE layer, -1 when absent. A slot's entry
-    turns -1 when its expert is evicted (before the copy that overwrites it) and becomes the slot
-    once the copy has landed (before the expert is READY), so a kernel that finds a slot in the
-    table reads a whole expert."""
+    """The arena of slots and the residency map (`where`: expert -> slot; a slot is READY once its
+    copy has landed). The device's expert -> slot table is not kept here: a layer's table is the
+    host's answer to `CachedExpertSource.acquire` (the experts it pinned, READY), copied to the device
+    inside the step with the routing's other inputs. A table the copy thread wrote on the device
+    would cost a host sync per write (a 4-byte pageable copy) and race the kernels reading it."""
 
-    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, moe_layers=(0,), n_experts: int = 1):
+    def __init__(self, n_slots: int, slot_bytes: int, device, policy: Policy, moe_layers=(0,)):
         self.device = torch.device(device)
         n_moe_layers = len(moe_layers)
         try:
@@ -183,15 +183,10 @@ class ExpertCache:
         self.admitting = None           # key a speculative allocation is for (the policy weighs it)
         self.hold_needed = False        # a fused step waits for all of `needed` at once: none may go
         self.protected: set = set()     # promoe: experts the next layer is predicted to need
-        self.table_row = {layer: i for i, layer in enumerate(moe_layers)}
-        self.tables = torch.full((n_moe_layers, n_experts), -1, dtype=torch.int32, device=self.device)
 
     def mark_present(self, slot: Slot) -> None:
-        """(cv held) slot's copy has landed: READY, and the device table points at it (unless the
-        expert is split this layer: the table points at its part until unstage)."""
+        """(cv held) slot's copy has landed: READY."""
         slot.state = READY
-        if slot.key not in self.staged:
-            self.tables[self.table_row[slot.key[0]], slot.key[1]] = slot.index
 
     def take_staging(self, n: int, keep_free: int = 1) -> bool:
         """(cv held) The last n slots become staging rows, if none of them holds an expert yet and at
@@ -207,15 +202,12 @@ class ExpertCache:
         return True
 
     def stage(self, key, slot: Slot) -> None:
-        """(cv held) The layer computes `key`'s device part from staging `slot`: the table points there."""
+        """(cv held) The layer computes `key`'s device part from staging `slot`."""
         self.staged[key] = slot
-        self.tables[self.table_row[key[0]], key[1]] = slot.index
 
     def unstage(self, key) -> None:
-        """(cv held) The split layer has run: the table points at the cached copy, if any, again."""
+        """(cv held) The split layer has run: its staging slot may be written again."""
         del self.staged[key]
-        slot = self.where.get(key)
-        self.tables[self.table_row[key[0]], key[1]] = slot.index if slot is not None and slot.state == READY else -1
 
     def keep(self, slot: Slot) -> None:
         """(cv held) slot stays for good (the static policy's hot set, copied at start-up)."""
@@ -232,11 +224,6 @@ class ExpertCache:
     def first_empty(self) -> Slot | None:
         """(cv held) The lowest EMPTY slot (slots fill in index order and are never emptied)."""
         return self.slots[self.filled] if self.filled < len(self.slots) else None
-
-    def _mark_absent(self, key) -> None:
-        if key in self.staged:                  # the table points at its part for this layer
-            return
-        self.tables[self.table_row[key[0]], key[1]] = -1
 
     @property
     def capacity_bytes(self) -> int:
@@ -280,7 +267,6 @@ class ExpertCache:
             return None
         if slot.key is not None:
             on_evict(slot)
-            self._mark_absent(slot.key)
             del self.where[slot.key]
             self.layer_count[slot.key[0]] -= 1
             self.by_layer[slot.key[0]].discard(slot)

@@ -9,14 +9,14 @@ Per MoE layer (compute thread), with the routing ids already on the host:
   acquire()  fused path (few tokens): with CPU experts on, the cost model first sends misses that the
              CPU finishes sooner than a copy would land to the CPU pool (their hidden rows go to the
              host, their outputs come back); waits (bounded) until every other chosen expert is in a
-             slot, pins them, returns the arena as an ExpertStack, each (token, slot)'s slot index
-             (-1: on the CPU) and the CPU jobs. cpu_result() collects a job (None if the CPU failed:
+             slot, pins them, returns the arena as an ExpertStack, the layer's slot table (expert ->
+             slot, -1: not on the device) and the CPU jobs. cpu_result() collects a job (None if the CPU failed:
              the expert seam then computes it on the device through matrices()).
   order()    per-expert path (prefill): promoe yields resident experts first, then the most copied
              (reordered execution); the baselines yield plain order. matrices() waits for one expert.
   release() / done()  unpin (on CUDA after recording an event the next copy into the slot waits for).
-Waits on copies are stall time. The device finds the resident experts through the cache's slot
-tables (ExpertCache.tables), kept by the copy thread.
+Waits on copies are stall time. The device finds the layer's experts through the table acquire
+returned, which the step copies to the device with the routing's other inputs (model/experts.py).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 
 from ..backends import ExpertStack, StackedMatrix, matrix_at
 from ..backends.base import expert_part, split_unit
+from ..errors import ModelError
 from ..format.expert_index import MATRICES
 from .cache import READY
 from .placement import Miss, Placement, place
@@ -100,8 +101,7 @@ class CachedExpertSource:
         return ExpertStack(*sm, owners=(arena, arena, arena))
 
     def table(self, layer: int):
-        """[E] int32 on the device: expert -> slot of the arena, -1 when absent."""
-        return self.expert_cache.tables[self.expert_cache.table_row[layer]]
+        raise ModelError("a cached source has no fixed slot table: each step's comes from acquire")
 
     def begin_step(self, positions):
         now = time.perf_counter()
@@ -167,7 +167,7 @@ class CachedExpertSource:
         cpu, split = placed.cpu, placed.split
         device = [key for key in needed if key not in cpu and key not in split]
         cache = self.expert_cache
-        lut = np.full(self.model.config.n_experts, -1, dtype=np.int64)
+        table = np.full(self.model.config.n_experts, -1, dtype=np.int32)     # expert -> slot this layer
         missing = []
         with cache.cv:
             cache.hold_layer()
@@ -176,7 +176,7 @@ class CachedExpertSource:
                 if slot is not None and slot.state == READY:
                     self._pin(slot)
                     self._pinned.append(key)
-                    lut[key[1]] = slot.index
+                    table[key[1]] = slot.index
                 else:
                     missing.append(key)
         unit = {key: self.store.layout[key][2][0].shape[1] // self.split_parts[key[0]] for key in split}
@@ -197,16 +197,16 @@ class CachedExpertSource:
                 with cache.cv:
                     cache.stage(key, task.slot)
                 self._staged.append(key)
-                lut[key[1]] = task.slot.index
+                table[key[1]] = task.slot.index
                 self.counters.add(layer, "split_experts")
             for key in missing:
                 slot = self.wait_until_copied(key)
                 self._pinned.append(key)
-                lut[key[1]] = slot.index
+                table[key[1]] = slot.index
         except BaseException:
             self.release(layer)
             raise
-        return self.stacks[layer], lut[ids], jobs
+        return self.stacks[layer], table, jobs
 
     def release(self, layer):
         """The layer's pinned experts may go once the work queued so far has read them (CUDA: an

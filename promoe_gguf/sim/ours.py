@@ -307,7 +307,7 @@ class OursSim:
         hybrid = self.cpu_experts != "off" and not self.all_resident
         cache = ExpertCache(
             self.n_slots, self.store.slot_bytes, "meta", make_policy(self.policy_name, m.k, self.use_counts),
-            m.moe_layers, m.E)
+            m.moe_layers)
         transfer = SimTransfer(self.store, cache, stats, clock, prof)
         prefetcher = None
         if self.predictor != "none" and not self.all_resident:
@@ -389,7 +389,8 @@ class OursSim:
         if T <= FUSED_MAX_TOKENS:
             placed = src.acquire(layer, rows, ids)
             if placed is not None:
-                _, index, jobs = placed
+                _, table, jobs = placed
+                index = table[ids]
                 dev = index[index >= 0]
                 n_dev = len(np.unique(dev))
                 t_dev = clock.now + len(jobs) * prof.cpu_job_us * 1e-6 + roofline(n_dev * m.expert_bytes[layer], 2 * m.expert_params[layer] * dev.size,
