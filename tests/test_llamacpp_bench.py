@@ -80,17 +80,24 @@ def test_device_bytes_follow_llamacpps_placement():
     lay = lc.ModelLayout.from_gguf(promoe_gguf.DEFAULT_MODEL)
     assert lay.n_layer == 4
     n_ctx, ub = 256, 32
-    extra = lay.compute_bytes(ub, n_ctx)
     kv = lay.kv_bytes_per_token_layer * n_ctx
 
     def layer(i, experts=True):
         return sum(v for k, v in size.items() if k.startswith(f"blk.{i}.") and (experts or "_exps." not in k))
+
+    def extra(host_layers):
+        """Compute buffers: one ubatch's activations, and op offload's staging of one host expert
+        tensor (a third of the largest host layer's experts)."""
+        staged = max((sum(v for k, v in size.items() if k.startswith(f"blk.{i}.") and "_exps." in k) // 3
+                      for i in host_layers), default=0)
+        return lay.compute_bytes(ub, n_ctx) + staged
     out = size["output.weight"] + size["output_norm.weight"]
     assert lay.device_bytes(0, n_ctx=n_ctx, n_ubatch=ub) == 0
-    assert lay.device_bytes(1, n_ctx=n_ctx, n_ubatch=ub) == out + extra                    # output layer only
-    assert lay.device_bytes(3, n_ctx=n_ctx, n_ubatch=ub) == out + layer(2) + layer(3) + 2 * kv + extra
+    assert lay.device_bytes(1, n_ctx=n_ctx, n_ubatch=ub) == out + extra(range(4))          # output layer only
+    assert lay.device_bytes(3, n_ctx=n_ctx, n_ubatch=ub) == out + layer(2) + layer(3) + 2 * kv + extra((0, 1))
     assert lay.device_bytes(5, 2, n_ctx=n_ctx, n_ubatch=ub) == (out + layer(0, False) + layer(1, False) + layer(2)
-                                                              + layer(3) + 4 * kv + extra)
+                                                              + layer(3) + 4 * kv + extra((0, 1)))
+    assert lay.device_bytes(5, n_ctx=n_ctx, n_ubatch=ub) == out + sum(map(layer, range(4))) + 4 * kv + extra(())
     assert "token_embd.weight" in size and lay.input_bytes == size["token_embd.weight"]   # never offloaded
     with pytest.raises(ValueError, match="ngl 6 must be in 0..5"):
         lay.device_bytes(6)

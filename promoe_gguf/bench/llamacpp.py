@@ -10,9 +10,9 @@ Modes, as llama.cpp names them:
   ngl        -ngl N: the last N-1 layers and the output layer on the GPU (N = n_layer + 1: all)
   n-cpu-moe  -ngl all --n-cpu-moe N: everything on the GPU except the routed experts of layers 0..N-1
 
-``fit_offload`` picks, for a device memory budget, the largest -ngl and the smallest --n-cpu-moe
-whose estimated device bytes (weights from the GGUF's tensor sizes + F16 KV cache + a compute-buffer
-estimate) fit.
+``fit_offload`` (llamacpp_memory.py, the rule the simulator uses too) picks, for a device memory
+budget, the largest -ngl and the smallest --n-cpu-moe whose estimated device bytes (weights from the
+GGUF's tensor sizes + F16 KV cache + a compute-buffer estimate) fit.
 """
 from __future__ import annotations
 
@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ModelError
+from .llamacpp_memory import ModelLayout, OffloadFit, fit_offload  # noqa: F401 - the fit rule, used with bench_modes
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CPU_DIR = REPO / "build" / "llamacpp-cpu"
 BUILD_HINT = "build it with: bash scripts/build_llamacpp.sh build/llamacpp-cpu (about 30 min on 2 cores)"
-_EXPS = re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch|)exps")     # llama.cpp's LLM_FFN_EXPS_REGEX
-_LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
 class LlamaCppNotBuilt(FileNotFoundError):
@@ -173,124 +172,3 @@ def bench_modes(model, gpu_mem: int | None = None, *, n_prompt: int | Sequence[i
         r.device_bytes_est = fit.n_cpu_moe_bytes
         rows.append(r)
     return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# what fits: device bytes per placement, from the GGUF's tensor sizes
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """Bytes of a model by where llama.cpp may place them."""
-    n_layer: int
-    layer_bytes: tuple[int, ...]      # every tensor of blk.i, routed experts included
-    expert_bytes: tuple[int, ...]     # the routed-expert tensors of blk.i (--n-cpu-moe moves these)
-    output_bytes: int                 # output.weight + output_norm (token_embd again if tied): the "output layer"
-    input_bytes: int                  # token_embd: llama.cpp always keeps it on the CPU
-    kv_bytes_per_token_layer: int     # F16 K + V per token per layer (MLA: the K latent only)
-    n_vocab: int
-    n_embd: int
-    n_head: int
-    ffn_bytes_per_token: int          # widest FFN activation per token (f32), for the compute buffer
-
-    @classmethod
-    def from_gguf(cls, path) -> "ModelLayout":
-        """Tensor sizes as stored in the file (the project's bounds-checked GGUF reader)."""
-        from ..format.config import config_from_metadata
-        from ..format.gguf_file import field_value, read_gguf
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ModelError(f"{path}: no such model file")
-        r = read_gguf(path)
-        c = config_from_metadata(lambda k: field_value(r, k), path)
-        # MLA (deepseek2 with *_mla keys) caches only the compressed K latent, which V is read from
-        mla = c.extra.get("key_length_mla") is not None
-        kv_dim = c.n_head_kv * (c.head_dim_k + (0 if mla else c.head_dim_v))
-        return cls.from_sizes({t.name: int(t.n_bytes) for t in r.tensors}, n_layer=c.n_layers, n_vocab=c.n_vocab,
-                              n_embd=c.n_embd, n_head=c.n_head, kv_dim=kv_dim,
-                              ffn_width=max(c.n_ff_exp * c.n_experts_used, c.n_ff, c.n_ff_shexp),
-                              n_nextn=c.n_nextn_layers)
-
-    @classmethod
-    def from_real_shape(cls, name: str, n_layers: int | None = None) -> "ModelLayout":
-        """The layout of a real-shape model (real_shapes.SHAPES) without writing it."""
-        from . import real_shapes
-        s = real_shapes.get_shape(name)
-        plan = real_shapes.tensor_plan(name, n_layers)
-        kv = s.extra["kv_lora"] + s.extra["qk_rope"] if s.arch == "deepseek2" else 2 * s.n_head_kv * s.head_dim
-        return cls.from_sizes({t.name: t.nbytes for t in plan}, n_layer=n_layers or s.n_layer, n_vocab=s.n_vocab,
-                              n_embd=s.n_embd, n_head=s.n_head, kv_dim=kv,
-                              ffn_width=max(s.n_ff_exp * s.n_used, s.n_ff, s.n_ff_shexp), n_nextn=s.n_nextn)
-
-    @classmethod
-    def from_sizes(cls, sizes: dict, *, n_layer: int, n_vocab: int, n_embd: int, n_head: int, kv_dim: int,
-                   ffn_width: int, n_nextn: int = 0) -> "ModelLayout":
-        """`n_layer` layers run; the `n_nextn` NextN blocks after them are never loaded (llama.cpp skips them)."""
-        layer, experts = [0] * n_layer, [0] * n_layer
-        out = inp = 0
-        for name, nb in sizes.items():
-            m = _LAYER.match(name)
-            if m:
-                i = int(m.group(1))
-                if n_layer <= i < n_layer + n_nextn:
-                    continue
-                if i >= n_layer:
-                    raise ModelError(f"tensor {name!r} is past the model's {n_layer} layers")
-                layer[i] += nb
-                if _EXPS.search(name):
-                    experts[i] += nb
-            elif name == "token_embd.weight":
-                inp += nb
-            else:                       # output.weight, output_norm.weight
-                out += nb
-        if "output.weight" not in sizes:  # tied: llama.cpp loads token_embd a second time as the output
-            out += sizes.get("token_embd.weight", 0)
-        return cls(n_layer, tuple(layer), tuple(experts), out, inp, 2 * kv_dim, n_vocab, n_embd, n_head,
-                   4 * ffn_width)
-
-    def compute_bytes(self, n_ubatch: int = 512, n_ctx: int = 4096, flash_attn: bool = True) -> int:
-        """Estimate of llama.cpp's device compute buffer for a batch of n_ubatch tokens: logits,
-        a few hidden-state and FFN activations (f32), and without flash attention the KQ matrix."""
-        per_token = 4 * (self.n_vocab + 6 * self.n_embd) + 2 * self.ffn_bytes_per_token
-        kq = 0 if flash_attn else 4 * self.n_head * n_ctx
-        return n_ubatch * (per_token + kq)
-
-    def device_bytes(self, ngl: int, n_cpu_moe: int = 0, *, n_ctx: int = 4096, n_ubatch: int = 512,
-                     flash_attn: bool = True) -> int:
-        """Estimated device bytes of llama.cpp with -ngl ngl --n-cpu-moe n_cpu_moe (ngl 0: none)."""
-        L = self.n_layer
-        if not 0 <= ngl <= L + 1 or not 0 <= n_cpu_moe <= L:
-            raise ValueError(f"ngl {ngl} must be in 0..{L + 1} and n_cpu_moe {n_cpu_moe} in 0..{L}")
-        if ngl == 0:
-            return 0
-        first = L + 1 - ngl                          # llama.cpp: i_gpu_start = n_layer + 1 - ngl
-        total = self.output_bytes                     # the output layer goes first (ngl >= 1)
-        for i in range(first, L):
-            total += self.layer_bytes[i] - (self.expert_bytes[i] if i < n_cpu_moe else 0)
-            total += self.kv_bytes_per_token_layer * n_ctx
-        return total + self.compute_bytes(n_ubatch, n_ctx, flash_attn)
-
-
-@dataclass(frozen=True)
-class OffloadFit:
-    budget: int
-    ngl: int                      # largest -ngl that fits (0: nothing fits beside the CPU)
-    ngl_bytes: int
-    n_cpu_moe: int | None         # smallest --n-cpu-moe with -ngl all that fits; None: not even n_layer
-    n_cpu_moe_bytes: int | None
-
-
-def fit_offload(model, budget: int, *, n_ctx: int = 4096, n_ubatch: int = 512, flash_attn: bool = True) -> OffloadFit:
-    """For a device memory budget in bytes, llama.cpp's largest layer offload (-ngl) and smallest
-    experts-on-CPU count (--n-cpu-moe, with -ngl all) whose estimated device bytes fit. `model` is a
-    GGUF path or a ModelLayout."""
-    lay = model if isinstance(model, ModelLayout) else ModelLayout.from_gguf(model)
-    if budget < 0:
-        raise ValueError(f"budget {budget} bytes is negative")
-    kw = dict(n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn)
-    L = lay.n_layer
-    ngl = max(n for n in range(L + 2) if n == 0 or lay.device_bytes(n, **kw) <= budget)
-    fits = [m for m in range(L + 1) if lay.device_bytes(L + 1, m, **kw) <= budget]
-    m = min(fits) if fits else None
-    return OffloadFit(budget, ngl, lay.device_bytes(ngl, **kw), m,
-                      None if m is None else lay.device_bytes(L + 1, m, **kw))

@@ -93,7 +93,7 @@ def _run_one(path, prompts, n_decode, threads, device, link, **kw) -> dict:
         out["memory"] = eng.memory
         out["cost_model"] = st.get("cost_model")
         out["link"] = st.get("link", "none (all resident)")
-        out["link_GBps"] = (getattr(eng.source, "calibration", None) or {}).get("bandwidth", 0.0) / 1e9
+        out["link_GBps"] = st.get("link_bandwidth", 0.0) / 1e9
         out["expert_bytes"] = float(np.mean([eng.model.expert_nbytes(*k) for k in eng.model.expert_keys]))
         out["resident_bytes"] = eng.memory["resident"]
         out["moe_layers"] = len(eng.config.moe_layers)

@@ -122,12 +122,14 @@ def calibrate_link_ratio(source: CachedExpertSource, decoder, experts, ratio: fl
 def attach(source, decoder, experts) -> None:
     """Called by the Engine once the decoder exists: link calibration needs the forward pass, and the
     cost model the calibrated link and the device backend."""
-    ratio = getattr(source, "link_ratio", None)
+    if source.resident:
+        return
+    ratio = source.link_ratio
     if ratio:
         if source.device.type != "cpu":
             raise ParameterError("link", "ratio=R is a CPU emulation; on a GPU the real link is used")
         calibrate_link_ratio(source, decoder, experts, ratio)
-    if getattr(source, "cpu_pool", None) is not None:
+    if source.cpu_pool is not None:
         source.cost = measure_costs(source, decoder.backend)
         log.info("cost model: %s", source.cost.describe())
         if source.reserve_staging():

@@ -123,7 +123,7 @@ class HostStore:
         """Page-lock the store in place; pageable memory (with a warning) if CUDA refuses."""
         try:
             rc = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), self.buf.numel(), 0)
-            err = int(rc.value if hasattr(rc, "value") else rc)
+            err = int(rc)                          # torch's cudaError enum: 0 is cudaSuccess
         except (RuntimeError, AttributeError) as e:
             err, rc = -1, e
         if err != 0:

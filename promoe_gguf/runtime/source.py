@@ -62,6 +62,8 @@ class CachedExpertSource:
         self.store, self.expert_cache, self.transfer, self.counters = store, cache, transfer, stats
         self.prefetcher, self.wait_timeout = prefetcher, wait_timeout
         self.cpu_pool, self.cpu_experts, self.cost = cpu_pool, cpu_experts, cost
+        self.link_ratio = None                     # --link ratio=R: the emulated link, calibrated by attach
+        self.calibration: dict = {}                # what that calibration measured
         self._degraded = False
         self._pinned: list = []
         self._step_t0 = None
@@ -404,7 +406,8 @@ class CachedExpertSource:
         snap["cache_slots"] = len(self.expert_cache.slots)
         snap["slot_bytes"] = self.store.slot_bytes
         snap["policy"] = self.expert_cache.policy.name
-        snap["predictor"] = getattr(getattr(self.prefetcher, "predictor", None), "name", "none")
+        snap["predictor"] = "none" if self.prefetcher is None else self.prefetcher.predictor.name
+        snap["link_bandwidth"] = self.calibration.get("bandwidth", 0.0)
         snap["cpu_experts_mode"] = self.cpu_experts if self.cpu_pool is not None else "off"
         if self.cost is not None:
             snap["cost_model"] = self.cost.describe()

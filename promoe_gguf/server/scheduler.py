@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Generator
 from typing import Callable, Iterable
 
 log = logging.getLogger("promoe.server")
@@ -118,7 +119,7 @@ class Scheduler:
             outcome = "failed"
             job.emit("error", e)
         finally:
-            if hasattr(items, "close"):
+            if isinstance(items, Generator):
                 items.close()  # stops a generator at once: engine.generate ends, its KV cache is freed
             self.running = None
         elapsed = time.perf_counter() - t0

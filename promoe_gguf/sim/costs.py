@@ -46,6 +46,7 @@ class SimModel:
     attn_dim: int                 # n_head * head_dim (attention flops per position)
     layout: StoreLayout
     state_bytes: int = 0          # recurrent state read and written per step, averaged per layer (qwen35moe)
+    n_head: int = 0               # attention heads (llama.cpp's KQ buffer without flash attention)
 
     @classmethod
     def of(cls, model) -> "SimModel":
@@ -76,7 +77,7 @@ class SimModel:
         return cls(model, getattr(model, "path", cfg.arch), cfg.n_layers, list(cfg.moe_layers), cfg.n_experts,
                    cfg.n_experts_used, cfg.n_embd, cfg.n_vocab, lb, lp, embd, out, outp, eb, ep,
                    (hk * dk + hv * dv) * len(cfg.attention_layers) // cfg.n_layers, factor, cfg.n_head * cfg.head_dim_k,
-                   StoreLayout.of(model), 2 * recurrent_state_bytes(cfg) // cfg.n_layers)
+                   StoreLayout.of(model), 2 * recurrent_state_bytes(cfg) // cfg.n_layers, cfg.n_head)
 
     def cpu_bw(self, prof) -> float:
         return prof.cpu_bw(self.cpu_factor)

@@ -1,9 +1,9 @@
 """Stock llama.cpp's offload modes, timed on a profile (no cache, no prediction: placement is fixed).
 
-Placement (as llama.cpp's loader does it):
+Placement and device memory: bench/llamacpp_memory.py, the rule `promoe bench --vs-llamacpp` fits with:
   all on the CPU   no GPU, or --ngl 0
-  --ngl N          the LAST N layers on the GPU with their experts and KV cache; the output layer too
-                   when N > n_layers; token_embd always stays on the CPU (a row lookup)
+  --ngl N          the output layer, then the LAST N - 1 layers on the GPU with their experts and KV
+                   cache; token_embd always stays on the CPU (a row lookup)
   --n-cpu-moe N    every layer on the GPU, the routed experts of the FIRST N layers on the CPU
   --moe-cache-mib M  (with --n-cpu-moe) llama.cpp's expert cache over the layers whose experts live in host
                    memory: one device bank and one strict LRU per group of layers with the same expert
@@ -19,8 +19,8 @@ two hand-offs (split_us each) and k experts at cpu_bw; a CPU layer streams every
 cpu_layer_ops ggml ops. Prefill (ubatches of n_ubatch tokens): a batch of >= 32 tokens runs every
 weight that lives in host memory on the GPU ("op offload"): the experts the ubatch uses (all weights
 of a CPU layer) are copied over the link first, serially with compute; smaller batches compute on the
-CPU. Device memory: weights on the GPU + f16 KV cache of GPU layers + compute buffers, within the
-profile's memory less LLAMA_RESERVE (CUDA context).
+CPU. Device memory: weights on the GPU + f16 KV cache of GPU layers + the expert cache + compute
+buffers, within the profile's memory less LLAMA_RESERVE (CUDA context).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bench.llamacpp_memory import ModelLayout
 from ..errors import ModelError
 from .costs import SimModel, attention_work, layer_cpu_s, layer_gpu_s, roofline
 from .ours import Phase
@@ -43,7 +44,7 @@ GiB = 2**30
 
 @dataclass(frozen=True)
 class Placement:
-    ngl: int                    # layers on the GPU (the last ones); > n_layers: the output layer too
+    ngl: int                    # layer slots on the GPU: the output layer, then the last ngl - 1 blocks
     n_cpu_moe: int              # of those, the first n_cpu_moe layers keep their experts on the CPU
     moe_cache_mib: int = 0      # llama.cpp's expert cache over those layers (0: off)
     n_ubatch: int = 512         # prefill micro-batch (-ub)
@@ -98,6 +99,15 @@ def layout_groups(m: SimModel, layers) -> list:
     return list(groups.values())
 
 
+def layout_of(m: SimModel) -> ModelLayout:
+    """The simulated model's bytes as llama.cpp places them (per layer, experts included)."""
+    L = m.n_layers
+    experts = tuple(m.E * m.expert_bytes.get(i, 0) for i in range(L))
+    ff = max([m.expert_params[i] // (3 * m.d) for i in m.moe_layers] + [1])
+    return ModelLayout(L, tuple(m.layer_bytes[i] + experts[i] for i in range(L)), experts, m.out_bytes, m.embd_bytes,
+                       m.kv_elems * KV_BYTES, m.vocab, m.d, m.n_head, 4 * m.k * ff)
+
+
 def banks_for(m: SimModel, layers, budget: int, spare: int = 1) -> list:
     """One bank per layout group of `layers`, each caching the same fraction of its experts."""
     groups = layout_groups(m, layers)
@@ -112,10 +122,10 @@ class LlamaCppSim:
         self.n_ctx, self.n_ubatch = int(n_ctx), int(placement.n_ubatch)
         if placement.ngl and not prof.has_gpu:
             raise ModelError(f"--ngl / --n-cpu-moe need a GPU; profile {prof.name} has none (gpu_gbs=0)")
-        L = m.n_layers
-        self.gpu_layer = [placement.ngl > 0 and i >= L - min(placement.ngl, L) for i in range(L)]
-        self.cpu_experts = [not g or i < placement.n_cpu_moe for i, g in enumerate(self.gpu_layer)]
-        self.out_on_gpu = placement.ngl > L
+        self.layout = layout_of(m)
+        self.gpu_layer = self.layout.gpu_layers(placement.ngl)
+        self.cpu_experts = self.layout.experts_on_host(placement.ngl, placement.n_cpu_moe)
+        self.out_on_gpu = self.layout.output_on_gpu(placement.ngl)
         if placement.moe_cache_mib and not placement.n_cpu_moe:
             raise ModelError("--moe-cache-mib caches the experts --n-cpu-moe leaves in host memory: give --n-cpu-moe N > 0")
         cached = [i for i in m.moe_layers if self.gpu_layer[i] and self.cpu_experts[i]]
@@ -125,28 +135,11 @@ class LlamaCppSim:
 
     # ---- memory ---------------------------------------------------------------------------------
     def memory(self) -> dict:
-        m, L = self.m, self.m.n_layers
-        weights = kv = 0
-        for i in range(L):
-            if self.gpu_layer[i]:
-                weights += m.layer_bytes[i]
-                kv += self.n_ctx * m.kv_elems * KV_BYTES
-                if i in m.expert_bytes and not self.cpu_experts[i]:
-                    weights += m.E * m.expert_bytes[i]
-        if self.out_on_gpu:
-            weights += m.out_bytes
-        cache = self.p.moe_cache_mib * MiB
-        compute = 0
-        if self.p.ngl:
-            # activations of one ubatch (hidden states, the MoE intermediates, logits if the head is here)
-            ff = max([m.expert_params[i] // (3 * m.d) for i in m.moe_layers] + [1])
-            compute = self.n_ubatch * 4 * (8 * m.d + 2 * m.k * ff + (m.vocab if self.out_on_gpu else 0))
-            host = [m.E * m.expert_bytes[i] // 3 for i in m.moe_layers if self.cpu_experts[i]]
-            compute += max(host, default=0)          # op offload stages one host weight tensor at a time
-        total = weights + kv + cache + compute
-        return {"weights": weights, "kv_cache": kv, "expert_cache": cache, "compute": compute,
-                "reserve": LLAMA_RESERVE if self.p.ngl else 0,
-                "total": total + (LLAMA_RESERVE if self.p.ngl else 0)}
+        """Device bytes by kind (the shared rule) and the CUDA context's reserve."""
+        mem = self.layout.memory(self.p.ngl, self.p.n_cpu_moe, moe_cache_bytes=self.p.moe_cache_mib * MiB,
+                                 n_ctx=self.n_ctx, n_ubatch=self.n_ubatch)
+        reserve = LLAMA_RESERVE if self.p.ngl else 0
+        return {**mem, "reserve": reserve, "total": mem["total"] + reserve}
 
     def check_fit(self) -> dict:
         mem = self.memory()

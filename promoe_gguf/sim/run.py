@@ -11,7 +11,7 @@ from .llamacpp import LlamaCppSim, Placement, free_mib, moe_cache_placements, pl
 from .ours import OursSim
 from .profile import GiB, Profile, parse_profile
 from .routing import SyntheticRouting, TraceRouting, parse_synth, preset
-from .shapes import open_shape
+from .shapes import VirtualModel, open_shape
 
 GPU_MARGIN = 0.10          # memory.default_gpu_mem: 10% of the device (at least 1 GiB) left to CUDA
 
@@ -62,7 +62,7 @@ def _check_trace(tr, model) -> None:
     if diffs:
         raise ModelError(f"trace {tr.path} does not fit {getattr(model, 'path', 'the model')} "
                          f"({'; '.join(diffs)}): pass the traced model's GGUF or shape with --shape")
-    if hasattr(model, "tensor_raw"):           # a real file: the routers must be the traced ones
+    if not isinstance(model, VirtualModel):    # a real file: the routers must be the traced ones
         tr.check_model(model)
 
 
@@ -125,7 +125,9 @@ def _placement(inp: Inputs, ngl, n_cpu_moe, n_ctx: int, n_ubatch: int, moe_cache
         n = int(n_cpu_moe)
         if not 0 <= n <= L:
             raise ModelError(f"--n-cpu-moe {n}: 0..{L}")
-        p = Placement(L + 1 if ngl is None else int(ngl), n, n_ubatch=n_ubatch)
+        if ngl is not None and int(ngl) < 0:
+            raise ModelError(f"--ngl {int(ngl)} is negative")
+        p = Placement(L + 1 if ngl is None else min(int(ngl), L + 1), n, n_ubatch=n_ubatch)
     elif ngl is not None:
         n = int(ngl)
         if n < 0:
