@@ -86,11 +86,23 @@ def test_policy_counts_settled_per_step_equal_the_routing(model_path):
     ref.experts.observers.append(count)
     ref.logits(TOKENS)
     list(ref.generate(TOKENS[:12], max_tokens=12, temperature=0))
-    _, _, st, _ = _run(model_path, cache_rate=0.5, policy="lru", predictor="gate")
-    got = {layer: v["hits"] + v["misses"] for layer, v in st["per_layer"].items() if v["hits"] + v["misses"]}
-    assert got == count.per_layer
-    assert st["predictor_calls"] + st["dropped_predictions"] >= 12 * len(count.per_layer) // 2
-    assert st["predictor_calls"] > 0
+    eng = Engine(model_path, n_ctx=128, n_batch=16, cache_rate=0.5, policy="lru", predictor="gate", cpu_experts="off")
+    try:
+        eng.logits(TOKENS)
+        list(eng.generate(TOKENS[:12], max_tokens=12, temperature=0))
+        st = eng.stats
+        got = {layer: v["hits"] + v["misses"] for layer, v in st["per_layer"].items() if v["hits"] + v["misses"]}
+        assert got == count.per_layer
+        # the predictor thread works behind the compute thread: wait (bounded) for it to catch up
+        deadline = time.monotonic() + 20
+        while (st["predictor_calls"] + st["dropped_predictions"] < 12 * len(count.per_layer) // 2
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+            st = eng.stats
+        assert st["predictor_calls"] + st["dropped_predictions"] >= 12 * len(count.per_layer) // 2
+        assert st["predictor_calls"] > 0
+    finally:
+        eng.close()
 
 
 def test_oracle_prefetch_is_useful_and_cuts_misses(model_path):
@@ -171,6 +183,33 @@ def test_pinned_and_needed_slots_are_never_victims():
     victim.state = "ready"
     cache.needed = {(0, 1), (1, 0)}
     assert cache.allocate((1, 1), lambda s: None) is None
+
+
+@pytest.mark.parametrize("policy", [Policy(), PromoePolicy()], ids=["lru", "promoe"])
+def test_a_prefill_guess_takes_a_slot_of_a_layer_already_run(policy):
+    """Three layers at their share, every expert used once. In a prefill step at layer 1, a guess for
+    layer 2 takes the lowest-ranked slot of layer 0 (already run this step, next needed next step),
+    never one of its own layer (the chunk needs them) nor of the layer computing; in a decode step
+    the same guess finds nothing worth its slot and is dropped, as before."""
+    def cache_at_layer_1(prefill):
+        cache = ExpertCache(6, 16, "cpu", policy, moe_layers=(0, 1, 2))
+        cache.begin_step(512 if prefill else 1)
+        for i, key in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]):
+            slot = cache.allocate(key, lambda s: None)
+            slot.state = "ready"
+            cache.record_use(key)
+            cache.touch(slot)
+        cache.where[(0, 1)].last_use = 0                # layer 0's least recently used
+        cache.uses[(0, 1)] = (0.5, cache.step)          # and least valued
+        cache.mark_needed([(1, 0), (1, 1)])
+        cache.expect({(2, 0), (2, 1), (2, 2)}, {(2, 2): cache.step})
+        return cache
+    cache = cache_at_layer_1(prefill=True)
+    before = dict(cache.where)
+    slot = cache.allocate((2, 2), lambda s: None, speculative=True)
+    assert slot is before[(0, 1)] and (0, 1) not in cache.where
+    assert all(cache.where.get(k) is before[k] for k in [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)])
+    assert cache_at_layer_1(prefill=False).allocate((2, 2), lambda s: None, speculative=True) is None
 
 
 def test_a_copy_holding_a_slot_advances_while_the_first_waits_for_one(model_path, reference):

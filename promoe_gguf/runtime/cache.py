@@ -60,10 +60,26 @@ class Policy:
         return []
 
     def victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
+        if speculative and cache.prefill and layer > cache.layer_now:
+            slot = self._behind(cache, protected)
+            if slot is not None:
+                return slot
         slot = self._victim(cache, protected, layer, speculative)
         if slot is not None and speculative and slot.key is not None and not self.worth(cache, cache.admitting, slot):
             return None
         return slot
+
+    def _behind(self, cache: "ExpertCache", protected: set):
+        """Prefill: a guess for a layer still ahead in this step (its copy overlaps the layers before
+        it) may take the lowest-ranked slot of a layer this step has already run, whose next use is
+        the next step at the earliest, while the guess's is within this one: the worth test does not
+        apply (it would weigh both as used this step and refuse). The layers ahead keep their own
+        experts: this chunk needs them. Without this a chunk's guesses found no slot (every slot of
+        the next layer is predicted, the rest used this step) and the link idled through each
+        layer's attention."""
+        return min((s for other, slots in cache.by_layer.items() if other < cache.layer_now for s in slots
+                    if not (s.state == LOADING or s.pins or s.permanent or s.key in protected)),
+                   key=lambda s: (self.rank(cache, s), s.index), default=None)
 
     def _victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
         """An empty slot while `layer` is under its share (else a slot of a layer over its share), then
@@ -177,6 +193,8 @@ class ExpertCache:
         self.tick = 0
         self.step_tick = 0              # cache.tick when the current forward step began
         self.needed: set = set()        # experts the current layer still has to compute
+        self.layer_now = -1             # the layer the compute thread is at (mark_needed)
+        self.prefill = False            # the current step has more than one token
         self.uses: dict = {}            # key -> (decayed use count, at step): the promoe policy's value
         self.predicted: dict = {}       # key -> step up to which the predictor expects it
         self.step = 0                   # forward steps so far (tokens in decode)
@@ -229,10 +247,12 @@ class ExpertCache:
     def capacity_bytes(self) -> int:
         return self.arena.numel()
 
-    def begin_step(self) -> None:
-        """(cv held) A forward step starts: remember the use clock, for speculative eviction."""
+    def begin_step(self, n_tokens: int = 1) -> None:
+        """(cv held) A forward step of n_tokens starts: remember the use clock, for speculative eviction."""
         self.step_tick = self.tick
         self.step += 1
+        self.prefill = n_tokens > 1
+        self.layer_now = -1
 
     def record_use(self, key) -> None:
         """(cv held) `key` was needed in this step, wherever it ran."""
@@ -282,6 +302,8 @@ class ExpertCache:
     def mark_needed(self, keys) -> None:
         """The experts the current layer uses: a precise request never evicts one of them."""
         self.needed = set(keys)
+        if self.needed:
+            self.layer_now = next(iter(self.needed))[0]
 
     def hold_layer(self) -> None:
         """The needed experts must be co-resident for one launch: none evicts another."""

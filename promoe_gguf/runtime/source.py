@@ -113,7 +113,7 @@ class CachedExpertSource:
         self._step_t0, self._step_tokens = now, len(positions)
         self.settle_uses()
         with self.expert_cache.cv:
-            self.expert_cache.begin_step()
+            self.expert_cache.begin_step(len(positions))
         if self.prefetcher is not None:
             self.prefetcher.begin_step(positions)
 
