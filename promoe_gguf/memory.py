@@ -11,9 +11,9 @@ reports what the Engine actually allocated, and a test checks the two agree. Eve
                   expert when there is no cache
     workspace     the backend's scratch: CUDA, one dequantized tile of the largest matrix for prefill;
                   CPU, ggml's work buffer for n_batch tokens
-    activations   CUDA: the largest intermediate tensors of one prefill chunk of n_batch tokens (torch
-                  allocates them per step; the plan keeps room for them so the expert cache does not
-                  take it); CPU: 0 (host memory)
+    activations   CUDA: the largest intermediate tensors of one prefill step of n_batch tokens, its
+                  attention taken in chunks (torch allocates them per step; the plan keeps room for
+                  them so the expert cache does not take it); CPU: 0 (host memory)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from .backends import kv_layout
-from .backends.cuda import ATTN_QUERY_BLOCK
+from .backends.cuda import ATTENTION_CHUNK, ATTN_QUERY_BLOCK
 from .backends.cuda import tile_bytes as cuda_tile_bytes
 from .backends.torch_ops import DELTA_CHUNK
 from .errors import ModelError
@@ -71,24 +71,29 @@ def workspace_bytes(model, device: str, n_batch: int) -> int:
 
 
 def activation_bytes(model, device: str, n_batch: int, n_ctx: int) -> int:
-    """CUDA: the intermediates of one prefill chunk of n_batch tokens, at their largest (fp32): hidden
-    states and attention projections (8 x [T, d]), the queries' scores against the whole context one
-    block at a time and the cache read as float, a layer's expert outputs [T, k, d], and one expert's (or a
-    dense FFN's) gate, up and product over every token of the chunk (3 x [T, ff]); a gated delta net's
-    (qwen35moe) conv taps over every channel, q/k/v per value head and its chunked form's per-head
-    [T, chunk] matrices and [T, S] products (torch_ops.delta_net). CPU: 0."""
+    """CUDA: the intermediates of one prefill step of n_batch tokens, at their largest (fp32). The
+    attention block runs ATTENTION_CHUNK tokens at a time (Decoder._attention_block): its hidden
+    states and projections (8 x [A, d]), the queries' scores against the whole context one block at a
+    time, the cache read as float, and a gated delta net's (qwen35moe) conv taps over every channel,
+    q/k/v per value head and its chunked form's per-head [A, chunk] matrices and [A, S] products
+    (torch_ops.delta_net), for A = min(T, ATTENTION_CHUNK). The FFN sees the whole step: the residual
+    stream, its norm and the two blocks' outputs past the chunk's (4 x [T - A, d]), the router's logits and
+    probabilities (2 x [T, E]), a layer's expert outputs [T, k, d], and one expert's (or a dense
+    FFN's) gate, up and product over every token of the step (3 x [T, ff]). CPU: 0."""
     if device != "cuda":
         return 0
     cfg = model.config
     T = int(n_batch)
+    A = min(T, ATTENTION_CHUNK)
     ff = max(cfg.n_ff_exp, cfg.n_ff, cfg.n_ff_shexp)
     heads = cfg.n_head * max(cfg.head_dim_k, cfg.head_dim_v)
-    floats = (8 * T * max(cfg.n_embd, heads) + cfg.n_head * min(T, ATTN_QUERY_BLOCK) * n_ctx
+    floats = (8 * A * max(cfg.n_embd, heads) + cfg.n_head * min(A, ATTN_QUERY_BLOCK) * n_ctx
               + 2 * cfg.n_head_kv * n_ctx * max(cfg.head_dim_k, cfg.head_dim_v)
+              + 4 * (T - A) * cfg.n_embd + 2 * T * cfg.n_experts
               + T * cfg.n_experts_used * cfg.n_embd + 3 * T * ff + cfg.n_vocab)
     la = cfg.linear_attention
     if la is not None:
-        floats += T * (la.conv_channels * (la.conv_kernel + 2) + 8 * la.v_heads * la.head_v + 4 * la.v_heads * DELTA_CHUNK)
+        floats += A * (la.conv_channels * (la.conv_kernel + 2) + 8 * la.v_heads * la.head_v + 4 * la.v_heads * DELTA_CHUNK)
     return 4 * floats
 
 

@@ -215,6 +215,7 @@ class Backend(Protocol):
     kind: str                                   # "cpu" (ggml) or "cuda" (the CuPy kernels)
     weights_in_place: bool                      # reads weights where the file maps them (else copies)
     kv_layout: KVLayout
+    attention_chunk: int | None                 # a longer step's attention block runs in chunks of this many tokens
     workspace_bytes: int                        # scratch memory held on the device
     graphs: bool                                # can record device graphs (new_graph)
     host_syncs: int                             # device -> host waits (counted: decode-step budgets)

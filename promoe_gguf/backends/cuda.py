@@ -45,6 +45,10 @@ log = logging.getLogger("promoe.cuda")
 
 TILE_BYTES = 32 << 20        # prefill dequantization workspace (one tile of rows of one matrix)
 ATTN_QUERY_BLOCK = 256       # prefill attention takes its queries in blocks: scores [H, block, context] at a time
+# a prefill step's attention block (projections, RoPE, KV store, attention, output projection) runs in
+# chunks of this many tokens, the FFN over the whole step: the step can be long (a missed expert crosses
+# the link once per step) while the attention's intermediates stay a chunk's size (memory.activation_bytes)
+ATTENTION_CHUNK = 1024
 ACTIVATIONS = ("q8", "f32")
 
 
@@ -70,6 +74,7 @@ def _heads(t: torch.Tensor) -> P.Heads:
 class CudaBackend(BackendBase):
     kind = "cuda"
     weights_in_place = False                    # every weight copied to the device once
+    attention_chunk = ATTENTION_CHUNK
 
     def __init__(self, device, launcher=None, prefill_dtype=torch.float32, activations: str = "q8",
                  kv_type: str = "f16"):

@@ -203,6 +203,12 @@ class Step:
     def n_tokens(self) -> int:
         return self.pos.numel()
 
+    def part(self, lo: int, n: int) -> "Step":
+        """Tokens lo..lo+n of this (eager) step as a step of their own: the ones before lo are in
+        the cache by then, so the causal mask is this one's rows and columns up to them."""
+        mask = None if self.mask is None else self.mask[lo:lo + n, :self.n_past + lo + n]
+        return Step(self.pos[lo:lo + n], self.n_past + lo, self.cache, self.driver, mask)
+
 
 def route(probs, cfg, bias=None):
     """Router probabilities [T, E] (softmax or sigmoid of the logits) -> (ids [T, k] long, weights

@@ -132,6 +132,14 @@ class Decoder:
         self.numerics.check(out, layer, "shared expert")
         return out
 
+    def _attention_block(self, layer: int, h, step: Step):
+        """The family's attention over the step, in the backend's attention chunks when the step is
+        longer (a prefill step; the chunks in order, each seeing the ones before it in the cache)."""
+        n, T = self.backend.attention_chunk, h.shape[0]
+        if not n or T <= n or step.n_past is None:
+            return self.attention(layer, h, step)
+        return torch.cat([self.attention(layer, h[lo:lo + n], step.part(lo, min(n, T - lo))) for lo in range(0, T, n)])
+
     # ---- the forward pass ----------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, tokens, cache: KVCache, last_only: bool = False):
@@ -159,7 +167,7 @@ class Decoder:
         self.numerics.check(x, None, "the token embedding")
         h = be.rms_norm(x, W.vec("blk.0.attn_norm.weight"), c.rms_eps)
         for layer in range(c.n_layers):
-            x, h = be.add_rms_norm(x, self.attention(layer, h, step), W.vec(self.ffn_norms[layer]), c.rms_eps,
+            x, h = be.add_rms_norm(x, self._attention_block(layer, h, step), W.vec(self.ffn_norms[layer]), c.rms_eps,
                                    self.residual_scale)
             self.numerics.check(x, layer, "attention")
             self.numerics.check(h, layer, "the feed-forward norm")

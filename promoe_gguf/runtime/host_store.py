@@ -12,7 +12,7 @@ pin 32 GiB).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -58,6 +58,7 @@ class StoreLayout:
     region: dict                    # key -> (offset in the store, region bytes)
     total_bytes: int                # the store's size
     slot_bytes: int                 # a cache slot: the largest region
+    _pieces: dict = field(default_factory=dict, compare=False, repr=False)   # key -> its copy pieces
 
     @classmethod
     def of(cls, model) -> "StoreLayout":
@@ -72,14 +73,19 @@ class StoreLayout:
         slot = _align(max(n for _, n in region.values()))
         return cls(keys, matrices, region, pos, slot)
 
-    def chunks(self, key) -> list[tuple[int, int]]:
-        """(offset in the region, nbytes) of each copy chunk of an expert: its matrices in order, each
-        cut into pieces of at most CHUNK_BYTES (a chunk never spans two matrices)."""
-        out = []
-        for m, off in self.matrices[key]:
-            for lo in range(0, m.nbytes, CHUNK_BYTES):
-                out.append((off + lo, min(CHUNK_BYTES, m.nbytes - lo)))
+    def pieces(self, key) -> tuple[Piece, ...]:
+        """The copy of a whole expert: its matrices in order, each cut into pieces of at most
+        CHUNK_BYTES (a piece never spans two matrices). Made once per expert: the copy thread and
+        the placement's queue sums ask for them at every chunk."""
+        out = self._pieces.get(key)
+        if out is None:
+            out = self._pieces[key] = tuple(Piece(off + lo, min(CHUNK_BYTES, m.nbytes - lo))
+                                            for m, off in self.matrices[key] for lo in range(0, m.nbytes, CHUNK_BYTES))
         return out
+
+    def chunks(self, key) -> list[tuple[int, int]]:
+        """(offset in the region, nbytes) of each copy chunk of an expert (its pieces)."""
+        return [(p.offset, p.nbytes) for p in self.pieces(key)]
 
 
     def part_pieces(self, key, lo: int) -> list[Piece]:

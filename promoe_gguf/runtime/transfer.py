@@ -84,7 +84,7 @@ class CopyQueue:
         return task
 
     def pieces(self, task: Task) -> list:
-        return task.pieces if task.pieces is not None else [Piece(o, n) for o, n in self.store.chunks(task.key)]
+        return task.pieces if task.pieces is not None else self.store.store_layout.pieces(task.key)
 
     def drop_speculative(self, layer: int) -> int:
         """Early preemption: forget LOW and ADMIT tasks for `layer` that have not started (the layer's
