@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from .backends import kv_layout
-from .backends.cuda import ATTENTION_CHUNK, ATTN_QUERY_BLOCK
+from .backends.cuda import ATTN_QUERY_BLOCK, PREFILL_CHUNK
 from .backends.cuda import tile_bytes as cuda_tile_bytes
 from .backends.torch_ops import DELTA_CHUNK
 from .errors import ModelError
@@ -72,25 +72,26 @@ def workspace_bytes(model, device: str, n_batch: int) -> int:
 
 def activation_bytes(model, device: str, n_batch: int, n_ctx: int) -> int:
     """CUDA: the intermediates of one prefill step of n_batch tokens, at their largest (fp32). The
-    attention block runs ATTENTION_CHUNK tokens at a time (Decoder._attention_block): its hidden
+    attention block runs PREFILL_CHUNK tokens at a time (Decoder._attention_block): its hidden
     states and projections (8 x [A, d]), the queries' scores against the whole context one block at a
     time, the cache read as float, and a gated delta net's (qwen35moe) conv taps over every channel,
     q/k/v per value head and its chunked form's per-head [A, chunk] matrices and [A, S] products
-    (torch_ops.delta_net), for A = min(T, ATTENTION_CHUNK). The FFN sees the whole step: the residual
+    (torch_ops.delta_net), for A = min(T, PREFILL_CHUNK). The FFN sees the whole step: the residual
     stream, its norm and the two blocks' outputs past the chunk's (4 x [T - A, d]), the router's logits and
-    probabilities (2 x [T, E]), a layer's expert outputs [T, k, d], and one expert's (or a dense
-    FFN's) gate, up and product over every token of the step (3 x [T, ff]). CPU: 0."""
+    probabilities (2 x [T, E]), a layer's expert outputs [T, k, d]; one expert's (or a dense FFN's)
+    gate, up and product over up to a chunk of its tokens at a time (3 x [A, ff]: the backend's
+    expert_ffn). CPU: 0."""
     if device != "cuda":
         return 0
     cfg = model.config
     T = int(n_batch)
-    A = min(T, ATTENTION_CHUNK)
+    A = min(T, PREFILL_CHUNK)
     ff = max(cfg.n_ff_exp, cfg.n_ff, cfg.n_ff_shexp)
     heads = cfg.n_head * max(cfg.head_dim_k, cfg.head_dim_v)
     floats = (8 * A * max(cfg.n_embd, heads) + cfg.n_head * min(A, ATTN_QUERY_BLOCK) * n_ctx
               + 2 * cfg.n_head_kv * n_ctx * max(cfg.head_dim_k, cfg.head_dim_v)
               + 4 * (T - A) * cfg.n_embd + 2 * T * cfg.n_experts
-              + T * cfg.n_experts_used * cfg.n_embd + 3 * T * ff + cfg.n_vocab)
+              + T * cfg.n_experts_used * cfg.n_embd + 3 * A * ff + cfg.n_vocab)
     la = cfg.linear_attention
     if la is not None:
         floats += A * (la.conv_channels * (la.conv_kernel + 2) + 8 * la.v_heads * la.head_v + 4 * la.v_heads * DELTA_CHUNK)

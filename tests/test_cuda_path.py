@@ -233,9 +233,9 @@ def test_long_prefill_attends_block_by_block_as_llama_cpp(test_models, factory, 
 @pytest.mark.parametrize("key", [("llama", "Q4_K_M", "default"), ("deepseek2", "Q4_K_M", "default"),
                                  ("gpt-oss", "MXFP4_MOE", "default"), ("qwen35moe", "Q8_0", "default")],
                          ids=lambda k: k[0])
-def test_a_long_step_attends_chunk_by_chunk_as_llama_cpp_whole(test_models, factory, emu, key):
-    """A 40-token prefill step whose attention block runs 16 tokens at a time (the backend's
-    attention_chunk; 1024 by default) while the FFN sees all 40: the fp32 path against stock
+def test_a_long_step_in_chunks_matches_llama_cpp_whole(test_models, factory, emu, key):
+    """A 40-token prefill step whose attention block and expert FFNs run 16 tokens at a time (the
+    backend's prefill_chunk; 1024 by default) while the router sees all 40: the fp32 path against stock
     llama.cpp on the dequantized twin fed the 40 tokens as one batch (MLA, sinks and a 16-token
     window, a gated delta net's state carried chunk to chunk), and against our own unchunked step."""
     path = test_models[key]
@@ -246,7 +246,7 @@ def test_a_long_step_attends_chunk_by_chunk_as_llama_cpp_whole(test_models, fact
 
     def ours(chunk):
         eng = Engine(path, launcher=emu.launcher, n_ctx=64, n_batch=40, activations="f32", kv_type="f32")
-        eng.backend.attention_chunk = chunk
+        eng.backend.prefill_chunk = chunk
         try:
             return eng.logits(tokens)
         finally:
@@ -254,7 +254,7 @@ def test_a_long_step_attends_chunk_by_chunk_as_llama_cpp_whole(test_models, fact
     chunked, whole = ours(16), ours(None)
     ref = oracle.logits(twin, tokens, n_ctx=64, chunk=40, n_prefill=40, repack=False)
     err, err_whole = oracle.rel_l2(chunked, ref), oracle.rel_l2(chunked, whole)
-    print(f"{key[0]}: attention in 16-token chunks vs llama.cpp (40 at once) {err:.2e}, vs ours unchunked {err_whole:.2e}")
+    print(f"{key[0]}: 16-token chunks vs llama.cpp (40 at once) {err:.2e}, vs ours unchunked {err_whole:.2e}")
     assert err <= 1e-3, err
     assert err_whole <= 1e-5, err_whole
 

@@ -215,7 +215,8 @@ class Backend(Protocol):
     kind: str                                   # "cpu" (ggml) or "cuda" (the CuPy kernels)
     weights_in_place: bool                      # reads weights where the file maps them (else copies)
     kv_layout: KVLayout
-    attention_chunk: int | None                 # a longer step's attention block runs in chunks of this many tokens
+    prefill_chunk: int | None                   # a longer step's attention block and each expert's FFN
+                                                # run this many tokens at a time (None: whole)
     workspace_bytes: int                        # scratch memory held on the device
     graphs: bool                                # can record device graphs (new_graph)
     host_syncs: int                             # device -> host waits (counted: decode-step budgets)

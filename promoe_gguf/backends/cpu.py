@@ -93,7 +93,7 @@ class _Graph:
 class CpuBackend(BackendBase):
     kind = "cpu"
     weights_in_place = True                  # the GGUF's memory map is the weights' memory
-    attention_chunk = None                   # ggml takes a step's attention whole, as llama.cpp's ubatch
+    prefill_chunk = None                     # ggml takes a step whole, as llama.cpp its ubatch
     kv_layout = layout_of("cpu")             # llama.cpp's non-flash CPU layout: V transposed, spans padded
 
     def __init__(self, n_threads: int | None = None):

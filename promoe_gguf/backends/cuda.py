@@ -45,10 +45,11 @@ log = logging.getLogger("promoe.cuda")
 
 TILE_BYTES = 32 << 20        # prefill dequantization workspace (one tile of rows of one matrix)
 ATTN_QUERY_BLOCK = 256       # prefill attention takes its queries in blocks: scores [H, block, context] at a time
-# a prefill step's attention block (projections, RoPE, KV store, attention, output projection) runs in
-# chunks of this many tokens, the FFN over the whole step: the step can be long (a missed expert crosses
-# the link once per step) while the attention's intermediates stay a chunk's size (memory.activation_bytes)
-ATTENTION_CHUNK = 1024
+# a prefill step's attention block (projections, RoPE, KV store, attention, output projection) and each
+# expert's FFN run this many tokens at a time, the router and the expert seam over the whole step: the
+# step can be long (a missed expert crosses the link once per step) while the intermediates stay a
+# chunk's size (memory.activation_bytes)
+PREFILL_CHUNK = 1024
 ACTIVATIONS = ("q8", "f32")
 
 
@@ -74,7 +75,7 @@ def _heads(t: torch.Tensor) -> P.Heads:
 class CudaBackend(BackendBase):
     kind = "cuda"
     weights_in_place = False                    # every weight copied to the device once
-    attention_chunk = ATTENTION_CHUNK
+    prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, device, launcher=None, prefill_dtype=torch.float32, activations: str = "q8",
                  kv_type: str = "f16"):
@@ -397,15 +398,19 @@ class CudaBackend(BackendBase):
     # ---- experts -------------------------------------------------------------------------------
     def ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix) -> torch.Tensor:
         """down(silu(gate x) * up x): a dense FFN or a shared expert."""
-        g, u = self.linears(x, [gate, up])
-        return self.linear(F.silu(g) * u, down)
+        return self.expert_ffn(x, gate, up, down)
 
     def expert_ffn(self, x: torch.Tensor, gate: QMatrix, up: QMatrix, down: QMatrix, fn: ExpertFn = SWIGLU):
-        """One routed expert's tokens; `fn` its own activation and bias rows ([1, n])."""
-        if not fn.bias:
-            return self.ffn(x, gate, up, down)
-        gb, ub, db = fn.bias
+        """One routed expert's tokens; `fn` its own activation and bias rows ([1, n]). More tokens
+        than prefill_chunk go a chunk at a time: the [T, n_ff] intermediates stay a chunk's size
+        (memory.activation_bytes), the weights are read again per chunk from device memory."""
+        n = self.prefill_chunk
+        if n and x.shape[0] > n:
+            return torch.cat([self.expert_ffn(x[lo:lo + n], gate, up, down, fn) for lo in range(0, x.shape[0], n)])
         g, u = self.linears(x, [gate, up])
+        if not fn.bias:
+            return self.linear(F.silu(g) * u, down)
+        gb, ub, db = fn.bias
         return self.linear(_expert_act(fn, g + gb, u + ub), down) + db
 
     def _gate_up(self, x: torch.Tensor, stack: ExpertStack, route: P.Route, n_pairs: int):

@@ -133,9 +133,9 @@ class Decoder:
         return out
 
     def _attention_block(self, layer: int, h, step: Step):
-        """The family's attention over the step, in the backend's attention chunks when the step is
-        longer (a prefill step; the chunks in order, each seeing the ones before it in the cache)."""
-        n, T = self.backend.attention_chunk, h.shape[0]
+        """The family's attention over the step, in the backend's prefill chunks when the step is
+        longer (the chunks in order, each seeing the ones before it in the cache)."""
+        n, T = self.backend.prefill_chunk, h.shape[0]
         if not n or T <= n or step.n_past is None:
             return self.attention(layer, h, step)
         return torch.cat([self.attention(layer, h[lo:lo + n], step.part(lo, min(n, T - lo))) for lo in range(0, T, n)])
