@@ -24,6 +24,11 @@ log = logging.getLogger("promoe.runtime")
 MAX_BACKLOG = 64
 
 
+def voted_order(votes: np.ndarray) -> list[int]:
+    """Experts with votes (each token's predicted top-k), most-voted first."""
+    return [int(e) for e in np.argsort(-votes, kind="stable") if votes[e] > 0]
+
+
 class Predictions:
     """What a layer's predictions change, with no thread: the next layer's predicted experts protected,
     every predicted expert valued until its step has run and requested as a speculative copy. The
@@ -60,12 +65,10 @@ class Predictions:
             self.transfer.request(key, LOW)
 
     def pick(self, scores: torch.Tensor) -> list[int]:
-        """Experts to fetch from scores [T, E]: each token's top-k, most-voted first."""
+        """Experts to fetch from scores [T, E]: each token's top-k (voted_order)."""
         k = min(self.n_used, scores.shape[-1])
         top = scores.float().topk(k, dim=-1).indices.reshape(-1)
-        votes = torch.bincount(top, minlength=scores.shape[-1])
-        order = torch.argsort(votes, descending=True, stable=True)
-        return [int(e) for e in order if votes[e] > 0]
+        return voted_order(torch.bincount(top, minlength=scores.shape[-1]).numpy())
 
 
 class Prefetcher(Predictions):

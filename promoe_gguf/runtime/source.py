@@ -377,11 +377,14 @@ class CachedExpertSource:
             slot = self.expert_cache.where[key]
         with cv:
             self._pin(slot)
-        waited = time.perf_counter() - t0
-        self.counters.add(key[0], "stall_s", waited)
-        if self._step_tokens == 1:
-            self.counters.decode_wait_copy_s += waited
+        self._waited(key, time.perf_counter() - t0)
         return slot
+
+    def _waited(self, key, seconds: float) -> None:
+        """The compute thread waited `seconds` for `key`'s copy (on the wall clock, or the simulator's)."""
+        self.counters.add(key[0], "stall_s", seconds)
+        if self._step_tokens == 1:
+            self.counters.decode_wait_copy_s += seconds
 
     def _pin(self, slot) -> None:
         """(cv held) The compute thread reads `slot` from now on: a use (and a useful prefetch)."""

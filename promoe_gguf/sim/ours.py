@@ -26,7 +26,7 @@ from ..errors import ModelError
 from ..predict.base import Predictor
 from ..runtime.cache import ExpertCache, make_policy
 from ..runtime.cost import CostModel
-from ..runtime.prefetcher import Predictions
+from ..runtime.prefetcher import Predictions, voted_order
 from ..runtime.placement import CPU_EXPERTS
 from ..runtime.source import CachedExpertSource
 from ..runtime.stats import Stats
@@ -144,12 +144,11 @@ class SimPrefetcher(Predictions):
         self.clock.at(self.free_at, answer)
 
     def pick(self, scores: torch.Tensor) -> list[int]:
-        """Predictions.pick on numpy (same sets and order for top-k one-hot scores, 50x faster)."""
+        """Predictions.pick with numpy's top-k (same sets for one-hot top-k scores, 50x faster)."""
         a = scores.numpy()
         k = min(self.n_used, a.shape[-1])
         top = np.argsort(-a, axis=-1, kind="stable")[:, :k].reshape(-1)
-        votes = np.bincount(top, minlength=a.shape[-1])
-        return [int(e) for e in np.argsort(-votes, kind="stable") if votes[e] > 0]
+        return voted_order(np.bincount(top, minlength=a.shape[-1]))
 
     def close(self) -> None:
         pass
@@ -204,7 +203,7 @@ class SimSource(CachedExpertSource):
         with self.expert_cache.cv:
             self._pin(slot)
         waited = self.clock.now - t0
-        self.counters.add(key[0], "stall_s", waited)
+        self._waited(key, waited)
         self.wait_copy += waited
         if missed:                                    # the compute thread wakes, re-checks, pins
             self.clock.advance(self.clock.now + self.prof.miss_us * 1e-6)
