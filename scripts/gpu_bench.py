@@ -91,7 +91,7 @@ def graph_time(torch, fn, n: int, reps: int = 3) -> float:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        g.capture_begin()
+        g.capture_begin(capture_error_mode="thread_local")     # as the Engine records (backends/graph.py)
         try:
             for _ in range(n):
                 fn()
