@@ -22,6 +22,7 @@ from promoe_gguf.backends.base import expert_part, matrix_at, split_unit
 from promoe_gguf.backends.cpu import CpuBackend
 from promoe_gguf.runtime.cost import CostModel
 from promoe_gguf.runtime.host_store import HostStore
+from promoe_gguf.runtime.link import Link
 from promoe_gguf.runtime.placement import Miss, cpu_share, place
 
 TOKENS = np.random.default_rng(5).integers(0, 256, 20).tolist()
@@ -63,12 +64,11 @@ def test_each_side_of_a_split_computes_its_own_rows(test_models, quant):
     assert oracle.rel_l2(cpu, _rows(x, gate, up, down, 0, lo)) < bound
 
     slot = torch.full((store.slot_bytes,), 0x7B, dtype=torch.uint8)          # not zeros: the pieces must write them
-    for piece in store.store_layout.part_pieces(key, lo):
-        dst = piece.view(slot, 0)
-        if piece.zero:
-            dst.zero_()
-        else:
-            dst.copy_(store.piece(key, piece))
+    link = Link("cpu")                                  # as the copy thread: strided rows packed, then copied
+    pieces = store.store_layout.part_pieces(key, lo)
+    assert any(p.rows > 1 and not p.zero for p in pieces)
+    for piece in pieces:
+        link.copy(piece.view(slot, 0), None if piece.zero else store.piece(key, piece))
     device = be.expert_ffn(torch.from_numpy(x), *(matrix_at(slot, off, m.matrix, m.qtype, m.shape)
                                                   for m, off in store.layout[key])).numpy()
     assert oracle.rel_l2(device, _rows(x, gate, up, down, lo, ff)) < bound

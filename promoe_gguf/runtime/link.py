@@ -63,6 +63,19 @@ class Link:
         self.emulated = self.device.type == "cpu"
         if not self.emulated:
             self.stream = torch.cuda.Stream(device=self.device)
+        self._bounce = torch.empty(0, dtype=torch.uint8)
+
+    def _contiguous(self, src: torch.Tensor) -> torch.Tensor:
+        """A strided host view (a split expert's rows) packed into one reused page-locked buffer: torch
+        would otherwise pack it into pageable memory, and a pageable copy does not overlap. Reuse is
+        safe: each copy has landed before the next one starts (copy() waits)."""
+        if src.is_contiguous():
+            return src
+        if self._bounce.numel() < src.numel():
+            self._bounce = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=not self.emulated)
+        out = self._bounce[:src.numel()].view(src.shape)
+        out.copy_(src)
+        return out
 
     def describe(self) -> str:
         if not self.emulated:
@@ -74,7 +87,7 @@ class Link:
     def copy(self, dst: torch.Tensor, src: torch.Tensor | None, after=None) -> None:
         """dst <- src, or zeros when src is None (a memset on the device: nothing crosses the link).
         `after`: a CUDA event the copy must wait for (the slot's last reader). A strided (2-D) src is
-        one copy: on CUDA torch stages it through a packed host buffer."""
+        one copy, packed first into a page-locked buffer (_contiguous)."""
         if src is None:
             if self.emulated:
                 dst.zero_()
@@ -87,6 +100,7 @@ class Link:
                 done.record(self.stream)
             done.synchronize()
             return
+        src = self._contiguous(src)
         if self.emulated:
             t0 = time.perf_counter()
             dst.copy_(src)
