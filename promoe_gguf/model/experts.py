@@ -8,8 +8,9 @@ device. Three routes:
       step with it is one device graph.
   an expert cache (CachedExpertSource), few tokens: the ids and the router input go to static host
       buffers and control passes to the host (`step.driver.cut`): the source makes the chosen
-      experts resident or sends misses to the CPU pool; the device computes its pairs
-      (`moe_pairs`), control passes to the host again to collect the CPU's rows, and `moe_combine`
+      experts resident or sends misses to the CPU pool, and writes the layer's slot table for the
+      device; the device computes its pairs (`moe_pairs`), control passes to the host again to
+      collect the CPU's rows, and `moe_combine`
       adds every slot in slot order. Recorded as graphs, each cut is a segment boundary.
   more tokens (prefill): expert by expert on the host's routing, in the order the source gives (a
       cache computes the resident ones first), each over the tokens routed to it.
