@@ -94,7 +94,8 @@ class ResidentSource:
                 stack = self._packed(layer, mats)
             self.stacks[layer] = stack
         self.nbytes = resident_expert_bytes(model, in_place)
-        self._identity = torch.arange(model.config.n_experts, dtype=torch.int32, device=self.device)
+        self._identity_h = np.arange(model.config.n_experts, dtype=np.int32)
+        self._identity = torch.from_numpy(self._identity_h).to(self.device)
 
     def _packed(self, layer: int, mats) -> ExpertStack:
         offs, stride = _packed_layout(mats[0])
@@ -119,7 +120,7 @@ class ResidentSource:
         pass
 
     def acquire(self, layer: int, x, ids: np.ndarray):
-        return self.stacks[layer], np.arange(self.model.config.n_experts, dtype=np.int32), {}
+        return self.stacks[layer], self._identity_h, {}
 
     def release(self, layer: int) -> None:
         pass

@@ -121,18 +121,13 @@ def _placement(inp: Inputs, ngl, n_cpu_moe, n_ctx: int, n_ubatch: int, moe_cache
         p = found.get("n_cpu_moe" if str(n_cpu_moe) == "auto" else "ngl")
         if p is None:
             raise ModelError(f"no llama.cpp placement of that kind fits the profile's {prof.gpu_mem_gb:g} GiB")
-    elif n_cpu_moe is not None:
-        n = int(n_cpu_moe)
-        if not 0 <= n <= L:
-            raise ModelError(f"--n-cpu-moe {n}: 0..{L}")
+    elif n_cpu_moe is not None or ngl is not None:
         if ngl is not None and int(ngl) < 0:
             raise ModelError(f"--ngl {int(ngl)} is negative")
+        n = 0 if n_cpu_moe is None else int(n_cpu_moe)
+        if not 0 <= n <= L:
+            raise ModelError(f"--n-cpu-moe {n}: 0..{L}")
         p = Placement(L + 1 if ngl is None else min(int(ngl), L + 1), n, n_ubatch=n_ubatch)
-    elif ngl is not None:
-        n = int(ngl)
-        if n < 0:
-            raise ModelError(f"--ngl {n} is negative")
-        p = Placement(min(n, L + 1), 0, n_ubatch=n_ubatch)
     else:
         p = Placement(0, 0, n_ubatch=n_ubatch)
     if moe_cache_mib is None:
