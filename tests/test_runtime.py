@@ -200,9 +200,11 @@ def test_a_prefill_guess_takes_a_slot_of_a_layer_already_run(policy):
     """Three layers at their share, every expert used once. In a prefill step at layer 1, a guess for
     layer 2 takes the lowest-ranked slot of layer 0 (already run this step, next needed next step),
     never one of its own layer (the chunk needs them) nor of the layer computing; in a decode step
-    the same guess finds nothing worth its slot and is dropped, as before."""
-    def cache_at_layer_1(prefill):
-        cache = ExpertCache(6, 16, "cpu", policy, moe_layers=(0, 1, 2))
+    the same guess finds nothing worth its slot and is dropped, as before. While the arena still has
+    an empty slot the guess takes that and evicts nothing (evicting there left a warm cache with
+    empty slots, and cost the next step copies)."""
+    def cache_at_layer_1(prefill, n_slots=6):
+        cache = ExpertCache(n_slots, 16, "cpu", policy, moe_layers=(0, 1, 2))
         cache.begin_step(512 if prefill else 1)
         for i, key in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]):
             slot = cache.allocate(key, lambda s: None)
@@ -220,6 +222,10 @@ def test_a_prefill_guess_takes_a_slot_of_a_layer_already_run(policy):
     assert slot is before[(0, 1)] and (0, 1) not in cache.where
     assert all(cache.where.get(k) is before[k] for k in [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)])
     assert cache_at_layer_1(prefill=False).allocate((2, 2), lambda s: None, speculative=True) is None
+    roomy = cache_at_layer_1(prefill=True, n_slots=7)
+    before = dict(roomy.where)
+    slot = roomy.allocate((2, 2), lambda s: None, speculative=True)
+    assert slot.index == 6 and all(roomy.where.get(k) is v for k, v in before.items())
 
 
 def test_a_copy_holding_a_slot_advances_while_the_first_waits_for_one(model_path, reference):
