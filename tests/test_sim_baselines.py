@@ -113,6 +113,8 @@ def test_every_row_is_below_its_bound(inp):
     assert len(rows) >= 5
     for r in rows:
         assert r["decode_bound_tok_s"] is not None and r["decode_tok_s"] <= r["decode_bound_tok_s"] * (1 + 1e-9), r["mode"]
+    ours = rows[-1]          # our fixed per-layer cost on the device side: no looser, still above us
+    assert ours["decode_tok_s"] <= ours["decode_bound_layer_cost_tok_s"] <= ours["decode_bound_tok_s"]
 
 
 def test_freetoken_split_finishes_both_sides_closest():

@@ -25,6 +25,11 @@ def format_result(r: dict) -> str:
         f"{'decode bound':22}" + ("-".rjust(12) if r.get("decode_bound_tok_s") is None else
                                    f"{r['decode_bound_tok_s']:>12.1f}  (max(device bytes / its bandwidth, missed "
                                    f"bytes / (link + CPU bandwidth)); reached {r['decode_of_bound']:.0%})"),
+    ]
+    if r.get("decode_bound_layer_cost_tok_s"):
+        lines.append(f"{'  with layer cost':22}{r['decode_bound_layer_cost_tok_s']:>12.1f}  (the device side plus "
+                     f"the fixed per-layer cost; reached {r['decode_tok_s'] / r['decode_bound_layer_cost_tok_s']:.0%})")
+    lines += [
         f"{'tokens':22}{r['decode_tokens']:>12}{r['prefill_tokens']:>12}",
         f"{'expert hit rate':22}{_pct(r['decode_hit_rate']):>12}{_pct(r['prefill_hit_rate']):>12}",
         f"{'waiting for copies':22}{_pct(r['decode_stall_share']):>12}{_pct(r['prefill_stall_share']):>12}",

@@ -224,13 +224,15 @@ def simulate(shape=None, trace=None, profile=None, engine: str = "promoe", polic
     return summarize(inp, engine, mode, res, extra)
 
 
-def decode_bound(prof: Profile, ph, m: SimModel) -> float | None:
+def decode_bound(prof: Profile, ph, m: SimModel, layer_s: float = 0.0) -> float | None:
     """The fastest decode the same hits and misses allow: the device streams what it reads while the
     link and the CPU share the missed bytes, both busy all the time:
-    max(device bytes / device bandwidth, missed bytes / (link + CPU bandwidth)) per token."""
+    max(device bytes / device bandwidth, missed bytes / (link + CPU bandwidth)) per token.
+    `layer_s`: a fixed device cost per token added to the device side (the engine's per-layer cost x
+    layers: launches and small ops that no placement removes)."""
     if not ph.tokens:
         return None
-    device = ph.gpu_bytes / ph.tokens / prof.gpu_bw if prof.has_gpu else 0.0
+    device = ph.gpu_bytes / ph.tokens / prof.gpu_bw + layer_s if prof.has_gpu else 0.0
     host = ph.miss_bytes / ph.tokens / ((prof.h2d_bw if prof.has_gpu else 0.0) + m.cpu_bw(prof))
     t = max(device, host)
     return 1 / t if t > 0 else None
@@ -255,6 +257,10 @@ def summarize(inp: Inputs, engine: str, mode: str, res: dict, extra: dict) -> di
            "prefill_stall_share": pre.wait_copy_s / pre.seconds if pre.seconds else 0.0}
     out["decode_bound_tok_s"] = decode_bound(inp.profile, dec, inp.model)
     out["decode_of_bound"] = out["decode_tok_s"] / out["decode_bound_tok_s"] if out["decode_bound_tok_s"] else None
+    # the same bound with our fixed per-layer cost on the device side: what placement alone could reach
+    out["decode_bound_layer_cost_tok_s"] = (
+        decode_bound(inp.profile, dec, inp.model, inp.model.n_layers * inp.profile.ours_layer_us * 1e-6)
+        if engine == "promoe" and inp.profile.has_gpu else None)
     for name, ph in (("decode", dec), ("prefill", pre)):
         n = max(ph.tokens, 1)
         out[f"{name}_bytes_per_token"] = {"h2d": ph.h2d_bytes / n, "cpu_read": ph.cpu_bytes / n,
