@@ -176,3 +176,28 @@ def test_prediction_against_a_real_run_measured_here(trace):
     sim = simulated_run(DEFAULT_MODEL, trace, prof, 0.5, "lru", "none", "off", 1)
     err = sim["decode_tok_s"] / real["decode_tok_s"] - 1
     assert abs(err) < 0.5, (sim["decode_tok_s"], real["decode_tok_s"])
+
+
+def test_prefill_sends_few_token_misses_to_the_cpu(monkeypatch):
+    """A link-bound prefill (Qwen3-30B-A3B's 128 experts, a 256-token chunk, 30% cached): misses with
+    at most FUSED_MAX_TOKENS tokens in the chunk run on the CPU while the link carries the rest, and
+    the prefill finishes sooner than with every miss copied; experts with more tokens stay on the device."""
+    from promoe_gguf.backends import FUSED_MAX_TOKENS
+    from promoe_gguf.sim.ours import SimSource
+    jobs = []
+    real = SimSource.cpu_job
+
+    def recorded(self, key, x, ids, part=None):
+        job = real(self, key, x, ids, part)
+        if ids.shape[0] > FUSED_MAX_TOKENS:
+            jobs.append(job.tokens)
+        return job
+    monkeypatch.setattr(SimSource, "cpu_job", recorded)
+    inp = load_inputs(shape="qwen3-30b-a3b", profile="rtx4070ti-12g", prompt=256, decode=2)
+    slots = ours_budget(inp, cache_rate=0.3)["slots"]
+    runs = {mode: OursSim(inp.model, inp.profile, inp.routing, policy="promoe", predictor="gate", cpu_experts=mode,
+                          n_slots=slots, n_batch=256).run() for mode in ("off", "auto")}
+    pre_off, pre_auto = runs["off"]["prefill"], runs["auto"]["prefill"]
+    assert pre_auto.cpu_experts == len(jobs) > 100 and max(jobs) <= FUSED_MAX_TOKENS
+    assert pre_off.cpu_experts == 0
+    assert pre_auto.seconds < 0.8 * pre_off.seconds, (pre_auto.seconds, pre_off.seconds)

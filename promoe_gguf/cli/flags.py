@@ -8,6 +8,7 @@ import math
 import re
 
 from .. import limits
+from ..backends import FUSED_MAX_TOKENS
 from ..runtime.placement import CPU_EXPERTS
 from ..errors import ModelError, ParameterError, clip
 from ..sampling import DEFAULTS
@@ -124,7 +125,8 @@ def add_cache_flags(p) -> None:
                    help="none | gate | mlp:PATH | history[:TRACE] | freq[:TRACE] (with an expert cache)")
     p.add_argument("--cpu-experts", default="auto", choices=CPU_EXPERTS,
                    help="with an expert cache: compute misses on the CPU when the cost model says it is faster "
-                        "than copying them, splitting one by rows so the CPU and the link finish together (auto); "
+                        f"than copying them (in prefill: misses with at most {FUSED_MAX_TOKENS} tokens in the step), splitting one "
+                        "decode miss by rows so the CPU and the link finish together (auto); "
                         "the same with every miss whole on one side (whole); always (all); or copy every miss (off)")
     p.add_argument("--cpu-threads", type=setting("cpu_threads"), default=None,
                    help="ggml threads of the CPU expert pool (with an expert cache; default: --threads)")

@@ -62,7 +62,8 @@ class ExpertSource(Protocol):
     def acquire(self, layer: int, x, ids: np.ndarray): ...
     def release(self, layer: int) -> None: ...
     def cpu_result(self, layer: int, expert: int, job) -> torch.Tensor | None: ...   # None: the CPU failed
-    def order(self, layer: int, x, ids: np.ndarray): ...
+    def order(self, layer: int, x, ids: np.ndarray): ...       # the device's experts, one at a time
+    def cpu_jobs(self, layer: int) -> dict: ...               # expert -> the CPU job order() started
     def matrices(self, layer: int, expert: int) -> tuple: ...
     def done(self, layer: int, expert: int) -> None: ...
     def end_layer(self, layer: int) -> None: ...
@@ -130,6 +131,9 @@ class ResidentSource:
 
     def order(self, layer: int, x, ids: np.ndarray):
         yield from np.unique(ids).tolist()
+
+    def cpu_jobs(self, layer: int) -> dict:
+        return {}
 
     def matrices(self, layer: int, expert: int):
         """(gate, up, down) QMatrix of one expert, ready to read."""
@@ -327,22 +331,26 @@ class MoEExperts:
         try:
             written = []
             for e, job in io.jobs.items():
-                rows = self.source.cpu_result(layer, e, job)
-                if rows is None:                         # the CPU failed: copy the expert, compute it here
-                    try:
-                        mats = self.source.matrices(layer, e)
-                        if job.part is not None:         # only the CPU's rows (the device has the rest)
-                            mats = tuple(contiguous(m) for m in expert_part(mats, *job.part))
-                        rows = self.backend.expert_ffn(job.x.to(self.backend.device), *mats, self._fn(layer, e))
-                    finally:
-                        self.source.done(layer, e)
-                io.ext_np[job.rows, job.cols] = rows.cpu().numpy()
+                io.ext_np[job.rows, job.cols] = self._cpu_rows(layer, e, job).cpu().numpy()
                 written.append((job.rows, job.cols))
             if written:
                 io.written = tuple(np.concatenate(a) for a in zip(*written))
         finally:
             io.jobs = {}
             self.source.release(layer)
+
+    def _cpu_rows(self, layer: int, e: int, job) -> torch.Tensor:
+        """A CPU job's output rows; if the CPU failed, the expert copied and computed here instead."""
+        rows = self.source.cpu_result(layer, e, job)
+        if rows is not None:
+            return rows
+        try:
+            mats = self.source.matrices(layer, e)
+            if job.part is not None:                     # only the CPU's rows (the device has the rest)
+                mats = tuple(contiguous(m) for m in expert_part(mats, *job.part))
+            return self.backend.expert_ffn(job.x.to(self.backend.device), *mats, self._fn(layer, e))
+        finally:
+            self.source.done(layer, e)
 
     # ---- prefill: expert by expert ----------------------------------------------------------------
     def _per_expert(self, layer: int, x, ids_host: np.ndarray, weights):
@@ -358,6 +366,9 @@ class MoEExperts:
                 slot_out[r, c] = be.expert_ffn(x[r], *self.source.matrices(layer, e), self._fn(layer, e))
             finally:
                 self.source.done(layer, e)
+        for e, job in self.source.cpu_jobs(layer).items():      # misses the CPU computed meanwhile
+            r, c = torch.from_numpy(job.rows).to(x.device), torch.from_numpy(job.cols).to(x.device)
+            slot_out[r, c] = self._cpu_rows(layer, e, job).to(x.device)
         self.source.end_layer(layer)
         self.numerics.experts(layer, ids_host, slot_out)
         done = torch.ones(T * k, dtype=torch.int32, device=x.device)

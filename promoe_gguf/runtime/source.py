@@ -12,8 +12,10 @@ Per MoE layer (compute thread), with the routing ids already on the host:
              slot, pins them, returns the arena as an ExpertStack, the layer's slot table (expert ->
              slot, -1: not on the device) and the CPU jobs. cpu_result() collects a job (None if the CPU failed:
              the expert seam then computes it on the device through matrices()).
-  order()    per-expert path (prefill): promoe yields resident experts first, then the most copied
-             (reordered execution); the baselines yield plain order. matrices() waits for one expert.
+  order()    per-expert path (prefill): misses with few tokens that the CPU finishes sooner than the
+             link would land them go to the CPU pool (cpu_jobs() hands them to the seam); of the
+             rest promoe yields resident experts first, then the most copied (reordered
+             execution); the baselines yield plain order. matrices() waits for one expert.
   release() / done()  unpin (on CUDA after recording an event the next copy into the slot waits for).
 Waits on copies are stall time. The device finds the layer's experts through the table acquire
 returned, which the step copies to the device with the routing's other inputs (model/experts.py).
@@ -26,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from ..backends import ExpertStack, StackedMatrix, matrix_at
+from ..backends import FUSED_MAX_TOKENS, ExpertStack, StackedMatrix, matrix_at
 from ..backends.base import expert_part, split_unit
 from ..errors import ModelError
 from ..format.expert_index import MATRICES
@@ -70,6 +72,7 @@ class CachedExpertSource:
         self._step_tokens = 0
         self._uses: list = []                      # (layer, needed keys, misses) of the step, for settle_uses
         self._staged: list = []                    # the layer's split experts' keys
+        self._jobs: dict = {}                      # layer -> the CPU jobs of its per-expert step
         self._next_staging = 0
         self.stacks = {layer: self._arena_stack(layer) for layer in model.config.moe_layers}
         self.nbytes = cache.capacity_bytes
@@ -232,9 +235,15 @@ class CachedExpertSource:
                 cache.cv.notify_all()                 # a copy was waiting for a slot
 
     # ---- CPU experts ---------------------------------------------------------------------------
-    def _place(self, needed: list, ids: np.ndarray) -> Placement:
+    def _place(self, needed: list, ids: np.ndarray, prefill: bool = False) -> Placement:
         """Where the misses run (placement.place), from the cache's and the link's state. An expert
-        splits only if nothing of it is on the device or on its way (cpu_experts auto)."""
+        splits only if nothing of it is on the device or on its way (cpu_experts auto).
+
+        prefill (the per-expert path): only misses with at most FUSED_MAX_TOKENS tokens in the step
+        (the range the cost model measured) may go to the CPU, fewest tokens first, whole; the
+        others are copied and count as queued ahead of them on the link. An expert with many tokens
+        is cheaper per token on the device; one with few costs the CPU about its bytes, in parallel
+        with the link."""
         pool = self.cpu_pool
         if pool is None or not pool.alive or self.cpu_experts == "off":
             return Placement()
@@ -245,17 +254,27 @@ class CachedExpertSource:
                        if (slot := self.expert_cache.where.get(key)) is None or slot.state != READY]
             if everything:
                 return Placement({key for key, _ in missing})
-            splits = self.cpu_experts == "auto"
+            splits = self.cpu_experts == "auto" and not prefill
             queued = self.transfer.ahead_of_new()             # once per layer: the queue does not move here
+            tokens = {key: int((ids == key[1]).sum()) for key, _ in missing}
+            if prefill:
+                many = [(key, slot) for key, slot in missing if tokens[key] > FUSED_MAX_TOKENS]
+                queued += sum(self._left(key, slot) for key, slot in many)
+                missing = sorted(((key, slot) for key, slot in missing if tokens[key] <= FUSED_MAX_TOKENS),
+                                 key=lambda ks: (tokens[ks[0]], ks[0]))
             for key, slot in missing:
-                T = int((ids == key[1]).sum())
+                T = tokens[key]
                 sig = self.cost.signature(m for m, _ in self.store.layout[key])
-                left = sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
                 parts = self.split_parts.get(key[0], 0) if (splits and slot is None and key not in self.transfer.tasks
                                                             and not self.stacks[key[0]].fn.bias) else 0
-                misses.append(Miss(key, self.cost.cpu_seconds(sig, T), left, self.cost.device_seconds(sig, T),
-                                   queued - self.transfer.queued_bytes_of(key, HIGH), parts))
+                misses.append(Miss(key, self.cost.cpu_seconds(sig, T), self._left(key, slot),
+                                   self.cost.device_seconds(sig, T), queued - self.transfer.queued_bytes_of(key, HIGH),
+                                   parts))
         return place(misses, self.cost.copy_seconds, self.cost.cpu_handoff_s)
+
+    def _left(self, key, slot) -> int:
+        """(cv held) Bytes of `key` still to cross the link (a copy under way has landed some)."""
+        return sum(n for _, n in self.store.chunks(key)[slot.ready_chunks if slot else 0:])
 
     def cpu_job(self, key, x, ids, part=None):
         """A CPU pool job for `key` over its tokens' rows of x (the router input, on the host); the
@@ -278,8 +297,9 @@ class CachedExpertSource:
         warning: the pool is off from then on); the caller then computes the expert on the device."""
         key = (layer, expert)
         t0 = time.perf_counter()
-        bound = max(1.0, 50 * self.cost.cpu_seconds(self.cost.signature(m for m, _ in self.store.layout[key]),
-                                                     len(job.rows))) if self.cost else self.wait_timeout
+        T = len(job.rows)               # the cost model measured up to FUSED_MAX_TOKENS: scaled beyond
+        bound = max(1.0, 50 * self.cost.cpu_seconds(self.cost.signature(m for m, _ in self.store.layout[key]), T)
+                    * max(1.0, T / FUSED_MAX_TOKENS)) if self.cost else self.wait_timeout
         out = job.wait(min(bound, self.wait_timeout))
         waited = time.perf_counter() - t0
         self.counters.add(layer, "wait_cpu_s", waited)
@@ -298,11 +318,20 @@ class CachedExpertSource:
 
     # ---- per-expert path -----------------------------------------------------------------------
     def order(self, layer, x, ids):
-        needed, _ = self._admit(layer, x, ids)
+        """The device's experts of a many-token step, one at a time; misses with few tokens that the
+        CPU finishes sooner (_place, prefill) go to the pool first, collected through cpu_jobs."""
+        needed, placed = self._admit(layer, x, ids, lambda needed, ids: self._place(needed, ids, prefill=True))
+        jobs = {}
+        if placed.cpu:
+            xh = x.cpu() if isinstance(x, torch.Tensor) else x        # the rows the pool reads, gathered once
+            jobs = {key[1]: self.cpu_job(key, xh, ids) for key in sorted(placed.cpu)}
+            self.cpu_pool.submit(list(jobs.values()))
+        self._jobs[layer] = jobs
+        device = [key for key in needed if key not in placed.cpu]
         if self.expert_cache.policy.reactive:                # baseline: plain order, each miss loaded when reached
-            yield from (e for _, e in needed)
+            yield from (e for _, e in device)
             return
-        remaining = set(needed)
+        remaining = set(device)
         cv = self.expert_cache.cv
         while remaining:                              # reordered: resident first, then most chunks landed
             with cv:
@@ -314,6 +343,10 @@ class CachedExpertSource:
                 key = max(remaining, key=readiness)
             remaining.discard(key)
             yield key[1]
+
+    def cpu_jobs(self, layer: int) -> dict:
+        """The CPU jobs order() handed to the pool for this layer's step (expert -> job), once."""
+        return self._jobs.pop(layer, {})
 
     def matrices(self, layer, expert):
         key = (layer, expert)

@@ -394,18 +394,7 @@ class OursSim:
                 n_dev = len(np.unique(dev))
                 t_dev = clock.now + len(jobs) * prof.cpu_job_us * 1e-6 + roofline(n_dev * m.expert_bytes[layer], 2 * m.expert_params[layer] * dev.size,
                                              prof.gpu_bw, prof.gpu_flops)
-                for job in jobs.values():            # cpu_result: wait, count, admit at low priority
-                    done = job.finish + src.handoff / 2
-                    if done > clock.now:
-                        src.wait_cpu += done - clock.now
-                        clock.advance(done)
-                    src.counters.add(layer, "cpu_s", job.seconds)
-                    if job.part is None:
-                        src.counters.add(layer, "cpu_experts")
-                        src.counters.add(layer, "copies_avoided")
-                    share = 1.0 if job.part is None else (job.part[1] - job.part[0]) / src.store.layout[job.key][2][0].shape[1]
-                    src.cpu_bytes += share * m.expert_bytes[layer]
-                    src.transfer.request(job.key, ADMIT)
+                self._collect(layer, jobs)
                 clock.advance(max(clock.now, t_dev))
                 src.release(layer)
                 return n_dev * m.expert_bytes[layer]
@@ -416,5 +405,24 @@ class OursSim:
             nbytes += m.expert_bytes[layer]
             clock.advance(clock.now + gpu_expert_s(m, prof, layer, int((ids == e).sum())) + call)
             src.done(layer, e)
+        jobs = src.cpu_jobs(layer)                   # the misses order() gave the CPU, collected last
+        clock.advance(clock.now + len(jobs) * prof.cpu_job_us * 1e-6)
+        self._collect(layer, jobs)
         src.end_layer(layer)
         return nbytes
+
+    def _collect(self, layer: int, jobs: dict) -> None:
+        """The layer's CPU jobs, as cpu_result collects them: wait, count, admit at low priority."""
+        src, clock = self.src, self.src.clock
+        for job in jobs.values():
+            done = job.finish + src.handoff / 2
+            if done > clock.now:
+                src.wait_cpu += done - clock.now
+                clock.advance(done)
+            src.counters.add(layer, "cpu_s", job.seconds)
+            if job.part is None:
+                src.counters.add(layer, "cpu_experts")
+                src.counters.add(layer, "copies_avoided")
+            share = 1.0 if job.part is None else (job.part[1] - job.part[0]) / src.store.layout[job.key][2][0].shape[1]
+            src.cpu_bytes += share * self.m.expert_bytes[layer]
+            src.transfer.request(job.key, ADMIT)
