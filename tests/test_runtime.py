@@ -17,7 +17,7 @@ import torch
 from promoe_gguf import Engine, ModelError
 from promoe_gguf.predict.base import Predictor
 from promoe_gguf.predict.oracle import RoutingRecorder
-from promoe_gguf.runtime.cache import ExpertCache, Policy, PromoePolicy
+from promoe_gguf.runtime.cache import ExpertCache, Policy, PromoePolicy, use_weights
 from promoe_gguf.runtime.stats import Stats
 from promoe_gguf.runtime.transfer import HIGH, CopyQueue, Task
 from promoe_gguf.sim import load_inputs, simulate
@@ -212,7 +212,7 @@ def test_a_prefill_guess_takes_a_slot_of_a_layer_already_run(policy):
             cache.record_use(key)
             cache.touch(slot)
         cache.where[(0, 1)].last_use = 0                # layer 0's least recently used
-        cache.uses[(0, 1)] = (0.5, cache.step)          # and least valued
+        cache.uses[(0, 1)] = (0.5, cache.tokens)        # and least valued
         cache.mark_needed([(1, 0), (1, 1)])
         cache.expect({(2, 0), (2, 1), (2, 2)}, {(2, 2): cache.step})
         return cache
@@ -226,6 +226,52 @@ def test_a_prefill_guess_takes_a_slot_of_a_layer_already_run(policy):
     before = dict(roomy.where)
     slot = roomy.allocate((2, 2), lambda s: None, speculative=True)
     assert slot.index == 6 and all(roomy.where.get(k) is v for k, v in before.items())
+
+
+def test_a_prefill_step_values_its_experts_as_its_tokens_would_one_by_one():
+    """A T-token step adds each chosen expert's uses decayed per token to the step's end (what T decode
+    steps would add), and earlier values decay by USE_DECAY per token, not per step: after a prompt the
+    experts its last tokens chose rank first. By hand: tokens [0, 1], [1, 2], [1, 3] give expert 0
+    0.9^2, expert 1 0.9^2 + 0.9 + 1, expert 2 0.9, expert 3 1."""
+    assert use_weights(np.array([[0, 1], [1, 2], [1, 3]])) == pytest.approx({0: 0.81, 1: 2.71, 2: 0.9, 3: 1.0})
+    cache = ExpertCache(4, 16, "cpu", PromoePolicy(), moe_layers=(0,))
+    cache.begin_step(1)
+    cache.record_use((0, 5))                              # a decode step: one use
+    cache.begin_step(3)
+    for e, w in use_weights(np.array([[0, 1], [1, 2], [1, 3]])).items():
+        cache.record_use((0, e), w)
+    assert cache.value((0, 5)) == pytest.approx(0.9 ** 3)    # three tokens later
+    assert cache.value((0, 1)) > cache.value((0, 3)) > cache.value((0, 2)) > cache.value((0, 0)) > cache.value((0, 5))
+    cache.begin_step(1)
+    assert cache.value((0, 1)) == pytest.approx(2.71 * 0.9)
+
+
+@pytest.mark.parametrize("policy", [Policy(), PromoePolicy()], ids=["lru", "promoe"])
+def test_a_prefill_miss_takes_a_slot_of_a_layer_already_run_before_one_ahead(policy):
+    """Layer 1 under its share (2 of 7 slots) with no empty slot, layers 0 and 2 over it. In a prefill step a miss of
+    layer 1 takes layer 0's slot (that layer has run; layer 2 still needs its experts in this step),
+    even where layer 2's is ranked lower; in a decode step it takes the lowest-ranked, layer 2's."""
+    def cache_at_layer_1(prefill):
+        cache = ExpertCache(7, 16, "cpu", policy, moe_layers=(0, 1, 2))
+        cache.begin_step(512 if prefill else 1)
+        keys = [(2, 0), (2, 1), (2, 2), (0, 0), (0, 1), (0, 2), (1, 0)]     # layer 2's least recent
+        for key in keys:
+            cache.mark_needed([k for k in keys if k[0] == key[0]])         # a layer needing more than its share
+            cache.hold_layer()
+            slot = cache.allocate(key, lambda s: None)
+            slot.state = "ready"
+            cache.touch(slot)
+            cache.record_use(key, 0.5 if key[0] == 2 else 1.0)            # and least valued
+        cache.release_layer()
+        cache.mark_needed([(1, 0), (1, 1)])
+        assert [cache.layer_count[layer] for layer in (0, 1, 2)] == [3, 1, 3] and cache.first_empty() is None
+        return cache
+    cache = cache_at_layer_1(prefill=True)
+    before = dict(cache.where)
+    assert cache.allocate((1, 1), lambda s: None) is before[(0, 0)]
+    decode = cache_at_layer_1(prefill=False)
+    before = dict(decode.where)
+    assert decode.allocate((1, 1), lambda s: None) is before[(2, 0)]
 
 
 def test_a_copy_holding_a_slot_advances_while_the_first_waits_for_one(model_path, reference):

@@ -12,13 +12,14 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import limits
 from ..errors import ModelError, ParameterError, clip
 
 EMPTY, LOADING, READY = "empty", "loading", "ready"
-USE_DECAY = 0.9            # per step: a use 10 tokens ago counts about a third of a use now
+USE_DECAY = 0.9            # per token: a use 10 tokens ago counts about a third of a use now
 PREDICTED_BONUS = 1.0      # a fresh prediction counts as one use
 
 
@@ -62,8 +63,9 @@ class Policy:
     def victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
         if speculative and cache.prefill and layer > cache.layer_now:
             slot = cache.first_empty() or self._behind(cache, protected)
-            # the guess is used within this step: its value counts that use
-            if slot is not None and cache.value(cache.admitting) + 1.0 > cache.value(slot.key):
+            # the guess is used within this step: its value counts that use, as much as the last
+            # layer's experts got from this step's tokens
+            if slot is not None and cache.value(cache.admitting) + cache.step_use > cache.value(slot.key):
                 return slot
         slot = self._victim(cache, protected, layer, speculative)
         if slot is not None and speculative and slot.key is not None and not self.worth(cache, cache.admitting, slot):
@@ -74,7 +76,7 @@ class Policy:
         """Prefill: a guess for a layer still ahead in this step (its copy overlaps the layers before
         it) takes an empty slot if the arena has one, else the lowest-ranked slot of a layer this step
         has already run (next needed next step at the earliest), if it is worth more counting the use
-        it will have within this step. Without this a chunk's guesses found no slot (every slot of the
+        it will have within this step (the experts the prompt's last tokens chose are worth more). Without this a chunk's guesses found no slot (every slot of the
         next layer is predicted and protected, the rest used this step) and the link idled through
         each layer's attention. Layers still ahead keep their experts: this step needs them. An empty
         slot goes first: evicting while one was free left a warm cache with empty slots and cost the
@@ -86,14 +88,18 @@ class Policy:
 
     def _victim(self, cache: "ExpertCache", protected: set, layer: int, speculative: bool):
         """An empty slot while `layer` is under its share (else a slot of a layer over its share), then
-        the layer's own lowest-ranked slot; a precise request may then take any slot. Reads the cache's
-        per-layer index, so a search looks at one layer's slots, not the whole arena."""
+        the layer's own lowest-ranked slot; a precise request may then take any slot. In prefill, a slot
+        of a layer already run goes before one of a layer still ahead, whose experts this step needs
+        (by rank alone, once a step's uses count at once, Mixtral-8x7B's 512-token prefill on a 12 GB card
+        was simulated at 542 tok/s against 663). Reads the cache's per-layer index, so a search looks at one
+        layer's slots, not the whole arena."""
         def usable(s):
             return not (s.state == LOADING or s.pins or s.permanent or s.key in protected) and (
                 not speculative or s.last_use <= cache.step_tick)   # a guess never displaces this step's experts
 
         def lowest(slots):
-            return min(slots, key=lambda s: (self.rank(cache, s), s.index), default=None)
+            return min(slots, key=lambda s: (cache.prefill and s.key[0] > cache.layer_now, self.rank(cache, s), s.index),
+                       default=None)
         empty = cache.first_empty()
         if not self.partitioned:
             return empty or lowest(s for s in cache.slots if s.key is not None and usable(s))
@@ -139,6 +145,18 @@ class StaticPolicy(Policy):
     def hot_set(self, keys: list, n_slots: int) -> list:
         ranked = sorted(keys, key=lambda k: (-self.use_counts.get(k, 0), k))
         return ranked[:max(0, n_slots - self.n_buffer)]
+
+
+def use_weights(ids) -> dict[int, float]:
+    """{expert: its uses in a step of T tokens, each decayed per token to the step's end} for the
+    step's [T, k] choices. A prefill step counts as its T tokens would one by one: the experts the
+    prompt's last tokens chose are worth most after it, as decode's next tokens tend to choose them;
+    one use for every expert a 512-token step touched left the cache a random pick of the prompt's
+    experts for decode."""
+    ids = np.asarray(ids).reshape(len(ids), -1)
+    w = np.repeat(USE_DECAY ** np.arange(len(ids) - 1, -1, -1, dtype=np.float64), ids.shape[1])
+    counts = np.bincount(ids.ravel(), weights=w)
+    return {int(e): float(counts[e]) for e in np.flatnonzero(counts)}
 
 
 def make_policy(name: str, n_used: int, use_counts=None) -> Policy:
@@ -198,9 +216,11 @@ class ExpertCache:
         self.needed: set = set()        # experts the current layer still has to compute
         self.layer_now = -1             # the layer the compute thread is at (mark_needed)
         self.prefill = False            # the current step has more than one token
-        self.uses: dict = {}            # key -> (decayed use count, at step): the promoe policy's value
+        self.uses: dict = {}            # key -> (decayed use count, at token): the promoe policy's value
         self.predicted: dict = {}       # key -> step up to which the predictor expects it
         self.step = 0                   # forward steps so far (tokens in decode)
+        self.tokens = 0                 # tokens of the steps begun so far: the clock uses decay by
+        self.step_use = 1.0             # a needed expert's mean use weight in this step's last recorded layer
         self.admitting = None           # key a speculative allocation is for (the policy weighs it)
         self.hold_needed = False        # a fused step waits for all of `needed` at once: none may go
         self.protected: set = set()     # promoe: experts the next layer is predicted to need
@@ -254,21 +274,23 @@ class ExpertCache:
         """(cv held) A forward step of n_tokens starts: remember the use clock, for speculative eviction."""
         self.step_tick = self.tick
         self.step += 1
+        self.tokens += n_tokens
         self.prefill = n_tokens > 1
         self.layer_now = -1
 
-    def record_use(self, key) -> None:
-        """(cv held) `key` was needed in this step, wherever it ran."""
-        v, at = self.uses.get(key, (0.0, self.step))
-        self.uses[key] = (v * USE_DECAY ** (self.step - at) + 1.0, self.step)
+    def record_use(self, key, weight: float = 1.0) -> None:
+        """(cv held) `key` was needed in the step just run (settled before the next begins), wherever it
+        ran: `weight` is its tokens' uses decayed to the step's end (use_weights), 1 in decode."""
+        v, at = self.uses.get(key, (0.0, self.tokens))
+        self.uses[key] = (v * USE_DECAY ** (self.tokens - at) + weight, self.tokens)
 
     def value(self, key) -> float:
-        """(cv held) Decayed uses, plus PREDICTED_BONUS while a prediction for it is fresh."""
+        """(cv held) Uses decayed per token, plus PREDICTED_BONUS while a prediction for it is fresh."""
         if key is None:
             return -1.0
-        v, at = self.uses.get(key, (0.0, self.step))
+        v, at = self.uses.get(key, (0.0, self.tokens))
         bonus = PREDICTED_BONUS if self.predicted.get(key, -1) >= self.step else 0.0
-        return v * USE_DECAY ** (self.step - at) + bonus
+        return v * USE_DECAY ** (self.tokens - at) + bonus
 
     def touch(self, slot: Slot) -> None:
         self.tick += 1

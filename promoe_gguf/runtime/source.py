@@ -32,7 +32,7 @@ from ..backends import FUSED_MAX_TOKENS, ExpertStack, StackedMatrix, matrix_at
 from ..backends.base import expert_part, split_unit
 from ..errors import ModelError
 from ..format.expert_index import MATRICES
-from .cache import READY
+from .cache import READY, use_weights
 from .placement import Miss, Placement, place
 from .transfer import ADMIT, HIGH
 
@@ -70,7 +70,7 @@ class CachedExpertSource:
         self._pinned: list = []
         self._step_t0 = None
         self._step_tokens = 0
-        self._uses: list = []                      # (layer, needed keys, misses) of the step, for settle_uses
+        self._uses: list = []                      # (layer, needed keys, misses, uses recorded?) of the step
         self._staged: list = []                    # the layer's split experts' keys
         self._jobs: dict = {}                      # layer -> the CPU jobs of its per-expert step
         self._next_staging = 0
@@ -138,7 +138,13 @@ class CachedExpertSource:
             cache.mark_needed(needed)
             misses = sum(1 for key in needed if (slot := cache.where.get(key)) is None or slot.state != READY)
             self.transfer.drop_speculative(layer)
-        self._uses.append((layer, needed, misses))
+            prefill = len(ids) > 1
+            if prefill:      # valued at once, by token: the step's later evictions keep what its last tokens chose
+                weights = use_weights(ids)
+                for e, weight in weights.items():
+                    cache.record_use((layer, e), weight)
+                cache.step_use = sum(weights.values()) / len(weights)
+        self._uses.append((layer, needed, misses, prefill))
         cpu = on_cpu(needed, ids)
         if not cache.policy.reactive:                # early preemption: all of the layer's copies queued now
             for key in needed:
@@ -155,11 +161,12 @@ class CachedExpertSource:
         if not uses:
             return
         with self.expert_cache.cv:
-            for layer, needed, misses in uses:
+            for layer, needed, misses, recorded in uses:
                 self.counters.add(layer, "hits", len(needed) - misses)
                 self.counters.add(layer, "misses", misses)
-                for key in needed:
-                    self.expert_cache.record_use(key)
+                if not recorded:
+                    for key in needed:
+                        self.expert_cache.record_use(key)
 
     # ---- fused path ----------------------------------------------------------------------------
     def acquire(self, layer, x, ids):
