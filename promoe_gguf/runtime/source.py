@@ -5,7 +5,8 @@ Per MoE layer (compute thread), with the routing ids already on the host:
              router input to the prefetcher. promoe: early preemption (every miss queued as a precise
              copy at once). lru/static (the reactive baselines): each miss requested only when compute
              reaches it. What the policy counts (hits, misses, decayed uses) goes to a per-step log
-             settled once per step (settle_uses), not per layer on the compute thread.
+             settled once per step (settle_uses), not per layer on the compute thread; a prefill
+             step's uses, weighted by token, count at once (its later evictions need them).
   acquire()  fused path (few tokens): with CPU experts on, the cost model first sends misses that the
              CPU finishes sooner than a copy would land to the CPU pool (their hidden rows go to the
              host, their outputs come back); waits (bounded) until every other chosen expert is in a
@@ -155,8 +156,8 @@ class CachedExpertSource:
         return needed, cpu
 
     def settle_uses(self) -> None:
-        """The policy's counts for the steps logged so far: hits and misses per layer, each needed
-        expert's decayed use (once per step, under one lock; also before stats are read)."""
+        """The policy's counts for the steps logged so far: hits and misses per layer, and in decode each
+        needed expert's decayed use (once per step, under one lock; also before stats are read)."""
         uses, self._uses = self._uses, []
         if not uses:
             return
