@@ -73,6 +73,23 @@ def test_dequantize_matches_gguf_py_on_every_type(test_models):
     assert not missing, f"no llama.cpp-quantized data for {[m.name for m in missing]}"
 
 
+def test_one_block_dequantizes_as_gguf_py(test_models):
+    """A single block, as split_unit probes each type with (its 4 bytes of Q5 high bits then sit at an
+    offset an int32 view refuses): the first block of every quantized tensor type, against gguf-py."""
+    seen = set()
+    for path in test_models.values():
+        for t in gguf.GGUFReader(path).tensors:
+            if t.tensor_type not in QUANT_TYPES or t.tensor_type in seen:
+                continue
+            seen.add(t.tensor_type)
+            qt = QUANT_TYPES[t.tensor_type]
+            raw = np.asarray(t.data).view(np.uint8).reshape(-1)[:qt.type_size]
+            ours = promoe_gguf.dequantize(raw, t.tensor_type.name, (qt.block_size,))
+            ref = gguf.quants.dequantize(raw, t.tensor_type).reshape(-1)
+            assert np.array_equal(ours, ref), (path, t.name, t.tensor_type.name)
+    assert {gguf.GGMLQuantizationType.Q5_0, gguf.GGMLQuantizationType.Q5_1} <= seen
+
+
 def test_resident_tensors_match_gguf_py(test_models, tmp_path):
     key = next(k for k in test_models if k[1] == "Q4_K_M" and k[2] == "default")
     model = open_model(test_models[key])

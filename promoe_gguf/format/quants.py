@@ -20,9 +20,20 @@ IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 
 QUANT_TYPES: dict[T, "QuantType"] = {}
 
 
+def view_as(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """b's bytes read as dtype. A one-block slice is already contiguous, at whatever offset the block
+    put it: copied where dtype cannot start there (an int32 view of a Q5 block's high bits at byte 2)
+    or a row stride it cannot step by."""
+    b = b.contiguous()
+    k = dtype.itemsize // b.element_size()
+    if b.storage_offset() % k or any(s % k for s in b.stride()[:-1]):   # a size-1 dim keeps its parent's stride
+        b = b.clone(memory_format=torch.contiguous_format)
+    return b.view(dtype)
+
+
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """[n, 2] little-endian uint8 -> [n, 1] float32."""
-    return b.contiguous().view(torch.float16).float()
+    return view_as(b, torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -63,17 +74,17 @@ class QuantType:
 
 class F32(QuantType, ggml_type=T.F32):
     def dequantize_blocks(self, blocks):
-        return blocks.contiguous().view(torch.float32)
+        return view_as(blocks, torch.float32)
 
 
 class F16(QuantType, ggml_type=T.F16):
     def dequantize_blocks(self, blocks):
-        return blocks.contiguous().view(torch.float16).float()
+        return view_as(blocks, torch.float16).float()
 
 
 class BF16(QuantType, ggml_type=T.BF16):
     def dequantize_blocks(self, blocks):
-        return blocks.contiguous().view(torch.bfloat16).float()
+        return view_as(blocks, torch.bfloat16).float()
 
 
 class Q4_0(QuantType, ggml_type=T.Q4_0):
@@ -91,7 +102,7 @@ class Q4_1(QuantType, ggml_type=T.Q4_1):
 
 def _q5_values(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     """Q5_0/Q5_1: 4 bytes of 5th bits (bit j -> element j) + 16 bytes of nibbles -> [n, 32] in 0..31."""
-    qh = qh.contiguous().view(torch.int32)                                   # [n, 1]
+    qh = view_as(qh, torch.int32)                                   # [n, 1]
     hi = (qh >> torch.arange(32, dtype=torch.int32, device=qs.device)) & 1  # [n, 32]
     lo = _nibbles(qs).reshape(len(qs), 32)
     return lo.to(torch.int32) | (hi << 4)
@@ -203,7 +214,7 @@ class IQ4_XS(QuantType, ggml_type=T.IQ4_XS):
     def dequantize_blocks(self, blocks):
         n = len(blocks)
         d = _f16(blocks[:, :2])
-        sh = blocks[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF   # [n, 1]
+        sh = view_as(blocks[:, 2:4], torch.int16).to(torch.int32) & 0xFFFF   # [n, 1]
         sl = _nibbles(blocks[:, 4:8]).transpose(1, 2).reshape(n, 8)                   # ib -> (byte ib/2, nibble ib%2)
         hi = (sh >> (2 * torch.arange(8, dtype=torch.int32, device=blocks.device))) & 3
         ls = ((sl.to(torch.int32) | (hi << 4)) - 32).float()

@@ -16,7 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from .quants import QK_K, QuantType, _f16
+from .quants import QK_K, QuantType, _f16, view_as
 
 
 def _table(cls) -> np.ndarray:
@@ -63,11 +63,11 @@ def _nibble_scales(sc: torch.Tensor) -> torch.Tensor:
 
 def _u32(b: torch.Tensor) -> torch.Tensor:
     """[n, 4m] uint8 -> [n, m] int64 of the little-endian 32-bit words."""
-    return b.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return view_as(b, torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
 def _u16(b: torch.Tensor) -> torch.Tensor:
-    return b.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return view_as(b, torch.int16).to(torch.int32) & 0xFFFF
 
 
 class IQ2_XXS(QuantType, ggml_type=T.IQ2_XXS):
