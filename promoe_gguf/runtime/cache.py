@@ -76,8 +76,9 @@ class Policy:
         """Prefill: a guess for a layer still ahead in this step (its copy overlaps the layers before
         it) takes an empty slot if the arena has one, else the lowest-ranked slot of a layer this step
         has already run (next needed next step at the earliest), if it is worth more counting the use
-        it will have within this step (the experts the prompt's last tokens chose are worth more). Without this a chunk's guesses found no slot (every slot of the
-        next layer is predicted and protected, the rest used this step) and the link idled through
+        it will have within this step (the experts the prompt's last tokens chose are worth more).
+        Without this a chunk's guesses found no slot (every slot of the next layer is predicted and
+        protected, the rest used this step) and the link idled through
         each layer's attention. Layers still ahead keep their experts: this step needs them. An empty
         slot goes first: evicting while one was free left a warm cache with empty slots and cost the
         next prompt copies (simulated, 16 GB Qwen3-30B-A3B, 4096-token prefill: 3662 tok/s that way,
@@ -220,7 +221,7 @@ class ExpertCache:
         self.predicted: dict = {}       # key -> step up to which the predictor expects it
         self.step = 0                   # forward steps so far (tokens in decode)
         self.tokens = 0                 # tokens of the steps begun so far: the clock uses decay by
-        self.step_use = 1.0             # a needed expert's mean use weight in this step's last recorded layer
+        self.step_use = 1.0             # a needed expert's mean use weight in this step's last layer (prefill)
         self.admitting = None           # key a speculative allocation is for (the policy weighs it)
         self.hold_needed = False        # a fused step waits for all of `needed` at once: none may go
         self.protected: set = set()     # promoe: experts the next layer is predicted to need
@@ -283,6 +284,14 @@ class ExpertCache:
         ran: `weight` is its tokens' uses decayed to the step's end (use_weights), 1 in decode."""
         v, at = self.uses.get(key, (0.0, self.tokens))
         self.uses[key] = (v * USE_DECAY ** (self.tokens - at) + weight, self.tokens)
+
+    def record_step_uses(self, layer: int, ids) -> None:
+        """(cv held) A prefill step's [T, k] choices at `layer`, valued at once and by token (use_weights):
+        the step's later evictions and guesses keep what its last tokens chose."""
+        weights = use_weights(ids)
+        for e, weight in weights.items():
+            self.record_use((layer, e), weight)
+        self.step_use = sum(weights.values()) / len(weights)
 
     def value(self, key) -> float:
         """(cv held) Uses decayed per token, plus PREDICTED_BONUS while a prediction for it is fresh."""

@@ -33,7 +33,7 @@ from ..backends import FUSED_MAX_TOKENS, ExpertStack, StackedMatrix, matrix_at
 from ..backends.base import expert_part, split_unit
 from ..errors import ModelError
 from ..format.expert_index import MATRICES
-from .cache import READY, use_weights
+from .cache import READY
 from .placement import Miss, Placement, place
 from .transfer import ADMIT, HIGH
 
@@ -140,11 +140,8 @@ class CachedExpertSource:
             misses = sum(1 for key in needed if (slot := cache.where.get(key)) is None or slot.state != READY)
             self.transfer.drop_speculative(layer)
             prefill = len(ids) > 1
-            if prefill:      # valued at once, by token: the step's later evictions keep what its last tokens chose
-                weights = use_weights(ids)
-                for e, weight in weights.items():
-                    cache.record_use((layer, e), weight)
-                cache.step_use = sum(weights.values()) / len(weights)
+            if prefill:
+                cache.record_step_uses(layer, ids)
         self._uses.append((layer, needed, misses, prefill))
         cpu = on_cpu(needed, ids)
         if not cache.policy.reactive:                # early preemption: all of the layer's copies queued now
